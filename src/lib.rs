@@ -1,0 +1,7 @@
+//! moe: train and serve Mixture-of-Experts transformers on CPU and NVIDIA GPUs.
+//!
+//! Layers, each using only those below it: `bench` (timed runs) over `runtime` (tensors, ops,
+//! CPU and CUDA backends).
+
+pub mod bench;
+pub mod runtime;

@@ -1,0 +1,75 @@
+// Elementwise kernels; twins in ops/elementwise.rs. All are grid-stride loops over n elements and
+// memory-bound: bytes = n × (inputs read + outputs written) × sizeof(T), FLOPs negligible.
+
+__device__ __forceinline__ float act_f(float x, int act) {
+    if (act == 0) return x / (1.f + expf(-x));
+    if (act == 1) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+    float u = 0.7978845608f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.f + tanhf(u));
+}
+
+__device__ __forceinline__ float act_df(float x, int act) {
+    if (act == 0) {
+        float s = 1.f / (1.f + expf(-x));
+        return s * (1.f + x * (1.f - s));
+    }
+    if (act == 1) {
+        float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
+        return cdf + x * expf(-0.5f * x * x) * 0.3989422804f;
+    }
+    float u = 0.7978845608f * (x + 0.044715f * x * x * x);
+    float t = tanhf(u);
+    return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * 0.7978845608f * (1.f + 3.f * 0.044715f * x * x);
+}
+
+#define GRID_STRIDE(i, n) for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+#define ELEMENTWISE(SUFFIX, T)                                                                              \
+    extern "C" __global__ void binary_##SUFFIX(T* out, const T* a, const T* b, int64_t n, int op) {        \
+        GRID_STRIDE(i, n) {                                                                                 \
+            float x = to_float(a[i]), y = to_float(b[i]);                                                   \
+            out[i] = from_float<T>(op == 0 ? x + y : x * y);                                                \
+        }                                                                                                   \
+    }                                                                                                       \
+    extern "C" __global__ void scale_##SUFFIX(T* x, int64_t n, float s) {                                   \
+        GRID_STRIDE(i, n) x[i] = from_float<T>(to_float(x[i]) * s);                                         \
+    }                                                                                                       \
+    extern "C" __global__ void add_bias_##SUFFIX(T* out, const T* x, const T* b, int64_t n, int cols) {    \
+        GRID_STRIDE(i, n) out[i] = from_float<T>(to_float(x[i]) + to_float(b[i % cols]));                   \
+    }                                                                                                       \
+    extern "C" __global__ void act_fwd_##SUFFIX(T* out, const T* x, int64_t n, int act) {                   \
+        GRID_STRIDE(i, n) out[i] = from_float<T>(act_f(to_float(x[i]), act));                              \
+    }                                                                                                       \
+    extern "C" __global__ void act_bwd_##SUFFIX(T* dx, const T* x, const T* dy, int64_t n, int act) {       \
+        GRID_STRIDE(i, n) dx[i] = from_float<T>(to_float(dy[i]) * act_df(to_float(x[i]), act));             \
+    }                                                                                                       \
+    /* gu: [rows, 2F] = [gate | up]; h: [rows, F]. n = rows * F. */                                        \
+    extern "C" __global__ void swiglu_fwd_##SUFFIX(T* h, const T* gu, int64_t n, int f) {                   \
+        GRID_STRIDE(i, n) {                                                                                 \
+            int64_t r = i / f, c = i - r * f;                                                               \
+            float g = to_float(gu[r * 2 * f + c]), u = to_float(gu[r * 2 * f + f + c]);                     \
+            h[i] = from_float<T>(act_f(g, 0) * u);                                                          \
+        }                                                                                                   \
+    }                                                                                                       \
+    extern "C" __global__ void swiglu_bwd_##SUFFIX(T* dgu, const T* gu, const T* dh, int64_t n, int f) {    \
+        GRID_STRIDE(i, n) {                                                                                 \
+            int64_t r = i / f, c = i - r * f;                                                               \
+            float g = to_float(gu[r * 2 * f + c]), u = to_float(gu[r * 2 * f + f + c]);                     \
+            float d = to_float(dh[i]);                                                                      \
+            dgu[r * 2 * f + c] = from_float<T>(d * u * act_df(g, 0));                                       \
+            dgu[r * 2 * f + f + c] = from_float<T>(d * act_f(g, 0));                                        \
+        }                                                                                                   \
+    }
+
+INSTANTIATE_FLOAT_TYPES(ELEMENTWISE)
+
+// dst += s * src, with dst's and src's storage types in the name.
+#define AXPY(DN, TD, SN, TS)                                                                           \
+    extern "C" __global__ void axpy_##DN##_##SN(TD* dst, const TS* src, int64_t n, float s) {         \
+        GRID_STRIDE(i, n) dst[i] = from_float<TD>(to_float(dst[i]) + s * to_float(src[i]));           \
+    }
+AXPY(f32, float, f32, float)
+AXPY(f32, float, bf16, bf16_t)
+AXPY(f32, float, f16, f16_t)
+AXPY(bf16, bf16_t, bf16, bf16_t)
+AXPY(f16, f16_t, f16, f16_t)

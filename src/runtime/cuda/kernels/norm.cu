@@ -1,0 +1,41 @@
+// RMSNorm forward/backward; twins in ops/norm.rs. One block per row (forward); the backward's
+// blocks stride over rows and keep a per-block dw partial in shared memory (cols floats).
+// Bytes: forward rows·cols·(2·sizeof(T)) + rows·4; backward rows·cols·(3·sizeof(T)) + partials.
+
+#define NORM(SUFFIX, T)                                                                                 \
+    extern "C" __global__ void rmsnorm_fwd_##SUFFIX(T* y, float* rstd, const T* x, const T* w, int cols, \
+                                                   float eps) {                                         \
+        __shared__ float scratch[32];                                                                   \
+        const int64_t row = blockIdx.x;                                                                 \
+        const T* xr = x + row * cols;                                                                   \
+        float ss = 0.f;                                                                                 \
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) { float v = to_float(xr[i]); ss += v * v; } \
+        ss = block_sum(ss, scratch);                                                                    \
+        float r = rsqrtf(ss / cols + eps);                                                              \
+        if (threadIdx.x == 0) rstd[row] = r;                                                            \
+        for (int i = threadIdx.x; i < cols; i += blockDim.x)                                            \
+            y[row * cols + i] = from_float<T>(to_float(xr[i]) * r * to_float(w[i]));                    \
+    }                                                                                                   \
+    extern "C" __global__ void rmsnorm_bwd_##SUFFIX(T* dx, float* dw_partial, const T* x, const T* w,   \
+                                                   const float* rstd, const T* dy, int rows, int cols) { \
+        extern __shared__ float dw_acc[];                                                               \
+        __shared__ float scratch[32];                                                                   \
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) dw_acc[i] = 0.f;                           \
+        for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {                                  \
+            const T* xr = x + row * cols;                                                               \
+            const T* dr = dy + row * cols;                                                              \
+            float r = rstd[row];                                                                        \
+            float dot = 0.f;                                                                            \
+            for (int i = threadIdx.x; i < cols; i += blockDim.x)                                        \
+                dot += to_float(xr[i]) * to_float(w[i]) * to_float(dr[i]);                              \
+            dot = block_sum(dot, scratch) / cols;                                                       \
+            for (int i = threadIdx.x; i < cols; i += blockDim.x) {                                      \
+                float xv = to_float(xr[i]), dv = to_float(dr[i]);                                       \
+                dx[row * cols + i] = from_float<T>(r * to_float(w[i]) * dv - xv * r * r * r * dot);     \
+                dw_acc[i] += dv * xv * r;                                                               \
+            }                                                                                           \
+        }                                                                                               \
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) dw_partial[(int64_t)blockIdx.x * cols + i] = dw_acc[i]; \
+    }
+
+INSTANTIATE_FLOAT_TYPES(NORM)

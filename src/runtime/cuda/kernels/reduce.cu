@@ -1,0 +1,31 @@
+// Deterministic reductions; twins in ops/reduce.rs. Bytes: one read of the input.
+
+// Column sums: block (32 columns × 8 row lanes), grid (column tiles, row groups). Group g sums
+// rows g, g + G, g + 2G, ... into partial[g, c].
+#define COLSUM(SUFFIX, T)                                                                               \
+    extern "C" __global__ void col_sum_##SUFFIX(float* partial, const T* x, int rows, int cols) {       \
+        __shared__ float acc[8][33];                                                                    \
+        const int c = blockIdx.x * 32 + threadIdx.x;                                                    \
+        float s = 0.f;                                                                                  \
+        if (c < cols)                                                                                   \
+            for (int64_t r = blockIdx.y * 8 + threadIdx.y; r < rows; r += (int64_t)gridDim.y * 8)       \
+                s += to_float(x[r * cols + c]);                                                         \
+        acc[threadIdx.y][threadIdx.x] = s;                                                              \
+        __syncthreads();                                                                                \
+        if (threadIdx.y == 0 && c < cols) {                                                             \
+            float t = 0.f;                                                                              \
+            for (int j = 0; j < 8; ++j) t += acc[j][threadIdx.x];                                       \
+            partial[(int64_t)blockIdx.y * cols + c] = t;                                                \
+        }                                                                                               \
+    }                                                                                                   \
+    extern "C" __global__ void block_sums_##SUFFIX(float* out, const T* x, int64_t n, int squares) {     \
+        __shared__ float scratch[32];                                                                   \
+        float s = 0.f;                                                                                  \
+        for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) { \
+            float v = to_float(x[i]);                                                                   \
+            s += squares ? v * v : v;                                                                   \
+        }                                                                                               \
+        s = block_sum(s, scratch);                                                                      \
+        if (threadIdx.x == 0) out[blockIdx.x] = s;                                                      \
+    }
+INSTANTIATE_FLOAT_TYPES(COLSUM)

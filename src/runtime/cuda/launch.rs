@@ -1,0 +1,120 @@
+//! A kernel launch with raw arguments: device addresses, ints and floats, pushed in the order of
+//! the kernel's parameter list. Every launch goes on the device's compute stream.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys as dsys;
+
+use super::{CudaDevice, KernelSource};
+use crate::runtime::{Error, Result};
+
+pub(crate) struct LaunchBuilder<'a> {
+    dev: &'a CudaDevice,
+    func: cudarc::driver::CudaFunction,
+    kernel: String,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem: u32,
+    // One 8-byte slot per parameter; the driver reads sizeof(param) bytes from each.
+    slots: Vec<u64>,
+}
+
+/// Blocks of `block` threads covering `n` items.
+pub(crate) fn grid_1d(n: usize, block: u32) -> u32 {
+    n.div_ceil(block as usize).max(1) as u32
+}
+
+impl CudaDevice {
+    pub(crate) fn launch(
+        &self,
+        src: &KernelSource,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+    ) -> Result<LaunchBuilder<'_>> {
+        let func = self.function(src, kernel)?;
+        Ok(LaunchBuilder {
+            dev: self,
+            func,
+            kernel: kernel.to_string(),
+            grid,
+            block,
+            smem,
+            slots: Vec::with_capacity(16),
+        })
+    }
+}
+
+impl LaunchBuilder<'_> {
+    pub fn ptr(mut self, p: u64) -> Self {
+        self.slots.push(p);
+        self
+    }
+    pub fn i32(mut self, v: i32) -> Self {
+        self.slots.push(v as u32 as u64);
+        self
+    }
+    pub fn usize_as_i32(self, v: usize) -> Result<Self> {
+        let v = i32::try_from(v).map_err(|_| {
+            Error::Invalid(format!(
+                "{}: size {v} does not fit the kernel's 32-bit index",
+                self.kernel
+            ))
+        })?;
+        Ok(self.i32(v))
+    }
+    pub fn i64(mut self, v: i64) -> Self {
+        self.slots.push(v as u64);
+        self
+    }
+    pub fn f32(mut self, v: f32) -> Self {
+        self.slots.push(v.to_bits() as u64);
+        self
+    }
+
+    pub fn run(mut self) -> Result<()> {
+        let f = self.func.cu_function();
+        if self.smem > 48 * 1024 {
+            unsafe {
+                cudarc::driver::result::function::set_function_attribute(
+                    f,
+                    dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    self.smem as i32,
+                )
+            }
+            .map_err(|e| {
+                Error::cuda(
+                    "launch",
+                    format!("{}: shared memory {}: {e}", self.kernel, self.smem),
+                )
+            })?;
+        }
+        let mut params: Vec<*mut c_void> = self
+            .slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| Error::cuda("bind", e))?;
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f,
+                self.grid,
+                self.block,
+                self.smem,
+                self.dev.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| Error::Cuda {
+            op: "launch",
+            msg: format!(
+                "{} grid {:?} block {:?} smem {}: {e}",
+                self.kernel, self.grid, self.block, self.smem
+            ),
+        })
+    }
+}

@@ -1,0 +1,340 @@
+//! The CUDA backend: one `CudaDevice` per GPU (context, compute stream, cuBLAS handle, compiled
+//! kernel modules) and `CudaStorage`, a device buffer from the driver's stream-ordered memory pool.
+//!
+//! Allocation goes through `cuMemAllocAsync` on the compute stream with the pool's release
+//! threshold raised to "never", so freed blocks stay cached in the pool and a steady-state step
+//! makes no cudaMalloc calls (and stays capturable in a CUDA graph). Kernels are CUDA C in
+//! `kernels/*.cu`, compiled by NVRTC for the device's arch at first use and cached on disk
+//! (see `compile.rs`). Everything is loaded at run time: a machine without a driver builds and
+//! runs the same binary on the CPU.
+
+mod blas;
+mod compile;
+pub mod kernels;
+mod launch;
+
+pub(crate) use blas::gemm_bf16_or_f32 as blas_gemm;
+pub(crate) use blas::{GemmArgs, GemmOperand};
+pub use compile::{cache_dir, compile, KernelSource};
+pub(crate) use launch::grid_1d;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys as dsys;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+
+use super::{Error, Result};
+
+/// Number of usable CUDA GPUs, or why there are none (no driver library, no device, init failure).
+pub fn device_count() -> std::result::Result<usize, String> {
+    static COUNT: OnceLock<std::result::Result<usize, String>> = OnceLock::new();
+    COUNT
+        .get_or_init(|| {
+            if std::env::var("MOE_DISABLE_CUDA").is_ok_and(|v| v == "1") {
+                return Err("CUDA disabled by MOE_DISABLE_CUDA=1".into());
+            }
+            // Without the driver library cudarc's dynamic loader would panic on first use.
+            if !unsafe { dsys::is_culib_present() } {
+                return Err("no CUDA driver (libcuda.so) found".into());
+            }
+            match CudaContext::device_count() {
+                Ok(n) => Ok(n.max(0) as usize),
+                Err(e) => Err(format!("CUDA driver present but unusable: {e}")),
+            }
+        })
+        .clone()
+}
+
+/// One GPU: its context, the compute stream every op is issued on, a cuBLAS handle bound to that
+/// stream, and the kernel modules compiled for its arch.
+pub struct CudaDevice {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    sm_count: usize,
+    blas: Mutex<blas::BlasHandle>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, HashMap<String, CudaFunction>>>,
+}
+
+/// The device object for GPU `ordinal`, created on first use.
+pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+    let mut map = DEVICES
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| poisoned())?;
+    if let Some(d) = map.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    let d = Arc::new(CudaDevice::new(ordinal)?);
+    map.insert(ordinal, d.clone());
+    Ok(d)
+}
+
+fn poisoned() -> Error {
+    Error::Invalid("a CUDA device lock was poisoned by an earlier panic".into())
+}
+
+impl CudaDevice {
+    fn new(ordinal: usize) -> Result<CudaDevice> {
+        let count = device_count().map_err(|reason| Error::CudaUnavailable {
+            requested: format!("cuda:{ordinal}"),
+            reason,
+        })?;
+        if ordinal >= count {
+            return Err(Error::CudaUnavailable {
+                requested: format!("cuda:{ordinal}"),
+                reason: format!("{count} GPU(s) visible"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::cuda("context", e))?;
+        // One compute stream per device; ordering between streams uses explicit events, so
+        // cudarc's per-buffer event tracking is pure overhead here.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| Error::cuda("stream", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| Error::cuda("arch", e))?;
+        // sm_90a unlocks Hopper-only instructions (wgmma); other archs compile for themselves.
+        let arch = if (major, minor) == (9, 0) {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{major}{minor}")
+        };
+        let sm_count = ctx
+            .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| Error::cuda("attribute", e))? as usize;
+        keep_freed_memory_in_pool(&ctx)?;
+        let blas = blas::BlasHandle::new(&stream)?;
+        Ok(CudaDevice {
+            ordinal,
+            ctx,
+            stream,
+            arch,
+            sm_count,
+            blas: Mutex::new(blas),
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    /// Wait for all work issued on the compute stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::cuda("synchronize", e))
+    }
+
+    /// Kernel `name` from `src`, compiled (or loaded from the disk cache) on first use.
+    pub(crate) fn function(&self, src: &KernelSource, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(src.name)
+            .and_then(|m| m.get(name))
+        {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut modules = self.modules.lock().map_err(|_| poisoned())?;
+            match modules.get(src.name) {
+                Some(m) => m.clone(),
+                None => {
+                    let image = compile::compiled_module(src, &self.arch)?;
+                    self.ctx
+                        .bind_to_thread()
+                        .map_err(|e| Error::cuda("bind", e))?;
+                    let m = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(image))
+                        .map_err(|e| Error::cuda("load_module", e))?;
+                    modules.insert(src.name, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(name).map_err(|e| Error::Cuda {
+            op: "load_function",
+            msg: format!("kernel '{name}' in {}.cu: {e}", src.name),
+        })?;
+        self.functions
+            .lock()
+            .map_err(|_| poisoned())?
+            .entry(src.name)
+            .or_default()
+            .insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    pub(crate) fn with_blas<R>(&self, f: impl FnOnce(&blas::BlasHandle) -> Result<R>) -> Result<R> {
+        let h = self.blas.lock().map_err(|_| poisoned())?;
+        f(&h)
+    }
+
+    /// Bytes currently held by the stream-ordered pool (in use plus cached).
+    pub fn pool_reserved_bytes(&self) -> Result<u64> {
+        let mut v: u64 = 0;
+        unsafe {
+            let pool = cudarc::driver::result::device::get_default_mem_pool(self.ctx.cu_device())
+                .map_err(|e| Error::cuda("mem pool", e))?;
+            cudarc::driver::result::mem_pool::get_attribute(
+                pool,
+                dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                &mut v as *mut u64 as *mut _,
+            )
+            .map_err(|e| Error::cuda("mem pool", e))?;
+        }
+        Ok(v)
+    }
+}
+
+fn keep_freed_memory_in_pool(ctx: &Arc<CudaContext>) -> Result<()> {
+    unsafe {
+        let pool = cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device())
+            .map_err(|e| Error::cuda("mem pool", e))?;
+        let mut threshold: u64 = u64::MAX;
+        cudarc::driver::result::mem_pool::set_attribute(
+            pool,
+            dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut _,
+        )
+        .map_err(|e| Error::cuda("mem pool", e))
+    }
+}
+
+/// A device buffer of `len` bytes. `ptr` is its raw address, read once at allocation: kernels
+/// take raw pointers and every op is ordered on the one compute stream.
+pub struct CudaStorage {
+    buf: CudaSlice<u8>,
+    ptr: u64,
+    len: usize,
+    dev: Arc<CudaDevice>,
+}
+
+impl CudaStorage {
+    pub(crate) fn alloc(ordinal: usize, len: usize) -> Result<CudaStorage> {
+        let dev = device(ordinal)?;
+        // The pool rejects zero-byte requests; empty tensors get a small block.
+        let buf = unsafe { dev.stream.alloc::<u8>(len.max(16)) }.map_err(|e| Error::Cuda {
+            op: "alloc",
+            msg: format!("{len} bytes on cuda:{ordinal}: {e}"),
+        })?;
+        let (ptr, _) = buf.device_ptr(&dev.stream);
+        Ok(CudaStorage { buf, ptr, len, dev })
+    }
+
+    pub(crate) fn zeros(ordinal: usize, len: usize) -> Result<CudaStorage> {
+        let s = Self::alloc(ordinal, len)?;
+        unsafe { cudarc::driver::result::memset_d8_async(s.ptr, 0, len, s.dev.stream.cu_stream()) }
+            .map_err(|e| Error::cuda("memset", e))?;
+        Ok(s)
+    }
+
+    pub(crate) fn upload(ordinal: usize, bytes: &[u8]) -> Result<CudaStorage> {
+        let mut s = Self::alloc(ordinal, bytes.len())?;
+        if !bytes.is_empty() {
+            let stream = s.dev.stream.clone();
+            let mut dst = s.buf.slice_mut(..bytes.len());
+            stream
+                .memcpy_htod(bytes, &mut dst)
+                .map_err(|e| Error::cuda("upload", e))?;
+        }
+        Ok(s)
+    }
+
+    /// Copy to the host; waits for the stream.
+    pub(crate) fn download(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.len];
+        if self.len > 0 {
+            let src = self.buf.slice(..self.len);
+            self.dev
+                .stream
+                .memcpy_dtoh(&src, &mut out)
+                .map_err(|e| Error::cuda("download", e))?;
+        }
+        self.dev.synchronize()?;
+        Ok(out)
+    }
+
+    pub(crate) fn try_clone(&self) -> Result<CudaStorage> {
+        let s = Self::alloc(self.dev.ordinal, self.len)?;
+        self.copy_to(&s, 0, 0, self.len)?;
+        Ok(s)
+    }
+
+    /// Copy `len` bytes from `self[src_off..]` to `dst[dst_off..]` on the compute stream.
+    pub(crate) fn copy_to(
+        &self,
+        dst: &CudaStorage,
+        src_off: usize,
+        dst_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if src_off + len > self.len || dst_off + len > dst.len {
+            return Err(Error::Invalid(format!(
+                "device copy of {len} bytes out of range ({src_off}/{} -> {dst_off}/{})",
+                self.len, dst.len
+            )));
+        }
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst.ptr + dst_off as u64,
+                self.ptr + src_off as u64,
+                len,
+                self.dev.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| Error::cuda("copy", e))
+    }
+
+    pub(crate) fn fill_u16(&self, pattern: u16) -> Result<()> {
+        unsafe {
+            dsys::cuMemsetD16Async(self.ptr, pattern, self.len / 2, self.dev.stream.cu_stream())
+                .result()
+        }
+        .map_err(|e| Error::cuda("memset", e))?;
+        Ok(())
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn ordinal(&self) -> usize {
+        self.dev.ordinal
+    }
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+}

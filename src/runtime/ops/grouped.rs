@@ -1,0 +1,289 @@
+//! Grouped GEMMs over expert-contiguous rows (the MoE experts): rows offsets[e]..offsets[e+1] of
+//! x belong to group e. `offsets` [E+1] i32 may live on the device: the CUDA path reads group
+//! sizes in the kernel, with no host synchronisation.
+//!   grouped_matmul:    y[g] = x[g] · W[e]ᵀ   (w [E, N, K], Linear layout)   or x[g] · W[e] (w [E, K, N])
+//!   grouped_matmul_tn: out[e] = a[g]ᵀ · b[g] (a [M, P], b [M, Q] -> [E, P, Q]; weight gradients)
+//! FLOPs: 2·M·N·K (resp. 2·M·P·Q). Rows past offsets[E] are written as zeros.
+
+use rayon::prelude::*;
+
+use super::{cuda_dev, same_device};
+use crate::runtime::{cpu_from_f32, DType, Device, Error, Result, Tensor};
+
+fn check_offsets(op: &'static str, offsets: &Tensor, m: usize) -> Result<usize> {
+    offsets.expect_dtype(op, DType::I32)?;
+    if offsets.rank() != 1 || offsets.numel() < 2 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "offsets must be [E+1] with E >= 1, got {:?}",
+                offsets.shape()
+            ),
+        ));
+    }
+    if offsets.device() == Device::Cpu {
+        let o = offsets.as_slice::<i32>()?;
+        if o[0] != 0
+            || o.windows(2).any(|w| w[1] < w[0])
+            || *o.last().expect("len >= 2") as usize > m
+        {
+            return Err(Error::Invalid(format!(
+                "{op}: offsets must rise from 0 to at most {m} rows, got {o:?}"
+            )));
+        }
+    }
+    Ok(offsets.numel() - 1)
+}
+
+/// Host copy of the offsets (the CPU path only).
+fn host_offsets(offsets: &Tensor) -> Result<Vec<usize>> {
+    Ok(offsets
+        .as_slice::<i32>()?
+        .iter()
+        .map(|&o| o as usize)
+        .collect())
+}
+
+/// y [M, N] = per group e: x[rows of e] · op(w[e]).
+pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &Tensor, trans_w: bool) -> Result<Tensor> {
+    let op = "grouped_matmul";
+    same_device(op, &[x, w, offsets])?;
+    x.expect_float(op)?;
+    if x.rank() != 2 || w.rank() != 3 || x.dtype() != w.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "x must be [M, K] and w [E, ·, ·] of one dtype; got {:?} {} and {:?} {}",
+                x.shape(),
+                x.dtype(),
+                w.shape(),
+                w.dtype()
+            ),
+        ));
+    }
+    let (m, k) = (x.dim(0), x.dim(1));
+    let e = check_offsets(op, offsets, m)?;
+    let (we, wk, n) = if trans_w {
+        (w.dim(0), w.dim(2), w.dim(1))
+    } else {
+        (w.dim(0), w.dim(1), w.dim(2))
+    };
+    if we != e || wk != k {
+        return Err(Error::shape(
+            op,
+            format!(
+                "w {:?} (trans_w = {trans_w}) does not fit x {:?} with {e} groups",
+                w.shape(),
+                x.shape()
+            ),
+        ));
+    }
+    match x.device() {
+        Device::Cpu => {
+            let off = host_offsets(offsets)?;
+            let (xv, wv) = (x.cpu_f32()?, w.cpu_f32()?);
+            let mut y = vec![0.0f32; m * n];
+            // Split y into the groups' row ranges so experts run in parallel.
+            let mut parts: Vec<(usize, &mut [f32])> = Vec::with_capacity(e);
+            let mut rest: &mut [f32] = &mut y;
+            for g in 0..e {
+                let (head, tail) = rest.split_at_mut((off[g + 1] - off[g]) * n);
+                parts.push((g, head));
+                rest = tail;
+            }
+            let inner = if e >= rayon::current_num_threads() {
+                1
+            } else {
+                rayon::current_num_threads()
+            };
+            parts.into_par_iter().for_each(|(g, yg)| {
+                let rows = off[g + 1] - off[g];
+                if rows == 0 || n == 0 {
+                    return;
+                }
+                let xg = &xv[off[g] * k..];
+                let wg = &wv[g * k * n..];
+                let (w_rs, w_cs) = if trans_w {
+                    (1, k as isize)
+                } else {
+                    (n as isize, 1)
+                };
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        n,
+                        k,
+                        yg.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        xg.as_ptr(),
+                        1,
+                        k as isize,
+                        wg.as_ptr(),
+                        w_cs,
+                        w_rs,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        if inner > 1 {
+                            gemm::Parallelism::Rayon(inner)
+                        } else {
+                            gemm::Parallelism::None
+                        },
+                    );
+                }
+            });
+            cpu_from_f32(y, &[m, n], x.dtype())
+        }
+        Device::Cuda(_) => {
+            super::grouped_cuda::grouped_matmul(&cuda_dev(x)?, x, w, offsets, trans_w, n)
+        }
+    }
+}
+
+/// out [E, P, Q] = per group e: a[rows of e]ᵀ · b[rows of e]; zero for empty groups.
+pub fn grouped_matmul_tn(
+    a: &Tensor,
+    b: &Tensor,
+    offsets: &Tensor,
+    out_dtype: DType,
+) -> Result<Tensor> {
+    let op = "grouped_matmul_tn";
+    same_device(op, &[a, b, offsets])?;
+    a.expect_float(op)?;
+    if a.rank() != 2 || b.rank() != 2 || a.dim(0) != b.dim(0) || a.dtype() != b.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "a [M, P] and b [M, Q] of one dtype expected; got {:?} {} and {:?} {}",
+                a.shape(),
+                a.dtype(),
+                b.shape(),
+                b.dtype()
+            ),
+        ));
+    }
+    if !out_dtype.is_float() {
+        return Err(Error::dtype(op, out_dtype, "a floating output dtype"));
+    }
+    let (m, p, q) = (a.dim(0), a.dim(1), b.dim(1));
+    let e = check_offsets(op, offsets, m)?;
+    match a.device() {
+        Device::Cpu => {
+            let off = host_offsets(offsets)?;
+            let (av, bv) = (a.cpu_f32()?, b.cpu_f32()?);
+            let mut out = vec![0.0f32; e * p * q];
+            let inner = if e >= rayon::current_num_threads() {
+                1
+            } else {
+                rayon::current_num_threads()
+            };
+            out.par_chunks_mut((p * q).max(1))
+                .enumerate()
+                .take(e)
+                .for_each(|(g, og)| {
+                    let rows = off[g + 1] - off[g];
+                    if rows == 0 || p == 0 || q == 0 {
+                        return;
+                    }
+                    let ag = &av[off[g] * p..];
+                    let bg = &bv[off[g] * q..];
+                    unsafe {
+                        gemm::gemm(
+                            p,
+                            q,
+                            rows,
+                            og.as_mut_ptr(),
+                            1,
+                            q as isize,
+                            false,
+                            ag.as_ptr(),
+                            p as isize,
+                            1,
+                            bg.as_ptr(),
+                            1,
+                            q as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            if inner > 1 {
+                                gemm::Parallelism::Rayon(inner)
+                            } else {
+                                gemm::Parallelism::None
+                            },
+                        );
+                    }
+                });
+            cpu_from_f32(out, &[e, p, q], out_dtype)
+        }
+        Device::Cuda(_) => {
+            super::grouped_cuda::grouped_matmul_tn(&cuda_dev(a)?, a, b, offsets, out_dtype)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::ops::{matmul, slice_rows, Matmul};
+
+    #[test]
+    fn grouped_matches_per_group_matmul() {
+        let (m, k, n, e) = (11, 6, 5, 3);
+        let offs = [0i32, 4, 4, 9]; // an empty group; rows 9..11 belong to none
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+            .collect();
+        let w: Vec<f32> = (0..e * n * k)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+            .collect();
+        let xt = Tensor::from_vec(x, &[m, k]).unwrap();
+        let wt = Tensor::from_vec(w, &[e, n, k]).unwrap();
+        let ot = Tensor::from_vec(offs.to_vec(), &[e + 1]).unwrap();
+        let y = grouped_matmul(&xt, &wt, &ot, true)
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap();
+        for g in 0..e {
+            let (r0, r1) = (offs[g] as usize, offs[g + 1] as usize);
+            if r0 == r1 {
+                continue;
+            }
+            let xg = slice_rows(&xt, r0, r1 - r0).unwrap();
+            let wg = slice_rows(&wt, g, 1).unwrap().reshape(&[n, k]).unwrap();
+            let want = matmul(&xg, &wg, Matmul::nt())
+                .unwrap()
+                .to_vec::<f32>()
+                .unwrap();
+            for (a, b) in y[r0 * n..r1 * n].iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5);
+            }
+        }
+        assert!(
+            y[9 * n..].iter().all(|&v| v == 0.0),
+            "rows past the last group are zero"
+        );
+        let tn = grouped_matmul_tn(&xt, &xt, &ot, DType::F32).unwrap();
+        assert_eq!(tn.shape(), &[e, k, k]);
+        assert!(
+            tn.to_vec::<f32>().unwrap()[k * k..2 * k * k]
+                .iter()
+                .all(|&v| v == 0.0),
+            "empty group -> zeros"
+        );
+    }
+
+    #[test]
+    fn bad_offsets_are_reported() {
+        let x = Tensor::zeros(&[4, 2], DType::F32, Device::Cpu).unwrap();
+        let w = Tensor::zeros(&[2, 3, 2], DType::F32, Device::Cpu).unwrap();
+        let o = Tensor::from_vec(vec![0i32, 3, 2], &[3]).unwrap();
+        let err = grouped_matmul(&x, &w, &o, true).unwrap_err().to_string();
+        assert!(err.contains("offsets must rise"), "{err}");
+    }
+}

@@ -1,0 +1,182 @@
+//! RMSNorm: y = x · rstd · w with rstd = 1/sqrt(mean(x²) + eps), per row of the last dim.
+//! Backward reuses the forward's `rstd`. Kernel: `cuda/kernels/norm.cu`.
+//! Forward bytes: rows × cols × (read + write) + cols (weights); backward adds dy and dx.
+
+use rayon::prelude::*;
+
+use super::{cuda_dev, dptr, kname, same_device};
+use crate::runtime::cuda::kernels;
+use crate::runtime::{cpu_from_f32, DType, Device, Error, Result, Tensor};
+
+fn check(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+    same_device(op, &[x, w])?;
+    x.expect_float(op)?;
+    let (rows, cols) = x.rows_cols();
+    if w.numel() != cols || w.dtype() != x.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "weight {:?} {} does not fit x {:?} {}",
+                w.shape(),
+                w.dtype(),
+                x.shape(),
+                x.dtype()
+            ),
+        ));
+    }
+    Ok((rows, cols))
+}
+
+fn block_for(cols: usize) -> u32 {
+    (cols.div_ceil(4).next_power_of_two()).clamp(32, 1024) as u32
+}
+
+/// (y, rstd): y like x, rstd [rows] f32 (kept for the backward).
+pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let (rows, cols) = check("rmsnorm", x, w)?;
+    let rshape = &x.shape()[..x.rank().saturating_sub(1)];
+    match x.device() {
+        Device::Cpu => {
+            let (xv, wv) = (x.cpu_f32()?, w.cpu_f32()?);
+            let mut y = vec![0.0f32; rows * cols];
+            let mut rstd = vec![0.0f32; rows];
+            if cols > 0 {
+                y.par_chunks_mut(cols)
+                    .zip(rstd.par_iter_mut())
+                    .zip(xv.par_chunks(cols))
+                    .for_each(|((yr, rs), xr)| {
+                        let ms =
+                            xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / cols as f64;
+                        let r = (1.0 / (ms + eps as f64).sqrt()) as f32;
+                        *rs = r;
+                        for ((yi, &xi), &wi) in yr.iter_mut().zip(xr).zip(wv.iter()) {
+                            *yi = xi * r * wi;
+                        }
+                    });
+            }
+            Ok((
+                cpu_from_f32(y, x.shape(), x.dtype())?,
+                Tensor::from_vec(rstd, rshape)?,
+            ))
+        }
+        Device::Cuda(_) => {
+            let y = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
+            let rstd = Tensor::uninit(rshape, DType::F32, x.device())?;
+            if rows > 0 {
+                cuda_dev(x)?
+                    .launch(
+                        &kernels::NORM,
+                        &kname("rmsnorm_fwd", x),
+                        (rows as u32, 1, 1),
+                        (block_for(cols), 1, 1),
+                        0,
+                    )?
+                    .ptr(dptr(&y))
+                    .ptr(dptr(&rstd))
+                    .ptr(dptr(x))
+                    .ptr(dptr(w))
+                    .usize_as_i32(cols)?
+                    .f32(eps)
+                    .run()?;
+            }
+            Ok((y, rstd))
+        }
+    }
+}
+
+/// (dx like x, dw [cols] f32) given dy and the forward's x, w, rstd.
+pub fn rmsnorm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let op = "rmsnorm_backward";
+    let (rows, cols) = check(op, x, w)?;
+    same_device(op, &[x, rstd, dy])?;
+    rstd.expect_dtype(op, DType::F32)?;
+    if rstd.numel() != rows || dy.shape() != x.shape() || dy.dtype() != x.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "rstd {:?} / dy {:?} do not fit x {:?}",
+                rstd.shape(),
+                dy.shape(),
+                x.shape()
+            ),
+        ));
+    }
+    match x.device() {
+        Device::Cpu => {
+            let (xv, wv, rv, dv) = (x.cpu_f32()?, w.cpu_f32()?, rstd.cpu_f32()?, dy.cpu_f32()?);
+            let mut dx = vec![0.0f32; rows * cols];
+            if cols == 0 {
+                return Ok((
+                    cpu_from_f32(dx, x.shape(), x.dtype())?,
+                    Tensor::zeros(&[0], DType::F32, Device::Cpu)?,
+                ));
+            }
+            // dx = rstd·(w⊙dy) − x·rstd³·mean(x ⊙ w ⊙ dy); dw = Σ_rows dy ⊙ x ⊙ rstd.
+            let dw = dx
+                .par_chunks_mut(cols)
+                .zip(
+                    xv.par_chunks(cols)
+                        .zip(dv.par_chunks(cols))
+                        .zip(rv.par_iter()),
+                )
+                .fold(
+                    || vec![0.0f32; cols],
+                    |mut dw, (dxr, ((xr, dr), &r))| {
+                        let dot: f32 =
+                            (0..cols).map(|i| xr[i] * wv[i] * dr[i]).sum::<f32>() / cols as f32;
+                        for i in 0..cols {
+                            dxr[i] = r * wv[i] * dr[i] - xr[i] * r * r * r * dot;
+                            dw[i] += dr[i] * xr[i] * r;
+                        }
+                        dw
+                    },
+                )
+                .reduce(
+                    || vec![0.0f32; cols],
+                    |mut a, b| {
+                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                        a
+                    },
+                );
+            Ok((
+                cpu_from_f32(dx, x.shape(), x.dtype())?,
+                Tensor::from_vec(dw, &[cols])?,
+            ))
+        }
+        Device::Cuda(_) => {
+            let dev = cuda_dev(x)?;
+            let dx = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
+            // Each block walks rows blockIdx.x, +grid, ... and writes one partial dw row; the
+            // partials are summed by sum_rows: deterministic, no atomics.
+            let blocks = rows.clamp(1, 2 * dev.sm_count());
+            let partial = Tensor::uninit(&[blocks, cols], DType::F32, x.device())?;
+            if rows > 0 {
+                dev.launch(
+                    &kernels::NORM,
+                    &kname("rmsnorm_bwd", x),
+                    (blocks as u32, 1, 1),
+                    (block_for(cols), 1, 1),
+                    (cols * 4) as u32,
+                )?
+                .ptr(dptr(&dx))
+                .ptr(dptr(&partial))
+                .ptr(dptr(x))
+                .ptr(dptr(w))
+                .ptr(dptr(rstd))
+                .ptr(dptr(dy))
+                .usize_as_i32(rows)?
+                .usize_as_i32(cols)?
+                .run()?;
+            } else {
+                return Ok((dx, Tensor::zeros(&[cols], DType::F32, x.device())?));
+            }
+            let dw = super::sum_rows(&partial)?;
+            Ok((dx, dw))
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Reductions to f32: column sums over all rows (bias / norm-weight gradients), the sum of all
+//! elements, and the sum of squares (gradient-norm clipping). On CUDA every reduction is two
+//! deterministic passes (per-block partials, then one block), so results stay on the device with
+//! no host sync. Kernels: `cuda/kernels/reduce.cu`. Bytes: one read of x.
+
+use rayon::prelude::*;
+
+use super::{cuda_dev, dptr, kname};
+use crate::runtime::cuda::kernels;
+use crate::runtime::{DType, Device, Result, Tensor};
+
+/// Σ over rows: x [.., C] -> [C] f32.
+pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
+    x.expect_float("sum_rows")?;
+    let (rows, cols) = x.rows_cols();
+    match x.device() {
+        Device::Cpu => {
+            let v = x.cpu_f32()?;
+            let out = if cols == 0 {
+                vec![]
+            } else {
+                v.par_chunks(cols)
+                    .fold(
+                        || vec![0.0f64; cols],
+                        |mut acc, r| {
+                            acc.iter_mut().zip(r).for_each(|(a, &b)| *a += b as f64);
+                            acc
+                        },
+                    )
+                    .reduce(
+                        || vec![0.0f64; cols],
+                        |mut a, b| {
+                            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                            a
+                        },
+                    )
+                    .into_iter()
+                    .map(|s| s as f32)
+                    .collect()
+            };
+            Tensor::from_vec(out, &[cols])
+        }
+        Device::Cuda(_) => {
+            let dev = cuda_dev(x)?;
+            let out = Tensor::uninit(&[cols], DType::F32, x.device())?;
+            if cols == 0 {
+                return Ok(out);
+            }
+            // Pass 1: grid (column tiles of 32) × (row groups) -> partial [groups, C]; pass 2
+            // sums the groups. One group when rows are few.
+            let groups = rows.div_ceil(256).clamp(1, 64);
+            let partial = Tensor::uninit(&[groups, cols], DType::F32, x.device())?;
+            let tiles = cols.div_ceil(32) as u32;
+            dev.launch(
+                &kernels::REDUCE,
+                &kname("col_sum", x),
+                (tiles, groups as u32, 1),
+                (32, 8, 1),
+                0,
+            )?
+            .ptr(dptr(&partial))
+            .ptr(dptr(x))
+            .usize_as_i32(rows)?
+            .usize_as_i32(cols)?
+            .run()?;
+            dev.launch(
+                &kernels::REDUCE,
+                "col_sum_f32",
+                (tiles, 1, 1),
+                (32, 8, 1),
+                0,
+            )?
+            .ptr(dptr(&out))
+            .ptr(dptr(&partial))
+            .usize_as_i32(groups)?
+            .usize_as_i32(cols)?
+            .run()?;
+            Ok(out)
+        }
+    }
+}
+
+fn total(x: &Tensor, squares: bool) -> Result<Tensor> {
+    x.expect_float("sum")?;
+    match x.device() {
+        Device::Cpu => {
+            let v = x.cpu_f32()?;
+            let s: f64 = if squares {
+                v.par_iter().map(|&a| (a as f64) * (a as f64)).sum()
+            } else {
+                v.par_iter().map(|&a| a as f64).sum()
+            };
+            Tensor::from_vec(vec![s as f32], &[1])
+        }
+        Device::Cuda(_) => {
+            let dev = cuda_dev(x)?;
+            let n = x.numel();
+            let blocks = n.div_ceil(1024).clamp(1, 1024);
+            let partial = Tensor::uninit(&[blocks], DType::F32, x.device())?;
+            let out = Tensor::uninit(&[1], DType::F32, x.device())?;
+            dev.launch(
+                &kernels::REDUCE,
+                &kname("block_sums", x),
+                (blocks as u32, 1, 1),
+                (1024, 1, 1),
+                0,
+            )?
+            .ptr(dptr(&partial))
+            .ptr(dptr(x))
+            .i64(n as i64)
+            .i32(squares as i32)
+            .run()?;
+            dev.launch(
+                &kernels::REDUCE,
+                "block_sums_f32",
+                (1, 1, 1),
+                (1024, 1, 1),
+                0,
+            )?
+            .ptr(dptr(&out))
+            .ptr(dptr(&partial))
+            .i64(blocks as i64)
+            .i32(0)
+            .run()?;
+            Ok(out)
+        }
+    }
+}
+
+/// Σ x as a [1] f32 tensor on x's device.
+pub fn sum_all(x: &Tensor) -> Result<Tensor> {
+    total(x, false)
+}
+
+/// Σ x² as a [1] f32 tensor on x's device.
+pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
+    total(x, true)
+}

@@ -1,0 +1,577 @@
+//! CUDA vs CPU parity for every runtime op. Inputs are random and fresh per run (the seed is
+//! printed; MOE_SEED=<n> replays one); outputs are NaN-poisoned before each kernel runs, so an
+//! element a kernel forgets to write fails the comparison. Skips cleanly without a GPU.
+//!
+//! Tolerances (relative L2 error ‖gpu − cpu‖ / ‖cpu‖): f32 1e-5 (same math, another summation
+//! order); bf16/f16 1e-2 (both sides round the same f32 result to 8 or 11 mantissa bits; a one-ulp
+//! difference in a few elements stays well under 1e-2). Integer outputs must match exactly.
+
+use moe::runtime::ops::{self, Activation, AdamW, Matmul, RopeTable, Softmax};
+use moe::runtime::{set_poison_outputs, DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn gpu() -> Option<Device> {
+    match moe::runtime::cuda::device_count() {
+        Ok(n) if n > 0 => {
+            set_poison_outputs(true);
+            Some(Device::Cuda(0))
+        }
+        Ok(_) | Err(_) if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!(
+                "MOE_REQUIRE_GPU=1 but no usable GPU: {:?}",
+                moe::runtime::cuda::device_count()
+            )
+        }
+        _ => {
+            eprintln!("skipped: no CUDA GPU");
+            None
+        }
+    }
+}
+
+fn rng(test: &str) -> ChaCha8Rng {
+    let seed = std::env::var("MOE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{test}: MOE_SEED={seed}");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// The same random values on the CPU and on `dev`.
+fn pair(r: &mut ChaCha8Rng, shape: &[usize], dtype: DType, dev: Device) -> (Tensor, Tensor) {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect();
+    let c = Tensor::from_f32(&v, shape, dtype, Device::Cpu).unwrap();
+    let g = c.to_device(dev).unwrap();
+    (c, g)
+}
+
+fn ids_pair(r: &mut ChaCha8Rng, n: usize, hi: i32, dev: Device) -> (Tensor, Tensor) {
+    let v: Vec<i32> = (0..n).map(|_| r.random_range(0..hi)).collect();
+    let c = Tensor::from_vec(v, &[n]).unwrap();
+    let g = c.to_device(dev).unwrap();
+    (c, g)
+}
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
+#[track_caller]
+fn close(what: &str, cpu: &Tensor, gpu: &Tensor) {
+    assert_eq!(cpu.shape(), gpu.shape(), "{what}: shapes");
+    assert_eq!(cpu.dtype(), gpu.dtype(), "{what}: dtypes");
+    if cpu.dtype() == DType::I32 {
+        assert_eq!(
+            cpu.to_vec::<i32>().unwrap(),
+            gpu.to_vec::<i32>().unwrap(),
+            "{what}"
+        );
+        return;
+    }
+    let (a, b) = (cpu.to_f32_vec().unwrap(), gpu.to_f32_vec().unwrap());
+    if let Some(i) = b.iter().position(|v| !v.is_finite()) {
+        panic!(
+            "{what}: GPU element {i} is {} (unwritten or overflow), CPU has {}",
+            b[i], a[i]
+        );
+    }
+    let num: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = a
+        .iter()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-30);
+    let t = tol(cpu.dtype());
+    assert!(
+        num / den <= t,
+        "{what}: relative L2 error {:.3e} > {t:.0e}",
+        num / den
+    );
+}
+
+const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+#[test]
+fn matmul_variants() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("matmul_variants");
+    for dt in FLOATS {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (m, n, k) = (
+                r.random_range(1..200),
+                r.random_range(1..200),
+                r.random_range(1..300),
+            );
+            let (ac, ag) = pair(&mut r, &if ta { [k, m] } else { [m, k] }, dt, dev);
+            let (bc, bg) = pair(&mut r, &if tb { [n, k] } else { [k, n] }, dt, dev);
+            let spec = Matmul {
+                trans_a: ta,
+                trans_b: tb,
+                alpha: 0.5,
+                out_dtype: None,
+            };
+            close(
+                &format!("matmul {dt} ta={ta} tb={tb}"),
+                &ops::matmul(&ac, &bc, spec).unwrap(),
+                &ops::matmul(&ag, &bg, spec).unwrap(),
+            );
+        }
+        // Batched against a batch, and a [B, S, K] input against one shared weight.
+        let (ac, ag) = pair(&mut r, &[3, 17, 33], dt, dev);
+        let (bc, bg) = pair(&mut r, &[3, 33, 9], dt, dev);
+        close(
+            &format!("batched {dt}"),
+            &ops::matmul(&ac, &bc, Matmul::default()).unwrap(),
+            &ops::matmul(&ag, &bg, Matmul::default()).unwrap(),
+        );
+        let (wc, wg) = pair(&mut r, &[21, 33], dt, dev);
+        let (bc2, bg2) = pair(&mut r, &[21], dt, dev);
+        close(
+            &format!("linear {dt}"),
+            &ops::linear(&ac, &wc, Some(&bc2)).unwrap(),
+            &ops::linear(&ag, &wg, Some(&bg2)).unwrap(),
+        );
+        let (bt, btg) = pair(&mut r, &[3, 9, 33], dt, dev);
+        let spec = Matmul {
+            trans_b: true,
+            ..Default::default()
+        };
+        close(
+            &format!("batched nt {dt}"),
+            &ops::matmul(&ac, &bt, spec).unwrap(),
+            &ops::matmul(&ag, &btg, spec).unwrap(),
+        );
+    }
+    // bf16 operands with an f32 result accumulated into (weight-gradient style).
+    let (ac, ag) = pair(&mut r, &[64, 40], DType::BF16, dev);
+    let (bc, bg) = pair(&mut r, &[64, 24], DType::BF16, dev);
+    let (mut oc, _) = pair(&mut r, &[40, 24], DType::F32, dev);
+    let mut og = oc.to_device(dev).unwrap();
+    let spec = Matmul {
+        trans_a: true,
+        out_dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    ops::matmul_into(&mut oc, &ac, &bc, spec, 1.0).unwrap();
+    ops::matmul_into(&mut og, &ag, &bg, spec, 1.0).unwrap();
+    close("matmul_into bf16->f32 beta=1", &oc, &og);
+}
+
+#[test]
+fn elementwise_and_activations() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("elementwise_and_activations");
+    for dt in FLOATS {
+        let shape = [r.random_range(1..50), r.random_range(1..300)];
+        let (ac, ag) = pair(&mut r, &shape, dt, dev);
+        let (bc, bg) = pair(&mut r, &shape, dt, dev);
+        close(
+            &format!("add {dt}"),
+            &ops::add(&ac, &bc).unwrap(),
+            &ops::add(&ag, &bg).unwrap(),
+        );
+        close(
+            &format!("mul {dt}"),
+            &ops::mul(&ac, &bc).unwrap(),
+            &ops::mul(&ag, &bg).unwrap(),
+        );
+        close(
+            &format!("scale {dt}"),
+            &ops::scale(&ac, -1.5).unwrap(),
+            &ops::scale(&ag, -1.5).unwrap(),
+        );
+        let (biasc, biasg) = pair(&mut r, &[shape[1]], dt, dev);
+        close(
+            &format!("add_bias {dt}"),
+            &ops::add_bias(&ac, &biasc).unwrap(),
+            &ops::add_bias(&ag, &biasg).unwrap(),
+        );
+        for act in [Activation::Silu, Activation::Gelu, Activation::GeluTanh] {
+            close(
+                &format!("{act:?} {dt}"),
+                &ops::activation(&ac, act).unwrap(),
+                &ops::activation(&ag, act).unwrap(),
+            );
+            close(
+                &format!("{act:?} backward {dt}"),
+                &ops::activation_backward(&ac, &bc, act).unwrap(),
+                &ops::activation_backward(&ag, &bg, act).unwrap(),
+            );
+        }
+        let (guc, gug) = pair(&mut r, &[shape[0], 2 * shape[1]], dt, dev);
+        close(
+            &format!("swiglu {dt}"),
+            &ops::swiglu(&guc).unwrap(),
+            &ops::swiglu(&gug).unwrap(),
+        );
+        close(
+            &format!("swiglu backward {dt}"),
+            &ops::swiglu_backward(&guc, &ac).unwrap(),
+            &ops::swiglu_backward(&gug, &ag).unwrap(),
+        );
+        // In-place accumulation, also of a low-precision source into f32.
+        let (mut dc, _) = pair(&mut r, &shape, DType::F32, dev);
+        let mut dg = dc.to_device(dev).unwrap();
+        ops::add_scaled(&mut dc, &ac, 0.25).unwrap();
+        ops::add_scaled(&mut dg, &ag, 0.25).unwrap();
+        close(&format!("add_scaled f32 += {dt}"), &dc, &dg);
+        for to in FLOATS {
+            close(
+                &format!("cast {dt}->{to}"),
+                &ops::cast(&ac, to).unwrap(),
+                &ops::cast(&ag, to).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn softmax_family() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("softmax_family");
+    for dt in FLOATS {
+        for cols in [1usize, 7, 128, 1000, 5000] {
+            let rows = r.random_range(1..40);
+            let (xc, xg) = pair(&mut r, &[rows, cols], dt, dev);
+            let spec = Softmax {
+                scale: 0.7,
+                causal: None,
+            };
+            let (yc, yg) = (
+                ops::softmax(&xc, spec).unwrap(),
+                ops::softmax(&xg, spec).unwrap(),
+            );
+            close(&format!("softmax {dt} cols={cols}"), &yc, &yg);
+            let (dc, dg) = pair(&mut r, &[rows, cols], dt, dev);
+            close(
+                &format!("softmax_backward {dt}"),
+                &ops::softmax_backward(&yc, &dc, 0.7).unwrap(),
+                &ops::softmax_backward(&yg, &dg, 0.7).unwrap(),
+            );
+            close(
+                &format!("log_softmax {dt}"),
+                &ops::log_softmax(&xc).unwrap(),
+                &ops::log_softmax(&xg).unwrap(),
+            );
+        }
+        // Causal attention scores: 2 heads sharing a KV head stacked along M, query offset 3.
+        let (q_len, keys, offset) = (5usize, 8usize, 3usize);
+        let (sc, sg) = pair(&mut r, &[4, 2 * q_len, keys], dt, dev);
+        let spec = Softmax {
+            scale: 0.125,
+            causal: Some((q_len, offset)),
+        };
+        let (yc, yg) = (
+            ops::softmax(&sc, spec).unwrap(),
+            ops::softmax(&sg, spec).unwrap(),
+        );
+        close(&format!("causal softmax {dt}"), &yc, &yg);
+        let y = yc.to_f32_vec().unwrap();
+        for row in 0..2 * q_len {
+            for key in offset + row % q_len + 1..keys {
+                assert_eq!(y[row * keys + key], 0.0, "masked key {key} of row {row}");
+            }
+        }
+    }
+}
+
+#[test]
+fn norm_rope_embedding_loss() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("norm_rope_embedding_loss");
+    for dt in FLOATS {
+        let (rows, cols) = (r.random_range(1..70), r.random_range(1..2100));
+        let (xc, xg) = pair(&mut r, &[rows, cols], dt, dev);
+        let (wc, wg) = pair(&mut r, &[cols], dt, dev);
+        let ((yc, rc), (yg, rg)) = (
+            ops::rmsnorm(&xc, &wc, 1e-6).unwrap(),
+            ops::rmsnorm(&xg, &wg, 1e-6).unwrap(),
+        );
+        close(&format!("rmsnorm {dt}"), &yc, &yg);
+        close(&format!("rmsnorm rstd {dt}"), &rc, &rg);
+        let (dc, dg) = pair(&mut r, &[rows, cols], dt, dev);
+        let ((dxc, dwc), (dxg, dwg)) = (
+            ops::rmsnorm_backward(&xc, &wc, &rc, &dc).unwrap(),
+            ops::rmsnorm_backward(&xg, &wg, &rg, &dg).unwrap(),
+        );
+        close(&format!("rmsnorm dx {dt}"), &dxc, &dxg);
+        close(&format!("rmsnorm dw {dt}"), &dwc, &dwg);
+
+        // RoPE on [T, H, hd] with partial rotary dims and arbitrary positions.
+        let (t, h, hd, rot) = (r.random_range(1..30), 3, 16, 12);
+        let inv: Vec<f32> = (0..rot / 2)
+            .map(|i| 10000f32.powf(-(2 * i) as f32 / rot as f32))
+            .collect();
+        let (tc, tg) = (
+            RopeTable::new(&inv, 64, 1.0, Device::Cpu).unwrap(),
+            RopeTable::new(&inv, 64, 1.0, dev).unwrap(),
+        );
+        let (qc, qg) = pair(&mut r, &[t, h, hd], dt, dev);
+        let (pc, pg) = ids_pair(&mut r, t, 64, dev);
+        let (oc, og) = (
+            ops::rope(&qc, &tc, &pc).unwrap(),
+            ops::rope(&qg, &tg, &pg).unwrap(),
+        );
+        close(&format!("rope {dt}"), &oc, &og);
+        close(
+            &format!("rope backward {dt}"),
+            &ops::rope_backward(&oc, &tc, &pc).unwrap(),
+            &ops::rope_backward(&og, &tg, &pg).unwrap(),
+        );
+
+        // Embedding gather and gradient scatter-add (f32 atomics on the GPU: order differs).
+        let (vocab, d, n) = (50, 24, 40);
+        let (tabc, tabg) = pair(&mut r, &[vocab, d], dt, dev);
+        let (ic, ig) = ids_pair(&mut r, n, vocab as i32, dev);
+        close(
+            &format!("embedding {dt}"),
+            &ops::embedding(&ic, &tabc).unwrap(),
+            &ops::embedding(&ig, &tabg).unwrap(),
+        );
+        let (dyc, dyg) = pair(&mut r, &[n, d], dt, dev);
+        let mut gc = Tensor::zeros(&[vocab, d], DType::F32, Device::Cpu).unwrap();
+        let mut gg = Tensor::zeros(&[vocab, d], DType::F32, dev).unwrap();
+        ops::embedding_backward(&ic, &dyc, &mut gc).unwrap();
+        ops::embedding_backward(&ig, &dyg, &mut gg).unwrap();
+        close(&format!("embedding backward {dt}"), &gc, &gg);
+
+        // Cross-entropy with an ignored target.
+        let (t, v) = (r.random_range(2..20), r.random_range(2..3000));
+        let (lc, lg) = pair(&mut r, &[t, v], dt, dev);
+        let mut tgt: Vec<i32> = (0..t).map(|_| r.random_range(0..v as i32)).collect();
+        tgt[0] = -100;
+        let (yc, yg) = (
+            Tensor::from_vec(tgt.clone(), &[t]).unwrap(),
+            Tensor::from_slice(&tgt, &[t], dev).unwrap(),
+        );
+        let ((lossc, lsec), (lossg, lseg)) = (
+            ops::cross_entropy(&lc, &yc, -100).unwrap(),
+            ops::cross_entropy(&lg, &yg, -100).unwrap(),
+        );
+        close(&format!("cross_entropy {dt}"), &lossc, &lossg);
+        close(&format!("cross_entropy lse {dt}"), &lsec, &lseg);
+        close(
+            &format!("cross_entropy backward {dt}"),
+            &ops::cross_entropy_backward(&lc, &yc, &lsec, -100, 0.1).unwrap(),
+            &ops::cross_entropy_backward(&lg, &yg, &lseg, -100, 0.1).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn index_ops() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("index_ops");
+    for dt in FLOATS {
+        for (cols, k) in [(8usize, 2usize), (64, 8), (128, 8), (300, 17)] {
+            let rows = r.random_range(1..100);
+            let (xc, xg) = pair(&mut r, &[rows, cols], dt, dev);
+            let ((vc, ic), (vg, ig)) = (ops::topk(&xc, k).unwrap(), ops::topk(&xg, k).unwrap());
+            close(&format!("topk values {dt} {cols}/{k}"), &vc, &vg);
+            close(&format!("topk ids {dt} {cols}/{k}"), &ic, &ig);
+        }
+        let (xc, xg) = pair(&mut r, &[37, 19], dt, dev);
+        let idx: Vec<i32> = (0..50).map(|_| r.random_range(-2..40)).collect(); // some out of range
+        let (ic, ig) = (
+            Tensor::from_vec(idx.clone(), &[50]).unwrap(),
+            Tensor::from_slice(&idx, &[50], dev).unwrap(),
+        );
+        close(
+            &format!("gather_rows {dt}"),
+            &ops::gather_rows(&xc, &ic).unwrap(),
+            &ops::gather_rows(&xg, &ig).unwrap(),
+        );
+        let (sc, sg) = pair(&mut r, &[50, 19], dt, dev);
+        let (wc, wg) = pair(&mut r, &[50], DType::F32, dev);
+        let mut dc = Tensor::zeros(&[37, 19], DType::F32, Device::Cpu).unwrap();
+        let mut dg = Tensor::zeros(&[37, 19], DType::F32, dev).unwrap();
+        ops::scatter_add_rows(&mut dc, &ic, &sc, Some(&wc)).unwrap();
+        ops::scatter_add_rows(&mut dg, &ig, &sg, Some(&wg)).unwrap();
+        close(&format!("scatter_add_rows {dt}"), &dc, &dg);
+        close(
+            &format!("slice_rows {dt}"),
+            &ops::slice_rows(&xc, 5, 20).unwrap(),
+            &ops::slice_rows(&xg, 5, 20).unwrap(),
+        );
+        let (mut kc, _) = pair(&mut r, &[40, 19], dt, dev);
+        let mut kg = kc.to_device(dev).unwrap();
+        ops::write_rows(&mut kc, 3, &xc).unwrap();
+        ops::write_rows(&mut kg, 3, &xg).unwrap();
+        close(&format!("write_rows {dt}"), &kc, &kg);
+        let (tc, tg) = pair(&mut r, &[2, 5, 3, 7], dt, dev);
+        close(
+            &format!("transpose_12 {dt}"),
+            &ops::transpose_12(&tc).unwrap(),
+            &ops::transpose_12(&tg).unwrap(),
+        );
+        close(
+            &format!("sum_rows {dt}"),
+            &ops::sum_rows(&xc).unwrap(),
+            &ops::sum_rows(&xg).unwrap(),
+        );
+        close(
+            &format!("sum_all {dt}"),
+            &ops::sum_all(&xc).unwrap(),
+            &ops::sum_all(&xg).unwrap(),
+        );
+        close(
+            &format!("sum_squares {dt}"),
+            &ops::sum_squares(&xc).unwrap(),
+            &ops::sum_squares(&xg).unwrap(),
+        );
+    }
+    // The MoE dispatch: histogram and a stable sort of expert ids (with out-of-range ids).
+    for (n, bins) in [
+        (1usize, 1usize),
+        (1000, 8),
+        (65536, 128),
+        (5000, 256),
+        (3000, 1000),
+    ] {
+        let ids: Vec<i32> = (0..n)
+            .map(|_| r.random_range(-1..bins as i32 + 1))
+            .collect();
+        let (c, g) = (
+            Tensor::from_vec(ids.clone(), &[n]).unwrap(),
+            Tensor::from_slice(&ids, &[n], dev).unwrap(),
+        );
+        close(
+            &format!("histogram n={n} bins={bins}"),
+            &ops::histogram(&c, bins).unwrap(),
+            &ops::histogram(&g, bins).unwrap(),
+        );
+        close(
+            &format!("argsort_stable n={n} bins={bins}"),
+            &ops::argsort_stable(&c, bins).unwrap(),
+            &ops::argsort_stable(&g, bins).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn adamw_matches() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("adamw_matches");
+    let n = 10_000;
+    let hp = AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    for gdt in FLOATS {
+        let (mut pc, _) = pair(&mut r, &[n], DType::F32, dev);
+        let (gc, gg) = pair(&mut r, &[n], gdt, dev);
+        let (mut mc, _) = pair(&mut r, &[n], DType::F32, dev);
+        let mut vc = ops::scale(&ops::mul(&mc, &mc).unwrap(), 1.0).unwrap();
+        let (mut pg, mut mg, mut vg) = (
+            pc.to_device(dev).unwrap(),
+            mc.to_device(dev).unwrap(),
+            vc.to_device(dev).unwrap(),
+        );
+        let mut copy_c = Tensor::zeros(&[n], DType::BF16, Device::Cpu).unwrap();
+        let mut copy_g = Tensor::zeros(&[n], DType::BF16, dev).unwrap();
+        ops::adamw_step(
+            &mut pc,
+            &gc,
+            &mut mc,
+            &mut vc,
+            &hp,
+            7,
+            0.5,
+            Some(&mut copy_c),
+        )
+        .unwrap();
+        ops::adamw_step(
+            &mut pg,
+            &gg,
+            &mut mg,
+            &mut vg,
+            &hp,
+            7,
+            0.5,
+            Some(&mut copy_g),
+        )
+        .unwrap();
+        close(&format!("adamw param (grad {gdt})"), &pc, &pg);
+        close("adamw m", &mc, &mg);
+        close("adamw v", &vc, &vg);
+        close("adamw bf16 copy", &copy_c, &copy_g);
+    }
+}
+
+#[test]
+fn grouped_gemm() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("grouped_gemm");
+    for dt in [DType::BF16, DType::F32] {
+        for (e, k, n) in [
+            (1usize, 64usize, 32usize),
+            (8, 256, 384),
+            (64, 128, 96),
+            (5, 72, 40),
+        ] {
+            let mut sizes: Vec<usize> = (0..e).map(|_| r.random_range(0..200)).collect();
+            sizes[0] = 0; // an empty group
+            let mut off = vec![0i32];
+            for s in &sizes {
+                off.push(off.last().unwrap() + *s as i32);
+            }
+            let m = *off.last().unwrap() as usize + 3; // trailing rows in no group
+            let (xc, xg) = pair(&mut r, &[m, k], dt, dev);
+            let (oc, og) = (
+                Tensor::from_vec(off.clone(), &[e + 1]).unwrap(),
+                Tensor::from_slice(&off, &[e + 1], dev).unwrap(),
+            );
+            let (wc, wg) = pair(&mut r, &[e, n, k], dt, dev);
+            close(
+                &format!("grouped nt {dt} e={e}"),
+                &ops::grouped_matmul(&xc, &wc, &oc, true).unwrap(),
+                &ops::grouped_matmul(&xg, &wg, &og, true).unwrap(),
+            );
+            let (w2c, w2g) = pair(&mut r, &[e, k, n], dt, dev);
+            close(
+                &format!("grouped nn {dt} e={e}"),
+                &ops::grouped_matmul(&xc, &w2c, &oc, false).unwrap(),
+                &ops::grouped_matmul(&xg, &w2g, &og, false).unwrap(),
+            );
+            let (dyc, dyg) = pair(&mut r, &[m, n], dt, dev);
+            close(
+                &format!("grouped tn {dt} e={e}"),
+                &ops::grouped_matmul_tn(&dyc, &xc, &oc, DType::F32).unwrap(),
+                &ops::grouped_matmul_tn(&dyg, &xg, &og, DType::F32).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_device_strings_are_errors() {
+    for s in ["tpu", "cuda:x", "cuda:-1", ""] {
+        let err = Device::parse(s).unwrap_err().to_string();
+        assert!(err.contains("unknown device"), "{s}: {err}");
+    }
+    if gpu().is_none() {
+        let err = Device::parse("cuda").unwrap_err().to_string();
+        assert!(err.contains("none is usable"), "{err}");
+    }
+}
