@@ -24,7 +24,7 @@ impl Timer {
                 let dev = cuda::device(i)?;
                 let ev = || {
                     dev.context()
-                        .new_event(None)
+                        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                         .map_err(|e| Error::cuda("event", e))
                 };
                 Ok(Timer::Cuda {
