@@ -4,4 +4,5 @@
 //! CPU and CUDA backends).
 
 pub mod bench;
+pub mod moe;
 pub mod runtime;

@@ -235,6 +235,29 @@ impl Tensor {
         t.to_device(device)
     }
 
+    /// Normal(0, std²) values from a seeded ChaCha8 stream (Box–Muller), stored as `dtype`.
+    pub fn randn(
+        shape: &[usize],
+        std: f32,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = numel_of(shape);
+        let mut v = Vec::with_capacity(n + 1);
+        while v.len() < n {
+            let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+            let u2: f64 = rng.random();
+            let r = (-2.0 * u1.ln()).sqrt();
+            v.push((r * (std::f64::consts::TAU * u2).cos()) as f32 * std);
+            v.push((r * (std::f64::consts::TAU * u2).sin()) as f32 * std);
+        }
+        v.truncate(n);
+        Tensor::from_f32(&v, shape, dtype, device)
+    }
+
     /// Deep copy on the same device.
     pub fn try_clone(&self) -> Result<Tensor> {
         let storage = match &self.storage {

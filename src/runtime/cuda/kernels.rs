@@ -23,6 +23,14 @@ pub const LOSS: KernelSource = KernelSource {
     name: "loss",
     src: include_str!("kernels/loss.cu"),
 };
+pub const MOE_DISPATCH: KernelSource = KernelSource {
+    name: "moe_dispatch",
+    src: include_str!("kernels/moe_dispatch.cu"),
+};
+pub const MOE_ROUTER: KernelSource = KernelSource {
+    name: "moe_router",
+    src: include_str!("kernels/moe_router.cu"),
+};
 pub const NORM: KernelSource = KernelSource {
     name: "norm",
     src: include_str!("kernels/norm.cu"),
@@ -50,6 +58,8 @@ pub const ALL: &[&KernelSource] = &[
     &EMBEDDING,
     &INDEX,
     &LOSS,
+    &MOE_DISPATCH,
+    &MOE_ROUTER,
     &NORM,
     &OPTIMIZER,
     &REDUCE,

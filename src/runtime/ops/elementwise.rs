@@ -18,6 +18,8 @@ pub enum Activation {
     Gelu,
     /// Tanh approximation (HF "gelu_new", "gelu_pytorch_tanh"; GPT-2 / GPT-MoE).
     GeluTanh,
+    /// σ(x) (gates: Qwen2-MoE's shared-expert gate, PR-MoE's mixing coefficient).
+    Sigmoid,
 }
 
 impl Activation {
@@ -41,6 +43,7 @@ impl Activation {
                 let u = GELU_C * (x + 0.044715 * x * x * x);
                 0.5 * x * (1.0 + u.tanh())
             }
+            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
         }
     }
     #[inline]
@@ -58,6 +61,10 @@ impl Activation {
                 let u = GELU_C * (x + 0.044715 * x * x * x);
                 let t = u.tanh();
                 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
+            }
+            Activation::Sigmoid => {
+                let s = 1.0 / (1.0 + (-x).exp());
+                s * (1.0 - s)
             }
         }
     }
@@ -362,6 +369,99 @@ pub fn activation_backward(x: &Tensor, dy: &Tensor, act: Activation) -> Result<T
     }
 }
 
+/// x [R, C] with row r scaled by s[r] (s [R] f32).
+pub fn scale_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let op = "scale_rows";
+    same_device(op, &[x, s])?;
+    x.expect_float(op)?;
+    s.expect_dtype(op, DType::F32)?;
+    let (rows, cols) = x.rows_cols();
+    if s.numel() != rows {
+        return Err(Error::shape(
+            op,
+            format!("{} scales for {rows} rows of {:?}", s.numel(), x.shape()),
+        ));
+    }
+    match x.device() {
+        Device::Cpu => {
+            let (xv, sv) = (x.cpu_f32()?, s.as_slice::<f32>()?);
+            let mut out = vec![0.0f32; rows * cols];
+            if cols > 0 {
+                out.par_chunks_mut(cols)
+                    .zip(xv.par_chunks(cols))
+                    .zip(sv.par_iter())
+                    .for_each(|((o, r), &k)| {
+                        o.iter_mut().zip(r).for_each(|(o, &v)| *o = v * k);
+                    });
+            }
+            cpu_from_f32(out, x.shape(), x.dtype())
+        }
+        Device::Cuda(_) => {
+            let out = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
+            let n = x.numel();
+            if n > 0 {
+                cuda_dev(x)?
+                    .launch(
+                        &kernels::ELEMENTWISE,
+                        &kname("scale_rows", x),
+                        (grid_1d(n, 256), 1, 1),
+                        (256, 1, 1),
+                        0,
+                    )?
+                    .ptr(dptr(&out))
+                    .ptr(dptr(x))
+                    .ptr(dptr(s))
+                    .i64(n as i64)
+                    .usize_as_i32(cols)?
+                    .run()?;
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// out[r] = ⟨a[r], b[r]⟩ over the last dim: [R] f32.
+pub fn row_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_same("row_dot", a, b)?;
+    let (rows, cols) = a.rows_cols();
+    match a.device() {
+        Device::Cpu => {
+            let (av, bv) = (a.cpu_f32()?, b.cpu_f32()?);
+            let out: Vec<f32> = (0..rows)
+                .into_par_iter()
+                .map(|r| {
+                    av[r * cols..(r + 1) * cols]
+                        .iter()
+                        .zip(&bv[r * cols..(r + 1) * cols])
+                        .map(|(x, y)| x * y)
+                        .sum()
+                })
+                .collect();
+            Tensor::from_vec(out, &[rows])
+        }
+        Device::Cuda(_) => {
+            let out = Tensor::uninit(&[rows], DType::F32, a.device())?;
+            if rows > 0 {
+                cuda_dev(a)?
+                    .launch(
+                        &kernels::ELEMENTWISE,
+                        &kname("row_dot", a),
+                        (grid_1d(rows * 32, 256), 1, 1),
+                        (256, 1, 1),
+                        0,
+                    )?
+                    .ptr(dptr(&out))
+                    .ptr(dptr(a))
+                    .ptr(dptr(b))
+                    .usize_as_i32(rows)?
+                    .usize_as_i32(cols)?
+                    .run()?;
+            }
+            Ok(out)
+        }
+    }
+}
+
 fn swiglu_dims(op: &'static str, gu: &Tensor) -> Result<(usize, usize)> {
     gu.expect_float(op)?;
     let (rows, cols) = gu.rows_cols();
@@ -497,7 +597,12 @@ mod tests {
 
     #[test]
     fn activation_gradients_match_finite_differences() {
-        for act in [Activation::Silu, Activation::Gelu, Activation::GeluTanh] {
+        for act in [
+            Activation::Silu,
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Sigmoid,
+        ] {
             for &x in &[-3.0f32, -0.7, 0.0, 0.4, 2.5] {
                 let h = 1e-3f64;
                 let fd = (act.f((x as f64 + h) as f32) as f64

@@ -21,8 +21,8 @@ mod softmax;
 pub use adamw::{adamw_step, AdamW};
 pub use cast::cast;
 pub use elementwise::{
-    activation, activation_backward, add, add_assign, add_bias, add_scaled, mul, scale, swiglu,
-    swiglu_backward, Activation,
+    activation, activation_backward, add, add_assign, add_bias, add_scaled, mul, row_dot, scale,
+    scale_rows, swiglu, swiglu_backward, Activation,
 };
 pub use embedding::{embedding, embedding_backward};
 pub use grouped::{grouped_matmul, grouped_matmul_tn};

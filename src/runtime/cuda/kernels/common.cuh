@@ -77,6 +77,27 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
+// Argmax pairs: the larger value wins, ties go to the lower index; i < 0 marks "none".
+struct ValIdx { float v; int i; };
+
+__device__ __forceinline__ ValIdx better(ValIdx a, ValIdx b) {
+    if (b.i < 0) return a;
+    if (a.i < 0) return b;
+    if (b.v > a.v || (b.v == a.v && b.i < a.i)) return b;
+    return a;
+}
+
+__device__ __forceinline__ ValIdx warp_best(ValIdx x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        ValIdx y;
+        y.v = __shfl_xor_sync(0xffffffffu, x.v, o);
+        y.i = __shfl_xor_sync(0xffffffffu, x.i, o);
+        x = better(x, y);
+    }
+    return x;
+}
+
 #define INSTANTIATE_FLOAT_TYPES(MACRO) \
     MACRO(f32, float)                  \
     MACRO(bf16, bf16_t)                \

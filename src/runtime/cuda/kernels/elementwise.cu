@@ -4,6 +4,7 @@
 __device__ __forceinline__ float act_f(float x, int act) {
     if (act == 0) return x / (1.f + expf(-x));
     if (act == 1) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+    if (act == 3) return 1.f / (1.f + expf(-x));
     float u = 0.7978845608f * (x + 0.044715f * x * x * x);
     return 0.5f * x * (1.f + tanhf(u));
 }
@@ -16,6 +17,10 @@ __device__ __forceinline__ float act_df(float x, int act) {
     if (act == 1) {
         float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
         return cdf + x * expf(-0.5f * x * x) * 0.3989422804f;
+    }
+    if (act == 3) {
+        float s = 1.f / (1.f + expf(-x));
+        return s * (1.f - s);
     }
     float u = 0.7978845608f * (x + 0.044715f * x * x * x);
     float t = tanhf(u);
@@ -43,6 +48,19 @@ __device__ __forceinline__ float act_df(float x, int act) {
     extern "C" __global__ void act_bwd_##SUFFIX(T* dx, const T* x, const T* dy, int64_t n, int act) {       \
         GRID_STRIDE(i, n) dx[i] = from_float<T>(to_float(dy[i]) * act_df(to_float(x[i]), act));             \
     }                                                                                                       \
+    extern "C" __global__ void scale_rows_##SUFFIX(T* out, const T* x, const float* s, int64_t n, int cols) { \
+        GRID_STRIDE(i, n) out[i] = from_float<T>(to_float(x[i]) * s[i / cols]);                            \
+    }                                                                                                   \
+    /* one warp per row */                                                                              \
+    extern "C" __global__ void row_dot_##SUFFIX(float* out, const T* a, const T* b, int rows, int cols) { \
+        int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;                              \
+        int lane = threadIdx.x & 31;                                                                    \
+        if (w >= rows) return;                                                                          \
+        float s = 0.f;                                                                                  \
+        for (int c = lane; c < cols; c += 32) s += to_float(a[w * cols + c]) * to_float(b[w * cols + c]); \
+        s = warp_sum(s);                                                                                \
+        if (lane == 0) out[w] = s;                                                                      \
+    }                                                                                                   \
     /* gu: [rows, 2F] = [gate | up]; h: [rows, F]. n = rows * F. */                                        \
     extern "C" __global__ void swiglu_fwd_##SUFFIX(T* h, const T* gu, int64_t n, int f) {                   \
         GRID_STRIDE(i, n) {                                                                                 \

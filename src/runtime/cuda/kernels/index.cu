@@ -1,27 +1,7 @@
 // Index kernels; twins in ops/index.rs.
 
 // ---- top-k: one block per row. The row sits in shared memory (cols floats + cols taken flags);
-// k rounds of a block argmax (larger value wins, ties go to the lower index; NaN counts as -inf).
-struct ValIdx { float v; int i; };
-
-__device__ __forceinline__ ValIdx better(ValIdx a, ValIdx b) {
-    if (b.i < 0) return a;
-    if (a.i < 0) return b;
-    if (b.v > a.v || (b.v == a.v && b.i < a.i)) return b;
-    return a;
-}
-
-__device__ __forceinline__ ValIdx warp_best(ValIdx x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        ValIdx y;
-        y.v = __shfl_xor_sync(0xffffffffu, x.v, o);
-        y.i = __shfl_xor_sync(0xffffffffu, x.i, o);
-        x = better(x, y);
-    }
-    return x;
-}
-
+// k rounds of a block argmax (ValIdx in common.cuh; NaN counts as -inf).
 #define TOPK(SUFFIX, T)                                                                                 \
     extern "C" __global__ void topk_##SUFFIX(T* vals, int* idx, const T* x, int cols, int k) {          \
         extern __shared__ float row[];                                                                  \

@@ -1,0 +1,87 @@
+//! The routed experts over expert-contiguous rows: grouped GEMMs (runtime::ops::grouped_*) with
+//! the activation between them. x_perm [N, d], offsets [E+1] -> y_perm [N, d].
+//!   SwiGLU: h = x·W1[e]ᵀ (+b1) [N, 2F]; a = silu(h_gate) ⊙ h_up [N, F]; y = a·W2[e]ᵀ (+b2)
+//!   MLP:    h = x·W1[e]ᵀ (+b1) [N, F];  a = act(h);                      y = a·W2[e]ᵀ (+b2)
+//! FLOPs: 2·N·d·(H1 + F) forward (H1 = 2F or F); twice that backward.
+
+use super::config::{ExpertKind, MoeConfig};
+use super::dispatch::{add_group_bias, group_bias_grad};
+use crate::runtime::ops;
+use crate::runtime::{DType, Result, Tensor};
+
+pub(crate) struct ExpertSaved {
+    pub h: Tensor,
+    pub a: Tensor,
+}
+
+pub(crate) struct ExpertGrads {
+    pub w1: Tensor,
+    pub b1: Option<Tensor>,
+    pub w2: Tensor,
+    pub b2: Option<Tensor>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    cfg: &MoeConfig,
+    w1: &Tensor,
+    b1: Option<&Tensor>,
+    w2: &Tensor,
+    b2: Option<&Tensor>,
+    x_perm: &Tensor,
+    offsets: &Tensor,
+) -> Result<(Tensor, ExpertSaved)> {
+    let mut h = ops::grouped_matmul(x_perm, w1, offsets, true)?;
+    if let Some(b) = b1 {
+        h = add_group_bias(&h, b, offsets)?;
+    }
+    let a = match cfg.expert {
+        ExpertKind::SwiGlu => ops::swiglu(&h)?,
+        ExpertKind::Mlp(act) => ops::activation(&h, act)?,
+    };
+    let mut y = ops::grouped_matmul(&a, w2, offsets, true)?;
+    if let Some(b) = b2 {
+        y = add_group_bias(&y, b, offsets)?;
+    }
+    Ok((y, ExpertSaved { h, a }))
+}
+
+/// (dx_perm, weight gradients as fresh f32 tensors).
+pub(crate) fn backward(
+    cfg: &MoeConfig,
+    w1: &Tensor,
+    w2: &Tensor,
+    has_bias: bool,
+    x_perm: &Tensor,
+    saved: &ExpertSaved,
+    offsets: &Tensor,
+    dy_perm: &Tensor,
+) -> Result<(Tensor, ExpertGrads)> {
+    let dw2 = ops::grouped_matmul_tn(dy_perm, &saved.a, offsets, DType::F32)?; // [E, d, F]
+    let db2 = if has_bias {
+        Some(group_bias_grad(dy_perm, offsets)?)
+    } else {
+        None
+    };
+    let da = ops::grouped_matmul(dy_perm, w2, offsets, false)?; // dy · W2[e]: [N, F]
+    let dh = match cfg.expert {
+        ExpertKind::SwiGlu => ops::swiglu_backward(&saved.h, &da)?,
+        ExpertKind::Mlp(act) => ops::activation_backward(&saved.h, &da, act)?,
+    };
+    let dw1 = ops::grouped_matmul_tn(&dh, x_perm, offsets, DType::F32)?; // [E, H1, d]
+    let db1 = if has_bias {
+        Some(group_bias_grad(&dh, offsets)?)
+    } else {
+        None
+    };
+    let dx = ops::grouped_matmul(&dh, w1, offsets, false)?; // dh · W1[e]: [N, d]
+    Ok((
+        dx,
+        ExpertGrads {
+            w1: dw1,
+            b1: db1,
+            w2: dw2,
+            b2: db2,
+        },
+    ))
+}

@@ -1,0 +1,529 @@
+//! The MoE block: router → dispatch → experts → combine, plus shared experts and the PR-MoE
+//! residual MLP; forward and backward. x: [T, d] (f32 on CPU, bf16/f32 on GPU) -> y: [T, d].
+//! The backward reuses the saved routing, permutation and expert activations (`MoeSaved`).
+
+use super::config::{ExpertKind, MoeConfig, NoisyGate, RouterKind};
+use super::dense::{DenseMlp, DenseSaved};
+use super::dispatch::{self, Dispatch};
+use super::experts::{self, ExpertSaved};
+use super::router::{self, Routing};
+use crate::param_set;
+use crate::runtime::ops::{self, Activation, Matmul};
+use crate::runtime::{DType, Device, Error, Result, Tensor};
+
+/// One MoE layer's weights (Linear layout [out, in]).
+pub struct MoeWeights {
+    /// Router [E, d].
+    pub router: Tensor,
+    /// Selection bias [E] f32 (sigmoid router; updated by `update_router_bias`, not by gradients).
+    pub router_bias: Option<Tensor>,
+    /// First expert projection [E, H1, d]: SwiGLU [gate | up] (H1 = 2F) or fc1 (H1 = F).
+    pub w1: Tensor,
+    pub b1: Option<Tensor>,
+    /// Second expert projection [E, d, F].
+    pub w2: Tensor,
+    pub b2: Option<Tensor>,
+    pub shared: Option<SharedWeights>,
+    pub residual: Option<ResidualWeights>,
+}
+
+pub struct SharedWeights {
+    pub mlp: DenseMlp,
+    /// [1, d] sigmoid gate (Qwen2-MoE `shared_expert_gate`).
+    pub gate: Option<Tensor>,
+}
+
+pub struct ResidualWeights {
+    pub mlp: DenseMlp,
+    /// Mixing coefficient logits: coef = softmax(x · coefᵀ + coef_bias) over 2 ([2, d], [2]).
+    pub coef: Tensor,
+    pub coef_bias: Tensor,
+}
+
+param_set!(SharedWeights { set mlp, opt gate });
+param_set!(ResidualWeights { set mlp, t coef, t coef_bias });
+// router_bias is state, not a trained parameter: checkpoints save it through `visit_state`.
+param_set!(MoeWeights { t router, t w1, opt b1, t w2, opt b2, opt_set shared, opt_set residual });
+
+/// f32 gradients with the same names as `MoeWeights` (no router_bias).
+pub type MoeGrads = MoeWeights;
+
+impl MoeWeights {
+    /// Seeded init: projections Normal(0, std), output projections Normal(0, out_std), zero
+    /// biases, zero selection bias.
+    pub fn init(
+        cfg: &MoeConfig,
+        std: f32,
+        out_std: f32,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<MoeWeights> {
+        cfg.validate().map_err(Error::Invalid)?;
+        let (e, d, f, h1) = (
+            cfg.n_experts,
+            cfg.d_model,
+            cfg.ffn_dim,
+            cfg.first_proj_dim(),
+        );
+        let bias = |shape: &[usize]| -> Result<Option<Tensor>> {
+            if cfg.expert_bias {
+                Ok(Some(Tensor::zeros(shape, dtype, device)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let shared = match &cfg.shared {
+            Some(s) => Some(SharedWeights {
+                mlp: DenseMlp::init(
+                    ExpertKind::SwiGlu,
+                    d,
+                    s.ffn_dim * s.count,
+                    false,
+                    std,
+                    out_std,
+                    seed ^ 0x51,
+                    dtype,
+                    device,
+                )?,
+                gate: if s.gated {
+                    Some(Tensor::randn(&[1, d], std, seed ^ 0x52, dtype, device)?)
+                } else {
+                    None
+                },
+            }),
+            None => None,
+        };
+        let residual = match &cfg.residual {
+            Some(r) => Some(ResidualWeights {
+                mlp: DenseMlp::init(
+                    cfg.expert,
+                    d,
+                    r.ffn_dim,
+                    cfg.expert_bias,
+                    std,
+                    out_std,
+                    seed ^ 0x53,
+                    dtype,
+                    device,
+                )?,
+                coef: Tensor::randn(&[2, d], std, seed ^ 0x54, dtype, device)?,
+                coef_bias: Tensor::zeros(&[2], dtype, device)?,
+            }),
+            None => None,
+        };
+        Ok(MoeWeights {
+            router: Tensor::randn(&[e, d], std, seed ^ 0x55, dtype, device)?,
+            router_bias: match cfg.router {
+                RouterKind::Sigmoid { .. } => Some(Tensor::zeros(&[e], DType::F32, device)?),
+                _ => None,
+            },
+            w1: Tensor::randn(&[e, h1, d], std, seed ^ 0x56, dtype, device)?,
+            b1: bias(&[e, h1])?,
+            w2: Tensor::randn(&[e, d, f], out_std, seed ^ 0x57, dtype, device)?,
+            b2: bias(&[e, d])?,
+            shared,
+            residual,
+        })
+    }
+
+    /// f32 zeros with this layer's parameter shapes (gradient accumulator).
+    pub fn zeros_like(&self) -> Result<MoeGrads> {
+        let z = |t: &Tensor| Tensor::zeros(t.shape(), DType::F32, t.device());
+        Ok(MoeWeights {
+            router: z(&self.router)?,
+            router_bias: None,
+            w1: z(&self.w1)?,
+            b1: self.b1.as_ref().map(z).transpose()?,
+            w2: z(&self.w2)?,
+            b2: self.b2.as_ref().map(z).transpose()?,
+            shared: match &self.shared {
+                Some(s) => Some(SharedWeights {
+                    mlp: s.mlp.zeros_like()?,
+                    gate: s.gate.as_ref().map(z).transpose()?,
+                }),
+                None => None,
+            },
+            residual: match &self.residual {
+                Some(r) => Some(ResidualWeights {
+                    mlp: r.mlp.zeros_like()?,
+                    coef: z(&r.coef)?,
+                    coef_bias: z(&r.coef_bias)?,
+                }),
+                None => None,
+            },
+        })
+    }
+
+    /// Check shapes against `cfg`; the error names the tensor and both shapes.
+    pub fn check(&self, cfg: &MoeConfig, layer: &str) -> Result<()> {
+        let (e, d, f, h1) = (
+            cfg.n_experts,
+            cfg.d_model,
+            cfg.ffn_dim,
+            cfg.first_proj_dim(),
+        );
+        let want = |name: &str, t: &Tensor, shape: &[usize]| -> Result<()> {
+            if t.shape() != shape {
+                return Err(Error::shape(
+                    "moe",
+                    format!(
+                        "{layer}.{name} has shape {:?}, expected {shape:?}",
+                        t.shape()
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        want("router", &self.router, &[e, d])?;
+        want("w1", &self.w1, &[e, h1, d])?;
+        want("w2", &self.w2, &[e, d, f])?;
+        if cfg.expert_bias != (self.b1.is_some() && self.b2.is_some()) {
+            return Err(Error::Invalid(format!(
+                "{layer}: expert_bias = {} but expert biases are {}",
+                cfg.expert_bias,
+                if self.b1.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                }
+            )));
+        }
+        if cfg.shared.is_some() != self.shared.is_some()
+            || cfg.residual.is_some() != self.residual.is_some()
+        {
+            return Err(Error::Invalid(format!(
+                "{layer}: shared/residual weights do not match the config"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Training (with a seed for the noisy gates / random token selection) or inference.
+#[derive(Copy, Clone, Debug)]
+pub enum Mode {
+    Train { seed: u64 },
+    Infer,
+}
+
+/// Per-step statistics, all device tensors (reading them is the caller's choice).
+pub struct MoeStats {
+    /// [1] f32 load-balancing loss (times aux_loss_coeff).
+    pub aux_loss: Tensor,
+    /// [1] f32 router z-loss (times z_loss_coeff).
+    pub z_loss: Tensor,
+    /// [E] i32 slots routed to each expert (before capacity).
+    pub tokens_per_expert: Tensor,
+    /// [E] f32 slots dropped by capacity per expert.
+    pub dropped: Tensor,
+}
+
+pub struct MoeSaved {
+    router_in: Option<Tensor>,
+    jitter: Option<Tensor>,
+    logits: Tensor,
+    routing: Routing,
+    dispatch: Dispatch,
+    weights: Tensor,
+    x_perm: Tensor,
+    experts: ExpertSaved,
+    y_perm: Tensor,
+    /// (MLP activations, shared output ys, gate (logit, σ(logit)))
+    shared: Option<(DenseSaved, Tensor, Option<(Tensor, Tensor)>)>,
+    /// (MLP activations, y_moe − y_mlp, coefficient logit z, c0 = σ(z))
+    residual: Option<(DenseSaved, Tensor, Tensor, Tensor)>,
+}
+
+/// y [T, d] for x [T, d]; in training also what the backward needs.
+pub fn moe_forward(
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    x: &Tensor,
+    mode: Mode,
+) -> Result<(Tensor, Option<MoeSaved>, MoeStats)> {
+    moe_forward_named(cfg, w, x, mode, "moe", false)
+}
+
+/// `moe_forward` with a layer name for errors; `check_finite` reads the router logits back to
+/// report NaN/Inf by layer (a device sync: off on the hot path, on in debugging and tests).
+pub fn moe_forward_named(
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    x: &Tensor,
+    mode: Mode,
+    layer: &str,
+    check_finite: bool,
+) -> Result<(Tensor, Option<MoeSaved>, MoeStats)> {
+    if x.rank() != 2 || x.dim(1) != cfg.d_model {
+        return Err(Error::shape(
+            "moe",
+            format!(
+                "{layer}: input {:?} is not [tokens, {}]",
+                x.shape(),
+                cfg.d_model
+            ),
+        ));
+    }
+    let t = x.dim(0);
+    let dev = x.device();
+    let train_seed = match mode {
+        Mode::Train { seed } => Some(seed),
+        Mode::Infer => None,
+    };
+    // Jitter (DeepSpeed multiplicative_jitter): router input × U(0.99, 1.01) in training.
+    let jitter = match (&cfg.router, train_seed) {
+        (
+            RouterKind::Switch {
+                noisy_gate_policy: NoisyGate::Jitter,
+                ..
+            },
+            Some(seed),
+        ) => {
+            let n = x.numel();
+            let m: Vec<f32> = (0..n)
+                .map(|i| 0.99 + 0.02 * router::uniform(seed, 3, i as u64))
+                .collect();
+            Some(Tensor::from_f32(&m, x.shape(), x.dtype(), dev)?)
+        }
+        _ => None,
+    };
+    let router_in = match &jitter {
+        Some(m) => Some(ops::mul(x, m)?),
+        None => None,
+    };
+    let rx = router_in.as_ref().unwrap_or(x);
+    let logits = ops::matmul(
+        rx,
+        &w.router,
+        Matmul {
+            trans_b: true,
+            out_dtype: Some(DType::F32),
+            ..Default::default()
+        },
+    )?;
+    if check_finite {
+        router::check_finite(layer, &logits)?;
+    }
+    let routing = router::route(cfg, &logits, w.router_bias.as_ref(), train_seed)?;
+    let disp = dispatch::dispatch(cfg, &routing.ids, train_seed.map(|s| s ^ 0x7275_7473))?;
+    let weights = router::combine_weights(cfg, &routing.gates, &disp.pos)?;
+    let x_perm = ops::gather_rows(x, &disp.tok)?;
+    let (y_perm, ex) = experts::forward(
+        cfg,
+        &w.w1,
+        w.b1.as_ref(),
+        &w.w2,
+        w.b2.as_ref(),
+        &x_perm,
+        &disp.offsets,
+    )?;
+    let mut y = dispatch::combine(&y_perm, &disp.pos, Some(&weights))?;
+    let save = train_seed.is_some();
+
+    let mut shared_saved = None;
+    if let (Some(sw), Some(_)) = (&w.shared, &cfg.shared) {
+        let (ys, s) = sw.mlp.forward(ExpertKind::SwiGlu, x, save)?;
+        let gate = match &sw.gate {
+            Some(g) => {
+                let gl = ops::matmul(
+                    x,
+                    g,
+                    Matmul {
+                        trans_b: true,
+                        out_dtype: Some(DType::F32),
+                        ..Default::default()
+                    },
+                )?
+                .reshape(&[t])?;
+                let gs = ops::activation(&gl, Activation::Sigmoid)?;
+                Some((gl, gs))
+            }
+            None => None,
+        };
+        let contrib = match &gate {
+            Some((_, g)) => ops::scale_rows(&ys, g)?,
+            None => ys.try_clone()?,
+        };
+        ops::add_assign(&mut y, &contrib)?;
+        if let Some(s) = s {
+            shared_saved = Some((s, ys, gate));
+        }
+    }
+    let mut residual_saved = None;
+    if let (Some(rw), Some(_)) = (&w.residual, &cfg.residual) {
+        // y = y_mlp + c0 · (y_moe − y_mlp), c0 = σ(z), z = x·(coef₀ − coef₁)ᵀ + (b₀ − b₁).
+        let (ym, s) = rw.mlp.forward(cfg.expert, x, save)?;
+        let z = coef_logit(x, rw)?;
+        let c0 = ops::activation(&z, Activation::Sigmoid)?;
+        let mut diff = y.try_clone()?;
+        ops::add_scaled(&mut diff, &ym, -1.0)?;
+        let mut out = ym.try_clone()?;
+        ops::add_assign(&mut out, &ops::scale_rows(&diff, &c0)?)?;
+        y = out;
+        if let Some(s) = s {
+            residual_saved = Some((s, diff, z, c0));
+        }
+    }
+    let (aux_loss, z_loss) = router::losses(cfg, &routing)?;
+    let stats = MoeStats {
+        aux_loss,
+        z_loss,
+        tokens_per_expert: disp.counts.try_clone()?,
+        dropped: disp.dropped()?,
+    };
+    let saved = if save {
+        Some(MoeSaved {
+            router_in,
+            jitter,
+            logits,
+            routing,
+            dispatch: disp,
+            weights,
+            x_perm,
+            experts: ex,
+            y_perm,
+            shared: shared_saved,
+            residual: residual_saved,
+        })
+    } else {
+        None
+    };
+    Ok((y, saved, stats))
+}
+
+/// z [T] f32 = x·(coef₀ − coef₁)ᵀ + (b₀ − b₁): the 2-way softmax as a sigmoid.
+fn coef_logit(x: &Tensor, rw: &ResidualWeights) -> Result<Tensor> {
+    let mut wd = ops::slice_rows(&rw.coef, 0, 1)?;
+    ops::add_scaled(&mut wd, &ops::slice_rows(&rw.coef, 1, 1)?, -1.0)?;
+    let z = ops::matmul(
+        x,
+        &wd,
+        Matmul {
+            trans_b: true,
+            out_dtype: Some(DType::F32),
+            ..Default::default()
+        },
+    )?
+    .reshape(&[x.dim(0)])?;
+    let b = ops::cast(&rw.coef_bias, DType::F32)?;
+    let mut bd = ops::slice_rows(&b, 0, 1)?;
+    ops::add_scaled(&mut bd, &ops::slice_rows(&b, 1, 1)?, -1.0)?;
+    ops::add_bias(&z.reshape(&[x.dim(0), 1])?, &bd)?.reshape(&[x.dim(0)])
+}
+
+/// dx [T, d] for dy, accumulating f32 weight gradients into `grads`. `loss_scale` is the factor
+/// the caller applied to the main loss (e.g. 1/accumulation steps); it scales the aux and z-loss
+/// gradients the same way.
+pub fn moe_backward(
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    x: &Tensor,
+    saved: &MoeSaved,
+    dy: &Tensor,
+    loss_scale: f32,
+    grads: &mut MoeGrads,
+) -> Result<Tensor> {
+    let acc = Matmul {
+        trans_a: true,
+        out_dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    let mut dx = Tensor::zeros(x.shape(), x.dtype(), x.device())?;
+    let mut dy_moe = dy.try_clone()?;
+    if let (Some(rw), Some((s, diff, z, c0)), Some(rg)) =
+        (&w.residual, &saved.residual, grads.residual.as_mut())
+    {
+        // y = y_mlp + c0·(y_moe − y_mlp): d y_moe = c0·dy, d y_mlp = (1 − c0)·dy, dc0 = ⟨dy, diff⟩.
+        dy_moe = ops::scale_rows(dy, c0)?;
+        let mut dy_mlp = dy.try_clone()?;
+        ops::add_scaled(&mut dy_mlp, &dy_moe, -1.0)?;
+        ops::add_assign(
+            &mut dx,
+            &rw.mlp.backward(cfg.expert, x, s, &dy_mlp, &mut rg.mlp)?,
+        )?;
+        let dz = ops::activation_backward(z, &ops::row_dot(dy, diff)?, Activation::Sigmoid)?;
+        let dzx = ops::cast(&dz, x.dtype())?.reshape(&[x.dim(0), 1])?;
+        // z = x·(coef₀ − coef₁)ᵀ + (b₀ − b₁): coef₀ gets +g, coef₁ gets −g.
+        let gwd = ops::matmul(&dzx, x, acc)?; // [1, d]
+        let gb = ops::sum_all(&dz)?;
+        for (row, sign) in [(0usize, 1.0f32), (1, -1.0)] {
+            let mut gr = ops::slice_rows(&rg.coef, row, 1)?;
+            ops::add_scaled(&mut gr, &gwd, sign)?;
+            ops::write_rows(&mut rg.coef, row, &gr)?;
+            let mut gbr = ops::slice_rows(&rg.coef_bias, row, 1)?;
+            ops::add_scaled(&mut gbr, &gb, sign)?;
+            ops::write_rows(&mut rg.coef_bias, row, &gbr)?;
+        }
+        let mut wd = ops::slice_rows(&rw.coef, 0, 1)?;
+        ops::add_scaled(&mut wd, &ops::slice_rows(&rw.coef, 1, 1)?, -1.0)?;
+        ops::add_assign(&mut dx, &ops::matmul(&dzx, &wd, Matmul::default())?)?;
+    }
+    if let (Some(sw), Some((s, ys, gate)), Some(sg)) =
+        (&w.shared, &saved.shared, grads.shared.as_mut())
+    {
+        let dys = match gate {
+            Some((_, g)) => ops::scale_rows(&dy_moe, g)?,
+            None => dy_moe.try_clone()?,
+        };
+        ops::add_assign(
+            &mut dx,
+            &sw.mlp
+                .backward(ExpertKind::SwiGlu, x, s, &dys, &mut sg.mlp)?,
+        )?;
+        if let (Some((gl, _)), Some(gw), Some(gg)) = (gate, &sw.gate, sg.gate.as_mut()) {
+            // contribution = σ(x·gᵀ)·ys: d logit = σ'(logit)·⟨dy, ys⟩.
+            let dl =
+                ops::activation_backward(gl, &ops::row_dot(&dy_moe, ys)?, Activation::Sigmoid)?;
+            let dlx = ops::cast(&dl, x.dtype())?.reshape(&[x.dim(0), 1])?;
+            ops::matmul_into(gg, &dlx, x, acc, 1.0)?;
+            ops::add_assign(&mut dx, &ops::matmul(&dlx, gw, Matmul::default())?)?;
+        }
+    }
+    // Routed experts.
+    let d = &saved.dispatch;
+    let (dy_perm, dweights) =
+        dispatch::combine_backward(&dy_moe, &saved.y_perm, d, &saved.weights)?;
+    let (dx_perm, eg) = experts::backward(
+        cfg,
+        &w.w1,
+        &w.w2,
+        w.b1.is_some(),
+        &saved.x_perm,
+        &saved.experts,
+        &d.offsets,
+        &dy_perm,
+    )?;
+    ops::add_assign(&mut grads.w1, &eg.w1)?;
+    ops::add_assign(&mut grads.w2, &eg.w2)?;
+    if let (Some(g), Some(b)) = (grads.b1.as_mut(), eg.b1.as_ref()) {
+        ops::add_assign(g, b)?;
+    }
+    if let (Some(g), Some(b)) = (grads.b2.as_mut(), eg.b2.as_ref()) {
+        ops::add_assign(g, b)?;
+    }
+    ops::add_assign(&mut dx, &dispatch::combine(&dx_perm, &d.pos, None)?)?;
+    // Router: logits = rx·routerᵀ.
+    let scaled = MoeConfig {
+        aux_loss_coeff: cfg.aux_loss_coeff * loss_scale,
+        z_loss_coeff: cfg.z_loss_coeff * loss_scale,
+        ..cfg.clone()
+    };
+    let dlogits = router::route_backward(
+        &scaled,
+        &saved.logits,
+        &saved.routing,
+        &saved.weights,
+        &dweights,
+        &d.pos,
+    )?;
+    let dl = ops::cast(&dlogits, x.dtype())?;
+    let rx = saved.router_in.as_ref().unwrap_or(x);
+    ops::matmul_into(&mut grads.router, &dl, rx, acc, 1.0)?;
+    let drx = ops::matmul(&dl, &w.router, Matmul::default())?;
+    match &saved.jitter {
+        Some(m) => ops::add_assign(&mut dx, &ops::mul(&drx, m)?)?,
+        None => ops::add_assign(&mut dx, &drx)?,
+    }
+    Ok(dx)
+}

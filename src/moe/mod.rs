@@ -1,0 +1,27 @@
+//! The MoE layer, forward and backward, on CPU and CUDA:
+//! x [T, d] → router logits [T, E] → top-k ids/gates ([k, T], slot-major) → counts → stable sort
+//! by expert (capacity drops for switch gating) → gather rows into x_perm [k·T, d] with
+//! offsets [E+1] → grouped GEMMs (SwiGLU or MLP experts) → weighted gather-combine → y [T, d]
+//! (+ shared experts, + PR-MoE residual MLP). The backward walks the same path with the saved
+//! permutation. No host synchronisation on the CUDA path: counts, offsets and statistics stay on
+//! the device. `config` names options as DeepSpeed / Megatron / HF do.
+//!
+//! API: `MoeConfig`, `MoeWeights` (+ `MoeGrads`, same names, f32), `moe_forward` →
+//! (y, `MoeSaved`, `MoeStats`), `moe_backward`, `update_router_bias`; `DenseMlp` is the dense
+//! FFN shared with the model.
+
+mod config;
+mod dense;
+mod dispatch;
+mod experts;
+mod layer;
+mod router;
+
+pub use config::{ExpertKind, MoeConfig, NoisyGate, ResidualMoe, RouterKind, SharedExperts};
+pub use dense::{DenseMlp, DenseMlpGrads, DenseSaved};
+pub use dispatch::{combine, dispatch, Dispatch};
+pub use layer::{
+    moe_backward, moe_forward, moe_forward_named, Mode, MoeGrads, MoeSaved, MoeStats, MoeWeights,
+    ResidualWeights, SharedWeights,
+};
+pub use router::{check_finite, route, update_router_bias, Routing};

@@ -1,0 +1,57 @@
+//! Helpers shared by the integration tests: fixture loading and tolerance checks.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use moe::runtime::{DType, Tensor};
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// All tensors of a safetensors file, as CPU tensors.
+pub fn load_safetensors(path: &Path) -> BTreeMap<String, Tensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::I32 => DType::I32,
+            d => panic!("{name}: unsupported fixture dtype {d:?}"),
+        };
+        out.insert(
+            name.to_string(),
+            Tensor::from_bytes(view.data(), view.shape(), dtype).unwrap(),
+        );
+    }
+    out
+}
+
+/// Relative L2 error ‖a − b‖ / max(‖b‖, 1e-6) over f32 values (the floor keeps a reference that
+/// is zero up to rounding, e.g. an exactly cancelling gradient, from turning noise into 100%).
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    num / den.max(1e-6)
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    let (g, w) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
+    assert!(g.iter().all(|v| v.is_finite()), "{what}: non-finite values");
+    let e = rel_err(&g, &w);
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
+}
