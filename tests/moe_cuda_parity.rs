@@ -1,0 +1,128 @@
+//! The MoE layer on CUDA against its CPU twin: forward (y, aux, z, counts, drops) and backward
+//! (dx and every weight gradient) for every router kind, in f32 (1e-4: grouped GEMM and
+//! reductions sum in another order, through several layers of ops) and bf16 (3e-2: bf16
+//! activations between the GEMMs, compared with the f32 CPU run on the same bf16-rounded
+//! weights). Skips without a GPU; MOE_REQUIRE_GPU=1 makes a missing GPU fail.
+
+mod common;
+
+use common::{fixture_dir, load_safetensors, rel_err};
+use moe::moe::{moe_backward, moe_forward, Mode, MoeConfig, MoeWeights};
+use moe::runtime::ops;
+use moe::runtime::{set_poison_outputs, DType, Device, ParamSet, Tensor};
+
+fn gpu() -> Option<Device> {
+    match moe::runtime::cuda::device_count() {
+        Ok(n) if n > 0 => {
+            set_poison_outputs(true);
+            Some(Device::Cuda(0))
+        }
+        r if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") => panic!("MOE_REQUIRE_GPU=1 but no usable GPU: {r:?}"),
+        _ => {
+            eprintln!("skipped: no CUDA GPU");
+            None
+        }
+    }
+}
+
+const CASES: &[&str] = &["softmax_renorm", "softmax_no_renorm", "sigmoid_group", "switch_top2_capacity", "switch_top1_capacity", "shared_gated", "gelu_bias", "residual"];
+
+fn load(name: &str, dtype: DType, dev: Device) -> (MoeConfig, MoeWeights, Tensor, Tensor) {
+    let dir = fixture_dir("moe_layer");
+    let cfg: MoeConfig = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+    let t = load_safetensors(&dir.join(format!("{name}.safetensors")));
+    let mut w = MoeWeights::init(&cfg, 0.1, 0.1, 0, dtype, dev).unwrap();
+    w.visit_mut("", &mut |n, p| *p = ops::cast(&t[&format!("w.{n}")], dtype).unwrap().into_device(dev).unwrap());
+    if let Some(b) = t.get("w.router_bias") {
+        w.router_bias = Some(b.to_device(dev).unwrap());
+    }
+    let cvt = |x: &Tensor| ops::cast(x, dtype).unwrap().into_device(dev).unwrap();
+    (cfg, w, cvt(&t["x"]), cvt(&t["dy"]))
+}
+
+#[track_caller]
+fn close(what: &str, gpu: &Tensor, cpu: &Tensor, tol: f64) {
+    assert_eq!(gpu.shape(), cpu.shape(), "{what}");
+    let (g, c) = (gpu.to_f32_vec().unwrap(), cpu.to_f32_vec().unwrap());
+    assert!(g.iter().all(|v| v.is_finite()), "{what}: GPU result has non-finite values (unwritten?)");
+    let e = rel_err(&g, &c);
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
+}
+
+fn run(name: &str, dtype: DType, dev: Device, tol: f64) {
+    // CPU reference on the same (dtype-rounded) values, computed in f32.
+    let (cfg, wc, xc, dyc) = load(name, dtype, Device::Cpu);
+    let to32 = |t: &Tensor| ops::cast(t, DType::F32).unwrap();
+    let mut wc32 = MoeWeights::init(&cfg, 0.1, 0.1, 0, DType::F32, Device::Cpu).unwrap();
+    let mut src = vec![];
+    wc.visit("", &mut |_, p| src.push(to32(p)));
+    let mut it = src.into_iter();
+    wc32.visit_mut("", &mut |_, p| *p = it.next().unwrap());
+    wc32.router_bias = wc.router_bias.as_ref().map(|b| b.try_clone().unwrap());
+    let (yc, sc, stc) = moe_forward(&cfg, &wc32, &to32(&xc), Mode::Train { seed: 5 }).unwrap();
+    let mut gc = wc32.zeros_like().unwrap();
+    let dxc = moe_backward(&cfg, &wc32, &to32(&xc), sc.as_ref().unwrap(), &to32(&dyc), 1.0, &mut gc).unwrap();
+
+    let (_, wg, xg, dyg) = load(name, dtype, dev);
+    let (yg, sg, stg) = moe_forward(&cfg, &wg, &xg, Mode::Train { seed: 5 }).unwrap();
+    let mut gg = wg.zeros_like().unwrap();
+    let dxg = moe_backward(&cfg, &wg, &xg, sg.as_ref().unwrap(), &dyg, 1.0, &mut gg).unwrap();
+    assert_eq!(stg.tokens_per_expert.to_vec::<i32>().unwrap(), stc.tokens_per_expert.to_vec::<i32>().unwrap(), "{name} {dtype}: routing");
+    close(&format!("{name} {dtype} dropped"), &stg.dropped, &stc.dropped, 0.0);
+    close(&format!("{name} {dtype} y"), &yg, &yc, tol);
+    close(&format!("{name} {dtype} aux"), &stg.aux_loss, &stc.aux_loss, tol);
+    close(&format!("{name} {dtype} z"), &stg.z_loss, &stc.z_loss, tol);
+    close(&format!("{name} {dtype} dx"), &dxg, &dxc, tol);
+    let mut cpu_grads = vec![];
+    gc.visit("", &mut |n, t| cpu_grads.push((n.to_string(), t.try_clone().unwrap())));
+    let mut i = 0;
+    gg.visit("", &mut |n, t| {
+        assert_eq!(n, cpu_grads[i].0);
+        close(&format!("{name} {dtype} grad {n}"), t, &cpu_grads[i].1, tol);
+        i += 1;
+    });
+}
+
+#[test]
+fn moe_layer_f32_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    for name in CASES {
+        run(name, DType::F32, dev, 1e-4);
+    }
+}
+
+#[test]
+fn moe_layer_bf16_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    for name in CASES {
+        run(name, DType::BF16, dev, 3e-2);
+    }
+}
+
+/// Noisy gates and random token selection are pure functions of the seed: the same seed gives
+/// the same routing on both devices.
+#[test]
+fn noisy_switch_routing_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let (mut cfg, _, _, _) = load("switch_top2_capacity", DType::F32, Device::Cpu);
+    cfg.router = moe::moe::RouterKind::Switch {
+        capacity_factor: 0.75,
+        min_capacity: 1,
+        drop_tokens: true,
+        use_rts: true,
+        noisy_gate_policy: moe::moe::NoisyGate::Rsample,
+        second_expert_noise: true,
+    };
+    let w = MoeWeights::init(&cfg, 0.5, 0.5, 9, DType::F32, Device::Cpu).unwrap();
+    let x = Tensor::randn(&[64, cfg.d_model], 1.0, 3, DType::F32, Device::Cpu).unwrap();
+    let (yc, _, sc) = moe_forward(&cfg, &w, &x, Mode::Train { seed: 77 }).unwrap();
+    let mut wg = MoeWeights::init(&cfg, 0.5, 0.5, 9, DType::F32, dev).unwrap();
+    let mut src = vec![];
+    w.visit("", &mut |_, p| src.push(p.to_device(dev).unwrap()));
+    let mut it = src.into_iter();
+    wg.visit_mut("", &mut |_, p| *p = it.next().unwrap());
+    let (yg, _, sg) = moe_forward(&cfg, &wg, &x.to_device(dev).unwrap(), Mode::Train { seed: 77 }).unwrap();
+    assert_eq!(sg.tokens_per_expert.to_vec::<i32>().unwrap(), sc.tokens_per_expert.to_vec::<i32>().unwrap());
+    close("noisy switch dropped", &sg.dropped, &sc.dropped, 0.0);
+    close("noisy switch y", &yg, &yc, 1e-4);
+}
