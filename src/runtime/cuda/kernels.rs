@@ -15,6 +15,7 @@ pub const EMBEDDING: KernelSource = KernelSource {
     name: "embedding",
     src: include_str!("kernels/embedding.cu"),
 };
+pub const GROUPED_GEMM: KernelSource = KernelSource { name: "grouped_gemm", src: include_str!("kernels/grouped_gemm.cu") };
 pub const INDEX: KernelSource = KernelSource {
     name: "index",
     src: include_str!("kernels/index.cu"),
@@ -56,6 +57,7 @@ pub const ALL: &[&KernelSource] = &[
     &CAST,
     &ELEMENTWISE,
     &EMBEDDING,
+    &GROUPED_GEMM,
     &INDEX,
     &LOSS,
     &MOE_DISPATCH,

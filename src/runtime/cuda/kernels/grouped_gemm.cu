@@ -1,0 +1,279 @@
+// Grouped GEMMs over expert-contiguous rows; CPU twins and contract in ops/grouped.rs.
+// Rows offsets[e]..offsets[e+1] belong to group e; offsets live on the device (no host sync).
+//   VARM (forward, dgrad): C[g] (m_e × N) = A[g] (m_e × K) · B_e       B_e = W[e] as [N,K] (K-major) or [K,N]
+//   VARK (wgrad):          C[e] (P × Q)  = A[g]ᵀ · B[g], A [M,P], B [M,Q]  (reduction over the group's rows)
+// Tensor-core path (bf16/f16, f32 accumulate): CTA tile 128×128×32, 8 warps (2×4) of 64×32,
+// mma.sync m16n8k16, 4-stage cp.async pipeline, XOR-swizzled shared memory read by ldmatrix
+// (.trans for M/N-major operands). FLOPs per tile step 2·128·128·32; smem 4 × 16 KB.
+// SIMT fallback (f32, or shapes not multiples of 8): one thread per output element.
+
+#define BM 128
+#define BN 128
+#define BK 32
+#define STAGES 4
+#define THREADS 256
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    uint32_t a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<bf16_t> {
+    static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+template <> struct Mma<f16_t> {
+    static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+
+// Shared-memory element index of a tile. K-major tile [R][BK] (4 16-byte chunks per row, chunk
+// XOR (row/2)%4); M/N-major tile [BK][128] (16 chunks per row, chunk XOR k%8). Both make the 8
+// row addresses of every ldmatrix 8×8 load hit 8 distinct 16-byte bank groups.
+__device__ __forceinline__ int kmaj_idx(int r, int k) { return r * BK + ((((k >> 3) ^ (r >> 1)) & 3) << 3) + (k & 7); }
+__device__ __forceinline__ int mnmaj_idx(int k, int m) { return k * 128 + ((((m >> 3) ^ k) & 7) | ((m >> 3) & 8)) * 8 + (m & 7); }
+
+// Which group a tile belongs to: the largest g with prefix[g] <= x (prefix has E+1 entries).
+__device__ __forceinline__ int find_group(const int* prefix, int E, int x) {
+    int lo = 0, hi = E;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) >> 1;
+        if (prefix[mid] <= x) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+// tile_prefix[e] = Σ_{e' < e} ceil(rows_e' / BM) for the VARM scheduler (one thread; E <= 1024).
+extern "C" __global__ void gg_tile_prefix(int* tile_prefix, const int* offsets, int E) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    int acc = 0;
+    for (int e = 0; e < E; ++e) {
+        tile_prefix[e] = acc;
+        acc += (offsets[e + 1] - offsets[e] + BM - 1) / BM;
+    }
+    tile_prefix[E] = acc;
+}
+
+// Rows past offsets[E] belong to no group: zero them (grid-stride from offsets[E]·N).
+// Called by the `nblocks` CTAs that have no tile, `b` being this one's index among them.
+template <typename T>
+__device__ void zero_tail(T* C, const int* offsets, int E, int M, int N, int b, int nblocks) {
+    int64_t start = (int64_t)offsets[E] * N, end = (int64_t)M * N;
+    for (int64_t i = start + b * (int64_t)blockDim.x + threadIdx.x; i < end; i += (int64_t)nblocks * blockDim.x)
+        C[i] = from_float<T>(0.f);
+}
+
+// One CTA computes a BM×BN tile of C = op(A)·op(B) over Kdim.
+//   A(m,k) = A_KMAJ ? A[m·lda + k] : A[k·lda + m]   valid m < Mv, k < Kdim
+//   B(k,n) = B_KMAJ ? B[n·ldb + k] : B[k·ldb + n]   valid n < Nv
+// Requires: the contiguous dimension of each operand a multiple of 8 and 16-byte aligned rows.
+template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ>
+__device__ __forceinline__ void tile_gemm(TO* __restrict__ C, int ldc, const T* __restrict__ A, int lda,
+                                          const T* __restrict__ B, int ldb, int m0, int n0, int Mv, int Nv, int Kdim,
+                                          unsigned short* smem) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    unsigned short* As = smem;                       // STAGES × 128·32
+    unsigned short* Bs = smem + STAGES * BM * BK;    // STAGES × 128·32
+    const int nk = (Kdim + BK - 1) / BK;
+
+    auto load = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+        unsigned short* as = As + stage * BM * BK;
+        unsigned short* bs = Bs + stage * BN * BK;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            int c = tid + i * THREADS;  // 512 chunks of 8 elements per operand tile
+            if (A_KMAJ) {
+                int r = c >> 2, kc = (c & 3) << 3;
+                bool ok = (m0 + r < Mv) && (k0 + kc < Kdim);
+                const T* src = ok ? A + (int64_t)(m0 + r) * lda + k0 + kc : A;
+                cp_async16(smem_addr(as + kmaj_idx(r, kc)), src, ok);
+            } else {
+                int kr = c >> 4, mc = (c & 15) << 3;
+                bool ok = (k0 + kr < Kdim) && (m0 + mc < Mv);
+                const T* src = ok ? A + (int64_t)(k0 + kr) * lda + m0 + mc : A;
+                cp_async16(smem_addr(as + mnmaj_idx(kr, mc)), src, ok);
+            }
+            if (B_KMAJ) {
+                int r = c >> 2, kc = (c & 3) << 3;
+                bool ok = (n0 + r < Nv) && (k0 + kc < Kdim);
+                const T* src = ok ? B + (int64_t)(n0 + r) * ldb + k0 + kc : B;
+                cp_async16(smem_addr(bs + kmaj_idx(r, kc)), src, ok);
+            } else {
+                int kr = c >> 4, nc = (c & 15) << 3;
+                bool ok = (k0 + kr < Kdim) && (n0 + nc < Nv);
+                const T* src = ok ? B + (int64_t)(k0 + kr) * ldb + n0 + nc : B;
+                cp_async16(smem_addr(bs + mnmaj_idx(kr, nc)), src, ok);
+            }
+        }
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < nk) load(s, s);
+        cp_async_commit();
+    }
+    const int q = lane >> 3, r8 = lane & 7;
+    for (int kt = 0; kt < nk; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        int pf = kt + STAGES - 1;
+        if (pf < nk) load(pf % STAGES, pf);
+        cp_async_commit();
+        const unsigned short* as = As + (kt % STAGES) * BM * BK;
+        const unsigned short* bs = Bs + (kt % STAGES) * BN * BK;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            uint32_t af[4][4], bfr[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                if (A_KMAJ) ldsm_x4(af[mi], smem_addr(as + kmaj_idx(wm + mi * 16 + r8 + (q & 1) * 8, kk + (q >> 1) * 8)));
+                else ldsm_x4_t(af[mi], smem_addr(as + mnmaj_idx(kk + r8 + (q >> 1) * 8, wm + mi * 16 + (q & 1) * 8)));
+            }
+#pragma unroll
+            for (int nj = 0; nj < 2; ++nj) {
+                if (B_KMAJ) ldsm_x4(bfr[nj], smem_addr(bs + kmaj_idx(wn + nj * 16 + r8 + (q >> 1) * 8, kk + (q & 1) * 8)));
+                else ldsm_x4_t(bfr[nj], smem_addr(bs + mnmaj_idx(kk + r8 + (q & 1) * 8, wn + nj * 16 + (q >> 1) * 8)));
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) Mma<T>::run(acc[mi][ni], af[mi], &bfr[ni >> 1][(ni & 1) * 2]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at row g + 8.
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                int m = m0 + wm + mi * 16 + g + h * 8;
+                int n = n0 + wn + ni * 8 + t4 * 2;
+                if (m < Mv && n < Nv) {
+                    TO* dst = C + (int64_t)m * ldc + n;
+                    dst[0] = from_float<TO>(acc[mi][ni][h * 2]);
+                    if (n + 1 < Nv) dst[1] = from_float<TO>(acc[mi][ni][h * 2 + 1]);
+                }
+            }
+}
+
+// VARM: y[M, N] rows of group e = x[rows of e] · op(W[e]); grid.x = (ceil(M/BM) + E) · n_tiles,
+// blocks past the real tile count zero the tail rows instead.
+#define GG_VARM(NAME, T, B_KMAJ)                                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(T* y, const T* x, const T* w,          \
+                                                               const int* offsets, const int* tile_prefix, \
+                                                               int E, int M, int N, int K) {            \
+        extern __shared__ unsigned short smem[];                                                        \
+        const int ntn = (N + BN - 1) / BN;                                                              \
+        const int mt = blockIdx.x / ntn, nt = blockIdx.x - mt * ntn;                                    \
+        if (mt >= tile_prefix[E]) {                                                                     \
+            const int first = tile_prefix[E] * ntn;                                                     \
+            zero_tail<T>(y, offsets, E, M, N, blockIdx.x - first, gridDim.x - first);                   \
+            return;                                                                                     \
+        }                                                                                               \
+        const int e = find_group(tile_prefix, E, mt);                                                   \
+        const int row0 = offsets[e], rows = offsets[e + 1] - row0;                                      \
+        const int m0 = (mt - tile_prefix[e]) * BM;                                                      \
+        const T* we = w + (int64_t)e * N * K;                                                           \
+        tile_gemm<T, T, true, B_KMAJ>(y + (int64_t)row0 * N, N, x + (int64_t)row0 * K, K, we, B_KMAJ ? K : N, m0, \
+                                   nt * BN, rows, N, K, smem);                                          \
+    }
+GG_VARM(gg_nt_bf16, bf16_t, true)
+GG_VARM(gg_nn_bf16, bf16_t, false)
+GG_VARM(gg_nt_f16, f16_t, true)
+GG_VARM(gg_nn_f16, f16_t, false)
+
+// VARK: out[e] (P × Q) = a[rows of e]ᵀ · b[rows of e]; grid (ceil(P/BM)·ceil(Q/BN), E).
+#define GG_VARK(NAME, T, TO)                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(TO* out, const T* a, const T* b,        \
+                                                               const int* offsets, int P, int Q) {      \
+        extern __shared__ unsigned short smem[];                                                        \
+        const int e = blockIdx.y;                                                                       \
+        const int ntq = (Q + BN - 1) / BN;                                                              \
+        const int pt = blockIdx.x / ntq, qt = blockIdx.x - pt * ntq;                                    \
+        const int row0 = offsets[e], rows = offsets[e + 1] - row0;                                      \
+        tile_gemm<T, TO, false, false>(out + (int64_t)e * P * Q, Q, a + (int64_t)row0 * P, P, b + (int64_t)row0 * Q, Q, \
+                             pt * BM, qt * BN, P, Q, rows, smem);                                       \
+    }
+
+GG_VARK(gg_tn_bf16_f32, bf16_t, float)
+GG_VARK(gg_tn_bf16_bf16, bf16_t, bf16_t)
+GG_VARK(gg_tn_f16_f32, f16_t, float)
+GG_VARK(gg_tn_f16_f16, f16_t, f16_t)
+
+// ---- SIMT fallback: one thread per output element (f32 inputs or unaligned shapes).
+template <typename T>
+__device__ __forceinline__ void simt_varm(T* y, const T* x, const T* w, const int* offsets, int E, int M, int N,
+                                          int K, int trans_w) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)M * N; i += (int64_t)gridDim.x * blockDim.x) {
+        int r = i / N, n = i - (int64_t)r * N;
+        if (r >= offsets[E]) { y[i] = from_float<T>(0.f); continue; }
+        int e = find_group(offsets, E, r);
+        const T* we = w + (int64_t)e * N * K;
+        float s = 0.f;
+        for (int k = 0; k < K; ++k)
+            s += to_float(x[(int64_t)r * K + k]) * to_float(trans_w ? we[(int64_t)n * K + k] : we[(int64_t)k * N + n]);
+        y[i] = from_float<T>(s);
+    }
+}
+template <typename T, typename TO>
+__device__ __forceinline__ void simt_vark(TO* out, const T* a, const T* b, const int* offsets, int E, int P, int Q) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)E * P * Q; i += (int64_t)gridDim.x * blockDim.x) {
+        int e = i / ((int64_t)P * Q);
+        int64_t pq = i - (int64_t)e * P * Q;
+        int p = pq / Q, q = pq - (int64_t)p * Q;
+        float s = 0.f;
+        for (int r = offsets[e]; r < offsets[e + 1]; ++r) s += to_float(a[(int64_t)r * P + p]) * to_float(b[(int64_t)r * Q + q]);
+        out[i] = from_float<TO>(s);
+    }
+}
+#define GG_SIMT(SUFFIX, T)                                                                              \
+    extern "C" __global__ void gg_simt_varm_##SUFFIX(T* y, const T* x, const T* w, const int* offsets, int E, \
+                                                     int M, int N, int K, int trans_w) {                \
+        simt_varm<T>(y, x, w, offsets, E, M, N, K, trans_w);                                            \
+    }                                                                                                   \
+    extern "C" __global__ void gg_simt_vark_##SUFFIX##_f32(float* out, const T* a, const T* b, const int* offsets, \
+                                                           int E, int P, int Q) {                       \
+        simt_vark<T, float>(out, a, b, offsets, E, P, Q);                                               \
+    }                                                                                                   \
+    extern "C" __global__ void gg_simt_vark_##SUFFIX##_same(T* out, const T* a, const T* b, const int* offsets, \
+                                                            int E, int P, int Q) {                      \
+        simt_vark<T, T>(out, a, b, offsets, E, P, Q);                                                   \
+    }
+INSTANTIATE_FLOAT_TYPES(GG_SIMT)
