@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::{median_ms, random_tensor};
 use crate::moe::{moe_backward, moe_forward, ExpertKind, Mode, MoeConfig, MoeWeights, RouterKind};
-use crate::runtime::{DType, Device, ParamSet};
+use crate::runtime::{DType, Device, ParamSet, Tensor};
 
 #[derive(Args)]
 pub struct MoeLayerArgs {
@@ -48,7 +48,13 @@ pub fn run(a: MoeLayerArgs) -> anyhow::Result<()> {
             z_loss_coeff: 0.0,
         };
         cfg.validate().map_err(anyhow::Error::msg)?;
-        let mut w = MoeWeights::init(&cfg, 0.0, 0.0, 1, dtype, device)?;
+        // Shapes from a tiny init, then device-filled random values (host RNG for billions of
+        // weights would dominate the run).
+        let tiny = MoeConfig { d_model: 8, ffn_dim: 8, ..cfg.clone() };
+        let mut w = MoeWeights::init(&tiny, 0.02, 0.02, 1, dtype, Device::Cpu)?.zeros_as(dtype)?;
+        w.router = Tensor::zeros(&[e, d], dtype, device)?;
+        w.w1 = Tensor::zeros(&[e, 2 * f, d], dtype, device)?;
+        w.w2 = Tensor::zeros(&[e, d, f], dtype, device)?;
         let mut seed = 10;
         w.visit_mut("", &mut |_, p| {
             seed += 1;
