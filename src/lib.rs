@@ -4,5 +4,6 @@
 //! CPU and CUDA backends).
 
 pub mod bench;
+pub mod model;
 pub mod moe;
 pub mod runtime;
