@@ -6,6 +6,11 @@ For each case writes tests/fixtures/hf/<case>/{config.json, model.safetensors} (
 and reference.json: {"prompts": [[ids]], "greedy": [[ids]]} + reference.safetensors with
 "logits.<i>" = logits of every position of prompt i. Weights are re-drawn with std 0.15 (norm
 weights 1 ± 0.1) so logits are peaked and greedy choices are far from ties.
+Training case tests/fixtures/hf/train_qwen3_moe/: a tiny Qwen3-MoE (no aux loss, so both sides
+define the same loss) and train_reference.safetensors with "tokens" [2, 12] (i32), "loss0", "grad.<hf
+name>" for every parameter after one backward of model(tokens, labels=tokens), and "losses" [10]:
+the loss before each of 10 torch.optim.AdamW steps (lr 1e-2, betas 0.9/0.95, eps 1e-8, weight decay
+0.1 on every parameter).
 Run: /work/pyenv/bin/python scripts/oracle/hf_models.py
 """
 import json
@@ -73,5 +78,55 @@ def main():
         print(name, ref["greedy"])
 
 
+def train_case():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(**{**base, "num_hidden_layers": 3, "num_experts": 8, "num_experts_per_tok": 2,
+                                         "moe_intermediate_size": 24, "norm_topk_prob": True, "mlp_only_layers": [0],
+                                         "router_aux_loss_coef": 0.0, "tie_word_embeddings": True, "max_position_embeddings": 64})
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in pname else 0.15 * torch.randn(p.shape, generator=g))
+    d = os.path.join(OUT, "train_qwen3_moe")
+    os.makedirs(d, exist_ok=True)
+    model.save_pretrained(d)
+    tokens = torch.randint(0, 128, (2, 12), generator=g)
+    model.train()
+    out = model(input_ids=tokens, labels=tokens)
+    out.loss.backward()
+    t = {"tokens": tokens.to(torch.int32), "loss0": out.loss.detach().reshape(1)}
+    # transformers 5 holds experts fused in memory ([E, 2F, d] gate_up, [E, d, F] down) and saves
+    # them per expert; name the gradients as the checkpoint names the weights.
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(d, "model.safetensors"))
+    for n, p in model.named_parameters():
+        gr = p.grad.detach().clone()
+        if n.endswith("experts.gate_up_proj"):
+            pre, f = n[: -len("gate_up_proj")], p.shape[1] // 2
+            assert torch.equal(saved[pre + "0.gate_proj.weight"], p.detach()[0, :f]), "gate rows come first"
+            for e in range(p.shape[0]):
+                t[f"grad.{pre}{e}.gate_proj.weight"] = gr[e, :f]
+                t[f"grad.{pre}{e}.up_proj.weight"] = gr[e, f:]
+        elif n.endswith("experts.down_proj"):
+            pre = n[: -len("down_proj")]
+            for e in range(p.shape[0]):
+                t[f"grad.{pre}{e}.down_proj.weight"] = gr[e]
+        else:
+            t["grad." + n] = gr
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    t["losses"] = torch.tensor(losses)
+    save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(d, "train_reference.safetensors"))
+    print("train_qwen3_moe losses", [round(x, 4) for x in losses])
+
+
 if __name__ == "__main__":
     main()
+    train_case()

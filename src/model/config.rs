@@ -518,40 +518,41 @@ impl Hf<'_> {
             .get("original_max_position_embeddings")
             .and_then(|x| x.as_u64())
             .map(|x| x as usize);
-        let scaling =
-            match kind {
-                "default" => RopeScaling::None,
-                "linear" => RopeScaling::Linear {
-                    factor: need("factor")?,
-                },
-                "dynamic" => RopeScaling::Dynamic {
-                    factor: need("factor")?,
-                },
-                "llama3" => RopeScaling::Llama3 {
-                    factor: need("factor")?,
-                    low_freq_factor: need("low_freq_factor")?,
-                    high_freq_factor: need("high_freq_factor")?,
-                    original_max_position_embeddings: omax.ok_or_else(|| {
-                        self.err("rope scaling `llama3` needs `original_max_position_embeddings`")
-                    })?,
-                },
-                "yarn" => {
-                    let omax = omax.unwrap_or(max_pos);
-                    RopeScaling::Yarn {
-                        factor: num("factor").unwrap_or(max_pos as f64 / omax as f64),
-                        original_max_position_embeddings: omax,
-                        beta_fast: num("beta_fast").unwrap_or(32.0),
-                        beta_slow: num("beta_slow").unwrap_or(1.0),
-                        mscale: num("mscale"),
-                        mscale_all_dim: num("mscale_all_dim"),
-                        attention_factor: num("attention_factor"),
-                        truncate: p.get("truncate").and_then(|x| x.as_bool()).unwrap_or(true),
-                    }
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: need("factor")?,
+            },
+            "dynamic" => RopeScaling::Dynamic {
+                factor: need("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: need("factor")?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: omax.ok_or_else(|| {
+                    self.err("rope scaling `llama3` needs `original_max_position_embeddings`")
+                })?,
+            },
+            "yarn" => {
+                let omax = omax.unwrap_or(max_pos);
+                RopeScaling::Yarn {
+                    factor: num("factor").unwrap_or(max_pos as f64 / omax as f64),
+                    original_max_position_embeddings: omax,
+                    beta_fast: num("beta_fast").unwrap_or(32.0),
+                    beta_slow: num("beta_slow").unwrap_or(1.0),
+                    mscale: num("mscale"),
+                    mscale_all_dim: num("mscale_all_dim"),
+                    attention_factor: num("attention_factor"),
+                    truncate: p.get("truncate").and_then(|x| x.as_bool()).unwrap_or(true),
                 }
-                other => return Err(self.err(format!(
+            }
+            other => {
+                return Err(self.err(format!(
                     "rope type `{other}` is not supported (default, linear, dynamic, yarn, llama3)"
-                ))),
-            };
+                )))
+            }
+        };
         Ok((theta, scaling, partial))
     }
 

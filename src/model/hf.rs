@@ -241,8 +241,19 @@ fn export_arch(c: &ModelConfig) -> Result<Arch> {
     }
 }
 
-pub(super) fn save(m: &Model, dir: &Path) -> Result<PathBuf> {
-    let c = &m.config;
+/// `params` (weights or gradients of a model with config `c`) under their HF names, plus what
+/// config.json needs: (tensors, dense layer indices, (experts, top-k, expert ffn, renormalise), dense ffn).
+#[allow(clippy::type_complexity)]
+pub(super) fn hf_tensors(
+    c: &ModelConfig,
+    params: &Params,
+) -> Result<(
+    Arch,
+    BTreeMap<String, Tensor>,
+    Vec<usize>,
+    (usize, usize, usize, bool),
+    usize,
+)> {
     let arch = export_arch(c)?;
     let nm = names(arch);
     let mut owned: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -259,15 +270,15 @@ pub(super) fn save(m: &Model, dir: &Path) -> Result<PathBuf> {
     };
     owned.insert(
         "model.embed_tokens.weight".into(),
-        m.params.embed.try_clone()?,
+        params.embed.try_clone()?,
     );
-    owned.insert("model.norm.weight".into(), m.params.norm.try_clone()?);
-    if let Some(h) = &m.params.lm_head {
+    owned.insert("model.norm.weight".into(), params.norm.try_clone()?);
+    if let Some(h) = &params.lm_head {
         owned.insert("lm_head.weight".into(), h.try_clone()?);
     }
     let mut dense_layers = vec![];
     let (mut moe_e, mut moe_k, mut moe_f, mut renorm, mut dense_f) = (0, 0, 0, true, 0);
-    for (i, (b, l)) in m.params.blocks.iter().zip(&c.layers).enumerate() {
+    for (i, (b, l)) in params.blocks.iter().zip(&c.layers).enumerate() {
         let p = format!("model.layers.{i}");
         owned.insert(
             format!("{p}.input_layernorm.weight"),
@@ -355,6 +366,19 @@ pub(super) fn save(m: &Model, dir: &Path) -> Result<PathBuf> {
             }
         }
     }
+    Ok((
+        arch,
+        owned,
+        dense_layers,
+        (moe_e, moe_k, moe_f, renorm),
+        dense_f,
+    ))
+}
+
+pub(super) fn save(m: &Model, dir: &Path) -> Result<PathBuf> {
+    let c = &m.config;
+    let (arch, owned, dense_layers, (moe_e, moe_k, moe_f, renorm), dense_f) =
+        hf_tensors(c, &m.params)?;
     let (arch_name, model_type) = match arch {
         Arch::Llama => ("LlamaForCausalLM", "llama"),
         Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),

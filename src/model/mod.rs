@@ -409,6 +409,12 @@ impl Model {
         hf::save(self, dir)
     }
 
+    /// `params` — this model's weights or gradients — under Hugging Face tensor names (the
+    /// layout `save_hf` writes).
+    pub fn hf_named(&self, params: &Params) -> Result<std::collections::BTreeMap<String, Tensor>> {
+        Ok(hf::hf_tensors(&self.config, params)?.1)
+    }
+
     fn head(&self) -> &Tensor {
         self.params.lm_head.as_ref().unwrap_or(&self.params.embed)
     }
