@@ -6,3 +6,4 @@
 pub mod bench;
 pub mod moe;
 pub mod runtime;
+pub mod train;
