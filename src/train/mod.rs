@@ -6,6 +6,7 @@
 //! AdamW (f32 masters and moments, clipping, accumulation, warmup + decay). Checkpoints are
 //! safetensors + a JSON sidecar written atomically; a resumed run continues bit-identically.
 
+pub mod checkpoint;
 pub mod data;
 mod error;
 pub mod optimizer;
