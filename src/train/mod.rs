@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod data;
 mod error;
 pub mod optimizer;
+pub mod plots;
 pub mod prepare;
 pub mod schedule;
 pub mod synthetic;
