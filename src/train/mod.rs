@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod data;
 mod error;
+pub mod metrics;
 pub mod optimizer;
 pub mod plots;
 pub mod prepare;
