@@ -1,10 +1,11 @@
 //! Run metrics: one JSON object per logged step in `<run>/metrics.jsonl`, and the model-FLOPs
 //! utilisation estimate shown in the progress bar.
 //!
-//! FLOPs per trained token (PaLM appendix B): 6·N + 12·L·H·hd·S, with N the parameters a token
-//! passes through in matrix products (attention and the k routed + shared experts, router and
-//! LM head; not the embedding lookup) and 12·L·H·hd·S the attention scores and weighted sums
-//! (forward + backward, causal masking not discounted). MFU = achieved FLOP/s over the device
+//! FLOPs per trained token: 6·N + 6·L·H·hd·S, with N the active parameters (those a token
+//! passes through: attention, the k routed and the shared experts, router, embeddings and LM
+//! head, as `ModelConfig::active_params` counts them) and 6·L·H·hd·S the causal attention scores
+//! and weighted sums, forward + backward (PaLM's 12·L·H·hd·S halved by the causal mask). The
+//! PyTorch peer (`scripts/peers/train_step_torch.py`) uses the same count. MFU = achieved FLOP/s over the device
 //! peak: 816 TFLOP/s dense bf16 on an H100/H200-class GPU (measured with `moe bench ops`,
 //! BENCHMARKS.md), on the CPU an f32 GEMM measured at the start of the run.
 
@@ -122,15 +123,15 @@ fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f3
     Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }
 
-/// Training FLOPs per token: 6·`matmul_params` + 12·layers·heads·head_dim·seq_len.
+/// Training FLOPs per token: 6·`active_params` + 6·layers·heads·head_dim·seq_len.
 pub fn flops_per_token(
-    matmul_params: u64,
+    active_params: u64,
     layers: usize,
     heads: usize,
     head_dim: usize,
     seq_len: usize,
 ) -> f64 {
-    6.0 * matmul_params as f64 + 12.0 * (layers * heads * head_dim * seq_len) as f64
+    6.0 * active_params as f64 + 6.0 * (layers * heads * head_dim * seq_len) as f64
 }
 
 /// The device's peak FLOP/s and how it was obtained.
@@ -202,7 +203,7 @@ mod tests {
 
     #[test]
     fn flops_and_cpu_peak() {
-        assert_eq!(flops_per_token(1000, 2, 4, 8, 16), 6000.0 + 12.0 * 1024.0);
+        assert_eq!(flops_per_token(1000, 2, 4, 8, 16), 6000.0 + 6.0 * 1024.0);
         let p = measure_cpu_peak().unwrap();
         assert!(p > 1e8, "{p}");
     }
