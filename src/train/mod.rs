@@ -7,6 +7,7 @@
 //! safetensors + a JSON sidecar written atomically; a resumed run continues bit-identically.
 
 pub mod checkpoint;
+mod cli;
 pub mod data;
 mod error;
 pub mod metrics;
@@ -16,4 +17,5 @@ pub mod prepare;
 pub mod schedule;
 pub mod synthetic;
 
+pub use cli::{run_data, DataArgs};
 pub use error::{Error, Result};
