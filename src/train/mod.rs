@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod optimizer;
 pub mod plots;
 pub mod prepare;
+pub mod progress;
 pub mod schedule;
 pub mod synthetic;
 
