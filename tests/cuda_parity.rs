@@ -254,6 +254,7 @@ fn softmax_family() {
             let spec = Softmax {
                 scale: 0.7,
                 causal: None,
+                window: None,
             };
             let (yc, yg) = (
                 ops::softmax(&xc, spec).unwrap(),
@@ -275,19 +276,28 @@ fn softmax_family() {
         // Causal attention scores: 2 heads sharing a KV head stacked along M, query offset 3.
         let (q_len, keys, offset) = (5usize, 8usize, 3usize);
         let (sc, sg) = pair(&mut r, &[4, 2 * q_len, keys], dt, dev);
-        let spec = Softmax {
-            scale: 0.125,
-            causal: Some((q_len, offset)),
-        };
-        let (yc, yg) = (
-            ops::softmax(&sc, spec).unwrap(),
-            ops::softmax(&sg, spec).unwrap(),
-        );
-        close(&format!("causal softmax {dt}"), &yc, &yg);
-        let y = yc.to_f32_vec().unwrap();
-        for row in 0..2 * q_len {
-            for key in offset + row % q_len + 1..keys {
-                assert_eq!(y[row * keys + key], 0.0, "masked key {key} of row {row}");
+        for window in [None, Some(3)] {
+            let spec = Softmax {
+                scale: 0.125,
+                causal: Some((q_len, offset)),
+                window,
+            };
+            let (yc, yg) = (
+                ops::softmax(&sc, spec).unwrap(),
+                ops::softmax(&sg, spec).unwrap(),
+            );
+            close(&format!("causal softmax {dt} window {window:?}"), &yc, &yg);
+            let y = yc.to_f32_vec().unwrap();
+            for row in 0..2 * q_len {
+                let p = offset + row % q_len;
+                for key in 0..keys {
+                    let visible = key <= p && window.is_none_or(|w| key + w > p);
+                    assert_eq!(
+                        y[row * keys + key] != 0.0,
+                        visible,
+                        "key {key} of row {row} (window {window:?})"
+                    );
+                }
             }
         }
     }
@@ -573,5 +583,54 @@ fn bad_device_strings_are_errors() {
     if gpu().is_none() {
         let err = Device::parse("cuda").unwrap_err().to_string();
         assert!(err.contains("none is usable"), "{err}");
+    }
+}
+
+#[test]
+fn kv_cache_write_and_decode_attention() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("kv_cache_write_and_decode_attention");
+    for dt in FLOATS {
+        for (b, h, hkv, l, hd) in [
+            (1usize, 4usize, 4usize, 40usize, 64usize),
+            (3, 8, 2, 100, 128),
+            (2, 6, 3, 17, 80),
+        ] {
+            let (kc, _) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
+            let (vc, _) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
+            let (mut kc, mut vc) = (kc, vc);
+            let (mut kg, mut vg) = (kc.to_device(dev).unwrap(), vc.to_device(dev).unwrap());
+            // Append 5 new rows to random (sequence, position) slots.
+            let (nc, ng) = pair(&mut r, &[5, hkv, hd], dt, dev);
+            let bi: Vec<i32> = (0..5).map(|_| r.random_range(0..b as i32)).collect();
+            let pi: Vec<i32> = (0..5).map(|_| r.random_range(0..l as i32)).collect();
+            let (bc, bg) = (
+                Tensor::from_vec(bi.clone(), &[5]).unwrap(),
+                Tensor::from_slice(&bi, &[5], dev).unwrap(),
+            );
+            let (pc, pg) = (
+                Tensor::from_vec(pi.clone(), &[5]).unwrap(),
+                Tensor::from_slice(&pi, &[5], dev).unwrap(),
+            );
+            ops::kv_write(&mut kc, &nc, &bc, &pc).unwrap();
+            ops::kv_write(&mut kg, &ng, &bg, &pg).unwrap();
+            ops::kv_write(&mut vc, &nc, &bc, &pc).unwrap();
+            ops::kv_write(&mut vg, &ng, &bg, &pg).unwrap();
+            close(&format!("kv_write {dt}"), &kc, &kg);
+            let lens: Vec<i32> = (0..b).map(|_| r.random_range(1..=l as i32)).collect();
+            let (lc, lg) = (
+                Tensor::from_vec(lens.clone(), &[b]).unwrap(),
+                Tensor::from_slice(&lens, &[b], dev).unwrap(),
+            );
+            let (qc, qg) = pair(&mut r, &[b, h, hd], dt, dev);
+            for window in [None, Some(7)] {
+                let scale = 1.0 / (hd as f32).sqrt();
+                close(
+                    &format!("attention_decode {dt} b={b} h={h}/{hkv} window={window:?}"),
+                    &ops::attention_decode(&qc, &kc, &vc, &lc, scale, window).unwrap(),
+                    &ops::attention_decode(&qg, &kg, &vg, &lg, scale, window).unwrap(),
+                );
+            }
+        }
     }
 }

@@ -17,7 +17,9 @@ fn gpu() -> Option<Device> {
             set_poison_outputs(true);
             Some(Device::Cuda(0))
         }
-        r if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") => panic!("MOE_REQUIRE_GPU=1 but no usable GPU: {r:?}"),
+        r if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("MOE_REQUIRE_GPU=1 but no usable GPU: {r:?}")
+        }
         _ => {
             eprintln!("skipped: no CUDA GPU");
             None
@@ -25,14 +27,30 @@ fn gpu() -> Option<Device> {
     }
 }
 
-const CASES: &[&str] = &["softmax_renorm", "softmax_no_renorm", "sigmoid_group", "switch_top2_capacity", "switch_top1_capacity", "shared_gated", "gelu_bias", "residual"];
+const CASES: &[&str] = &[
+    "softmax_renorm",
+    "softmax_no_renorm",
+    "sigmoid_group",
+    "switch_top2_capacity",
+    "switch_top1_capacity",
+    "shared_gated",
+    "gelu_bias",
+    "residual",
+];
 
 fn load(name: &str, dtype: DType, dev: Device) -> (MoeConfig, MoeWeights, Tensor, Tensor) {
     let dir = fixture_dir("moe_layer");
-    let cfg: MoeConfig = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+    let cfg: MoeConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
+            .unwrap();
     let t = load_safetensors(&dir.join(format!("{name}.safetensors")));
     let mut w = MoeWeights::init(&cfg, 0.1, 0.1, 0, dtype, dev).unwrap();
-    w.visit_mut("", &mut |n, p| *p = ops::cast(&t[&format!("w.{n}")], dtype).unwrap().into_device(dev).unwrap());
+    w.visit_mut("", &mut |n, p| {
+        *p = ops::cast(&t[&format!("w.{n}")], dtype)
+            .unwrap()
+            .into_device(dev)
+            .unwrap()
+    });
     if let Some(b) = t.get("w.router_bias") {
         w.router_bias = Some(b.to_device(dev).unwrap());
     }
@@ -44,7 +62,10 @@ fn load(name: &str, dtype: DType, dev: Device) -> (MoeConfig, MoeWeights, Tensor
 fn close(what: &str, gpu: &Tensor, cpu: &Tensor, tol: f64) {
     assert_eq!(gpu.shape(), cpu.shape(), "{what}");
     let (g, c) = (gpu.to_f32_vec().unwrap(), cpu.to_f32_vec().unwrap());
-    assert!(g.iter().all(|v| v.is_finite()), "{what}: GPU result has non-finite values (unwritten?)");
+    assert!(
+        g.iter().all(|v| v.is_finite()),
+        "{what}: GPU result has non-finite values (unwritten?)"
+    );
     let e = rel_err(&g, &c);
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
 }
@@ -61,20 +82,45 @@ fn run(name: &str, dtype: DType, dev: Device, tol: f64) {
     wc32.router_bias = wc.router_bias.as_ref().map(|b| b.try_clone().unwrap());
     let (yc, sc, stc) = moe_forward(&cfg, &wc32, &to32(&xc), Mode::Train { seed: 5 }).unwrap();
     let mut gc = wc32.zeros_like().unwrap();
-    let dxc = moe_backward(&cfg, &wc32, &to32(&xc), sc.as_ref().unwrap(), &to32(&dyc), 1.0, &mut gc).unwrap();
+    let dxc = moe_backward(
+        &cfg,
+        &wc32,
+        &to32(&xc),
+        sc.as_ref().unwrap(),
+        &to32(&dyc),
+        1.0,
+        &mut gc,
+    )
+    .unwrap();
 
     let (_, wg, xg, dyg) = load(name, dtype, dev);
     let (yg, sg, stg) = moe_forward(&cfg, &wg, &xg, Mode::Train { seed: 5 }).unwrap();
     let mut gg = wg.zeros_like().unwrap();
     let dxg = moe_backward(&cfg, &wg, &xg, sg.as_ref().unwrap(), &dyg, 1.0, &mut gg).unwrap();
-    assert_eq!(stg.tokens_per_expert.to_vec::<i32>().unwrap(), stc.tokens_per_expert.to_vec::<i32>().unwrap(), "{name} {dtype}: routing");
-    close(&format!("{name} {dtype} dropped"), &stg.dropped, &stc.dropped, 0.0);
+    assert_eq!(
+        stg.tokens_per_expert.to_vec::<i32>().unwrap(),
+        stc.tokens_per_expert.to_vec::<i32>().unwrap(),
+        "{name} {dtype}: routing"
+    );
+    close(
+        &format!("{name} {dtype} dropped"),
+        &stg.dropped,
+        &stc.dropped,
+        0.0,
+    );
     close(&format!("{name} {dtype} y"), &yg, &yc, tol);
-    close(&format!("{name} {dtype} aux"), &stg.aux_loss, &stc.aux_loss, tol);
+    close(
+        &format!("{name} {dtype} aux"),
+        &stg.aux_loss,
+        &stc.aux_loss,
+        tol,
+    );
     close(&format!("{name} {dtype} z"), &stg.z_loss, &stc.z_loss, tol);
     close(&format!("{name} {dtype} dx"), &dxg, &dxc, tol);
     let mut cpu_grads = vec![];
-    gc.visit("", &mut |n, t| cpu_grads.push((n.to_string(), t.try_clone().unwrap())));
+    gc.visit("", &mut |n, t| {
+        cpu_grads.push((n.to_string(), t.try_clone().unwrap()))
+    });
     let mut i = 0;
     gg.visit("", &mut |n, t| {
         assert_eq!(n, cpu_grads[i].0);
@@ -121,8 +167,17 @@ fn noisy_switch_routing_matches_cpu() {
     w.visit("", &mut |_, p| src.push(p.to_device(dev).unwrap()));
     let mut it = src.into_iter();
     wg.visit_mut("", &mut |_, p| *p = it.next().unwrap());
-    let (yg, _, sg) = moe_forward(&cfg, &wg, &x.to_device(dev).unwrap(), Mode::Train { seed: 77 }).unwrap();
-    assert_eq!(sg.tokens_per_expert.to_vec::<i32>().unwrap(), sc.tokens_per_expert.to_vec::<i32>().unwrap());
+    let (yg, _, sg) = moe_forward(
+        &cfg,
+        &wg,
+        &x.to_device(dev).unwrap(),
+        Mode::Train { seed: 77 },
+    )
+    .unwrap();
+    assert_eq!(
+        sg.tokens_per_expert.to_vec::<i32>().unwrap(),
+        sc.tokens_per_expert.to_vec::<i32>().unwrap()
+    );
     close("noisy switch dropped", &sg.dropped, &sc.dropped, 0.0);
     close("noisy switch y", &yg, &yc, 1e-4);
 }

@@ -12,7 +12,13 @@ use crate::runtime::{DType, Device, Result, Tensor};
 
 /// Random Normal(0, std²) values for benchmarks: a 4M-element random block repeated to fill the
 /// shape (fast for billions of elements; the values only need to be non-trivial).
-pub fn random_tensor(shape: &[usize], std: f32, seed: u64, dtype: DType, device: Device) -> Result<Tensor> {
+pub fn random_tensor(
+    shape: &[usize],
+    std: f32,
+    seed: u64,
+    dtype: DType,
+    device: Device,
+) -> Result<Tensor> {
     const BLOCK: usize = 1 << 22;
     let n: usize = shape.iter().product();
     if n <= BLOCK {
@@ -23,7 +29,11 @@ pub fn random_tensor(shape: &[usize], std: f32, seed: u64, dtype: DType, device:
     let mut at = 0;
     while at < n {
         let len = BLOCK.min(n - at);
-        let part = if len == BLOCK { block.try_clone()? } else { crate::runtime::ops::slice_rows(&block, 0, len)? };
+        let part = if len == BLOCK {
+            block.try_clone()?
+        } else {
+            crate::runtime::ops::slice_rows(&block, 0, len)?
+        };
         crate::runtime::ops::write_rows(&mut out, at, &part)?;
         at += len;
     }

@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::{median_ms, random_tensor};
 use crate::moe::{moe_backward, moe_forward, ExpertKind, Mode, MoeConfig, MoeWeights, RouterKind};
-use crate::runtime::{DType, Device, ParamSet};
+use crate::runtime::{DType, Device, ParamSet, Tensor};
 
 #[derive(Args)]
 pub struct MoeLayerArgs {
@@ -21,18 +21,42 @@ pub struct MoeLayerArgs {
     reps: usize,
 }
 
-const DEFAULT: &[&str] = &["4096:14336:8:2:8192", "2048:768:128:8:8192", "2048:1024:64:8:8192", "2048:8192:128:1:8192", "2048:768:128:8:16"];
+const DEFAULT: &[&str] = &[
+    "4096:14336:8:2:8192",
+    "2048:768:128:8:8192",
+    "2048:1024:64:8:8192",
+    "2048:8192:128:1:8192",
+    "2048:768:128:8:16",
+];
 pub const PEAK_TFLOPS: f64 = 816.0;
 pub const PEAK_TBS: f64 = 4.2;
 
 pub fn run(a: MoeLayerArgs) -> anyhow::Result<()> {
     let device = Device::parse(&a.device)?;
-    let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
-    let shapes: Vec<String> = if a.shapes.is_empty() { DEFAULT.iter().map(|s| s.to_string()).collect() } else { a.shapes.clone() };
-    println!("{:<28} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}", "shape d:F:E:k:T", "fwd ms", "f+b ms", "fwd TF/s", "f+b TF/s", "floor ms", "f+b/floor");
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let shapes: Vec<String> = if a.shapes.is_empty() {
+        DEFAULT.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.shapes.clone()
+    };
+    println!(
+        "{:<28} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
+        "shape d:F:E:k:T", "fwd ms", "f+b ms", "fwd TF/s", "f+b TF/s", "floor ms", "f+b/floor"
+    );
     for s in shapes {
-        let v: Vec<usize> = s.split(':').map(|x| x.parse()).collect::<Result<_, _>>().map_err(|_| anyhow::anyhow!("shape '{s}': expected d:ffn:experts:topk:tokens"))?;
-        anyhow::ensure!(v.len() == 5, "shape '{s}': expected d:ffn:experts:topk:tokens");
+        let v: Vec<usize> = s
+            .split(':')
+            .map(|x| x.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|_| anyhow::anyhow!("shape '{s}': expected d:ffn:experts:topk:tokens"))?;
+        anyhow::ensure!(
+            v.len() == 5,
+            "shape '{s}': expected d:ffn:experts:topk:tokens"
+        );
         let (d, f, e, k, t) = (v[0], v[1], v[2], v[3], v[4]);
         let cfg = MoeConfig {
             d_model: d,
@@ -48,7 +72,17 @@ pub fn run(a: MoeLayerArgs) -> anyhow::Result<()> {
             z_loss_coeff: 0.0,
         };
         cfg.validate().map_err(anyhow::Error::msg)?;
-        let mut w = MoeWeights::init(&cfg, 0.0, 0.0, 1, dtype, device)?;
+        // Shapes from a tiny init, then device-filled random values (host RNG for billions of
+        // weights would dominate the run).
+        let tiny = MoeConfig {
+            d_model: 8,
+            ffn_dim: 8,
+            ..cfg.clone()
+        };
+        let mut w = MoeWeights::init(&tiny, 0.02, 0.02, 1, dtype, Device::Cpu)?.zeros_as(dtype)?;
+        w.router = Tensor::zeros(&[e, d], dtype, device)?;
+        w.w1 = Tensor::zeros(&[e, 2 * f, d], dtype, device)?;
+        w.w2 = Tensor::zeros(&[e, d, f], dtype, device)?;
         let mut seed = 10;
         w.visit_mut("", &mut |_, p| {
             seed += 1;
@@ -57,17 +91,29 @@ pub fn run(a: MoeLayerArgs) -> anyhow::Result<()> {
         let x = random_tensor(&[t, d], 1.0, 3, dtype, device)?;
         let dy = random_tensor(&[t, d], 1.0, 4, dtype, device)?;
         let mut g = w.zeros_like()?;
-        let fwd = median_ms(device, 2, a.reps, || moe_forward(&cfg, &w, &x, Mode::Train { seed: 0 }).map(drop))?;
+        let fwd = median_ms(device, 2, a.reps, || {
+            moe_forward(&cfg, &w, &x, Mode::Train { seed: 0 }).map(drop)
+        })?;
         let fb = median_ms(device, 2, a.reps, || {
             let (_, saved, _) = moe_forward(&cfg, &w, &x, Mode::Train { seed: 0 })?;
-            moe_backward(&cfg, &w, &x, saved.as_ref().expect("train mode saves"), &dy, 1.0, &mut g).map(drop)
+            moe_backward(
+                &cfg,
+                &w,
+                &x,
+                saved.as_ref().expect("train mode saves"),
+                &dy,
+                1.0,
+                &mut g,
+            )
+            .map(drop)
         })?;
         let h1 = 2 * f;
         let flops = 2.0 * (t * k * d * (h1 + f)) as f64 + 2.0 * (t * d * e) as f64;
         // Experts that receive tokens: all of them unless T·k < E.
         let active = e.min(t * k);
         let bytes = (active * (h1 + f) * d * 2) as f64;
-        let floor_fb = (3.0 * flops / (PEAK_TFLOPS * 1e12)).max(3.0 * bytes / (PEAK_TBS * 1e12)) * 1e3;
+        let floor_fb =
+            (3.0 * flops / (PEAK_TFLOPS * 1e12)).max(3.0 * bytes / (PEAK_TBS * 1e12)) * 1e3;
         println!(
             "{:<28} {:>9.3} {:>9.3} {:>10.1} {:>10.1} {:>9.3} {:>9.2}",
             s,

@@ -129,7 +129,12 @@ impl MoeWeights {
 
     /// f32 zeros with this layer's parameter shapes (gradient accumulator).
     pub fn zeros_like(&self) -> Result<MoeGrads> {
-        let z = |t: &Tensor| Tensor::zeros(t.shape(), DType::F32, t.device());
+        self.zeros_as(DType::F32)
+    }
+
+    /// Zeros of `dtype` with this layer's parameter shapes.
+    pub fn zeros_as(&self, dtype: DType) -> Result<MoeGrads> {
+        let z = |t: &Tensor| Tensor::zeros(t.shape(), dtype, t.device());
         Ok(MoeWeights {
             router: z(&self.router)?,
             router_bias: None,

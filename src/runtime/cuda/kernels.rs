@@ -3,6 +3,10 @@
 
 use super::KernelSource;
 
+pub const ATTENTION: KernelSource = KernelSource {
+    name: "attention",
+    src: include_str!("kernels/attention.cu"),
+};
 pub const CAST: KernelSource = KernelSource {
     name: "cast",
     src: include_str!("kernels/cast.cu"),
@@ -15,7 +19,10 @@ pub const EMBEDDING: KernelSource = KernelSource {
     name: "embedding",
     src: include_str!("kernels/embedding.cu"),
 };
-pub const GROUPED_GEMM: KernelSource = KernelSource { name: "grouped_gemm", src: include_str!("kernels/grouped_gemm.cu") };
+pub const GROUPED_GEMM: KernelSource = KernelSource {
+    name: "grouped_gemm",
+    src: include_str!("kernels/grouped_gemm.cu"),
+};
 pub const INDEX: KernelSource = KernelSource {
     name: "index",
     src: include_str!("kernels/index.cu"),
@@ -54,6 +61,7 @@ pub const SOFTMAX: KernelSource = KernelSource {
 };
 
 pub const ALL: &[&KernelSource] = &[
+    &ATTENTION,
     &CAST,
     &ELEMENTWISE,
     &EMBEDDING,

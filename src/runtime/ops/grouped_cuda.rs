@@ -17,7 +17,14 @@ fn tensor_cores(dt: DType, dims: &[usize]) -> bool {
     matches!(dt, DType::BF16 | DType::F16) && dims.iter().all(|d| d % 8 == 0)
 }
 
-pub(crate) fn grouped_matmul(dev: &Arc<CudaDevice>, x: &Tensor, w: &Tensor, offsets: &Tensor, trans_w: bool, n: usize) -> Result<Tensor> {
+pub(crate) fn grouped_matmul(
+    dev: &Arc<CudaDevice>,
+    x: &Tensor,
+    w: &Tensor,
+    offsets: &Tensor,
+    trans_w: bool,
+    n: usize,
+) -> Result<Tensor> {
     let (m, k) = (x.dim(0), x.dim(1));
     let e = offsets.numel() - 1;
     let y = Tensor::uninit(&[m, n], x.dtype(), x.device())?;
@@ -27,47 +34,79 @@ pub(crate) fn grouped_matmul(dev: &Arc<CudaDevice>, x: &Tensor, w: &Tensor, offs
     let dt = x.dtype().name();
     if tensor_cores(x.dtype(), &[k, n]) {
         let prefix = Tensor::uninit(&[e + 1], DType::I32, x.device())?;
-        dev.launch(&kernels::GROUPED_GEMM, "gg_tile_prefix", (1, 1, 1), (32, 1, 1), 0)?
-            .ptr(dptr(&prefix))
-            .ptr(dptr(offsets))
-            .usize_as_i32(e)?
-            .run()?;
+        dev.launch(
+            &kernels::GROUPED_GEMM,
+            "gg_tile_prefix",
+            (1, 1, 1),
+            (32, 1, 1),
+            0,
+        )?
+        .ptr(dptr(&prefix))
+        .ptr(dptr(offsets))
+        .usize_as_i32(e)?
+        .run()?;
         let blocks = (m.div_ceil(BM) + e) * n.div_ceil(BN);
-        let grid = u32::try_from(blocks).map_err(|_| Error::Invalid(format!("grouped_matmul: {blocks} tiles exceed the grid limit")))?;
+        let grid = u32::try_from(blocks).map_err(|_| {
+            Error::Invalid(format!(
+                "grouped_matmul: {blocks} tiles exceed the grid limit"
+            ))
+        })?;
         let name = format!("gg_{}_{dt}", if trans_w { "nt" } else { "nn" });
-        dev.launch(&kernels::GROUPED_GEMM, &name, (grid, 1, 1), (256, 1, 1), SMEM)?
-            .ptr(dptr(&y))
-            .ptr(dptr(x))
-            .ptr(dptr(w))
-            .ptr(dptr(offsets))
-            .ptr(dptr(&prefix))
-            .usize_as_i32(e)?
-            .usize_as_i32(m)?
-            .usize_as_i32(n)?
-            .usize_as_i32(k)?
-            .run()?;
+        dev.launch(
+            &kernels::GROUPED_GEMM,
+            &name,
+            (grid, 1, 1),
+            (256, 1, 1),
+            SMEM,
+        )?
+        .ptr(dptr(&y))
+        .ptr(dptr(x))
+        .ptr(dptr(w))
+        .ptr(dptr(offsets))
+        .ptr(dptr(&prefix))
+        .usize_as_i32(e)?
+        .usize_as_i32(m)?
+        .usize_as_i32(n)?
+        .usize_as_i32(k)?
+        .run()?;
     } else {
-        dev.launch(&kernels::GROUPED_GEMM, &format!("gg_simt_varm_{dt}"), (grid_1d(m * n, 256).min(65535 * 8), 1, 1), (256, 1, 1), 0)?
-            .ptr(dptr(&y))
-            .ptr(dptr(x))
-            .ptr(dptr(w))
-            .ptr(dptr(offsets))
-            .usize_as_i32(e)?
-            .usize_as_i32(m)?
-            .usize_as_i32(n)?
-            .usize_as_i32(k)?
-            .i32(trans_w as i32)
-            .run()?;
+        dev.launch(
+            &kernels::GROUPED_GEMM,
+            &format!("gg_simt_varm_{dt}"),
+            (grid_1d(m * n, 256).min(65535 * 8), 1, 1),
+            (256, 1, 1),
+            0,
+        )?
+        .ptr(dptr(&y))
+        .ptr(dptr(x))
+        .ptr(dptr(w))
+        .ptr(dptr(offsets))
+        .usize_as_i32(e)?
+        .usize_as_i32(m)?
+        .usize_as_i32(n)?
+        .usize_as_i32(k)?
+        .i32(trans_w as i32)
+        .run()?;
     }
     Ok(y)
 }
 
-pub(crate) fn grouped_matmul_tn(dev: &Arc<CudaDevice>, a: &Tensor, b: &Tensor, offsets: &Tensor, out_dtype: DType) -> Result<Tensor> {
+pub(crate) fn grouped_matmul_tn(
+    dev: &Arc<CudaDevice>,
+    a: &Tensor,
+    b: &Tensor,
+    offsets: &Tensor,
+    out_dtype: DType,
+) -> Result<Tensor> {
     let (p, q) = (a.dim(1), b.dim(1));
     let e = offsets.numel() - 1;
     let same = out_dtype == a.dtype();
     if !same && out_dtype != DType::F32 {
-        return Err(Error::dtype("grouped_matmul_tn", out_dtype, format!("f32 or the input dtype {}", a.dtype())));
+        return Err(Error::dtype(
+            "grouped_matmul_tn",
+            out_dtype,
+            format!("f32 or the input dtype {}", a.dtype()),
+        ));
     }
     let out = Tensor::uninit(&[e, p, q], out_dtype, a.device())?;
     if e * p * q == 0 {
@@ -77,25 +116,37 @@ pub(crate) fn grouped_matmul_tn(dev: &Arc<CudaDevice>, a: &Tensor, b: &Tensor, o
     if tensor_cores(a.dtype(), &[p, q]) {
         let tiles = p.div_ceil(BM) * q.div_ceil(BN);
         let name = format!("gg_tn_{dt}_{}", out_dtype.name());
-        dev.launch(&kernels::GROUPED_GEMM, &name, (tiles as u32, e as u32, 1), (256, 1, 1), SMEM)?
-            .ptr(dptr(&out))
-            .ptr(dptr(a))
-            .ptr(dptr(b))
-            .ptr(dptr(offsets))
-            .usize_as_i32(p)?
-            .usize_as_i32(q)?
-            .run()?;
+        dev.launch(
+            &kernels::GROUPED_GEMM,
+            &name,
+            (tiles as u32, e as u32, 1),
+            (256, 1, 1),
+            SMEM,
+        )?
+        .ptr(dptr(&out))
+        .ptr(dptr(a))
+        .ptr(dptr(b))
+        .ptr(dptr(offsets))
+        .usize_as_i32(p)?
+        .usize_as_i32(q)?
+        .run()?;
     } else {
         let name = format!("gg_simt_vark_{dt}_{}", if same { "same" } else { "f32" });
-        dev.launch(&kernels::GROUPED_GEMM, &name, (grid_1d(e * p * q, 256).min(65535 * 8), 1, 1), (256, 1, 1), 0)?
-            .ptr(dptr(&out))
-            .ptr(dptr(a))
-            .ptr(dptr(b))
-            .ptr(dptr(offsets))
-            .usize_as_i32(e)?
-            .usize_as_i32(p)?
-            .usize_as_i32(q)?
-            .run()?;
+        dev.launch(
+            &kernels::GROUPED_GEMM,
+            &name,
+            (grid_1d(e * p * q, 256).min(65535 * 8), 1, 1),
+            (256, 1, 1),
+            0,
+        )?
+        .ptr(dptr(&out))
+        .ptr(dptr(a))
+        .ptr(dptr(b))
+        .ptr(dptr(offsets))
+        .usize_as_i32(e)?
+        .usize_as_i32(p)?
+        .usize_as_i32(q)?
+        .run()?;
     }
     Ok(out)
 }

@@ -5,6 +5,7 @@
 //! one. Floating ops accept f32/bf16/f16 and compute in f32; ids, offsets and positions are i32.
 
 mod adamw;
+mod attention;
 mod cast;
 mod elementwise;
 mod embedding;
@@ -19,6 +20,7 @@ mod rope;
 mod softmax;
 
 pub use adamw::{adamw_step, AdamW};
+pub use attention::{attention_decode, kv_write};
 pub use cast::cast;
 pub use elementwise::{
     activation, activation_backward, add, add_assign, add_bias, add_scaled, mul, row_dot, scale,

@@ -9,12 +9,15 @@ use crate::runtime::cuda::kernels;
 use crate::runtime::{cpu_from_f32, Device, Error, Result, Tensor};
 
 /// softmax(scale · x) along the last dim. With `causal = Some((q_len, offset))`, row r of the
-/// [.., M, N] scores is query position `offset + r % q_len` and keys after it are masked
-/// (rows of several heads sharing a KV head can be stacked: M = group × q_len).
+/// [.., M, N] scores is query position p = `offset + r % q_len` and keys after it are masked
+/// (rows of several heads sharing a KV head can be stacked: M = group × q_len). With a causal
+/// mask, `window = Some(w)` also masks keys j <= p − w (sliding-window attention: the w most
+/// recent positions, the query's own included).
 #[derive(Copy, Clone, Debug)]
 pub struct Softmax {
     pub scale: f32,
     pub causal: Option<(usize, usize)>,
+    pub window: Option<usize>,
 }
 
 impl Default for Softmax {
@@ -22,6 +25,7 @@ impl Default for Softmax {
         Softmax {
             scale: 1.0,
             causal: None,
+            window: None,
         }
     }
 }
@@ -39,6 +43,12 @@ pub fn softmax(x: &Tensor, spec: Softmax) -> Result<Tensor> {
             "softmax: causal mask needs q_len > 0".into(),
         ));
     }
+    if spec.window.is_some() && spec.causal.is_none() || spec.window == Some(0) {
+        return Err(Error::Invalid(
+            "softmax: a sliding window needs a causal mask and a width > 0".into(),
+        ));
+    }
+    let window = spec.window.unwrap_or(0);
     match x.device() {
         Device::Cpu => {
             let v = x.cpu_f32()?;
@@ -53,17 +63,23 @@ pub fn softmax(x: &Tensor, spec: Softmax) -> Result<Tensor> {
                         } else {
                             cols
                         };
+                        let first = if window > 0 {
+                            (offset + r % q_len + 1).saturating_sub(window).min(limit)
+                        } else {
+                            0
+                        };
                         let mut m = f32::NEG_INFINITY;
-                        for &xi in &xr[..limit] {
+                        for &xi in &xr[first..limit] {
                             m = m.max(xi * spec.scale);
                         }
                         let mut s = 0.0f32;
-                        for (oi, &xi) in o[..limit].iter_mut().zip(&xr[..limit]) {
+                        for (oi, &xi) in o[first..limit].iter_mut().zip(&xr[first..limit]) {
                             *oi = (xi * spec.scale - m).exp();
                             s += *oi;
                         }
                         let inv = 1.0 / s;
-                        o[..limit].iter_mut().for_each(|oi| *oi *= inv);
+                        o[first..limit].iter_mut().for_each(|oi| *oi *= inv);
+                        o[..first].iter_mut().for_each(|oi| *oi = 0.0);
                         o[limit..].iter_mut().for_each(|oi| *oi = 0.0);
                     });
             }
@@ -88,6 +104,7 @@ pub fn softmax(x: &Tensor, spec: Softmax) -> Result<Tensor> {
                 .f32(spec.scale)
                 .usize_as_i32(q_len)?
                 .usize_as_i32(offset)?
+                .usize_as_i32(window)?
                 .run()?;
             Ok(out)
         }

@@ -1,0 +1,370 @@
+//! Self-attention, forward and backward, plus the KV-cache inference path.
+//! x [T = B·S, d] → q [T, H·hd], k, v [T, Hkv·hd] (+ bias) → q/k RMSNorm (per head or over the
+//! full width) → RoPE → [B, H, S, hd]; GQA stacks the g = H/Hkv query heads of one KV head along
+//! M so scores are one batched GEMM [B, Hkv, g·S, S] → causal (sliding-window) softmax → · V →
+//! [T, H·hd] → o projection. The backward reuses q, k, v after RoPE, the probabilities and the
+//! context (and the pre-norm q/k with their rstd when q/k norm is on).
+
+use super::config::QkNorm;
+use crate::param_set;
+use crate::runtime::ops::{self, Matmul, RopeTable, Softmax};
+use crate::runtime::{DType, Device, Result, Tensor};
+
+pub struct Attention {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+param_set!(Attention { t q, t k, t v, t o, opt q_bias, opt k_bias, opt v_bias, opt q_norm, opt k_norm });
+
+/// The static shape of a layer's attention.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub qk_norm: QkNorm,
+    pub eps: f32,
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+}
+
+pub struct AttnSaved {
+    q_pre: Option<(Tensor, Tensor)>,
+    k_pre: Option<(Tensor, Tensor)>,
+    q_t: Tensor,
+    k_t: Tensor,
+    v_t: Tensor,
+    probs: Tensor,
+    ctx: Tensor,
+}
+
+impl Attention {
+    /// Seeded normal init; o with `out_std`; biases zero; norms one.
+    pub fn init(
+        sh: &AttnShape,
+        d: usize,
+        bias: bool,
+        std: f32,
+        out_std: f32,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Attention> {
+        let (hq, hk) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+        let zeros = |n: usize| -> Result<Option<Tensor>> {
+            if bias {
+                Ok(Some(Tensor::zeros(&[n], dtype, device)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let (qn, kn) = match sh.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (
+                Some(Tensor::full(&[sh.head_dim], 1.0, dtype, device)?),
+                Some(Tensor::full(&[sh.head_dim], 1.0, dtype, device)?),
+            ),
+            QkNorm::Full => (
+                Some(Tensor::full(&[hq], 1.0, dtype, device)?),
+                Some(Tensor::full(&[hk], 1.0, dtype, device)?),
+            ),
+        };
+        Ok(Attention {
+            q: Tensor::randn(&[hq, d], std, seed ^ 0xa1, dtype, device)?,
+            k: Tensor::randn(&[hk, d], std, seed ^ 0xa2, dtype, device)?,
+            v: Tensor::randn(&[hk, d], std, seed ^ 0xa3, dtype, device)?,
+            o: Tensor::randn(&[d, hq], out_std, seed ^ 0xa4, dtype, device)?,
+            q_bias: zeros(hq)?,
+            k_bias: zeros(hk)?,
+            v_bias: zeros(hk)?,
+            q_norm: qn,
+            k_norm: kn,
+        })
+    }
+
+    /// Projections, q/k norm and RoPE: (q [T, H, hd], k [T, Hkv, hd], v [T, Hkv, hd], saved
+    /// pre-norm q and k with their rstd).
+    #[allow(clippy::type_complexity)]
+    fn qkv(
+        &self,
+        sh: &AttnShape,
+        x: &Tensor,
+        rope: &RopeTable,
+        pos: &Tensor,
+        save: bool,
+    ) -> Result<(
+        Tensor,
+        Tensor,
+        Tensor,
+        Option<(Tensor, Tensor)>,
+        Option<(Tensor, Tensor)>,
+    )> {
+        let t = x.dim(0);
+        let (h, hkv, hd) = (sh.heads, sh.kv_heads, sh.head_dim);
+        let q = ops::linear(x, &self.q, self.q_bias.as_ref())?;
+        let k = ops::linear(x, &self.k, self.k_bias.as_ref())?;
+        let v = ops::linear(x, &self.v, self.v_bias.as_ref())?.reshape(&[t, hkv, hd])?;
+        let norm = |p: Tensor,
+                    w: Option<&Tensor>,
+                    heads: usize|
+         -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+            let Some(w) = w else {
+                return Ok((p.reshape(&[t, heads, hd])?, None));
+            };
+            let p = match sh.qk_norm {
+                QkNorm::PerHead => p.reshape(&[t, heads, hd])?,
+                _ => p,
+            };
+            let (y, rstd) = ops::rmsnorm(&p, w, sh.eps)?;
+            Ok((
+                y.reshape(&[t, heads, hd])?,
+                if save { Some((p, rstd)) } else { None },
+            ))
+        };
+        let (q, q_pre) = norm(q, self.q_norm.as_ref(), h)?;
+        let (k, k_pre) = norm(k, self.k_norm.as_ref(), hkv)?;
+        Ok((
+            ops::rope(&q, rope, pos)?,
+            ops::rope(&k, rope, pos)?,
+            v,
+            q_pre,
+            k_pre,
+        ))
+    }
+
+    /// Training forward over B sequences of S tokens (x [B·S, d], positions [B·S]).
+    pub fn forward_train(
+        &self,
+        sh: &AttnShape,
+        x: &Tensor,
+        b: usize,
+        s: usize,
+        rope: &RopeTable,
+        pos: &Tensor,
+    ) -> Result<(Tensor, AttnSaved)> {
+        let (h, hkv, hd, g) = (sh.heads, sh.kv_heads, sh.head_dim, sh.group());
+        let (q, k, v, q_pre, k_pre) = self.qkv(sh, x, rope, pos, true)?;
+        let q_t = ops::transpose_12(&q.reshape(&[b, s, h, hd])?)?.reshape(&[b, hkv, g * s, hd])?;
+        let k_t = ops::transpose_12(&k.reshape(&[b, s, hkv, hd])?)?;
+        let v_t = ops::transpose_12(&v.reshape(&[b, s, hkv, hd])?)?;
+        let scores = ops::matmul(
+            &q_t,
+            &k_t,
+            Matmul {
+                trans_b: true,
+                alpha: sh.scale(),
+                ..Default::default()
+            },
+        )?;
+        let probs = ops::softmax(
+            &scores,
+            Softmax {
+                scale: 1.0,
+                causal: Some((s, 0)),
+                window: sh.window,
+            },
+        )?;
+        let ctx = ops::matmul(&probs, &v_t, Matmul::default())?.reshape(&[b, h, s, hd])?;
+        let ctx = ops::transpose_12(&ctx)?.reshape(&[b * s, h * hd])?;
+        let y = ops::linear(&ctx, &self.o, None)?;
+        Ok((
+            y,
+            AttnSaved {
+                q_pre,
+                k_pre,
+                q_t,
+                k_t,
+                v_t,
+                probs,
+                ctx,
+            },
+        ))
+    }
+
+    /// dx for dy, accumulating f32 weight gradients into `g`.
+    pub fn backward(
+        &self,
+        sh: &AttnShape,
+        x: &Tensor,
+        b: usize,
+        s: usize,
+        rope: &RopeTable,
+        pos: &Tensor,
+        sv: &AttnSaved,
+        dy: &Tensor,
+        g: &mut Attention,
+    ) -> Result<Tensor> {
+        let (h, hkv, hd, gr) = (sh.heads, sh.kv_heads, sh.head_dim, sh.group());
+        let t = b * s;
+        let acc = Matmul {
+            trans_a: true,
+            out_dtype: Some(DType::F32),
+            ..Default::default()
+        };
+        ops::matmul_into(&mut g.o, dy, &sv.ctx, acc, 1.0)?;
+        let dctx = ops::matmul(dy, &self.o, Matmul::default())?;
+        let dctx =
+            ops::transpose_12(&dctx.reshape(&[b, s, h, hd])?)?.reshape(&[b, hkv, gr * s, hd])?;
+        let dprobs = ops::matmul(&dctx, &sv.v_t, Matmul::nt())?;
+        let dv_t = ops::matmul(&sv.probs, &dctx, Matmul::tn())?;
+        let dscores = ops::softmax_backward(&sv.probs, &dprobs, 1.0)?;
+        let dq_t = ops::matmul(
+            &dscores,
+            &sv.k_t,
+            Matmul {
+                alpha: sh.scale(),
+                ..Default::default()
+            },
+        )?;
+        let dk_t = ops::matmul(
+            &dscores,
+            &sv.q_t,
+            Matmul {
+                trans_a: true,
+                alpha: sh.scale(),
+                ..Default::default()
+            },
+        )?;
+        let dq = ops::transpose_12(&dq_t.reshape(&[b, h, s, hd])?)?.reshape(&[t, h, hd])?;
+        let dk = ops::transpose_12(&dk_t)?.reshape(&[t, hkv, hd])?;
+        let dv = ops::transpose_12(&dv_t)?.reshape(&[t, hkv * hd])?;
+        let dq = ops::rope_backward(&dq, rope, pos)?;
+        let dk = ops::rope_backward(&dk, rope, pos)?;
+        let unnorm = |d: Tensor,
+                      w: Option<&Tensor>,
+                      pre: &Option<(Tensor, Tensor)>,
+                      gw: Option<&mut Tensor>,
+                      width: usize|
+         -> Result<Tensor> {
+            match (w, pre, gw) {
+                (Some(w), Some((p, rstd)), Some(gw)) => {
+                    let d = d.reshape(p.shape())?;
+                    let (dp, dw) = ops::rmsnorm_backward(p, w, rstd, &d)?;
+                    ops::add_assign(gw, &dw)?;
+                    dp.reshape(&[t, width])
+                }
+                _ => d.reshape(&[t, width]),
+            }
+        };
+        let dq = unnorm(
+            dq,
+            self.q_norm.as_ref(),
+            &sv.q_pre,
+            g.q_norm.as_mut(),
+            h * hd,
+        )?;
+        let dk = unnorm(
+            dk,
+            self.k_norm.as_ref(),
+            &sv.k_pre,
+            g.k_norm.as_mut(),
+            hkv * hd,
+        )?;
+        let mut dx = Tensor::zeros(x.shape(), x.dtype(), x.device())?;
+        for (d, w, gw, gb) in [
+            (&dq, &self.q, &mut g.q, g.q_bias.as_mut()),
+            (&dk, &self.k, &mut g.k, g.k_bias.as_mut()),
+            (&dv, &self.v, &mut g.v, g.v_bias.as_mut()),
+        ] {
+            ops::matmul_into(gw, d, x, acc, 1.0)?;
+            if let Some(gb) = gb {
+                ops::add_assign(gb, &ops::sum_rows(d)?)?;
+            }
+            ops::add_assign(&mut dx, &ops::matmul(d, w, Matmul::default())?)?;
+        }
+        Ok(dx)
+    }
+
+    /// Prefill of sequence `seq` of the cache with x [S, d] at positions start..start+S; writes
+    /// its K/V into the cache. Returns [S, d].
+    pub fn prefill(
+        &self,
+        sh: &AttnShape,
+        x: &Tensor,
+        rope: &RopeTable,
+        cache_k: &mut Tensor,
+        cache_v: &mut Tensor,
+        seq: usize,
+        start: usize,
+    ) -> Result<Tensor> {
+        let s = x.dim(0);
+        let (h, hkv, hd, g) = (sh.heads, sh.kv_heads, sh.head_dim, sh.group());
+        let dev = x.device();
+        let positions: Vec<i32> = (start..start + s).map(|p| p as i32).collect();
+        let pos = Tensor::from_slice(&positions, &[s], dev)?;
+        let (q, k, v, _, _) = self.qkv(sh, x, rope, &pos, false)?;
+        let seqs = Tensor::from_slice(&vec![seq as i32; s], &[s], dev)?;
+        ops::kv_write(cache_k, &k, &seqs, &pos)?;
+        ops::kv_write(cache_v, &v, &seqs, &pos)?;
+        let q_t = ops::transpose_12(&q.reshape(&[1, s, h, hd])?)?.reshape(&[1, hkv, g * s, hd])?;
+        // From position 0 the new K/V are all the keys; a continuation attends over the cache.
+        let (k_t, v_t) = if start == 0 {
+            (
+                ops::transpose_12(&k.reshape(&[1, s, hkv, hd])?)?,
+                ops::transpose_12(&v.reshape(&[1, s, hkv, hd])?)?,
+            )
+        } else {
+            (
+                ops::slice_rows(cache_k, seq, 1)?,
+                ops::slice_rows(cache_v, seq, 1)?,
+            )
+        };
+        let scores = ops::matmul(
+            &q_t,
+            &k_t,
+            Matmul {
+                trans_b: true,
+                alpha: sh.scale(),
+                ..Default::default()
+            },
+        )?;
+        let probs = ops::softmax(
+            &scores,
+            Softmax {
+                scale: 1.0,
+                causal: Some((s, start)),
+                window: sh.window,
+            },
+        )?;
+        let ctx = ops::matmul(&probs, &v_t, Matmul::default())?.reshape(&[1, h, s, hd])?;
+        let ctx = ops::transpose_12(&ctx)?.reshape(&[s, h * hd])?;
+        ops::linear(&ctx, &self.o, None)
+    }
+
+    /// One new token per sequence: x [B, d] at positions `pos` [B] (the tokens already cached);
+    /// appends K/V and attends over lens = pos + 1. Returns [B, d].
+    pub fn decode(
+        &self,
+        sh: &AttnShape,
+        x: &Tensor,
+        rope: &RopeTable,
+        cache_k: &mut Tensor,
+        cache_v: &mut Tensor,
+        pos: &Tensor,
+        lens: &Tensor,
+        seqs: &Tensor,
+    ) -> Result<Tensor> {
+        let bsz = x.dim(0);
+        let (h, hd) = (sh.heads, sh.head_dim);
+        let (q, k, v, _, _) = self.qkv(sh, x, rope, pos, false)?;
+        ops::kv_write(cache_k, &k, seqs, pos)?;
+        ops::kv_write(cache_v, &v, seqs, pos)?;
+        let ctx = ops::attention_decode(&q, cache_k, cache_v, lens, sh.scale(), sh.window)?;
+        ops::linear(&ctx.reshape(&[bsz, h * hd])?, &self.o, None)
+    }
+}

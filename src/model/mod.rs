@@ -1,0 +1,828 @@
+//! The decoder-only transformer: embedding → blocks (RMSNorm → attention → residual → RMSNorm →
+//! dense MLP or MoE → residual) → RMSNorm → LM head, for Llama / Qwen2 / Qwen3 / Mixtral /
+//! Qwen2-MoE / Qwen3-MoE / OLMoE checkpoints (`hf`) and native training configs. Forward and
+//! backward are hand-written per layer (`attention`, `crate::moe`); training fuses the LM head with
+//! the cross-entropy in row chunks and computes their gradient in the forward pass.
+//!
+//! Activation memory per block without recompute (T = B·S tokens, bf16 on GPU): x, the norms'
+//! outputs, q/k/v/context (≈ 4·T·H·hd), attention probabilities (H·S·T), and the FFN's hidden
+//! activations (dense: 3·T·F; MoE: x_perm, h, a, y_perm ≈ T·k·(2d + 3F)). With `recompute` only
+//! each block's input (T·d) is kept and the block is re-run in the backward.
+
+mod attention;
+pub mod config;
+mod hf;
+mod weights;
+
+pub use attention::{Attention, AttnShape};
+pub use config::{Arch, Ffn, LayerConfig, ModelConfig, NativeMoe, NativeSpec, QkNorm, RopeScaling};
+pub use weights::{save as save_safetensors, Checkpoint};
+
+use std::path::{Path, PathBuf};
+
+use crate::moe::{self, DenseMlp, DenseSaved, ExpertKind, MoeSaved, MoeWeights};
+use crate::param_set;
+use crate::runtime::ops::{self, Matmul, RopeTable};
+use crate::runtime::{DType, Device, ParamSet, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("{path}: {msg}")]
+    File { path: String, msg: String },
+    #[error("{path}: tensor `{name}` {msg}")]
+    Tensor {
+        path: String,
+        name: String,
+        msg: String,
+    },
+    #[error("tensor `{name}` is missing from the checkpoint ({files})")]
+    Missing { name: String, files: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::Error),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &Path, e: std::io::Error) -> ModelError {
+        ModelError::File {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        }
+    }
+    pub(crate) fn file(path: &Path, msg: impl Into<String>) -> ModelError {
+        ModelError::File {
+            path: path.display().to_string(),
+            msg: msg.into(),
+        }
+    }
+    pub(crate) fn tensor(path: &Path, name: &str, msg: impl Into<String>) -> ModelError {
+        ModelError::Tensor {
+            path: path.display().to_string(),
+            name: name.to_string(),
+            msg: msg.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+pub enum FfnWeights {
+    Dense(DenseMlp),
+    Moe(MoeWeights),
+}
+
+impl ParamSet for FfnWeights {
+    fn visit(&self, p: &str, f: &mut dyn FnMut(&str, &Tensor)) {
+        match self {
+            FfnWeights::Dense(m) => m.visit(p, f),
+            FfnWeights::Moe(m) => m.visit(p, f),
+        }
+    }
+    fn visit_mut(&mut self, p: &str, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        match self {
+            FfnWeights::Dense(m) => m.visit_mut(p, f),
+            FfnWeights::Moe(m) => m.visit_mut(p, f),
+        }
+    }
+}
+
+pub struct Block {
+    pub attn_norm: Tensor,
+    pub attn: Attention,
+    pub ffn_norm: Tensor,
+    pub ffn: FfnWeights,
+}
+param_set!(Block { t attn_norm, set attn, t ffn_norm, set ffn });
+
+/// All trained tensors (weights in the model dtype; gradients f32 with the same names).
+pub struct Params {
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    pub lm_head: Option<Tensor>,
+}
+
+impl ParamSet for Params {
+    fn visit(&self, p: &str, f: &mut dyn FnMut(&str, &Tensor)) {
+        f(&crate::runtime::params::join(p, "embed"), &self.embed);
+        for (i, b) in self.blocks.iter().enumerate() {
+            b.visit(&crate::runtime::params::join(p, &format!("blocks.{i}")), f);
+        }
+        f(&crate::runtime::params::join(p, "norm"), &self.norm);
+        if let Some(h) = &self.lm_head {
+            f(&crate::runtime::params::join(p, "lm_head"), h);
+        }
+    }
+    fn visit_mut(&mut self, p: &str, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        f(&crate::runtime::params::join(p, "embed"), &mut self.embed);
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            b.visit_mut(&crate::runtime::params::join(p, &format!("blocks.{i}")), f);
+        }
+        f(&crate::runtime::params::join(p, "norm"), &mut self.norm);
+        if let Some(h) = &mut self.lm_head {
+            f(&crate::runtime::params::join(p, "lm_head"), h);
+        }
+    }
+}
+
+pub type Grads = Params;
+
+impl Params {
+    /// Zeros of `dtype` shaped like every parameter (f32: a gradient accumulator).
+    pub fn zeros_like(&self, dtype: DType) -> crate::runtime::Result<Params> {
+        let z = |t: &Tensor| Tensor::zeros(t.shape(), dtype, t.device());
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(Block {
+                    attn_norm: z(&b.attn_norm)?,
+                    attn: Attention {
+                        q: z(&b.attn.q)?,
+                        k: z(&b.attn.k)?,
+                        v: z(&b.attn.v)?,
+                        o: z(&b.attn.o)?,
+                        q_bias: b.attn.q_bias.as_ref().map(z).transpose()?,
+                        k_bias: b.attn.k_bias.as_ref().map(z).transpose()?,
+                        v_bias: b.attn.v_bias.as_ref().map(z).transpose()?,
+                        q_norm: b.attn.q_norm.as_ref().map(z).transpose()?,
+                        k_norm: b.attn.k_norm.as_ref().map(z).transpose()?,
+                    },
+                    ffn_norm: z(&b.ffn_norm)?,
+                    ffn: match &b.ffn {
+                        FfnWeights::Dense(m) => FfnWeights::Dense(DenseMlp {
+                            w1: z(&m.w1)?,
+                            b1: m.b1.as_ref().map(z).transpose()?,
+                            w2: z(&m.w2)?,
+                            b2: m.b2.as_ref().map(z).transpose()?,
+                        }),
+                        FfnWeights::Moe(m) => FfnWeights::Moe(m.zeros_as(dtype)?),
+                    },
+                })
+            })
+            .collect::<crate::runtime::Result<Vec<_>>>()?;
+        Ok(Params {
+            embed: z(&self.embed)?,
+            blocks,
+            norm: z(&self.norm)?,
+            lm_head: self.lm_head.as_ref().map(z).transpose()?,
+        })
+    }
+
+    /// The MoE selection biases (optimizer-free state, saved in checkpoints): (name, tensor).
+    pub fn visit_state_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            if let FfnWeights::Moe(m) = &mut b.ffn {
+                if let Some(rb) = &mut m.router_bias {
+                    f(&format!("blocks.{i}.ffn.router_bias"), rb);
+                }
+            }
+        }
+    }
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub params: Params,
+    pub device: Device,
+    pub dtype: DType,
+    rope: RopeTable,
+}
+
+/// Options of one training forward.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainOpts {
+    /// Keep only block inputs; re-run each block in the backward.
+    pub recompute: bool,
+    /// Seed of the MoE noisy gates / random token selection for this step.
+    pub seed: u64,
+    /// Factor applied to the loss gradient (e.g. 1 / gradient-accumulation steps).
+    pub loss_scale: f32,
+}
+
+impl Default for TrainOpts {
+    fn default() -> Self {
+        TrainOpts {
+            recompute: false,
+            seed: 0,
+            loss_scale: 1.0,
+        }
+    }
+}
+
+pub struct StepOutput {
+    /// [1] f32 mean cross-entropy over the non-ignored targets.
+    pub loss: Tensor,
+    /// [1] f32 sum over MoE layers of the aux / z losses (already times their coefficients).
+    pub aux_loss: Tensor,
+    pub z_loss: Tensor,
+    /// Per MoE layer (layer index, [E] i32 tokens routed, [E] f32 dropped).
+    pub expert_load: Vec<(usize, Tensor, Tensor)>,
+}
+
+enum FfnSaved {
+    Dense(DenseSaved),
+    Moe(MoeSaved),
+}
+
+enum BlockSaved {
+    Full {
+        h1: Tensor,
+        rstd1: Tensor,
+        attn: attention::AttnSaved,
+        x_mid: Tensor,
+        h2: Tensor,
+        rstd2: Tensor,
+        ffn: FfnSaved,
+    },
+    Input,
+}
+
+/// What `backward` needs from `forward_train`.
+pub struct Saved {
+    b: usize,
+    s: usize,
+    tokens: Tensor,
+    pos: Tensor,
+    opts: TrainOpts,
+    inputs: Vec<Tensor>,
+    blocks: Vec<BlockSaved>,
+    x_last: Tensor,
+    rstd_f: Tensor,
+    dx_f: Tensor,
+    dhead: Tensor,
+}
+
+/// Per-layer K/V caches [B, Hkv, max_len, hd] and each sequence's cached length.
+pub struct KvCache {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub lens: Vec<usize>,
+    pub max_len: usize,
+}
+
+impl Model {
+    pub fn shape(&self, layer: usize) -> AttnShape {
+        let c = &self.config;
+        AttnShape {
+            heads: c.n_heads,
+            kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            qk_norm: c.qk_norm,
+            eps: c.rms_norm_eps as f32,
+            window: c.layers[layer].sliding_window,
+        }
+    }
+
+    fn eps(&self) -> f32 {
+        self.config.rms_norm_eps as f32
+    }
+
+    /// Wrap `params` (already on `device` in `dtype`) after checking their shapes.
+    pub fn from_params(
+        config: ModelConfig,
+        params: Params,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Model> {
+        config.validate().map_err(ModelError::Invalid)?;
+        if config.clip_qkv.is_some() {
+            return Err(ModelError::Invalid(
+                "clip_qkv is set in the config; clamping q/k/v is not supported yet".into(),
+            ));
+        }
+        let (inv, att) = config.rope_inv_freq(config.max_seq_len);
+        let rope = RopeTable::new(&inv, config.max_seq_len, att, device)?;
+        let m = Model {
+            config,
+            params,
+            device,
+            dtype,
+            rope,
+        };
+        m.check_shapes()?;
+        Ok(m)
+    }
+
+    fn check_shapes(&self) -> Result<()> {
+        let c = &self.config;
+        let (d, v) = (c.d_model, c.vocab_size);
+        let want = |name: &str, t: &Tensor, s: &[usize]| -> Result<()> {
+            if t.shape() != s {
+                return Err(ModelError::Invalid(format!(
+                    "parameter {name} has shape {:?}, expected {s:?}",
+                    t.shape()
+                )));
+            }
+            Ok(())
+        };
+        want("embed", &self.params.embed, &[v, d])?;
+        if let Some(h) = &self.params.lm_head {
+            want("lm_head", h, &[v, d])?;
+        }
+        if self.params.blocks.len() != c.n_layers() {
+            return Err(ModelError::Invalid(format!(
+                "{} blocks for {} layers",
+                self.params.blocks.len(),
+                c.n_layers()
+            )));
+        }
+        for (i, (b, l)) in self.params.blocks.iter().zip(&c.layers).enumerate() {
+            if let (FfnWeights::Moe(w), Ffn::Moe(mc)) = (&b.ffn, &l.ffn) {
+                w.check(mc, &format!("blocks.{i}.ffn"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A randomly initialised model (GPT-2 style: N(0, init_std), output projections scaled by
+    /// 1/sqrt(2·layers), norms one).
+    pub fn init(config: ModelConfig, seed: u64, device: Device, dtype: DType) -> Result<Model> {
+        config.validate().map_err(ModelError::Invalid)?;
+        let c = &config;
+        let std = c.init_std;
+        let out_std = std / (2.0 * c.n_layers() as f32).sqrt();
+        let d = c.d_model;
+        let mut blocks = Vec::with_capacity(c.n_layers());
+        for (i, l) in c.layers.iter().enumerate() {
+            let s = seed.wrapping_mul(1000).wrapping_add(i as u64 * 17 + 1);
+            let sh = AttnShape {
+                heads: c.n_heads,
+                kv_heads: c.n_kv_heads,
+                head_dim: c.head_dim,
+                qk_norm: c.qk_norm,
+                eps: c.rms_norm_eps as f32,
+                window: l.sliding_window,
+            };
+            let ffn = match &l.ffn {
+                Ffn::Dense { ffn_dim } => FfnWeights::Dense(DenseMlp::init(
+                    ExpertKind::SwiGlu,
+                    d,
+                    *ffn_dim,
+                    false,
+                    std,
+                    out_std,
+                    s ^ 0xf0,
+                    dtype,
+                    device,
+                )?),
+                Ffn::Moe(m) => {
+                    FfnWeights::Moe(MoeWeights::init(m, std, out_std, s ^ 0xf1, dtype, device)?)
+                }
+            };
+            blocks.push(Block {
+                attn_norm: Tensor::full(&[d], 1.0, dtype, device)?,
+                attn: Attention::init(&sh, d, c.qkv_bias, std, out_std, s, dtype, device)?,
+                ffn_norm: Tensor::full(&[d], 1.0, dtype, device)?,
+                ffn,
+            });
+        }
+        let params = Params {
+            embed: Tensor::randn(&[c.vocab_size, d], std, seed ^ 0xe0, dtype, device)?,
+            blocks,
+            norm: Tensor::full(&[d], 1.0, dtype, device)?,
+            lm_head: if c.tie_word_embeddings {
+                None
+            } else {
+                Some(Tensor::randn(
+                    &[c.vocab_size, d],
+                    std,
+                    seed ^ 0xe1,
+                    dtype,
+                    device,
+                )?)
+            },
+        };
+        Model::from_params(config, params, device, dtype)
+    }
+
+    pub fn load_hf(dir: &Path, device: Device, dtype: Option<DType>) -> Result<Model> {
+        hf::load(dir, device, dtype)
+    }
+
+    /// Write config.json + model.safetensors in the HF layout (Mixtral, Qwen3-MoE, or the
+    /// checkpoint's own architecture) into `dir`, atomically.
+    pub fn save_hf(&self, dir: &Path) -> Result<PathBuf> {
+        hf::save(self, dir)
+    }
+
+    fn head(&self) -> &Tensor {
+        self.params.lm_head.as_ref().unwrap_or(&self.params.embed)
+    }
+
+    fn ffn_forward(
+        &self,
+        i: usize,
+        h: &Tensor,
+        mode: moe::Mode,
+    ) -> Result<(Tensor, Option<FfnSaved>, Option<moe::MoeStats>)> {
+        let save = matches!(mode, moe::Mode::Train { .. });
+        match (&self.params.blocks[i].ffn, &self.config.layers[i].ffn) {
+            (FfnWeights::Dense(m), _) => {
+                let (y, s) = m.forward(ExpertKind::SwiGlu, h, save)?;
+                Ok((y, s.map(FfnSaved::Dense), None))
+            }
+            (FfnWeights::Moe(w), Ffn::Moe(mc)) => {
+                let (y, s, st) =
+                    moe::moe_forward_named(mc, w, h, mode, &format!("blocks.{i}.ffn"), false)?;
+                Ok((y, s.map(FfnSaved::Moe), Some(st)))
+            }
+            (FfnWeights::Moe(_), Ffn::Dense { .. }) => Err(ModelError::Invalid(format!(
+                "layer {i}: MoE weights for a dense layer"
+            ))),
+        }
+    }
+
+    /// One block in training mode: (output, saved, MoE stats).
+    fn block_train(
+        &self,
+        i: usize,
+        x: &Tensor,
+        b: usize,
+        s: usize,
+        pos: &Tensor,
+        seed: u64,
+    ) -> Result<(Tensor, BlockSaved, Option<moe::MoeStats>)> {
+        let blk = &self.params.blocks[i];
+        let (h1, rstd1) = ops::rmsnorm(x, &blk.attn_norm, self.eps())?;
+        let (a, attn) = blk
+            .attn
+            .forward_train(&self.shape(i), &h1, b, s, &self.rope, pos)?;
+        let x_mid = ops::add(x, &a)?;
+        let (h2, rstd2) = ops::rmsnorm(&x_mid, &blk.ffn_norm, self.eps())?;
+        let (f, ffn, stats) = self.ffn_forward(
+            i,
+            &h2,
+            moe::Mode::Train {
+                seed: seed.wrapping_add(i as u64 * 7919),
+            },
+        )?;
+        let y = ops::add(&x_mid, &f)?;
+        let ffn =
+            ffn.ok_or_else(|| ModelError::Invalid("training forward saved nothing".into()))?;
+        Ok((
+            y,
+            BlockSaved::Full {
+                h1,
+                rstd1,
+                attn,
+                x_mid,
+                h2,
+                rstd2,
+                ffn,
+            },
+            stats,
+        ))
+    }
+
+    /// Training forward: tokens and targets [B, S] i32 on the model's device (targets −100 are
+    /// ignored; `n_valid` counts the others). Computes the loss and, fused with it, the LM head's
+    /// gradient, so `backward` only walks the blocks.
+    pub fn forward_train(
+        &self,
+        tokens: &Tensor,
+        targets: &Tensor,
+        n_valid: usize,
+        opts: &TrainOpts,
+    ) -> Result<(StepOutput, Saved)> {
+        let (b, s) = (tokens.dim(0), tokens.dim(-1));
+        if tokens.rank() != 2 || targets.shape() != tokens.shape() {
+            return Err(ModelError::Invalid(format!(
+                "tokens {:?} and targets {:?} must both be [batch, seq]",
+                tokens.shape(),
+                targets.shape()
+            )));
+        }
+        if s > self.config.max_seq_len {
+            return Err(ModelError::Invalid(format!(
+                "sequence length {s} exceeds max_seq_len = {}",
+                self.config.max_seq_len
+            )));
+        }
+        let t = b * s;
+        let dev = self.device;
+        let pos: Vec<i32> = (0..t).map(|i| (i % s) as i32).collect();
+        let pos = Tensor::from_slice(&pos, &[t], dev)?;
+        let ids = tokens.try_clone()?.reshape(&[t])?;
+        let mut x = ops::embedding(&ids, &self.params.embed)?;
+        let mut inputs = Vec::new();
+        let mut blocks = Vec::new();
+        let mut aux = Tensor::zeros(&[1], DType::F32, dev)?;
+        let mut z = Tensor::zeros(&[1], DType::F32, dev)?;
+        let mut load = Vec::new();
+        for i in 0..self.config.n_layers() {
+            let (y, sv, st) = self.block_train(i, &x, b, s, &pos, opts.seed)?;
+            if let Some(st) = st {
+                ops::add_assign(&mut aux, &st.aux_loss)?;
+                ops::add_assign(&mut z, &st.z_loss)?;
+                load.push((i, st.tokens_per_expert, st.dropped));
+            }
+            if opts.recompute {
+                inputs.push(x);
+                blocks.push(BlockSaved::Input);
+            } else {
+                inputs.push(x);
+                blocks.push(sv);
+            }
+            x = y;
+        }
+        let (xf, rstd_f) = ops::rmsnorm(&x, &self.params.norm, self.eps())?;
+        // LM head + cross-entropy in row chunks of <= 64 MiB of f32 logits.
+        let v = self.config.vocab_size;
+        let chunk = ((64 << 20) / (4 * v)).clamp(1, t.max(1));
+        let tg = targets.try_clone()?.reshape(&[t])?;
+        let mut losses = Tensor::zeros(&[t], DType::F32, dev)?;
+        let mut dx_f = Tensor::zeros(&[t, self.config.d_model], self.dtype, dev)?;
+        let mut dhead = Tensor::zeros(&[v, self.config.d_model], DType::F32, dev)?;
+        let scale = opts.loss_scale / n_valid.max(1) as f32;
+        let mut r0 = 0;
+        while r0 < t {
+            let n = chunk.min(t - r0);
+            let xc = ops::slice_rows(&xf, r0, n)?;
+            let tc = ops::slice_rows(&tg, r0, n)?;
+            let logits = ops::linear(&xc, self.head(), None)?;
+            let (lc, lse) = ops::cross_entropy(&logits, &tc, -100)?;
+            ops::write_rows(&mut losses, r0, &lc)?;
+            let dl = ops::cross_entropy_backward(&logits, &tc, &lse, -100, scale)?;
+            ops::matmul_into(
+                &mut dhead,
+                &dl,
+                &xc,
+                Matmul {
+                    trans_a: true,
+                    out_dtype: Some(DType::F32),
+                    ..Default::default()
+                },
+                1.0,
+            )?;
+            ops::write_rows(
+                &mut dx_f,
+                r0,
+                &ops::matmul(&dl, self.head(), Matmul::default())?,
+            )?;
+            r0 += n;
+        }
+        let loss = ops::scale(&ops::sum_all(&losses)?, 1.0 / n_valid.max(1) as f32)?;
+        let out = StepOutput {
+            loss,
+            aux_loss: aux,
+            z_loss: z,
+            expert_load: load,
+        };
+        let saved = Saved {
+            b,
+            s,
+            tokens: ids,
+            pos,
+            opts: *opts,
+            inputs,
+            blocks,
+            x_last: x,
+            rstd_f,
+            dx_f,
+            dhead,
+        };
+        Ok((out, saved))
+    }
+
+    /// Accumulates f32 gradients of (loss + aux + z) · loss_scale into `g`.
+    pub fn backward(&self, saved: Saved, g: &mut Grads) -> Result<()> {
+        let Saved {
+            b,
+            s,
+            tokens,
+            pos,
+            opts,
+            inputs,
+            blocks,
+            x_last,
+            rstd_f,
+            dx_f,
+            dhead,
+        } = saved;
+        match g.lm_head.as_mut() {
+            Some(h) => ops::add_assign(h, &dhead)?,
+            None => ops::add_assign(&mut g.embed, &dhead)?,
+        }
+        let (mut dx, dnorm) = ops::rmsnorm_backward(&x_last, &self.params.norm, &rstd_f, &dx_f)?;
+        ops::add_assign(&mut g.norm, &dnorm)?;
+        drop(x_last);
+        for (i, (x, sv)) in inputs.into_iter().zip(blocks).enumerate().rev() {
+            let sv = match sv {
+                BlockSaved::Input => self.block_train(i, &x, b, s, &pos, opts.seed)?.1,
+                full => full,
+            };
+            let BlockSaved::Full {
+                h1,
+                rstd1,
+                attn,
+                x_mid,
+                h2,
+                rstd2,
+                ffn,
+            } = sv
+            else {
+                unreachable!("recomputed above")
+            };
+            let blk = &self.params.blocks[i];
+            let gb = &mut g.blocks[i];
+            // y = x_mid + ffn(norm(x_mid))
+            let dh2 = match (&blk.ffn, ffn, &mut gb.ffn, &self.config.layers[i].ffn) {
+                (FfnWeights::Dense(m), FfnSaved::Dense(fs), FfnWeights::Dense(gm), _) => {
+                    m.backward(ExpertKind::SwiGlu, &h2, &fs, &dx, gm)?
+                }
+                (FfnWeights::Moe(w), FfnSaved::Moe(ms), FfnWeights::Moe(gm), Ffn::Moe(mc)) => {
+                    moe::moe_backward(mc, w, &h2, &ms, &dx, opts.loss_scale, gm)?
+                }
+                _ => {
+                    return Err(ModelError::Invalid(format!(
+                        "layer {i}: saved activations do not match the layer kind"
+                    )))
+                }
+            };
+            let (dxm, dw2) = ops::rmsnorm_backward(&x_mid, &blk.ffn_norm, &rstd2, &dh2)?;
+            ops::add_assign(&mut gb.ffn_norm, &dw2)?;
+            ops::add_assign(&mut dx, &dxm)?;
+            // x_mid = x + attn(norm(x))
+            let dh1 = blk.attn.backward(
+                &self.shape(i),
+                &h1,
+                b,
+                s,
+                &self.rope,
+                &pos,
+                &attn,
+                &dx,
+                &mut gb.attn,
+            )?;
+            let (dxa, dw1) = ops::rmsnorm_backward(&x, &blk.attn_norm, &rstd1, &dh1)?;
+            ops::add_assign(&mut gb.attn_norm, &dw1)?;
+            ops::add_assign(&mut dx, &dxa)?;
+        }
+        ops::embedding_backward(&tokens, &dx, &mut g.embed)?;
+        Ok(())
+    }
+
+    pub fn new_kv_cache(&self, batch: usize, max_len: usize) -> Result<KvCache> {
+        let c = &self.config;
+        if max_len > c.max_seq_len {
+            return Err(ModelError::Invalid(format!("a cache of {max_len} positions exceeds the model's context of {} (max_position_embeddings)", c.max_seq_len)));
+        }
+        let shape = [batch, c.n_kv_heads, max_len, c.head_dim];
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..c.n_layers() {
+            k.push(Tensor::zeros(&shape, self.dtype, self.device)?);
+            v.push(Tensor::zeros(&shape, self.dtype, self.device)?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            lens: vec![0; batch],
+            max_len,
+        })
+    }
+
+    /// Appends `tokens[i]` to sequence i of the cache and returns f32 logits: [B, V] for the last
+    /// new position of each sequence (sequences given no tokens get zeros), or with `all_logits`
+    /// [Σ new tokens, V] for every new position in order.
+    pub fn forward_infer(
+        &self,
+        tokens: &[Vec<u32>],
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Tensor> {
+        let bsz = tokens.len();
+        if bsz != cache.lens.len() {
+            return Err(ModelError::Invalid(format!(
+                "{bsz} token lists for a cache of {} sequences",
+                cache.lens.len()
+            )));
+        }
+        for (i, t) in tokens.iter().enumerate() {
+            if cache.lens[i] + t.len() > cache.max_len {
+                return Err(ModelError::Invalid(format!(
+                    "sequence {i}: {} cached + {} new tokens exceed the context of {} positions",
+                    cache.lens[i],
+                    t.len(),
+                    cache.max_len
+                )));
+            }
+            if let Some(&bad) = t.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+                return Err(ModelError::Invalid(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
+        }
+        let v = self.config.vocab_size;
+        let decode = !all_logits && bsz > 0 && tokens.iter().all(|t| t.len() == 1);
+        if decode {
+            let ids: Vec<i32> = tokens.iter().map(|t| t[0] as i32).collect();
+            let pos: Vec<i32> = cache.lens.iter().map(|&l| l as i32).collect();
+            let lens: Vec<i32> = cache.lens.iter().map(|&l| l as i32 + 1).collect();
+            let seqs: Vec<i32> = (0..bsz as i32).collect();
+            let dev = self.device;
+            let (ids, pos, lens_t, seqs) = (
+                Tensor::from_slice(&ids, &[bsz], dev)?,
+                Tensor::from_slice(&pos, &[bsz], dev)?,
+                Tensor::from_slice(&lens, &[bsz], dev)?,
+                Tensor::from_slice(&seqs, &[bsz], dev)?,
+            );
+            let mut x = ops::embedding(&ids, &self.params.embed)?;
+            for i in 0..self.config.n_layers() {
+                let blk = &self.params.blocks[i];
+                let (h, _) = ops::rmsnorm(&x, &blk.attn_norm, self.eps())?;
+                let a = blk.attn.decode(
+                    &self.shape(i),
+                    &h,
+                    &self.rope,
+                    &mut cache.k[i],
+                    &mut cache.v[i],
+                    &pos,
+                    &lens_t,
+                    &seqs,
+                )?;
+                ops::add_assign(&mut x, &a)?;
+                let (h, _) = ops::rmsnorm(&x, &blk.ffn_norm, self.eps())?;
+                ops::add_assign(&mut x, &self.ffn_forward(i, &h, moe::Mode::Infer)?.0)?;
+            }
+            for l in cache.lens.iter_mut() {
+                *l += 1;
+            }
+            let (xf, _) = ops::rmsnorm(&x, &self.params.norm, self.eps())?;
+            let logits = ops::matmul(
+                &xf,
+                self.head(),
+                Matmul {
+                    trans_b: true,
+                    out_dtype: Some(DType::F32),
+                    ..Default::default()
+                },
+            )?;
+            return Ok(logits);
+        }
+        let mut rows: Vec<Tensor> = Vec::new();
+        for (seq, t) in tokens.iter().enumerate() {
+            if t.is_empty() {
+                if !all_logits {
+                    rows.push(Tensor::zeros(&[1, v], DType::F32, self.device)?);
+                }
+                continue;
+            }
+            let n = t.len();
+            let ids: Vec<i32> = t.iter().map(|&x| x as i32).collect();
+            let ids = Tensor::from_slice(&ids, &[n], self.device)?;
+            let start = cache.lens[seq];
+            let mut x = ops::embedding(&ids, &self.params.embed)?;
+            for i in 0..self.config.n_layers() {
+                let blk = &self.params.blocks[i];
+                let (h, _) = ops::rmsnorm(&x, &blk.attn_norm, self.eps())?;
+                let a = blk.attn.prefill(
+                    &self.shape(i),
+                    &h,
+                    &self.rope,
+                    &mut cache.k[i],
+                    &mut cache.v[i],
+                    seq,
+                    start,
+                )?;
+                ops::add_assign(&mut x, &a)?;
+                let (h, _) = ops::rmsnorm(&x, &blk.ffn_norm, self.eps())?;
+                ops::add_assign(&mut x, &self.ffn_forward(i, &h, moe::Mode::Infer)?.0)?;
+            }
+            cache.lens[seq] += n;
+            let xs = if all_logits {
+                x
+            } else {
+                ops::slice_rows(&x, n - 1, 1)?
+            };
+            let (xf, _) = ops::rmsnorm(&xs, &self.params.norm, self.eps())?;
+            rows.push(ops::matmul(
+                &xf,
+                self.head(),
+                Matmul {
+                    trans_b: true,
+                    out_dtype: Some(DType::F32),
+                    ..Default::default()
+                },
+            )?);
+        }
+        let total: usize = rows.iter().map(|r| r.dim(0)).sum();
+        let mut out = Tensor::uninit(&[total, v], DType::F32, self.device)?;
+        let mut at = 0;
+        for r in rows {
+            ops::write_rows(&mut out, at, &r)?;
+            at += r.dim(0);
+        }
+        Ok(out)
+    }
+
+    /// (total, active-per-token) parameter counts.
+    pub fn param_counts(&self) -> (u64, u64) {
+        self.config.param_counts()
+    }
+}

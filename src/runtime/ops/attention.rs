@@ -1,0 +1,200 @@
+//! Attention over a KV cache (inference). The cache of one layer is [B, Hkv, L, hd] per K and V.
+//!   kv_write:         cache[b_i, :, p_i, :] = new[i] for tokens i (new [N, Hkv, hd]).
+//!   attention_decode: one query per sequence, q [B, H, hd] against keys 0..lens[b] (the last
+//!                     `window` of them with sliding-window attention); GQA maps head h to KV head
+//!                     h / (H / Hkv). Bytes: the cached K and V rows read once; FLOPs 4·B·H·len·hd.
+//! Kernels: `cuda/kernels/attention.cu` (one block per (b, h), 4 warps splitting the keys with an
+//! online softmax, merged at the end).
+
+use rayon::prelude::*;
+
+use super::{cuda_dev, dptr, kname, same_device};
+use crate::runtime::cuda::{grid_1d, kernels};
+use crate::runtime::{cpu_from_f32, DType, Device, Error, Result, Tensor};
+
+/// Writes rows of `new` [N, Hkv, hd] into `cache` [B, Hkv, L, hd] at (batch[i], pos[i]).
+pub fn kv_write(cache: &mut Tensor, new: &Tensor, batch: &Tensor, pos: &Tensor) -> Result<()> {
+    let op = "kv_write";
+    same_device(op, &[cache, new, batch, pos])?;
+    batch.expect_dtype(op, DType::I32)?;
+    pos.expect_dtype(op, DType::I32)?;
+    if cache.rank() != 4
+        || new.rank() != 3
+        || new.dim(1) != cache.dim(1)
+        || new.dim(2) != cache.dim(3)
+        || cache.dtype() != new.dtype()
+    {
+        return Err(Error::shape(
+            op,
+            format!(
+                "new {:?} {} does not fit cache {:?} {}",
+                new.shape(),
+                new.dtype(),
+                cache.shape(),
+                cache.dtype()
+            ),
+        ));
+    }
+    let (b, hkv, l, hd) = (cache.dim(0), cache.dim(1), cache.dim(2), cache.dim(3));
+    let n = new.dim(0);
+    if batch.numel() != n || pos.numel() != n {
+        return Err(Error::shape(
+            op,
+            format!("{n} rows need {n} batch indices and positions"),
+        ));
+    }
+    match cache.device() {
+        Device::Cpu => {
+            let (bv, pv) = (
+                batch.as_slice::<i32>()?.to_vec(),
+                pos.as_slice::<i32>()?.to_vec(),
+            );
+            if let Some(i) = (0..n)
+                .find(|&i| bv[i] < 0 || bv[i] as usize >= b || pv[i] < 0 || pv[i] as usize >= l)
+            {
+                return Err(Error::Invalid(format!(
+                    "{op}: row {i} targets sequence {} position {} outside the cache ({b} × {l})",
+                    bv[i], pv[i]
+                )));
+            }
+            let src = new.cpu_f32()?.into_owned();
+            let mut dst = cache.cpu_f32()?.into_owned();
+            for i in 0..n {
+                for h in 0..hkv {
+                    let d0 = ((bv[i] as usize * hkv + h) * l + pv[i] as usize) * hd;
+                    dst[d0..d0 + hd]
+                        .copy_from_slice(&src[(i * hkv + h) * hd..(i * hkv + h + 1) * hd]);
+                }
+            }
+            *cache = cpu_from_f32(dst, &[b, hkv, l, hd], cache.dtype())?;
+            Ok(())
+        }
+        Device::Cuda(_) => {
+            let total = n * hkv * hd;
+            if total == 0 {
+                return Ok(());
+            }
+            cuda_dev(cache)?
+                .launch(
+                    &kernels::ATTENTION,
+                    &kname("kv_write", new),
+                    (grid_1d(total, 256), 1, 1),
+                    (256, 1, 1),
+                    0,
+                )?
+                .ptr(dptr(cache))
+                .ptr(dptr(new))
+                .ptr(dptr(batch))
+                .ptr(dptr(pos))
+                .usize_as_i32(n)?
+                .usize_as_i32(hkv)?
+                .usize_as_i32(l)?
+                .usize_as_i32(hd)?
+                .usize_as_i32(b)?
+                .run()
+        }
+    }
+}
+
+/// o [B, H, hd] = softmax(scale · q·Kᵀ) · V over each sequence's cached keys.
+pub fn attention_decode(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    lens: &Tensor,
+    scale: f32,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let op = "attention_decode";
+    same_device(op, &[q, k_cache, v_cache, lens])?;
+    lens.expect_dtype(op, DType::I32)?;
+    q.expect_float(op)?;
+    if q.rank() != 3
+        || k_cache.rank() != 4
+        || k_cache.shape() != v_cache.shape()
+        || q.dim(0) != k_cache.dim(0)
+        || q.dim(2) != k_cache.dim(3)
+    {
+        return Err(Error::shape(
+            op,
+            format!(
+                "q {:?} does not fit caches {:?} / {:?}",
+                q.shape(),
+                k_cache.shape(),
+                v_cache.shape()
+            ),
+        ));
+    }
+    let (b, h, hd) = (q.dim(0), q.dim(1), q.dim(2));
+    let (hkv, l) = (k_cache.dim(1), k_cache.dim(2));
+    if h % hkv != 0 || lens.numel() != b || hd > 256 {
+        return Err(Error::shape(op, format!("{h} heads over {hkv} KV heads, {} lengths for {b} sequences, head dim {hd} (<= 256)", lens.numel())));
+    }
+    let group = h / hkv;
+    let win = window.unwrap_or(0);
+    match q.device() {
+        Device::Cpu => {
+            let lv = lens.as_slice::<i32>()?;
+            if let Some(&bad) = lv.iter().find(|&&x| x < 1 || x as usize > l) {
+                return Err(Error::Invalid(format!(
+                    "{op}: sequence length {bad} outside 1..={l}"
+                )));
+            }
+            let (qv, kv, vv) = (q.cpu_f32()?, k_cache.cpu_f32()?, v_cache.cpu_f32()?);
+            let mut out = vec![0f32; b * h * hd];
+            out.par_chunks_mut(hd).enumerate().for_each(|(bh, o)| {
+                let (bi, hi) = (bh / h, bh % h);
+                let kvh = hi / group;
+                let n = lv[bi] as usize;
+                let first = if win > 0 { n.saturating_sub(win) } else { 0 };
+                let qr = &qv[bh * hd..(bh + 1) * hd];
+                let base = (bi * hkv + kvh) * l * hd;
+                let scores: Vec<f32> = (first..n)
+                    .map(|j| {
+                        scale
+                            * qr.iter()
+                                .zip(&kv[base + j * hd..base + (j + 1) * hd])
+                                .map(|(a, c)| a * c)
+                                .sum::<f32>()
+                    })
+                    .collect();
+                let m = scores.iter().fold(f32::NEG_INFINITY, |a, &c| a.max(c));
+                let e: Vec<f32> = scores.iter().map(|&s| (s - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for (jj, j) in (first..n).enumerate() {
+                    let p = e[jj] / z;
+                    for (oc, &vc) in o.iter_mut().zip(&vv[base + j * hd..base + (j + 1) * hd]) {
+                        *oc += p * vc;
+                    }
+                }
+            });
+            cpu_from_f32(out, &[b, h, hd], q.dtype())
+        }
+        Device::Cuda(_) => {
+            let out = Tensor::uninit(&[b, h, hd], q.dtype(), q.device())?;
+            if b * h > 0 {
+                cuda_dev(q)?
+                    .launch(
+                        &kernels::ATTENTION,
+                        &kname("attention_decode", q),
+                        ((b * h) as u32, 1, 1),
+                        (128, 1, 1),
+                        0,
+                    )?
+                    .ptr(dptr(&out))
+                    .ptr(dptr(q))
+                    .ptr(dptr(k_cache))
+                    .ptr(dptr(v_cache))
+                    .ptr(dptr(lens))
+                    .usize_as_i32(h)?
+                    .usize_as_i32(hkv)?
+                    .usize_as_i32(l)?
+                    .usize_as_i32(hd)?
+                    .f32(scale)
+                    .usize_as_i32(win)?
+                    .run()?;
+            }
+            Ok(out)
+        }
+    }
+}
