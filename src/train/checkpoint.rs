@@ -33,6 +33,10 @@ pub struct CheckpointConfig {
     /// Keep the last this many checkpoints.
     #[serde(default = "d_keep")]
     pub keep: usize,
+    /// At the end of the run, also write the model in Hugging Face layout to `<run>/hf` (when
+    /// the architecture has one: Mixtral or Qwen3-MoE).
+    #[serde(default = "d_export")]
+    pub export_hf: bool,
 }
 
 fn d_every() -> u64 {
@@ -41,12 +45,16 @@ fn d_every() -> u64 {
 fn d_keep() -> usize {
     2
 }
+fn d_export() -> bool {
+    true
+}
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
         CheckpointConfig {
             every: d_every(),
             keep: d_keep(),
+            export_hf: d_export(),
         }
     }
 }

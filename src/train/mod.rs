@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 mod cli;
+pub mod config;
 pub mod data;
 mod error;
 pub mod metrics;
