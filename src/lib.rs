@@ -7,3 +7,4 @@ pub mod bench;
 pub mod model;
 pub mod moe;
 pub mod runtime;
+pub mod train;

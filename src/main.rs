@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Measure kernels and layers on a device (prints a table; see BENCHMARKS.md).
     Bench(moe::bench::BenchArgs),
+    /// Prepare training data: `moe data prepare FILES --out DIR` tokenizes text into shards.
+    Data(moe::train::DataArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => moe::bench::run(args),
+        Command::Data(args) => moe::train::run_data(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

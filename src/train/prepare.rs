@@ -1,0 +1,252 @@
+//! `moe data prepare`: tokenizes text files into token shards (format in `data.rs`). Each input
+//! file is one document, followed by the end-of-document id when the tokenizer has one. The
+//! tokenizer is a HF `tokenizer.json` (the `tokenizers` crate) or the byte-level one: ids 0..=255
+//! are bytes, 256 ends a document (vocab 257).
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use super::data::write_shard;
+use super::{Error, Result};
+
+pub enum TextTokenizer {
+    Bytes,
+    Hf {
+        tokenizer: Box<tokenizers::Tokenizer>,
+        eos_id: Option<u32>,
+    },
+}
+
+/// End-of-document names tried, in order, when `--eos-token` is not given.
+const EOS_NAMES: &[&str] = &[
+    "<|endoftext|>",
+    "</s>",
+    "<|end_of_text|>",
+    "<eos>",
+    "<|eos|>",
+];
+
+impl TextTokenizer {
+    /// `spec` is `bytes` or the path of a tokenizer.json; `eos_token` names the end-of-document
+    /// token (default: the first of `EOS_NAMES` the vocabulary has).
+    pub fn load(spec: &str, eos_token: Option<&str>) -> Result<Self> {
+        if spec == "bytes" {
+            if let Some(e) = eos_token {
+                return Err(Error::Config(format!(
+                    "--eos-token {e}: the byte-level tokenizer's end-of-document id is fixed (256)"
+                )));
+            }
+            return Ok(TextTokenizer::Bytes);
+        }
+        let path = Path::new(spec);
+        let tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            msg: format!("cannot load as tokenizer.json: {e}"),
+        })?;
+        let eos_id = match eos_token {
+            Some(name) => Some(tokenizer.token_to_id(name).ok_or_else(|| Error::Data {
+                path: path.to_path_buf(),
+                msg: format!("--eos-token {name:?} is not in the vocabulary"),
+            })?),
+            None => EOS_NAMES.iter().find_map(|n| tokenizer.token_to_id(n)),
+        };
+        Ok(TextTokenizer::Hf {
+            tokenizer: Box::new(tokenizer),
+            eos_id,
+        })
+    }
+
+    pub fn vocab_size(&self) -> u32 {
+        match self {
+            TextTokenizer::Bytes => 257,
+            TextTokenizer::Hf { tokenizer, .. } => tokenizer.get_vocab_size(true) as u32,
+        }
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        match self {
+            TextTokenizer::Bytes => Some(256),
+            TextTokenizer::Hf { eos_id, .. } => *eos_id,
+        }
+    }
+
+    /// Token ids of one document (without the end-of-document id).
+    pub fn encode(&self, bytes: &[u8], path: &Path) -> Result<Vec<u32>> {
+        match self {
+            TextTokenizer::Bytes => Ok(bytes.iter().map(|&b| b as u32).collect()),
+            TextTokenizer::Hf { tokenizer, .. } => {
+                let text = std::str::from_utf8(bytes).map_err(|e| Error::Data {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "not UTF-8 text (invalid byte at offset {}); use --tokenizer bytes for \
+                         binary data",
+                        e.valid_up_to()
+                    ),
+                })?;
+                let enc = tokenizer.encode(text, false).map_err(|e| Error::Data {
+                    path: path.to_path_buf(),
+                    msg: format!("tokenizer failed: {e}"),
+                })?;
+                Ok(enc.get_ids().to_vec())
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrepareReport {
+    pub documents: usize,
+    pub tokens: u64,
+    pub shards: Vec<PathBuf>,
+}
+
+/// Input files: each path itself, or the regular files under a directory (recursively, sorted,
+/// hidden entries skipped).
+fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let io = |source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if p.is_file() {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            walk(p, &mut files)?;
+        } else if p.is_file() {
+            files.push(p.clone());
+        } else {
+            return Err(Error::Data {
+                path: p.clone(),
+                msg: "no such file or directory".into(),
+            });
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::Config(
+            "moe data prepare: no input files (give text files or directories)".into(),
+        ));
+    }
+    Ok(files)
+}
+
+/// Tokenizes `inputs` into `out/shard-NNNNN.bin`, `shard_tokens` tokens per shard (the last one
+/// shorter). `out` must not already hold shards.
+pub fn prepare(
+    inputs: &[PathBuf],
+    tokenizer: &TextTokenizer,
+    out: &Path,
+    shard_tokens: usize,
+) -> Result<PrepareReport> {
+    if shard_tokens == 0 {
+        return Err(Error::Config("--shard-tokens 0: must be > 0".into()));
+    }
+    let files = input_files(inputs)?;
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let existing = std::fs::read_dir(out)
+        .map_err(|source| Error::Io {
+            path: out.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().extension().is_some_and(|x| x == "bin"));
+    if existing {
+        return Err(Error::Data {
+            path: out.to_path_buf(),
+            msg: "already holds *.bin shards; remove them or choose another --out".into(),
+        });
+    }
+    let (vocab, eos) = (tokenizer.vocab_size(), tokenizer.eos_id());
+    let mut report = PrepareReport::default();
+    let mut pending: Vec<u32> = Vec::new();
+    let flush = |pending: &mut Vec<u32>, report: &mut PrepareReport, all: bool| -> Result<()> {
+        while pending.len() >= shard_tokens || (all && !pending.is_empty()) {
+            let n = pending.len().min(shard_tokens);
+            let path = out.join(format!("shard-{:05}.bin", report.shards.len()));
+            write_shard(&path, vocab, eos, &pending[..n])?;
+            pending.drain(..n);
+            report.shards.push(path);
+        }
+        Ok(())
+    };
+    // Files are tokenized in parallel a chunk at a time, and appended in input order.
+    for chunk in files.chunks(4 * rayon::current_num_threads()) {
+        let docs: Vec<Vec<u32>> = chunk
+            .par_iter()
+            .map(|path| {
+                let bytes = std::fs::read(path).map_err(|source| Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                tokenizer.encode(&bytes, path)
+            })
+            .collect::<Result<_>>()?;
+        for doc in docs {
+            report.tokens += doc.len() as u64 + eos.is_some() as u64;
+            report.documents += 1;
+            pending.extend(doc);
+            pending.extend(eos);
+            flush(&mut pending, &mut report, false)?;
+        }
+    }
+    flush(&mut pending, &mut report, true)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::data::ShardDataset;
+
+    #[test]
+    fn bytes_into_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.txt");
+        let b = dir.path().join("sub/b.txt");
+        std::fs::create_dir_all(b.parent().unwrap()).unwrap();
+        std::fs::write(&a, "hello").unwrap();
+        std::fs::write(&b, "world!").unwrap();
+        let out = dir.path().join("out");
+        let r = prepare(&[dir.path().to_path_buf()], &TextTokenizer::Bytes, &out, 5).unwrap();
+        // "hello" 256 "world!" 256 = 13 tokens -> shards of 5, 5, 3.
+        assert_eq!(r.documents, 2);
+        assert_eq!(r.tokens, 13);
+        assert_eq!(r.shards.len(), 3);
+        let mut d = ShardDataset::open(&out, 4, 0, 257).unwrap();
+        assert_eq!(d.windows(), 2);
+        let (t, y) = d.sequence(0);
+        assert_eq!(t.len(), 4);
+        assert_eq!(y[3], d.sequence(0).1[3]);
+        let e = prepare(&[a.clone()], &TextTokenizer::Bytes, &out, 5).unwrap_err();
+        assert!(e.to_string().contains("already holds"), "{e}");
+        let e = prepare(
+            &[dir.path().join("missing.txt")],
+            &TextTokenizer::Bytes,
+            &out,
+            5,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("missing.txt: no such file"), "{e}");
+    }
+}
