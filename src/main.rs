@@ -17,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train an MoE language model (no arguments: the default job on the synthetic tasks).
+    Train(moe::train::TrainArgs),
     /// Measure kernels and layers on a device (prints a table; see BENCHMARKS.md).
     Bench(moe::bench::BenchArgs),
     /// Prepare training data: `moe data prepare FILES --out DIR` tokenizes text into shards.
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => moe::train::run_train(args),
         Command::Bench(args) => moe::bench::run(args),
         Command::Data(args) => moe::train::run_data(args),
     };

@@ -75,13 +75,13 @@ pub enum FfnWeights {
 }
 
 impl ParamSet for FfnWeights {
-    fn visit(&self, p: &str, f: &mut dyn FnMut(&str, &Tensor)) {
+    fn visit<'a>(&'a self, p: &str, f: &mut dyn FnMut(&str, &'a Tensor)) {
         match self {
             FfnWeights::Dense(m) => m.visit(p, f),
             FfnWeights::Moe(m) => m.visit(p, f),
         }
     }
-    fn visit_mut(&mut self, p: &str, f: &mut dyn FnMut(&str, &mut Tensor)) {
+    fn visit_mut<'a>(&'a mut self, p: &str, f: &mut dyn FnMut(&str, &'a mut Tensor)) {
         match self {
             FfnWeights::Dense(m) => m.visit_mut(p, f),
             FfnWeights::Moe(m) => m.visit_mut(p, f),
@@ -106,7 +106,7 @@ pub struct Params {
 }
 
 impl ParamSet for Params {
-    fn visit(&self, p: &str, f: &mut dyn FnMut(&str, &Tensor)) {
+    fn visit<'a>(&'a self, p: &str, f: &mut dyn FnMut(&str, &'a Tensor)) {
         f(&crate::runtime::params::join(p, "embed"), &self.embed);
         for (i, b) in self.blocks.iter().enumerate() {
             b.visit(&crate::runtime::params::join(p, &format!("blocks.{i}")), f);
@@ -116,7 +116,7 @@ impl ParamSet for Params {
             f(&crate::runtime::params::join(p, "lm_head"), h);
         }
     }
-    fn visit_mut(&mut self, p: &str, f: &mut dyn FnMut(&str, &mut Tensor)) {
+    fn visit_mut<'a>(&'a mut self, p: &str, f: &mut dyn FnMut(&str, &'a mut Tensor)) {
         f(&crate::runtime::params::join(p, "embed"), &mut self.embed);
         for (i, b) in self.blocks.iter_mut().enumerate() {
             b.visit_mut(&crate::runtime::params::join(p, &format!("blocks.{i}")), f);
@@ -173,6 +173,17 @@ impl Params {
     }
 
     /// The MoE selection biases (optimizer-free state, saved in checkpoints): (name, tensor).
+    pub fn visit_state<'a>(&'a self, f: &mut dyn FnMut(&str, &'a Tensor)) {
+        for (i, b) in self.blocks.iter().enumerate() {
+            if let FfnWeights::Moe(m) = &b.ffn {
+                if let Some(rb) = &m.router_bias {
+                    f(&format!("blocks.{i}.ffn.router_bias"), rb);
+                }
+            }
+        }
+    }
+
+    /// Mutable `visit_state`.
     pub fn visit_state_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
         for (i, b) in self.blocks.iter_mut().enumerate() {
             if let FfnWeights::Moe(m) = &mut b.ffn {

@@ -5,9 +5,9 @@ use super::Tensor;
 
 pub trait ParamSet {
     /// Call `f(name, tensor)` for every tensor, names prefixed with `prefix.`.
-    fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, &Tensor));
+    fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, &'a Tensor));
     /// Mutable variant, same names and order.
-    fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Tensor));
+    fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, &'a mut Tensor));
 }
 
 /// `prefix.name`, or `name` for an empty prefix.
@@ -25,10 +25,10 @@ pub fn join(prefix: &str, name: &str) -> String {
 macro_rules! param_set {
     ($ty:ty { $($kind:ident $field:ident),* $(,)? }) => {
         impl $crate::runtime::ParamSet for $ty {
-            fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, &$crate::runtime::Tensor)) {
+            fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, &'a $crate::runtime::Tensor)) {
                 $( $crate::param_set!(@visit self, prefix, f, $kind $field); )*
             }
-            fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut $crate::runtime::Tensor)) {
+            fn visit_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, &'a mut $crate::runtime::Tensor)) {
                 $( $crate::param_set!(@visit_mut self, prefix, f, $kind $field); )*
             }
         }

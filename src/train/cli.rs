@@ -1,11 +1,14 @@
 //! Command-line arguments of `moe data prepare` (and `moe train`, in `trainer.rs`'s terms).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
+use super::checkpoint;
+use super::config::{NanPolicy, TrainConfig};
 use super::prepare::{prepare, TextTokenizer};
+use super::trainer::Trainer;
 
 #[derive(Args)]
 pub struct DataArgs {
@@ -63,4 +66,154 @@ pub fn run_data(args: DataArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `moe train`: with no arguments, the default job (a small MoE on the synthetic tasks).
+#[derive(Args)]
+pub struct TrainArgs {
+    /// TOML config with tables [model] [train] [data] [optimizer] [checkpoint]; fields left out
+    /// keep the default job's values (print them with --print-config).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Run directory for checkpoints, metrics, plots and the HF export (default:
+    /// runs/<UTC date-time>; when resuming, the run's own directory).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue a run: a checkpoint (RUN/checkpoints/step-N) or a run directory (its newest
+    /// checkpoint). Without --config the checkpoint's config is used.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Overrides train.steps (the total, counting steps already done when resuming).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Overrides train.device: auto | cpu | cuda | cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// Overrides train.dtype: f32 | bf16 | f16.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Overrides train.seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Overrides train.on_nan.
+    #[arg(long, value_enum)]
+    on_nan: Option<NanPolicy>,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// No progress bar or log lines (errors and the final summary still print).
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// `runs/YYYYMMDD-HHMMSS` (UTC).
+fn default_run_dir() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    PathBuf::from("runs").join(format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    ))
+}
+
+pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    // The checkpoint to resume from, and the run directory it belongs to.
+    let resume = match &a.resume {
+        None => None,
+        Some(p) if p.join("state.json").exists() => Some(p.clone()),
+        Some(p) => {
+            let dir = if p.join("checkpoints").is_dir() {
+                p.join("checkpoints")
+            } else {
+                p.clone()
+            };
+            Some(checkpoint::latest(&dir)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--resume {}: no checkpoint there (expected RUN/checkpoints/step-N or a step-N \
+                     directory)",
+                    p.display()
+                )
+            })?)
+        }
+    };
+    let mut cfg = match (&a.config, &resume) {
+        (Some(path), _) => TrainConfig::load(path)?,
+        (None, Some(ck)) => TrainConfig::load(&ck.join("config.toml"))?,
+        (None, None) => TrainConfig::default(),
+    };
+    if let Some(s) = a.steps {
+        cfg.train.steps = s;
+    }
+    if let Some(d) = &a.device {
+        cfg.train.device = d.clone();
+    }
+    if let Some(d) = &a.dtype {
+        cfg.train.dtype = Some(d.parse().map_err(|e| anyhow::anyhow!("--dtype {d}: {e}"))?);
+    }
+    if let Some(s) = a.seed {
+        cfg.train.seed = s;
+    }
+    if let Some(p) = a.on_nan {
+        cfg.train.on_nan = p;
+    }
+    if a.print_config {
+        cfg.validate()?;
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    let run_dir = match (&a.out, &resume) {
+        (Some(o), _) => o.clone(),
+        (None, Some(ck)) => ck
+            .parent()
+            .filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"))
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(default_run_dir),
+        (None, None) => default_run_dir(),
+    };
+    let mut trainer = match &resume {
+        Some(ck) => {
+            let t = Trainer::resume(cfg, ck, &run_dir)?;
+            eprintln!("resuming {} at step {}", ck.display(), t.state.step);
+            t
+        }
+        None => {
+            if let Some(last) = checkpoint::latest(&run_dir.join("checkpoints"))? {
+                anyhow::bail!(
+                    "{} already holds a run (checkpoint {}); continue it with --resume {} or \
+                     choose another --out",
+                    run_dir.display(),
+                    last.display(),
+                    run_dir.display()
+                );
+            }
+            Trainer::new(cfg, &run_dir)?
+        }
+    };
+    trainer.verbose = !a.quiet;
+    let s = trainer.run()?;
+    println!(
+        "done: {} steps, final loss {:.4}, {:.0} tokens/s, MFU {:.2}%; run directory {}",
+        s.steps,
+        s.final_loss,
+        s.tokens_per_s,
+        100.0 * s.mfu,
+        run_dir.display()
+    );
+    Ok(())
 }

@@ -209,7 +209,9 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<ModelConfig> {
         let model = self.model.resolve().map_err(Error::Config)?;
         let t = &self.train;
-        let bad = |f: &str, v: String, want: String| Err(Error::Config(format!("train.{f} = {v}: {want}")));
+        let bad = |f: &str, v: String, want: String| {
+            Err(Error::Config(format!("train.{f} = {v}: {want}")))
+        };
         if t.steps == 0 {
             return bad("steps", "0".into(), "must be >= 1".into());
         }
@@ -234,7 +236,8 @@ impl TrainConfig {
                 return bad("dtype", d.to_string(), "must be f32, bf16 or f16".into());
             }
         }
-        Device::parse(&t.device).map_err(|e| Error::Config(format!("train.device = {:?}: {e}", t.device)))?;
+        Device::parse(&t.device)
+            .map_err(|e| Error::Config(format!("train.device = {:?}: {e}", t.device)))?;
         if let DataConfig::Synthetic(s) = &self.data {
             s.validate(t.seq_len).map_err(Error::Config)?;
         }
@@ -280,10 +283,18 @@ mod tests {
 
     #[test]
     fn bad_values_name_field_value_and_constraint() {
-        let e = |toml: &str| TrainConfig::parse(toml).and_then(|c| c.validate().map(drop)).unwrap_err().to_string();
+        let e = |toml: &str| {
+            TrainConfig::parse(toml)
+                .and_then(|c| c.validate().map(drop))
+                .unwrap_err()
+                .to_string()
+        };
         assert!(e("[train]\nbatch_size = 0").contains("train.batch_size = 0: must be >= 1"));
         let s = e("[train]\nseq_len = 4096");
-        assert!(s.contains("train.seq_len = 4096") && s.contains("model.max_seq_len (256)"), "{s}");
+        assert!(
+            s.contains("train.seq_len = 4096") && s.contains("model.max_seq_len (256)"),
+            "{s}"
+        );
         let s = e("[optimizer]\nlr = -1.0");
         assert!(s.contains("optimizer.lr = -1"), "{s}");
         let s = e("[train]\ndevice = \"tpu\"");
@@ -295,6 +306,9 @@ mod tests {
         let s = c.validate().unwrap_err().to_string();
         assert!(s.contains("top_k = 9"), "{s}");
         let s = e("[data]\nsource = \"synthetic\"\nmax_len = 40");
-        assert!(s.contains("train.seq_len = 64") && s.contains("data.max_len = 40"), "{s}");
+        assert!(
+            s.contains("train.seq_len = 64") && s.contains("data.max_len = 40"),
+            "{s}"
+        );
     }
 }

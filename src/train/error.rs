@@ -19,6 +19,19 @@ pub enum Error {
     },
     #[error(transparent)]
     Runtime(#[from] crate::runtime::Error),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    /// A step's loss or gradient norm was NaN or infinite and `train.on_nan = "stop"`.
+    #[error(
+        "step {step}: {what} is not finite; stopped (on_nan = \"stop\"). The last good state is \
+         saved in {}; resume from it with --resume, or set train.on_nan = \"skip\"",
+        saved.display()
+    )]
+    NonFinite {
+        step: u64,
+        what: String,
+        saved: PathBuf,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -18,6 +18,7 @@ pub mod prepare;
 pub mod progress;
 pub mod schedule;
 pub mod synthetic;
+pub mod trainer;
 
-pub use cli::{run_data, DataArgs};
+pub use cli::{run_data, run_train, DataArgs, TrainArgs};
 pub use error::{Error, Result};

@@ -250,3 +250,62 @@ mod tests {
         assert!(e.to_string().contains("missing.txt: no such file"), "{e}");
     }
 }
+
+/// GPT-2's byte → printable character map (ByteLevel pre-tokenizer and decoder).
+fn byte_char(b: u8) -> char {
+    let printable = |b: u8| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    if printable(b) {
+        return char::from(b);
+    }
+    let n = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + n).unwrap_or('?')
+}
+
+/// Writes a tokenizer.json whose ids are the bytes 0..=255 (and 256 = `<|endoftext|>`, the
+/// byte-level tokenizer's end of document): a BPE without merges over GPT-2's byte-level
+/// alphabet, which `tokenizers` and transformers load like any other.
+pub fn write_byte_tokenizer(path: &Path) -> Result<()> {
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..=255u8)
+        .map(|b| (byte_char(b).to_string(), serde_json::Value::from(b as u32)))
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{
+            "id": 256, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": []
+        }
+    });
+    let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+    std::fs::write(path, text).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod byte_tokenizer_tests {
+    #[test]
+    fn byte_tokenizer_json_maps_bytes_to_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        super::write_byte_tokenizer(&p).unwrap();
+        let t = tokenizers::Tokenizer::from_file(&p).unwrap();
+        let text = "rev:a b\u{e9}=\n";
+        let ids = t.encode(text, false).unwrap().get_ids().to_vec();
+        let want: Vec<u32> = text.bytes().map(u32::from).collect();
+        assert_eq!(ids, want);
+        assert_eq!(t.decode(&want, false).unwrap(), text);
+        assert_eq!(t.token_to_id("<|endoftext|>"), Some(256));
+    }
+}

@@ -85,11 +85,19 @@ fn total(x: &Tensor, squares: bool) -> Result<Tensor> {
     match x.device() {
         Device::Cpu => {
             let v = x.cpu_f32()?;
-            let s: f64 = if squares {
-                v.par_iter().map(|&a| (a as f64) * (a as f64)).sum()
-            } else {
-                v.par_iter().map(|&a| a as f64).sum()
-            };
+            // Fixed chunks summed in order: the result does not depend on thread scheduling
+            // (a resumed training run must reproduce gradient norms bit for bit).
+            let partial: Vec<f64> = v
+                .par_chunks(1 << 14)
+                .map(|c| {
+                    if squares {
+                        c.iter().map(|&a| (a as f64) * (a as f64)).sum()
+                    } else {
+                        c.iter().map(|&a| a as f64).sum()
+                    }
+                })
+                .collect();
+            let s: f64 = partial.iter().sum();
             Tensor::from_vec(vec![s as f32], &[1])
         }
         Device::Cuda(_) => {
