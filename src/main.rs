@@ -19,6 +19,10 @@ struct Cli {
 enum Command {
     /// Train an MoE language model (no arguments: the default job on the synthetic tasks).
     Train(moe::train::TrainArgs),
+    /// Generate text from a Hugging Face model directory (streams to stdout; --json for ids).
+    Generate(moe::infer::GenerateArgs),
+    /// Chat with a model interactively (its chat template applied).
+    Chat(moe::infer::ChatArgs),
     /// Measure kernels and layers on a device (prints a table; see BENCHMARKS.md).
     Bench(moe::bench::BenchArgs),
     /// Prepare training data: `moe data prepare FILES --out DIR` tokenizes text into shards.
@@ -36,6 +40,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => moe::train::run_train(args),
+        Command::Generate(args) => moe::infer::run_generate(args),
+        Command::Chat(args) => moe::infer::run_chat(args),
         Command::Bench(args) => moe::bench::run(args),
         Command::Data(args) => moe::train::run_data(args),
     };

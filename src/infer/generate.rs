@@ -1,0 +1,232 @@
+//! Batched generation: prefill every prompt into a per-layer KV cache, then decode one token per
+//! live sequence per step, each sequence with its own sampler, stop rules and streaming text.
+
+use std::time::Instant;
+
+use super::sampler::{Sampler, SamplingParams};
+use super::text::{StreamDecoder, Tokenizer};
+use super::{Error, Result};
+use crate::model::Model;
+
+/// How to generate.
+#[derive(Clone, Debug)]
+pub struct GenOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends when the text contains one of these (it is cut before the stop string).
+    pub stop: Vec<String>,
+    /// End-of-sequence ids (generation_config.json's, or the config's).
+    pub eos: Vec<u32>,
+    pub ignore_eos: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    Eos,
+    Stop,
+    Length,
+}
+
+/// One finished sequence.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    /// Generated ids, an ending EOS included (as transformers returns it).
+    pub completion_ids: Vec<u32>,
+    /// The completion's text (special tokens skipped; cut at a stop string).
+    pub text: String,
+    pub finish: Finish,
+}
+
+/// Wall-clock split of a `generate` call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GenTiming {
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Decode forward passes (each advances every live sequence by one token).
+    pub decode_steps: usize,
+    /// Tokens produced after the first (the first comes from the prefill).
+    pub decode_tokens: usize,
+}
+
+/// Per-sequence progress.
+struct Seq {
+    ids: Vec<u32>,
+    out: Vec<u32>,
+    text: String,
+    /// Bytes of `text` already handed to the caller.
+    emitted: usize,
+    stream: StreamDecoder,
+    sampler: Sampler,
+    budget: usize,
+    finish: Option<Finish>,
+}
+
+/// Longest prefix of `text` that cannot be the start of a stop string (what is safe to show).
+fn safe_len(text: &str, stop: &[String]) -> usize {
+    let mut cut = text.len();
+    for s in stop {
+        for k in (1..s.len()).rev() {
+            if text.len() >= k && s.is_char_boundary(k) && text.ends_with(&s[..k]) {
+                cut = cut.min(text.len() - k);
+                break;
+            }
+        }
+    }
+    cut
+}
+
+/// Generates a completion for each prompt. `on_text(i, piece)` receives sequence i's text as it
+/// completes (valid UTF-8, never part of a stop string).
+pub fn generate(
+    model: &Model,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    opts: &GenOptions,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<(Vec<Generation>, GenTiming)> {
+    opts.sampling.validate().map_err(Error::Invalid)?;
+    if prompts.is_empty() {
+        return Ok((Vec::new(), GenTiming::default()));
+    }
+    let context = model.config.max_seq_len;
+    let vocab = model.config.vocab_size;
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(Error::Invalid(format!(
+                "prompt {i} is empty (no tokens to start from)"
+            )));
+        }
+        if p.len() >= context {
+            return Err(Error::Invalid(format!(
+                "prompt {i} has {} tokens; the model's context is {context} positions \
+                 (max_position_embeddings), leaving no room to generate",
+                p.len()
+            )));
+        }
+        if let Some(&bad) = p.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Invalid(format!(
+                "prompt {i}: token id {bad} is outside the model's vocabulary of {vocab} (does \
+                 tokenizer.json belong to this model?)"
+            )));
+        }
+    }
+    let mut seqs: Vec<Seq> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let budget = opts.max_new_tokens.min(context - p.len());
+            if budget < opts.max_new_tokens {
+                tracing::warn!(
+                    "prompt {i}: {} tokens + {} new exceed the context of {context}; generating \
+                     at most {budget}",
+                    p.len(),
+                    opts.max_new_tokens
+                );
+            }
+            Seq {
+                ids: p.clone(),
+                out: Vec::new(),
+                text: String::new(),
+                emitted: 0,
+                stream: StreamDecoder::new(),
+                sampler: Sampler::new(opts.sampling.clone(), i as u64),
+                budget,
+                finish: (budget == 0).then_some(Finish::Length),
+            }
+        })
+        .collect();
+    let cache_len = seqs
+        .iter()
+        .map(|s| s.ids.len() + s.budget)
+        .max()
+        .unwrap_or(1);
+    let mut cache = model.new_kv_cache(prompts.len(), cache_len)?;
+    let mut timing = GenTiming::default();
+    let t0 = Instant::now();
+    let mut feed: Vec<Vec<u32>> = prompts.to_vec();
+    let mut first = true;
+    loop {
+        let logits = model.forward_infer(&feed, &mut cache, false)?;
+        let host = logits.to_f32_vec()?;
+        if first {
+            timing.prefill_s = t0.elapsed().as_secs_f64();
+            first = false;
+        } else {
+            timing.decode_steps += 1;
+        }
+        let v = logits.dim(-1);
+        for (i, s) in seqs.iter_mut().enumerate() {
+            feed[i].clear();
+            if s.finish.is_some() {
+                continue;
+            }
+            let id = s.sampler.sample(&host[i * v..(i + 1) * v], &s.ids);
+            s.ids.push(id);
+            s.out.push(id);
+            let is_eos = !opts.ignore_eos && opts.eos.contains(&id);
+            if !is_eos {
+                s.text += &s.stream.push(tok, id)?;
+            }
+            if let Some(pos) = opts
+                .stop
+                .iter()
+                .filter_map(|st| s.text.find(st.as_str()))
+                .min()
+            {
+                s.text.truncate(pos);
+                s.finish = Some(Finish::Stop);
+            } else if is_eos {
+                s.finish = Some(Finish::Eos);
+            } else if s.out.len() >= s.budget {
+                s.finish = Some(Finish::Length);
+            }
+            if s.finish.is_some() && s.finish != Some(Finish::Stop) {
+                s.text += &s.stream.finish(tok)?;
+            }
+            let show = if s.finish.is_some() {
+                s.text.len()
+            } else {
+                safe_len(&s.text, &opts.stop)
+            };
+            if show > s.emitted {
+                on_text(i, &s.text[s.emitted..show]);
+                s.emitted = show;
+            }
+            if s.finish.is_none() {
+                feed[i].push(id);
+            }
+        }
+        if seqs.iter().all(|s| s.finish.is_some()) {
+            break;
+        }
+    }
+    timing.decode_s = t0.elapsed().as_secs_f64() - timing.prefill_s;
+    timing.decode_tokens = seqs.iter().map(|s| s.out.len().saturating_sub(1)).sum();
+    let out = seqs
+        .into_iter()
+        .zip(prompts)
+        .map(|(s, p)| Generation {
+            prompt_ids: p.clone(),
+            completion_ids: s.out,
+            text: s.text,
+            finish: s.finish.unwrap_or(Finish::Length),
+        })
+        .collect();
+    Ok((out, timing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_prefixes_are_held_back() {
+        let stop = vec!["</end>".to_string()];
+        assert_eq!(safe_len("abc</e", &stop), 3);
+        assert_eq!(safe_len("abc", &stop), 3);
+        assert_eq!(safe_len("abc<", &stop), 3);
+        assert_eq!(safe_len("ab", &[]), 2);
+    }
+}
