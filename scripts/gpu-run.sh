@@ -3,7 +3,7 @@
 # Usage: bash .gpu/run.sh [test-name-filter]
 set -uo pipefail
 source .gpu/device-env.sh
-export MOE_REQUIRE_GPU=1 MOE_CACHE_DIR=/tmp/moe-cache RUST_BACKTRACE=1
+export MOE_REQUIRE_GPU=1 MOE_CACHE_DIR=/tmp/moe-cache RUST_BACKTRACE=1 MOE_BIN=$PWD/.gpu/moe
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fail=0

@@ -602,8 +602,16 @@ fn kv_cache_write_and_decode_attention() {
             let (mut kg, mut vg) = (kc.to_device(dev).unwrap(), vc.to_device(dev).unwrap());
             // Append 5 new rows to random (sequence, position) slots.
             let (nc, ng) = pair(&mut r, &[5, hkv, hd], dt, dev);
-            let bi: Vec<i32> = (0..5).map(|_| r.random_range(0..b as i32)).collect();
-            let pi: Vec<i32> = (0..5).map(|_| r.random_range(0..l as i32)).collect();
+            // Distinct slots (a cache never receives two rows for one position in one call).
+            let mut slots: Vec<(i32, i32)> = Vec::new();
+            while slots.len() < 5 {
+                let s = (r.random_range(0..b as i32), r.random_range(0..l as i32));
+                if !slots.contains(&s) {
+                    slots.push(s);
+                }
+            }
+            let bi: Vec<i32> = slots.iter().map(|s| s.0).collect();
+            let pi: Vec<i32> = slots.iter().map(|s| s.1).collect();
             let (bc, bg) = (
                 Tensor::from_vec(bi.clone(), &[5]).unwrap(),
                 Tensor::from_slice(&bi, &[5], dev).unwrap(),

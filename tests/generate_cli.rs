@@ -41,11 +41,14 @@ device = "cpu"
 }
 
 fn moe(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moe"))
-        .args(args)
-        .env("MOE_DISABLE_CUDA", "1")
-        .output()
-        .unwrap();
+    let out = Command::new(
+        // MOE_BIN: the binary staged beside the test binaries on the GPU machine.
+        std::env::var("MOE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_moe").to_string()),
+    )
+    .args(args)
+    .env("MOE_DISABLE_CUDA", "1")
+    .output()
+    .unwrap();
     (
         out.status.success(),
         String::from_utf8(out.stdout).unwrap(),

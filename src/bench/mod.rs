@@ -2,9 +2,11 @@
 //! GPU (warm-up first, median of repeats) and a monotonic clock on the CPU. Results are printed
 //! as a table with the achieved rate beside the device ceiling; BENCHMARKS.md records them.
 
+pub mod generate;
 mod moe_layer;
 mod ops;
 mod timer;
+pub mod train;
 
 pub use timer::{median_ms, Timer};
 
@@ -54,11 +56,17 @@ enum Which {
     Ops(ops::OpsArgs),
     /// The MoE layer forward and forward+backward (bf16 on GPU) on the standard shapes.
     MoeLayer(moe_layer::MoeLayerArgs),
+    /// Prefill and decode tokens/s of a model directory vs the HBM roofline.
+    Generate(generate::GenerateBenchArgs),
+    /// Training step tokens/s and MFU of an OLMoE-shaped model (phases timed).
+    Train(train::TrainBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Which::Ops(a) => ops::run(a),
         Which::MoeLayer(a) => moe_layer::run(a),
+        Which::Generate(a) => generate::run(a),
+        Which::Train(a) => train::run(a),
     }
 }

@@ -190,13 +190,19 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let stream = !a.json && prompts.len() == 1;
     let mut stdout = std::io::stdout().lock();
-    let (gens, timing) = generate(&l.model, &l.tok, &prompts, &l.opts, &mut |_, piece| {
-        if stream {
-            // A closed pipe (e.g. `| head`) must not abort generation with a panic.
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        }
-    })?;
+    let (gens, timing) = generate(
+        &l.model,
+        Some(&l.tok),
+        &prompts,
+        &l.opts,
+        &mut |_, piece| {
+            if stream {
+                // A closed pipe (e.g. `| head`) must not abort generation with a panic.
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+        },
+    )?;
     if a.json {
         for g in &gens {
             let obj = serde_json::json!({
@@ -263,7 +269,7 @@ pub fn run_chat(a: ChatArgs) -> anyhow::Result<()> {
             content: line.to_string(),
         });
         let ids = chat_prompt(&l.tok, a.system.as_deref(), &history)?;
-        let (gens, _) = generate(&l.model, &l.tok, &[ids], &l.opts, &mut |_, piece| {
+        let (gens, _) = generate(&l.model, Some(&l.tok), &[ids], &l.opts, &mut |_, piece| {
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
         })?;

@@ -78,10 +78,11 @@ fn safe_len(text: &str, stop: &[String]) -> usize {
 }
 
 /// Generates a completion for each prompt. `on_text(i, piece)` receives sequence i's text as it
-/// completes (valid UTF-8, never part of a stop string).
+/// completes (valid UTF-8, never part of a stop string). Without a tokenizer (benchmarks on
+/// random ids) there is no text and stop strings do not apply.
 pub fn generate(
     model: &Model,
-    tok: &Tokenizer,
+    tok: Option<&Tokenizer>,
     prompts: &[Vec<u32>],
     opts: &GenOptions,
     on_text: &mut dyn FnMut(usize, &str),
@@ -166,7 +167,7 @@ pub fn generate(
             s.ids.push(id);
             s.out.push(id);
             let is_eos = !opts.ignore_eos && opts.eos.contains(&id);
-            if !is_eos {
+            if let (false, Some(tok)) = (is_eos, tok) {
                 s.text += &s.stream.push(tok, id)?;
             }
             if let Some(pos) = opts
@@ -182,8 +183,10 @@ pub fn generate(
             } else if s.out.len() >= s.budget {
                 s.finish = Some(Finish::Length);
             }
-            if s.finish.is_some() && s.finish != Some(Finish::Stop) {
-                s.text += &s.stream.finish(tok)?;
+            if let (Some(f), Some(tok)) = (s.finish, tok) {
+                if f != Finish::Stop {
+                    s.text += &s.stream.finish(tok)?;
+                }
             }
             let show = if s.finish.is_some() {
                 s.text.len()

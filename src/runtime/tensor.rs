@@ -244,17 +244,26 @@ impl Tensor {
         device: Device,
     ) -> Result<Tensor> {
         use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        use rayon::prelude::*;
+        // Chunks of 2^20 values, chunk i from ChaCha stream i: parallel, and the same values
+        // for any thread count.
         let n = numel_of(shape);
-        let mut v = Vec::with_capacity(n + 1);
-        while v.len() < n {
-            let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-            let u2: f64 = rng.random();
-            let r = (-2.0 * u1.ln()).sqrt();
-            v.push((r * (std::f64::consts::TAU * u2).cos()) as f32 * std);
-            v.push((r * (std::f64::consts::TAU * u2).sin()) as f32 * std);
-        }
-        v.truncate(n);
+        let mut v = vec![0f32; n];
+        v.par_chunks_mut(1 << 20)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(i as u64);
+                for pair in chunk.chunks_mut(2) {
+                    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                    let u2: f64 = rng.random();
+                    let r = (-2.0 * u1.ln()).sqrt();
+                    pair[0] = (r * (std::f64::consts::TAU * u2).cos()) as f32 * std;
+                    if let Some(x) = pair.get_mut(1) {
+                        *x = (r * (std::f64::consts::TAU * u2).sin()) as f32 * std;
+                    }
+                }
+            });
         Tensor::from_f32(&v, shape, dtype, device)
     }
 

@@ -6,10 +6,16 @@ use std::path::{Path, PathBuf};
 
 use moe::runtime::{DType, Tensor};
 
+/// `tests/fixtures/<name>` of this checkout, or of the current directory when the test binary
+/// runs from a copy of the repository elsewhere (the GPU machine).
 pub fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let root = if built.exists() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures")
+    };
+    root.join(name)
 }
 
 /// All tensors of a safetensors file, as CPU tensors.
