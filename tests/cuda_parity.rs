@@ -134,6 +134,24 @@ fn matmul_variants() {
                 &ops::matmul(&ag, &bg, spec).unwrap(),
             );
         }
+        // Decode-sized x·Wᵀ (the GEMV kernel for 16-bit types): 1..=8 rows, same-dtype and f32
+        // outputs, N not a multiple of its 32-column blocks.
+        for (m, n, k) in [(1usize, 2048usize, 2048usize), (3, 200, 512), (8, 50, 4096)] {
+            let (ac, ag) = pair(&mut r, &[m, k], dt, dev);
+            let (bc, bg) = pair(&mut r, &[n, k], dt, dev);
+            for out_dtype in [None, Some(DType::F32)] {
+                let spec = Matmul {
+                    trans_b: true,
+                    out_dtype,
+                    ..Default::default()
+                };
+                close(
+                    &format!("decode matmul {dt} m={m} n={n} k={k} out {out_dtype:?}"),
+                    &ops::matmul(&ac, &bc, spec).unwrap(),
+                    &ops::matmul(&ag, &bg, spec).unwrap(),
+                );
+            }
+        }
         // Batched against a batch, and a [B, S, K] input against one shared weight.
         let (ac, ag) = pair(&mut r, &[3, 17, 33], dt, dev);
         let (bc, bg) = pair(&mut r, &[3, 33, 9], dt, dev);
@@ -534,14 +552,22 @@ fn grouped_gemm() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("grouped_gemm");
     for dt in [DType::BF16, DType::F32] {
-        for (e, k, n) in [
-            (1usize, 64usize, 32usize),
-            (8, 256, 384),
-            (64, 128, 96),
-            (5, 72, 40),
+        // (groups, K, N, largest group): the last three take the small-M (decode) kernel,
+        // one of them with groups larger than its 8-row chunk and N not a multiple of 32.
+        for (e, k, n, most) in [
+            (1usize, 64usize, 32usize, 200usize),
+            (8, 256, 384, 200),
+            (64, 128, 96, 200),
+            (5, 72, 40, 200),
+            (16, 2048, 1536, 3),
+            (32, 512, 200, 3),
+            (128, 256, 64, 2),
         ] {
-            let mut sizes: Vec<usize> = (0..e).map(|_| r.random_range(0..200)).collect();
+            let mut sizes: Vec<usize> = (0..e).map(|_| r.random_range(0..most)).collect();
             sizes[0] = 0; // an empty group
+            if e == 32 {
+                sizes[1] = 20; // more rows than one chunk of the small-M kernel
+            }
             let mut off = vec![0i32];
             for s in &sizes {
                 off.push(off.last().unwrap() + *s as i32);

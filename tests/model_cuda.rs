@@ -19,7 +19,16 @@ const CASES: &[&str] = &[
     "olmoe",
 ];
 
-fn gpu() -> Option<Device> {
+/// One test at a time on the GPU: a CUDA-graph capture records everything issued on the
+/// device's compute stream, so work from a concurrent test would join (and break) it.
+static GPU_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn gpu() -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
+    let guard = GPU_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    gpu_device().map(|d| (d, guard))
+}
+
+fn gpu_device() -> Option<Device> {
     match moe::runtime::cuda::device_count() {
         Ok(n) if n > 0 => {
             set_poison_outputs(true);
@@ -44,9 +53,21 @@ fn prompts(case: &str) -> Vec<Vec<u32>> {
 }
 
 fn greedy(m: &Model, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+    greedy_with(m, prompts, n, true).0
+}
+
+/// Greedy tokens and the last step's logits, decode steps through CUDA graphs or eagerly.
+fn greedy_with(
+    m: &Model,
+    prompts: &[Vec<u32>],
+    n: usize,
+    graphs: bool,
+) -> (Vec<Vec<u32>>, Vec<f32>) {
     let mut cache = m.new_kv_cache(prompts.len(), 48).unwrap();
+    cache.use_graphs = graphs;
     let mut feed = prompts.to_vec();
     let mut out = vec![Vec::new(); prompts.len()];
+    let mut last = Vec::new();
     for _ in 0..n {
         let l = m
             .forward_infer(&feed, &mut cache, false)
@@ -59,13 +80,44 @@ fn greedy(m: &Model, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
             o.push(id);
             feed[i] = vec![id];
         }
+        last = l;
     }
-    out
+    assert_eq!(
+        cache.use_graphs, graphs,
+        "graph capture failed and fell back"
+    );
+    (out, last)
+}
+
+/// Decode steps replayed from a CUDA graph give exactly the eager steps' logits (bf16 and f32,
+/// MoE and dense, batched).
+#[test]
+fn cuda_graph_decode_equals_eager() {
+    let Some((dev, _gpu)) = gpu() else { return };
+    for case in [
+        "qwen3_moe_renorm",
+        "qwen2_moe_shared",
+        "mixtral",
+        "llama_gqa_llama3rope",
+    ] {
+        let dir = fixture_dir("hf").join(case);
+        let ps = prompts(case);
+        for dt in [DType::BF16, DType::F32] {
+            let m = Model::load_hf(&dir, dev, Some(dt)).unwrap();
+            let (ga, la) = greedy_with(&m, &ps, 10, true);
+            let (gb, lb) = greedy_with(&m, &ps, 10, false);
+            assert_eq!(ga, gb, "{case} {dt}: tokens with and without graphs");
+            assert_eq!(
+                la, lb,
+                "{case} {dt}: last-step logits with and without graphs"
+            );
+        }
+    }
 }
 
 #[test]
 fn bf16_logits_and_f32_greedy_on_cuda() {
-    let Some(dev) = gpu() else { return };
+    let Some((dev, _gpu)) = gpu() else { return };
     for case in CASES {
         let dir = fixture_dir("hf").join(case);
         let want = load_safetensors(&dir.join("reference.safetensors"));
@@ -112,7 +164,7 @@ fn bf16_logits_and_f32_greedy_on_cuda() {
 
 #[test]
 fn training_step_on_cuda_matches_cpu() {
-    let Some(dev) = gpu() else { return };
+    let Some((dev, _gpu)) = gpu() else { return };
     let dir = fixture_dir("hf").join("train_qwen3_moe");
     let r = load_safetensors(&dir.join("train_reference.safetensors"));
     let (b, s) = (r["tokens"].dim(0), r["tokens"].dim(1));
@@ -169,7 +221,7 @@ fn training_step_on_cuda_matches_cpu() {
 
 #[test]
 fn trainer_learns_on_cuda_in_bf16() {
-    let Some(_) = gpu() else { return };
+    let Some((_, _gpu)) = gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = moe::train::config::TrainConfig::default();
     cfg.train.steps = 60;

@@ -29,6 +29,9 @@ pub struct GenerateBenchArgs {
     batch: Vec<usize>,
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
+    /// Run each batch size with decode steps eager and through CUDA graphs.
+    #[arg(long)]
+    compare_graphs: bool,
     /// Memory bandwidth for the roofline, GB/s (H200: 4200 as the issue states; H100 SXM 3350).
     #[arg(long, default_value_t = 4200.0)]
     hbm_gbs: f64,
@@ -113,7 +116,21 @@ pub fn run(a: GenerateBenchArgs) -> anyhow::Result<()> {
         "{:>6} {:>8} {:>12} {:>14} {:>12} {:>12} {:>10}",
         "batch", "prompt", "prefill tok/s", "decode tok/s", "ms/step", "roofline ms", "of roofline"
     );
-    for &b in &a.batch {
+    let modes: &[bool] = if a.compare_graphs {
+        &[false, true]
+    } else {
+        &[true]
+    };
+    for (&b, &graphs) in a
+        .batch
+        .iter()
+        .flat_map(|b| modes.iter().map(move |g| (b, g)))
+    {
+        // Read by new_kv_cache (single-threaded here).
+        std::env::set_var("MOE_CUDA_GRAPHS", if graphs { "1" } else { "0" });
+        if a.compare_graphs {
+            print!("{:>8} ", if graphs { "graphs" } else { "eager" });
+        }
         let (_, t) = generate(
             &model,
             None,
@@ -137,6 +154,27 @@ pub fn run(a: GenerateBenchArgs) -> anyhow::Result<()> {
             } else {
                 f64::NAN
             }
+        );
+    }
+    if crate::runtime::cuda::profile::enabled() {
+        // MOE_PROFILE=1: one batch-1 run of 33 tokens (1 prefill + 32 decode steps), per kernel.
+        crate::runtime::cuda::profile::reset();
+        let t = std::time::Instant::now();
+        generate(
+            &model,
+            None,
+            &prompts(1, a.prompt_len),
+            &opts(33),
+            &mut |_, _| {},
+        )?;
+        println!(
+            "profile (MOE_PROFILE=1, synchronised; 1 prefill of {} + 32 decode steps, {:.1} ms wall):",
+            a.prompt_len,
+            1e3 * t.elapsed().as_secs_f64()
+        );
+        print!(
+            "{}",
+            crate::runtime::cuda::profile::report().unwrap_or_default()
         );
     }
     Ok(())

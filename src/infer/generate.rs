@@ -138,11 +138,10 @@ pub fn generate(
             }
         })
         .collect();
-    let cache_len = seqs
-        .iter()
-        .map(|s| s.ids.len() + s.budget)
-        .max()
-        .unwrap_or(1);
+    // Room for every sequence to take max_new_tokens steps (within the context), so finished
+    // sequences can keep being fed while others decode: the step stays one batched decode.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let cache_len = (longest + opts.max_new_tokens).min(context).max(1);
     let mut cache = model.new_kv_cache(prompts.len(), cache_len)?;
     let mut timing = GenTiming::default();
     let t0 = Instant::now();
@@ -199,6 +198,13 @@ pub fn generate(
             }
             if s.finish.is_none() {
                 feed[i].push(id);
+            }
+        }
+        // Finished sequences get a filler token (its output is ignored) while there is room, so
+        // the step stays a batched decode (and its CUDA graph) instead of per-sequence passes.
+        for (i, s) in seqs.iter().enumerate() {
+            if s.finish.is_some() && cache.lens[i] + 1 < cache.max_len {
+                feed[i].push(*s.ids.last().unwrap_or(&0));
             }
         }
         if seqs.iter().all(|s| s.finish.is_some()) {

@@ -273,6 +273,27 @@ pub struct KvCache {
     pub v: Vec<Tensor>,
     pub lens: Vec<usize>,
     pub max_len: usize,
+    /// Decode steps on a GPU through a CUDA graph (default on; `MOE_CUDA_GRAPHS=0` turns it
+    /// off). While a step is being recorded no other thread may issue work on the device.
+    pub use_graphs: bool,
+    decode: Option<Box<DecodeState>>,
+}
+
+/// The device inputs of one decode step: token ids, positions, lengths after the step, and
+/// the cache row of each sequence, all [B] i32.
+struct DecodeInputs {
+    ids: Tensor,
+    pos: Tensor,
+    lens: Tensor,
+    seqs: Tensor,
+}
+
+/// A cache's recorded decode step: its input and output buffers (fixed addresses) and graph.
+struct DecodeState {
+    inputs: DecodeInputs,
+    out: Tensor,
+    graph: Option<crate::runtime::cuda::graph::Graph>,
+    steps: usize,
 }
 
 impl Model {
@@ -700,6 +721,8 @@ impl Model {
             v,
             lens: vec![0; batch],
             max_len,
+            use_graphs: std::env::var("MOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            decode: None,
         })
     }
 
@@ -741,45 +764,22 @@ impl Model {
             let ids: Vec<i32> = tokens.iter().map(|t| t[0] as i32).collect();
             let pos: Vec<i32> = cache.lens.iter().map(|&l| l as i32).collect();
             let lens: Vec<i32> = cache.lens.iter().map(|&l| l as i32 + 1).collect();
-            let seqs: Vec<i32> = (0..bsz as i32).collect();
-            let dev = self.device;
-            let (ids, pos, lens_t, seqs) = (
-                Tensor::from_slice(&ids, &[bsz], dev)?,
-                Tensor::from_slice(&pos, &[bsz], dev)?,
-                Tensor::from_slice(&lens, &[bsz], dev)?,
-                Tensor::from_slice(&seqs, &[bsz], dev)?,
-            );
-            let mut x = ops::embedding(&ids, &self.params.embed)?;
-            for i in 0..self.config.n_layers() {
-                let blk = &self.params.blocks[i];
-                let (h, _) = ops::rmsnorm(&x, &blk.attn_norm, self.eps())?;
-                let a = blk.attn.decode(
-                    &self.shape(i),
-                    &h,
-                    &self.rope,
-                    &mut cache.k[i],
-                    &mut cache.v[i],
-                    &pos,
-                    &lens_t,
-                    &seqs,
-                )?;
-                ops::add_assign(&mut x, &a)?;
-                let (h, _) = ops::rmsnorm(&x, &blk.ffn_norm, self.eps())?;
-                ops::add_assign(&mut x, &self.ffn_forward(i, &h, moe::Mode::Infer)?.0)?;
-            }
+            let logits = if self.device.is_cuda() && cache.use_graphs {
+                self.decode_graphed(cache, &ids, &pos, &lens)?
+            } else {
+                let dev = self.device;
+                let seqs: Vec<i32> = (0..bsz as i32).collect();
+                let inputs = DecodeInputs {
+                    ids: Tensor::from_slice(&ids, &[bsz], dev)?,
+                    pos: Tensor::from_slice(&pos, &[bsz], dev)?,
+                    lens: Tensor::from_slice(&lens, &[bsz], dev)?,
+                    seqs: Tensor::from_slice(&seqs, &[bsz], dev)?,
+                };
+                self.decode_body(&inputs, &mut cache.k, &mut cache.v)?
+            };
             for l in cache.lens.iter_mut() {
                 *l += 1;
             }
-            let (xf, _) = ops::rmsnorm(&x, &self.params.norm, self.eps())?;
-            let logits = ops::matmul(
-                &xf,
-                self.head(),
-                Matmul {
-                    trans_b: true,
-                    out_dtype: Some(DType::F32),
-                    ..Default::default()
-                },
-            )?;
             return Ok(logits);
         }
         let mut rows: Vec<Tensor> = Vec::new();
@@ -836,6 +836,110 @@ impl Model {
             at += r.dim(0);
         }
         Ok(out)
+    }
+
+    /// One decode step for every sequence: logits [B, V] f32. Only stream-ordered device work
+    /// (it is what a CUDA graph records).
+    fn decode_body(
+        &self,
+        inp: &DecodeInputs,
+        cache_k: &mut [Tensor],
+        cache_v: &mut [Tensor],
+    ) -> Result<Tensor> {
+        let mut x = ops::embedding(&inp.ids, &self.params.embed)?;
+        for i in 0..self.config.n_layers() {
+            let blk = &self.params.blocks[i];
+            let (h, _) = ops::rmsnorm(&x, &blk.attn_norm, self.eps())?;
+            let a = blk.attn.decode(
+                &self.shape(i),
+                &h,
+                &self.rope,
+                &mut cache_k[i],
+                &mut cache_v[i],
+                &inp.pos,
+                &inp.lens,
+                &inp.seqs,
+            )?;
+            ops::add_assign(&mut x, &a)?;
+            let (h, _) = ops::rmsnorm(&x, &blk.ffn_norm, self.eps())?;
+            ops::add_assign(&mut x, &self.ffn_forward(i, &h, moe::Mode::Infer)?.0)?;
+        }
+        let (xf, _) = ops::rmsnorm(&x, &self.params.norm, self.eps())?;
+        Ok(ops::matmul(
+            &xf,
+            self.head(),
+            Matmul {
+                trans_b: true,
+                out_dtype: Some(DType::F32),
+                ..Default::default()
+            },
+        )?)
+    }
+
+    /// A decode step through a CUDA graph kept in the cache: the first step runs eagerly (kernels
+    /// compiled, memory pool grown), the second is recorded, every later one is a single graph
+    /// launch after copying the step's ids and positions into the graph's input buffers. If the
+    /// capture fails the cache falls back to eager steps (and says so once).
+    fn decode_graphed(
+        &self,
+        cache: &mut KvCache,
+        ids: &[i32],
+        pos: &[i32],
+        lens: &[i32],
+    ) -> Result<Tensor> {
+        let bsz = ids.len();
+        let dev = self.device;
+        let KvCache {
+            k,
+            v,
+            decode,
+            use_graphs,
+            ..
+        } = cache;
+        if decode.is_none() {
+            let seqs: Vec<i32> = (0..bsz as i32).collect();
+            *decode = Some(Box::new(DecodeState {
+                inputs: DecodeInputs {
+                    ids: Tensor::zeros(&[bsz], DType::I32, dev)?,
+                    pos: Tensor::zeros(&[bsz], DType::I32, dev)?,
+                    lens: Tensor::zeros(&[bsz], DType::I32, dev)?,
+                    seqs: Tensor::from_slice(&seqs, &[bsz], dev)?,
+                },
+                out: Tensor::zeros(&[bsz, self.config.vocab_size], DType::F32, dev)?,
+                graph: None,
+                steps: 0,
+            }));
+        }
+        let st = decode.as_mut().expect("decode state was just created");
+        st.inputs.ids.copy_from_host(ids)?;
+        st.inputs.pos.copy_from_host(pos)?;
+        st.inputs.lens.copy_from_host(lens)?;
+        if st.graph.is_none() {
+            if st.steps == 0 {
+                st.steps += 1;
+                return self.decode_body(&st.inputs, k, v);
+            }
+            let Device::Cuda(ordinal) = dev else {
+                return self.decode_body(&st.inputs, k, v);
+            };
+            let cu = crate::runtime::cuda::device(ordinal)?;
+            let (inputs, out) = (&st.inputs, &mut st.out);
+            let captured = cu.capture(|| {
+                let logits = self.decode_body(inputs, k, v)?;
+                Ok::<(), ModelError>(ops::write_rows(out, 0, &logits)?)
+            });
+            match captured {
+                Ok(((), g)) => st.graph = Some(g),
+                Err(e) => {
+                    tracing::warn!("CUDA graph capture of the decode step failed ({e}); decoding without graphs");
+                    *use_graphs = false;
+                    return self.decode_body(&st.inputs, k, v);
+                }
+            }
+        }
+        st.steps += 1;
+        st.graph.as_ref().expect("graph captured above").launch()?;
+        Ok(st.out.try_clone()?)
     }
 
     /// (total, active-per-token) parameter counts.

@@ -370,12 +370,27 @@ pub fn moe_forward_named(
             residual_saved = Some((s, diff, z, c0));
         }
     }
-    let (aux_loss, z_loss) = router::losses(cfg, &routing)?;
+    // Inference skips what only training reads: the losses (zero) and, for dropless routers,
+    // the drop counts (zero).
+    let dev = x.device();
+    let (aux_loss, z_loss) = if save {
+        router::losses(cfg, &routing)?
+    } else {
+        (
+            Tensor::zeros(&[1], DType::F32, dev)?,
+            Tensor::zeros(&[1], DType::F32, dev)?,
+        )
+    };
+    let dropped = if save || matches!(cfg.router, RouterKind::Switch { .. }) {
+        disp.dropped()?
+    } else {
+        Tensor::zeros(&[cfg.n_experts], DType::F32, dev)?
+    };
     let stats = MoeStats {
         aux_loss,
         z_loss,
         tokens_per_expert: disp.counts.try_clone()?,
-        dropped: disp.dropped()?,
+        dropped,
     };
     let saved = if save {
         Some(MoeSaved {

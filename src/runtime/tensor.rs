@@ -320,6 +320,27 @@ impl Tensor {
         })
     }
 
+    /// Overwrites the elements with `data` (same count and dtype), in place: the buffer keeps its
+    /// address (inputs of a captured CUDA graph).
+    pub fn copy_from_host<T: Element>(&mut self, data: &[T]) -> Result<()> {
+        if T::DTYPE != self.dtype || data.len() != self.numel() {
+            return Err(Error::Invalid(format!(
+                "copy_from_host: {} values of {} into a {:?} {} tensor",
+                data.len(),
+                T::DTYPE,
+                self.shape,
+                self.dtype
+            )));
+        }
+        match &mut self.storage {
+            Storage::Cpu(_) => {
+                self.as_mut_slice::<T>()?.copy_from_slice(data);
+                Ok(())
+            }
+            Storage::Cuda(s) => s.write(bytemuck::cast_slice(data)),
+        }
+    }
+
     /// Moves to `device`, without a copy when already there.
     pub fn into_device(self, device: Device) -> Result<Tensor> {
         if self.device() == device {

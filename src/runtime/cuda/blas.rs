@@ -102,6 +102,11 @@ fn int(v: usize, what: &str) -> Result<i32> {
 
 /// Issue one (strided-batched) GEMM on the device's compute stream.
 pub(crate) fn gemm_bf16_or_f32(dev: &CudaDevice, g: &GemmArgs) -> Result<()> {
+    let name = format!("cublas {}x{}x{} b{}", g.m, g.n, g.k, g.batch);
+    super::profile::timed(&name, &dev.stream.clone(), || gemm_now(dev, g))
+}
+
+fn gemm_now(dev: &CudaDevice, g: &GemmArgs) -> Result<()> {
     if g.a.dtype != g.b.dtype {
         return Err(Error::Invalid(format!(
             "matmul: operand dtypes differ ({} vs {})",

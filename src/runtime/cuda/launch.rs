@@ -73,7 +73,13 @@ impl LaunchBuilder<'_> {
         self
     }
 
-    pub fn run(mut self) -> Result<()> {
+    pub fn run(self) -> Result<()> {
+        let stream = self.dev.stream.clone();
+        let name = self.kernel.clone();
+        super::profile::timed(&name, &stream, move || self.run_now())
+    }
+
+    fn run_now(mut self) -> Result<()> {
         let f = self.func.cu_function();
         if self.smem > 48 * 1024 {
             unsafe {

@@ -10,8 +10,10 @@
 
 mod blas;
 mod compile;
+pub mod graph;
 pub mod kernels;
 mod launch;
+pub mod profile;
 
 pub(crate) use blas::gemm_bf16_or_f32 as blas_gemm;
 pub(crate) use blas::{GemmArgs, GemmOperand};
@@ -263,6 +265,25 @@ impl CudaStorage {
                 .map_err(|e| Error::cuda("upload", e))?;
         }
         Ok(s)
+    }
+
+    /// Overwrites the first `bytes.len()` bytes from the host, ordered on the compute stream.
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > self.len {
+            return Err(Error::Invalid(format!(
+                "write of {} bytes into a {}-byte buffer",
+                bytes.len(),
+                self.len
+            )));
+        }
+        if !bytes.is_empty() {
+            let stream = self.dev.stream.clone();
+            let mut dst = self.buf.slice_mut(..bytes.len());
+            stream
+                .memcpy_htod(bytes, &mut dst)
+                .map_err(|e| Error::cuda("upload", e))?;
+        }
+        Ok(())
     }
 
     /// Copy to the host; waits for the stream.

@@ -96,6 +96,9 @@ pub fn kv_write(cache: &mut Tensor, new: &Tensor, batch: &Tensor, pos: &Tensor) 
     }
 }
 
+/// Keys per block of the CUDA decode kernel (split-KV).
+const DECODE_CHUNK: usize = 64;
+
 /// o [B, H, hd] = softmax(scale · q·Kᵀ) · V over each sequence's cached keys.
 pub fn attention_decode(
     q: &Tensor,
@@ -173,26 +176,44 @@ pub fn attention_decode(
         Device::Cuda(_) => {
             let out = Tensor::uninit(&[b, h, hd], q.dtype(), q.device())?;
             if b * h > 0 {
-                cuda_dev(q)?
-                    .launch(
-                        &kernels::ATTENTION,
-                        &kname("attention_decode", q),
-                        ((b * h) as u32, 1, 1),
-                        (128, 1, 1),
-                        0,
-                    )?
-                    .ptr(dptr(&out))
-                    .ptr(dptr(q))
-                    .ptr(dptr(k_cache))
-                    .ptr(dptr(v_cache))
-                    .ptr(dptr(lens))
-                    .usize_as_i32(h)?
-                    .usize_as_i32(hkv)?
-                    .usize_as_i32(l)?
-                    .usize_as_i32(hd)?
-                    .f32(scale)
-                    .usize_as_i32(win)?
-                    .run()?;
+                // Split the cache into chunks of DECODE_CHUNK keys: enough blocks to fill the GPU
+                // at batch 1 (the grid depends only on the cache size, never on lengths held on
+                // the device).
+                let splits = l.div_ceil(DECODE_CHUNK).max(1);
+                let part = Tensor::uninit(&[b * h * splits * (hd + 2)], DType::F32, q.device())?;
+                let dev = cuda_dev(q)?;
+                dev.launch(
+                    &kernels::ATTENTION,
+                    &kname("attention_decode", q),
+                    ((b * h) as u32, splits as u32, 1),
+                    (128, 1, 1),
+                    0,
+                )?
+                .ptr(dptr(&part))
+                .ptr(dptr(q))
+                .ptr(dptr(k_cache))
+                .ptr(dptr(v_cache))
+                .ptr(dptr(lens))
+                .usize_as_i32(h)?
+                .usize_as_i32(hkv)?
+                .usize_as_i32(l)?
+                .usize_as_i32(hd)?
+                .f32(scale)
+                .usize_as_i32(win)?
+                .usize_as_i32(DECODE_CHUNK)?
+                .run()?;
+                dev.launch(
+                    &kernels::ATTENTION,
+                    &kname("attention_decode_combine", q),
+                    ((b * h) as u32, 1, 1),
+                    (128, 1, 1),
+                    0,
+                )?
+                .ptr(dptr(&out))
+                .ptr(dptr(&part))
+                .usize_as_i32(splits)?
+                .usize_as_i32(hd)?
+                .run()?;
             }
             Ok(out)
         }

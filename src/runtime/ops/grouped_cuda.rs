@@ -17,6 +17,9 @@ fn tensor_cores(dt: DType, dims: &[usize]) -> bool {
     matches!(dt, DType::BF16 | DType::F16) && dims.iter().all(|d| d % 8 == 0)
 }
 
+/// Shared memory the small-M kernel may use for its chunk of x rows.
+const SMALL_SMEM_BYTES: usize = 160 * 1024;
+
 pub(crate) fn grouped_matmul(
     dev: &Arc<CudaDevice>,
     x: &Tensor,
@@ -27,11 +30,35 @@ pub(crate) fn grouped_matmul(
 ) -> Result<Tensor> {
     let (m, k) = (x.dim(0), x.dim(1));
     let e = offsets.numel() - 1;
+    let dt = x.dtype().name();
+    let elt = x.dtype().size_in_bytes();
+    // Few rows per group (decode): the memory-bound small-M kernel reads each active expert's
+    // weights once instead of a mostly empty 128-row tile per column block.
+    if trans_w && m > 0 && n > 0 && k % (16 / elt) == 0 && (m <= 64 || m <= 4 * e) {
+        let y = Tensor::zeros(&[m, n], x.dtype(), x.device())?;
+        let rows_chunk = (SMALL_SMEM_BYTES / (k * elt)).clamp(1, 8);
+        let cols_per_block = 8 * 4;
+        dev.launch(
+            &kernels::GROUPED_GEMM,
+            &format!("gg_small_nt_{dt}"),
+            (n.div_ceil(cols_per_block) as u32, e as u32, 1),
+            (256, 1, 1),
+            (rows_chunk * k * elt) as u32,
+        )?
+        .ptr(dptr(&y))
+        .ptr(dptr(x))
+        .ptr(dptr(w))
+        .ptr(dptr(offsets))
+        .usize_as_i32(n)?
+        .usize_as_i32(k)?
+        .usize_as_i32(rows_chunk)?
+        .run()?;
+        return Ok(y);
+    }
     let y = Tensor::uninit(&[m, n], x.dtype(), x.device())?;
     if m == 0 || n == 0 {
         return Ok(y);
     }
-    let dt = x.dtype().name();
     if tensor_cores(x.dtype(), &[k, n]) {
         let prefix = Tensor::uninit(&[e + 1], DType::I32, x.device())?;
         dev.launch(
