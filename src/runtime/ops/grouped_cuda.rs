@@ -17,8 +17,13 @@ fn tensor_cores(dt: DType, dims: &[usize]) -> bool {
     matches!(dt, DType::BF16 | DType::F16) && dims.iter().all(|d| d % 8 == 0)
 }
 
-/// Shared memory the small-M kernel may use for its chunk of x rows.
-const SMALL_SMEM_BYTES: usize = 160 * 1024;
+/// Output columns per block of the small-M kernels.
+pub(crate) const SMALL_COLS: usize = 8;
+
+/// The small-M kernels' rows per chunk (1, 2, 4 or 8) for about `rows` rows per group.
+pub(crate) fn small_rows(rows: usize) -> usize {
+    rows.clamp(1, 8).next_power_of_two()
+}
 
 pub(crate) fn grouped_matmul(
     dev: &Arc<CudaDevice>,
@@ -36,14 +41,14 @@ pub(crate) fn grouped_matmul(
     // weights once instead of a mostly empty 128-row tile per column block.
     if trans_w && m > 0 && n > 0 && k % (16 / elt) == 0 && (m <= 64 || m <= 4 * e) {
         let y = Tensor::zeros(&[m, n], x.dtype(), x.device())?;
-        let rows_chunk = (SMALL_SMEM_BYTES / (k * elt)).clamp(1, 8);
-        let cols_per_block = 8 * 4;
+        // Rows per chunk: about the mean rows per group (groups beyond it loop over chunks).
+        let rows = small_rows(m.div_ceil(e.max(1)));
         dev.launch(
             &kernels::GROUPED_GEMM,
-            &format!("gg_small_nt_{dt}"),
-            (n.div_ceil(cols_per_block) as u32, e as u32, 1),
+            &format!("gg_small_nt_r{rows}_{dt}"),
+            (n.div_ceil(SMALL_COLS) as u32, e as u32, 1),
             (256, 1, 1),
-            (rows_chunk * k * elt) as u32,
+            0,
         )?
         .ptr(dptr(&y))
         .ptr(dptr(x))
@@ -51,7 +56,6 @@ pub(crate) fn grouped_matmul(
         .ptr(dptr(offsets))
         .usize_as_i32(n)?
         .usize_as_i32(k)?
-        .usize_as_i32(rows_chunk)?
         .run()?;
         return Ok(y);
     }

@@ -207,7 +207,6 @@ fn run(out: &mut Tensor, a: &Tensor, b: &Tensor, spec: &Matmul, d: &Dims, beta: 
             }
             let elt = a.dtype().size_in_bytes();
             if d.m <= 8
-                && d.m > 0
                 && d.batch == 1
                 && !spec.trans_a
                 && spec.trans_b
@@ -215,19 +214,19 @@ fn run(out: &mut Tensor, a: &Tensor, b: &Tensor, spec: &Matmul, d: &Dims, beta: 
                 && beta == 0.0
                 && elt == 2
                 && d.k % 8 == 0
-                && d.m * d.k * elt <= 160 * 1024
                 && (out.dtype() == a.dtype() || out.dtype() == DType::F32)
             {
                 // A few rows (decode): a memory-bound GEMV reading the weights once with 16-byte
-                // loads beats cuBLAS's small-M kernels ~3x.
+                // loads (grouped_cuda's small-M kernel with one group).
                 let suffix = if out.dtype() == a.dtype() { "" } else { "_f32" };
+                let rows = super::grouped_cuda::small_rows(d.m);
                 return cuda_dev(a)?
                     .launch(
                         &kernels::GROUPED_GEMM,
-                        &format!("gemv_nt_{}{suffix}", a.dtype().name()),
-                        (d.n.div_ceil(32) as u32, 1, 1),
+                        &format!("gemv_nt_r{rows}_{}{suffix}", a.dtype().name()),
+                        (d.n.div_ceil(super::grouped_cuda::SMALL_COLS) as u32, 1, 1),
                         (256, 1, 1),
-                        (d.m * d.k * elt) as u32,
+                        0,
                     )?
                     .ptr(dptr(out))
                     .ptr(dptr(a))

@@ -278,73 +278,77 @@ __device__ __forceinline__ void simt_vark(TO* out, const T* a, const T* b, const
     }
 INSTANTIATE_FLOAT_TYPES(GG_SIMT)
 
-// Small-M VARM for B_e = W[e] as [N,K] (decode: a few rows per expert). Memory-bound: every
-// active expert's weights are read once per chunk of up to `rows_chunk` (<= 8) rows with 16-byte
-// loads. Block (column block, e), 8 warps × 4 columns; the chunk's x rows sit in shared memory;
-// each lane accumulates its K slice for every row, then a warp reduction per row. Empty groups
-// exit at once. Requires K % (16 / sizeof(T)) == 0 (the host checks).
-#define SMALL_ROWS 8
-#define SMALL_WARP_COLS 4
-template <typename T, typename TO>
+// Small-M VARM for B_e = W[e] as [N,K] (decode: a few rows per expert), and the plain small-M
+// x·Wᵀ (offsets == nullptr: one group of M rows). Memory-bound: every active expert's weights are
+// read once per chunk of ROWS rows with 16-byte loads. Block (8-column block, e) of 256 threads
+// splits K: thread t takes 16-byte vectors t, t+256, ... of the 8 weight rows (8 independent
+// loads in flight) and of the chunk's x rows, accumulates ROWS × 8 dot products, then a warp
+// reduction and a reduction over the 8 warps in shared memory. Empty groups exit at once.
+// Requires K % (16 / sizeof(T)) == 0 (the host checks).
+#define SM_COLS 8
+template <int ROWS, typename T, typename TO>
 __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const int* offsets, int M, int N,
-                                            int K, int rows_chunk) {
+                                            int K) {
     constexpr int VEC = 16 / sizeof(T);
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* xs = reinterpret_cast<T*>(smem_raw);
-    // offsets == nullptr: one group of all M rows (a plain small-M x·Wᵀ).
+    __shared__ float red[8][ROWS][SM_COLS];
     const int e = blockIdx.y, r0 = offsets ? offsets[e] : 0, r1 = offsets ? offsets[e + 1] : M;
     if (r0 >= r1) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = (blockIdx.x * (blockDim.x >> 5) + warp) * SMALL_WARP_COLS;
-    for (int rc = r0; rc < r1; rc += rows_chunk) {
-        const int rows = min(rows_chunk, r1 - rc);
-        __syncthreads();
-        const uint4* src = reinterpret_cast<const uint4*>(x + (int64_t)rc * K);
-        uint4* dst = reinterpret_cast<uint4*>(xs);
-        for (int i = threadIdx.x; i < rows * K / VEC; i += blockDim.x) dst[i] = src[i];
-        __syncthreads();
-        for (int c = 0; c < SMALL_WARP_COLS; ++c) {
-            const int n = n0 + c;
-            if (n >= N) break;
-            const T* wr = w + ((int64_t)e * N + n) * K;
-            float acc[SMALL_ROWS];
-            _Pragma("unroll") for (int r = 0; r < SMALL_ROWS; ++r) acc[r] = 0.f;
-            for (int k = lane * VEC; k < K; k += 32 * VEC) {
-                uint4 wv = *reinterpret_cast<const uint4*>(wr + k);
-                const T* wt = reinterpret_cast<const T*>(&wv);
-                float wf[VEC];
-                _Pragma("unroll") for (int j = 0; j < VEC; ++j) wf[j] = to_float(wt[j]);
-                _Pragma("unroll") for (int r = 0; r < SMALL_ROWS; ++r) {
-                    if (r < rows) {
-                        uint4 xv = *reinterpret_cast<const uint4*>(xs + r * K + k);
-                        const T* xt = reinterpret_cast<const T*>(&xv);
+    const int n0 = blockIdx.x * SM_COLS, ncols = min(SM_COLS, N - n0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kv = K / VEC;
+    const T* wb = w + ((int64_t)e * N + n0) * K;
+    for (int rc = r0; rc < r1; rc += ROWS) {
+        const int rows = min(ROWS, r1 - rc);
+        float acc[ROWS][SM_COLS];
+        _Pragma("unroll") for (int r = 0; r < ROWS; ++r)
+            _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c) acc[r][c] = 0.f;
+        for (int v = threadIdx.x; v < kv; v += blockDim.x) {
+            uint4 wr[SM_COLS];
+            _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c)
+                wr[c] = c < ncols ? *reinterpret_cast<const uint4*>(wb + (int64_t)c * K + v * VEC) : make_uint4(0, 0, 0, 0);
+            _Pragma("unroll") for (int r = 0; r < ROWS; ++r) {
+                if (r < rows) {
+                    uint4 xr = *reinterpret_cast<const uint4*>(x + (int64_t)(rc + r) * K + v * VEC);
+                    const T* xt = reinterpret_cast<const T*>(&xr);
+                    float xf[VEC];
+                    _Pragma("unroll") for (int j = 0; j < VEC; ++j) xf[j] = to_float(xt[j]);
+                    _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c) {
+                        const T* wt = reinterpret_cast<const T*>(&wr[c]);
                         float s = 0.f;
-                        _Pragma("unroll") for (int j = 0; j < VEC; ++j) s += wf[j] * to_float(xt[j]);
-                        acc[r] += s;
+                        _Pragma("unroll") for (int j = 0; j < VEC; ++j) s += to_float(wt[j]) * xf[j];
+                        acc[r][c] += s;
                     }
                 }
             }
-            _Pragma("unroll") for (int r = 0; r < SMALL_ROWS; ++r) {
-                if (r < rows) {
-                    float s = warp_sum(acc[r]);
-                    if (lane == 0) y[(int64_t)(rc + r) * N + n] = from_float<TO>(s);
-                }
+        }
+        _Pragma("unroll") for (int r = 0; r < ROWS; ++r)
+            _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c) {
+                float s = warp_sum(acc[r][c]);
+                if (lane == 0) red[warp][r][c] = s;
+            }
+        __syncthreads();
+        if (threadIdx.x < ROWS * SM_COLS) {
+            const int r = threadIdx.x / SM_COLS, c = threadIdx.x % SM_COLS;
+            if (r < rows && c < ncols) {
+                float s = 0.f;
+                _Pragma("unroll") for (int q = 0; q < 8; ++q) s += red[q][r][c];
+                y[(int64_t)(rc + r) * N + n0 + c] = from_float<TO>(s);
             }
         }
+        __syncthreads();
     }
 }
-#define GG_SMALL(SUFFIX, T)                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) gg_small_nt_##SUFFIX(T* y, const T* x, const T* w, \
-                                                                           const int* offsets, int N, int K, \
-                                                                           int rows_chunk) {            \
-        gg_small_nt<T, T>(y, x, w, offsets, 0, N, K, rows_chunk);                                       \
+#define GG_SMALL_R(SUFFIX, T, R)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) gg_small_nt_r##R##_##SUFFIX(T* y, const T* x, const T* w, \
+                                                                                 const int* offsets, int N, int K) { \
+        gg_small_nt<R, T, T>(y, x, w, offsets, 0, N, K);                                                \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) gemv_nt_##SUFFIX(T* y, const T* x, const T* w, int M, \
-                                                                       int N, int K) {                  \
-        gg_small_nt<T, T>(y, x, w, nullptr, M, N, K, M);                                                \
+    extern "C" __global__ void __launch_bounds__(256) gemv_nt_r##R##_##SUFFIX(T* y, const T* x, const T* w, int M, \
+                                                                             int N, int K) {            \
+        gg_small_nt<R, T, T>(y, x, w, nullptr, M, N, K);                                                \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) gemv_nt_##SUFFIX##_f32(float* y, const T* x, const T* w, \
-                                                                             int M, int N, int K) {     \
-        gg_small_nt<T, float>(y, x, w, nullptr, M, N, K, M);                                            \
+    extern "C" __global__ void __launch_bounds__(256) gemv_nt_r##R##_##SUFFIX##_f32(float* y, const T* x, const T* w, \
+                                                                                   int M, int N, int K) { \
+        gg_small_nt<R, T, float>(y, x, w, nullptr, M, N, K);                                            \
     }
+#define GG_SMALL(SUFFIX, T) GG_SMALL_R(SUFFIX, T, 1) GG_SMALL_R(SUFFIX, T, 2) GG_SMALL_R(SUFFIX, T, 4) GG_SMALL_R(SUFFIX, T, 8)
 INSTANTIATE_FLOAT_TYPES(GG_SMALL)
