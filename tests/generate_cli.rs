@@ -227,3 +227,69 @@ fn generate_bad_input_is_named() {
     ]);
     assert!(!ok && err.contains("tokenizer.json"), "{err}");
 }
+
+/// `moe chat` reads turns from stdin, renders the whole conversation with the template each turn,
+/// streams replies, and stops at /exit.
+#[test]
+fn chat_reads_turns_until_exit() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_model(tmp.path());
+    let hf = tmp.path().join("hf");
+    let cfg = serde_json::json!({
+        "chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    });
+    std::fs::write(hf.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let bin = std::env::var("MOE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_moe").to_string());
+    let mut child = Command::new(bin)
+        .args([
+            "chat",
+            "--model",
+            hf.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "3",
+            "--ignore-eos",
+        ])
+        .env("MOE_DISABLE_CUDA", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hi\n/reset\nrev:ab=\n/exit\nnever read\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Two replies (the /reset and /exit lines are commands), each of 3 byte tokens + newline.
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.matches('\n').count() >= 2, "{text:?}");
+    // The second reply equals a fresh single-turn generation (the reset cleared the history).
+    let (ok, single, err) = moe(&[
+        "generate",
+        "--model",
+        hf.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--prompt",
+        "rev:ab=",
+        "--chat",
+        "--max-new-tokens",
+        "3",
+        "--ignore-eos",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        text.ends_with(&single),
+        "chat output {text:?} does not end with {single:?}"
+    );
+}

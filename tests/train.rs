@@ -330,3 +330,28 @@ fn default_job_learns_on_a_short_run() {
     assert!(Path::new(&s.checkpoint).join("model.safetensors").exists());
     assert_eq!(s.scores.len(), 5);
 }
+
+/// Two runs from the same seed give the same bits, even under different thread counts: no
+/// reduction may depend on how rayon happens to split the work (this once made resume flaky).
+#[test]
+fn training_is_deterministic_across_thread_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |threads: usize, name: &str| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut t = Trainer::new(small(4), &dir.path().join(name)).unwrap();
+            t.verbose = false;
+            let losses: Vec<u32> = (0..4).map(|_| t.step().unwrap().loss.to_bits()).collect();
+            (losses, all_params(&t))
+        })
+    };
+    let (la, pa) = run(1, "one");
+    let (lb, pb) = run(3, "three");
+    assert_eq!(la, lb, "losses differ between 1 and 3 threads");
+    for ((na, va), (_, vb)) in pa.iter().zip(&pb) {
+        assert!(va == vb, "parameter {na} differs between 1 and 3 threads");
+    }
+}

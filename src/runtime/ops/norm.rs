@@ -117,32 +117,38 @@ pub fn rmsnorm_backward(
                 ));
             }
             // dx = rstd·(w⊙dy) − x·rstd³·mean(x ⊙ w ⊙ dy); dw = Σ_rows dy ⊙ x ⊙ rstd.
-            let dw = dx
-                .par_chunks_mut(cols)
+            // dw is summed per fixed group of rows, then the groups in order: the same bits for
+            // any thread count or scheduling (rayon's fold/reduce split points are not fixed).
+            const GROUP: usize = 32;
+            let partials: Vec<Vec<f32>> = dx
+                .par_chunks_mut(GROUP * cols)
                 .zip(
-                    xv.par_chunks(cols)
-                        .zip(dv.par_chunks(cols))
-                        .zip(rv.par_iter()),
+                    xv.par_chunks(GROUP * cols)
+                        .zip(dv.par_chunks(GROUP * cols))
+                        .zip(rv.par_chunks(GROUP)),
                 )
-                .fold(
-                    || vec![0.0f32; cols],
-                    |mut dw, (dxr, ((xr, dr), &r))| {
+                .map(|(dxg, ((xg, dg), rg))| {
+                    let mut dw = vec![0.0f32; cols];
+                    for (((dxr, xr), dr), &r) in dxg
+                        .chunks_mut(cols)
+                        .zip(xg.chunks(cols))
+                        .zip(dg.chunks(cols))
+                        .zip(rg)
+                    {
                         let dot: f32 =
                             (0..cols).map(|i| xr[i] * wv[i] * dr[i]).sum::<f32>() / cols as f32;
                         for i in 0..cols {
                             dxr[i] = r * wv[i] * dr[i] - xr[i] * r * r * r * dot;
                             dw[i] += dr[i] * xr[i] * r;
                         }
-                        dw
-                    },
-                )
-                .reduce(
-                    || vec![0.0f32; cols],
-                    |mut a, b| {
-                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                        a
-                    },
-                );
+                    }
+                    dw
+                })
+                .collect();
+            let mut dw = vec![0.0f32; cols];
+            for p in &partials {
+                dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            }
             Ok((
                 cpu_from_f32(dx, x.shape(), x.dtype())?,
                 Tensor::from_vec(dw, &[cols])?,

@@ -19,24 +19,22 @@ pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
             let out = if cols == 0 {
                 vec![]
             } else {
-                v.par_chunks(cols)
-                    .fold(
-                        || vec![0.0f64; cols],
-                        |mut acc, r| {
+                // Fixed row groups summed in order: the same bits for any thread count.
+                let partials: Vec<Vec<f64>> = v
+                    .par_chunks(64 * cols)
+                    .map(|g| {
+                        let mut acc = vec![0.0f64; cols];
+                        for r in g.chunks(cols) {
                             acc.iter_mut().zip(r).for_each(|(a, &b)| *a += b as f64);
-                            acc
-                        },
-                    )
-                    .reduce(
-                        || vec![0.0f64; cols],
-                        |mut a, b| {
-                            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                            a
-                        },
-                    )
-                    .into_iter()
-                    .map(|s| s as f32)
-                    .collect()
+                        }
+                        acc
+                    })
+                    .collect();
+                let mut acc = vec![0.0f64; cols];
+                for p in &partials {
+                    acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                }
+                acc.into_iter().map(|s| s as f32).collect()
             };
             Tensor::from_vec(out, &[cols])
         }
@@ -143,4 +141,52 @@ pub fn sum_all(x: &Tensor) -> Result<Tensor> {
 /// Σ x² as a [1] f32 tensor on x's device.
 pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
     total(x, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::runtime::{ops, DType, Device, Tensor};
+
+    /// Column reductions (bias and norm-weight gradients) give the same bits under any thread
+    /// count and schedule: training must be reproducible and resume bit-identically.
+    #[test]
+    fn column_reductions_do_not_depend_on_threads() {
+        let (rows, cols) = (4099, 96);
+        let x = Tensor::randn(&[rows, cols], 1.0, 1, DType::F32, Device::Cpu).unwrap();
+        let w = Tensor::randn(&[cols], 1.0, 2, DType::F32, Device::Cpu).unwrap();
+        let dy = Tensor::randn(&[rows, cols], 1.0, 3, DType::F32, Device::Cpu).unwrap();
+        let run = || {
+            let (_, rstd) = ops::rmsnorm(&x, &w, 1e-6).unwrap();
+            let (_, dw) = ops::rmsnorm_backward(&x, &w, &rstd, &dy).unwrap();
+            let s = ops::sum_rows(&dy).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.to_f32_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            (bits(&dw), bits(&s))
+        };
+        let mut seen = Vec::new();
+        for threads in [1, 2, 3, 5, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for _ in 0..4 {
+                seen.push((threads, pool.install(run)));
+            }
+        }
+        for (threads, r) in &seen[1..] {
+            assert!(
+                r.0 == seen[0].1 .0,
+                "rmsnorm dw differs with {threads} threads"
+            );
+            assert!(
+                r.1 == seen[0].1 .1,
+                "sum_rows differs with {threads} threads"
+            );
+        }
+    }
 }
