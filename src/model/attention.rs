@@ -43,6 +43,16 @@ impl AttnShape {
     }
 }
 
+/// A piece of one sequence's new tokens inside a prefill pass: cache row `seq`, positions
+/// start..start+len, rows off..off+len of the pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub seq: usize,
+    pub start: usize,
+    pub off: usize,
+    pub len: usize,
+}
+
 pub struct AttnSaved {
     q_pre: Option<(Tensor, Tensor)>,
     k_pre: Option<(Tensor, Tensor)>,
@@ -290,8 +300,12 @@ impl Attention {
         Ok(dx)
     }
 
-    /// Prefill of sequence `seq` of the cache with x [S, d] at positions start..start+S; writes
-    /// its K/V into the cache. Returns [S, d].
+    /// Prefill of several sequences' new tokens in one pass: x [N, d] holds the spans' rows
+    /// back to back, `pos` / `seqs` [N] i32 give each row's position and cache row. Projections
+    /// run over all N rows at once; attention runs per span (from position 0 the span's own K/V
+    /// are all the keys, a continuation attends over the cache). Writes K/V into the cache and
+    /// returns [N, d].
+    #[allow(clippy::too_many_arguments)]
     pub fn prefill(
         &self,
         sh: &AttnShape,
@@ -299,51 +313,56 @@ impl Attention {
         rope: &RopeTable,
         cache_k: &mut Tensor,
         cache_v: &mut Tensor,
-        seq: usize,
-        start: usize,
+        spans: &[Span],
+        pos: &Tensor,
+        seqs: &Tensor,
     ) -> Result<Tensor> {
-        let s = x.dim(0);
+        let n = x.dim(0);
         let (h, hkv, hd, g) = (sh.heads, sh.kv_heads, sh.head_dim, sh.group());
-        let dev = x.device();
-        let positions: Vec<i32> = (start..start + s).map(|p| p as i32).collect();
-        let pos = Tensor::from_slice(&positions, &[s], dev)?;
-        let (q, k, v, _, _) = self.qkv(sh, x, rope, &pos, false)?;
-        let seqs = Tensor::from_slice(&vec![seq as i32; s], &[s], dev)?;
-        ops::kv_write(cache_k, &k, &seqs, &pos)?;
-        ops::kv_write(cache_v, &v, &seqs, &pos)?;
-        let q_t = ops::transpose_12(&q.reshape(&[1, s, h, hd])?)?.reshape(&[1, hkv, g * s, hd])?;
-        // From position 0 the new K/V are all the keys; a continuation attends over the cache.
-        let (k_t, v_t) = if start == 0 {
-            (
-                ops::transpose_12(&k.reshape(&[1, s, hkv, hd])?)?,
-                ops::transpose_12(&v.reshape(&[1, s, hkv, hd])?)?,
-            )
-        } else {
-            (
-                ops::slice_rows(cache_k, seq, 1)?,
-                ops::slice_rows(cache_v, seq, 1)?,
-            )
-        };
-        let scores = ops::matmul(
-            &q_t,
-            &k_t,
-            Matmul {
-                trans_b: true,
-                alpha: sh.scale(),
-                ..Default::default()
-            },
-        )?;
-        let probs = ops::softmax(
-            &scores,
-            Softmax {
-                scale: 1.0,
-                causal: Some((s, start)),
-                window: sh.window,
-            },
-        )?;
-        let ctx = ops::matmul(&probs, &v_t, Matmul::default())?.reshape(&[1, h, s, hd])?;
-        let ctx = ops::transpose_12(&ctx)?.reshape(&[s, h * hd])?;
-        ops::linear(&ctx, &self.o, None)
+        let (q, k, v, _, _) = self.qkv(sh, x, rope, pos, false)?;
+        ops::kv_write(cache_k, &k, seqs, pos)?;
+        ops::kv_write(cache_v, &v, seqs, pos)?;
+        let mut ctx_all = Tensor::uninit(&[n, h * hd], x.dtype(), x.device())?;
+        for sp in spans {
+            let s = sp.len;
+            let q_s = ops::slice_rows(&q, sp.off, s)?;
+            let q_t =
+                ops::transpose_12(&q_s.reshape(&[1, s, h, hd])?)?.reshape(&[1, hkv, g * s, hd])?;
+            let (k_t, v_t) = if sp.start == 0 {
+                let k_s = ops::slice_rows(&k, sp.off, s)?;
+                let v_s = ops::slice_rows(&v, sp.off, s)?;
+                (
+                    ops::transpose_12(&k_s.reshape(&[1, s, hkv, hd])?)?,
+                    ops::transpose_12(&v_s.reshape(&[1, s, hkv, hd])?)?,
+                )
+            } else {
+                (
+                    ops::slice_rows(cache_k, sp.seq, 1)?,
+                    ops::slice_rows(cache_v, sp.seq, 1)?,
+                )
+            };
+            let scores = ops::matmul(
+                &q_t,
+                &k_t,
+                Matmul {
+                    trans_b: true,
+                    alpha: sh.scale(),
+                    ..Default::default()
+                },
+            )?;
+            let probs = ops::softmax(
+                &scores,
+                Softmax {
+                    scale: 1.0,
+                    causal: Some((s, sp.start)),
+                    window: sh.window,
+                },
+            )?;
+            let ctx = ops::matmul(&probs, &v_t, Matmul::default())?.reshape(&[1, h, s, hd])?;
+            let ctx = ops::transpose_12(&ctx)?.reshape(&[s, h * hd])?;
+            ops::write_rows(&mut ctx_all, sp.off, &ctx)?;
+        }
+        ops::linear(&ctx_all, &self.o, None)
     }
 
     /// One new token per sequence: x [B, d] at positions `pos` [B] (the tokens already cached);

@@ -14,7 +14,7 @@ pub mod config;
 mod hf;
 mod weights;
 
-pub use attention::{Attention, AttnShape};
+pub use attention::{Attention, AttnShape, Span};
 pub use config::{Arch, Ffn, LayerConfig, ModelConfig, NativeMoe, NativeSpec, QkNorm, RopeScaling};
 pub use weights::{save as save_safetensors, Checkpoint};
 
@@ -276,6 +276,8 @@ pub struct KvCache {
     /// Decode steps on a GPU through a CUDA graph (default on; `MOE_CUDA_GRAPHS=0` turns it
     /// off). While a step is being recorded no other thread may issue work on the device.
     pub use_graphs: bool,
+    /// Most rows one prefill pass runs (default `PREFILL_TOKENS`).
+    pub prefill_tokens: usize,
     decode: Option<Box<DecodeState>>,
 }
 
@@ -294,6 +296,58 @@ struct DecodeState {
     out: Tensor,
     graph: Option<crate::runtime::cuda::graph::Graph>,
     steps: usize,
+}
+
+/// Most rows one prefill pass runs (as vLLM's `max_num_batched_tokens`).
+pub const PREFILL_TOKENS: usize = 8192;
+
+/// Bytes of f32 attention scores one prefill span may materialise ([heads, len, keys]).
+const SPAN_SCORE_BYTES: usize = 1 << 30;
+
+/// Splits every sequence's new tokens (`new_lens[i]` after `cached[i]` already in the cache) into
+/// passes of at most `budget` rows, sequences in order, a sequence split across passes where it
+/// does not fit (its later pieces attend over the cache). A piece is also kept short enough that
+/// its [heads, len, keys] f32 scores stay under 1 GiB (keys: len from position 0, else the
+/// cache's `max_len`).
+pub fn plan_prefill(
+    new_lens: &[usize],
+    cached: &[usize],
+    budget: usize,
+    heads: usize,
+    max_len: usize,
+) -> Vec<Vec<Span>> {
+    let budget = budget.max(1);
+    let mut passes: Vec<Vec<Span>> = Vec::new();
+    let mut cur: Vec<Span> = Vec::new();
+    let mut used = 0;
+    for (seq, (&n, &c)) in new_lens.iter().zip(cached).enumerate() {
+        let mut done = 0;
+        while done < n {
+            if used == budget {
+                passes.push(std::mem::take(&mut cur));
+                used = 0;
+            }
+            let start = c + done;
+            let mut len = (n - done).min(budget - used);
+            let per_row = 4 * heads.max(1);
+            let keys = |len: usize| if start == 0 { len } else { max_len };
+            while len > 1 && per_row * len * keys(len) > SPAN_SCORE_BYTES {
+                len = len.div_ceil(2);
+            }
+            cur.push(Span {
+                seq,
+                start,
+                off: used,
+                len,
+            });
+            used += len;
+            done += len;
+        }
+    }
+    if !cur.is_empty() {
+        passes.push(cur);
+    }
+    passes
 }
 
 impl Model {
@@ -722,6 +776,7 @@ impl Model {
             lens: vec![0; batch],
             max_len,
             use_graphs: std::env::var("MOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            prefill_tokens: PREFILL_TOKENS,
             decode: None,
         })
     }
@@ -782,18 +837,39 @@ impl Model {
             }
             return Ok(logits);
         }
-        let mut rows: Vec<Tensor> = Vec::new();
-        for (seq, t) in tokens.iter().enumerate() {
-            if t.is_empty() {
-                if !all_logits {
-                    rows.push(Tensor::zeros(&[1, v], DType::F32, self.device)?);
-                }
-                continue;
+        // Prefill in passes of at most PREFILL_TOKENS rows (chunked prefill: bounded activation
+        // memory, and many prompts share each pass's GEMMs and expert groups).
+        let new_lens: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
+        let max_heads = (0..self.config.n_layers())
+            .map(|i| self.shape(i).heads)
+            .max()
+            .unwrap_or(1);
+        let passes = plan_prefill(
+            &new_lens,
+            &cache.lens,
+            cache.prefill_tokens,
+            max_heads,
+            cache.max_len,
+        );
+        let mut all_rows: Vec<Tensor> = Vec::new();
+        let mut last: Vec<Option<Tensor>> = (0..bsz).map(|_| None).collect();
+        for spans in passes {
+            let n: usize = spans.iter().map(|s| s.len).sum();
+            let (mut ids, mut pos, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+            for sp in &spans {
+                let from = sp.start - cache.lens[sp.seq];
+                ids.extend(
+                    tokens[sp.seq][from..from + sp.len]
+                        .iter()
+                        .map(|&x| x as i32),
+                );
+                pos.extend((sp.start..sp.start + sp.len).map(|p| p as i32));
+                seqs.extend(std::iter::repeat_n(sp.seq as i32, sp.len));
             }
-            let n = t.len();
-            let ids: Vec<i32> = t.iter().map(|&x| x as i32).collect();
-            let ids = Tensor::from_slice(&ids, &[n], self.device)?;
-            let start = cache.lens[seq];
+            let dev = self.device;
+            let ids = Tensor::from_slice(&ids, &[n], dev)?;
+            let pos = Tensor::from_slice(&pos, &[n], dev)?;
+            let seqs = Tensor::from_slice(&seqs, &[n], dev)?;
             let mut x = ops::embedding(&ids, &self.params.embed)?;
             for i in 0..self.config.n_layers() {
                 let blk = &self.params.blocks[i];
@@ -804,21 +880,30 @@ impl Model {
                     &self.rope,
                     &mut cache.k[i],
                     &mut cache.v[i],
-                    seq,
-                    start,
+                    &spans,
+                    &pos,
+                    &seqs,
                 )?;
                 ops::add_assign(&mut x, &a)?;
                 let (h, _) = ops::rmsnorm(&x, &blk.ffn_norm, self.eps())?;
                 ops::add_assign(&mut x, &self.ffn_forward(i, &h, moe::Mode::Infer)?.0)?;
             }
-            cache.lens[seq] += n;
+            // The rows whose logits are wanted: all of them, or each sequence's last new token.
+            let ends: Vec<&Span> = spans
+                .iter()
+                .filter(|sp| sp.start + sp.len == cache.lens[sp.seq] + new_lens[sp.seq])
+                .collect();
             let xs = if all_logits {
                 x
             } else {
-                ops::slice_rows(&x, n - 1, 1)?
+                let idx: Vec<i32> = ends.iter().map(|sp| (sp.off + sp.len - 1) as i32).collect();
+                if idx.is_empty() {
+                    continue;
+                }
+                ops::gather_rows(&x, &Tensor::from_slice(&idx, &[idx.len()], dev)?)?
             };
             let (xf, _) = ops::rmsnorm(&xs, &self.params.norm, self.eps())?;
-            rows.push(ops::matmul(
+            let logits = ops::matmul(
                 &xf,
                 self.head(),
                 Matmul {
@@ -826,8 +911,28 @@ impl Model {
                     out_dtype: Some(DType::F32),
                     ..Default::default()
                 },
-            )?);
+            )?;
+            if all_logits {
+                all_rows.push(logits);
+            } else {
+                for (r, sp) in ends.iter().enumerate() {
+                    last[sp.seq] = Some(ops::slice_rows(&logits, r, 1)?);
+                }
+            }
         }
+        for (l, n) in cache.lens.iter_mut().zip(&new_lens) {
+            *l += n;
+        }
+        let rows: Vec<Tensor> = if all_logits {
+            all_rows
+        } else {
+            last.into_iter()
+                .map(|r| match r {
+                    Some(r) => Ok(r),
+                    None => Tensor::zeros(&[1, v], DType::F32, self.device),
+                })
+                .collect::<std::result::Result<_, _>>()?
+        };
         let total: usize = rows.iter().map(|r| r.dim(0)).sum();
         let mut out = Tensor::uninit(&[total, v], DType::F32, self.device)?;
         let mut at = 0;
@@ -945,5 +1050,69 @@ impl Model {
     /// (total, active-per-token) parameter counts.
     pub fn param_counts(&self) -> (u64, u64) {
         self.config.param_counts()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covers(passes: &[Vec<Span>], new_lens: &[usize], cached: &[usize], budget: usize) {
+        let mut next: Vec<usize> = cached.to_vec();
+        for p in passes {
+            let mut off = 0;
+            assert!(!p.is_empty());
+            for sp in p {
+                assert_eq!(sp.off, off, "{passes:?}");
+                assert_eq!(sp.start, next[sp.seq], "{passes:?}");
+                assert!(sp.len > 0);
+                next[sp.seq] += sp.len;
+                off += sp.len;
+            }
+            assert!(off <= budget, "{passes:?}");
+        }
+        for i in 0..new_lens.len() {
+            assert_eq!(next[i], cached[i] + new_lens[i], "{passes:?}");
+        }
+    }
+
+    #[test]
+    fn prefill_plan_packs_sequences_and_splits_long_ones() {
+        let (n, c) = ([5, 0, 7, 3], [0, 4, 2, 0]);
+        let p = plan_prefill(&n, &c, 8, 4, 64);
+        covers(&p, &n, &c, 8);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            p[0],
+            vec![
+                Span {
+                    seq: 0,
+                    start: 0,
+                    off: 0,
+                    len: 5
+                },
+                Span {
+                    seq: 2,
+                    start: 2,
+                    off: 5,
+                    len: 3
+                }
+            ]
+        );
+        for (n, c, b) in [
+            (vec![1], vec![0], 1),
+            (vec![20, 20], vec![0, 3], 7),
+            (vec![0, 0], vec![1, 2], 4),
+        ] {
+            covers(&plan_prefill(&n, &c, b, 2, 64), &n, &c, b);
+        }
+        assert!(plan_prefill(&[0, 0], &[0, 0], 4, 2, 8).is_empty());
+        // 32 heads, 32k keys: pieces shrink so that [heads, len, keys] f32 stays under 1 GiB.
+        let p = plan_prefill(&[32768], &[0], 1 << 20, 32, 32768);
+        covers(&p, &[32768], &[0], 1 << 20);
+        for sp in p.iter().flatten() {
+            let keys = if sp.start == 0 { sp.len } else { 32768 };
+            assert!(4 * 32 * sp.len * keys <= 1 << 30, "{sp:?}");
+        }
     }
 }
