@@ -668,3 +668,84 @@ fn kv_cache_write_and_decode_attention() {
         }
     }
 }
+
+/// The fused inference kernels against their composed CPU twins: residual add + RMSNorm, and the
+/// decode step's q/k norm (none, per head, full width) + RoPE (full and partial rotary) + K/V
+/// cache writes (GQA, a cache row whose other slots must stay untouched).
+#[test]
+fn fused_decode_ops() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("fused_decode_ops");
+    for dt in FLOATS {
+        for (rows, cols) in [(1usize, 2048usize), (5, 100), (3, 4096)] {
+            let (mut xc, xg) = pair(&mut r, &[rows, cols], dt, dev);
+            let mut xg = xg;
+            let (ac, ag) = pair(&mut r, &[rows, cols], dt, dev);
+            let (wc, wg) = pair(&mut r, &[cols], dt, dev);
+            let yc = ops::add_rmsnorm(&mut xc, &ac, &wc, 1e-6).unwrap();
+            let yg = ops::add_rmsnorm(&mut xg, &ag, &wg, 1e-6).unwrap();
+            close(&format!("add_rmsnorm y {dt} {rows}x{cols}"), &yc, &yg);
+            close(&format!("add_rmsnorm x {dt} {rows}x{cols}"), &xc, &xg);
+        }
+        for (b, h, hkv, hd, rot, l) in [
+            (1usize, 16usize, 16usize, 128usize, 128usize, 40usize),
+            (4, 32, 4, 128, 128, 64),
+            (3, 6, 2, 80, 40, 20),
+        ] {
+            let table = |d: Device| {
+                let inv: Vec<f32> = (0..rot / 2)
+                    .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rot as f32))
+                    .collect();
+                RopeTable::new(&inv, l, 1.0, d).unwrap()
+            };
+            let (tc, tg) = (table(Device::Cpu), table(dev));
+            let (qc, qg) = pair(&mut r, &[b, h * hd], dt, dev);
+            let (kc, kg) = pair(&mut r, &[b, hkv * hd], dt, dev);
+            let (vc, vg) = pair(&mut r, &[b, hkv * hd], dt, dev);
+            let (qw_h, qw_hg) = pair(&mut r, &[hd], dt, dev);
+            let (kw_h, kw_hg) = pair(&mut r, &[hd], dt, dev);
+            let (qw_f, qw_fg) = pair(&mut r, &[h * hd], dt, dev);
+            let (kw_f, kw_fg) = pair(&mut r, &[hkv * hd], dt, dev);
+            // Cache rows b+1 (one more than the batch) with random contents; each sequence i
+            // writes cache row seqs[i] at a random position.
+            let seqs: Vec<i32> = (0..b as i32).rev().collect();
+            let pos: Vec<i32> = (0..b).map(|_| r.random_range(0..l as i32)).collect();
+            let (sc, sg) = (
+                Tensor::from_vec(seqs.clone(), &[b]).unwrap(),
+                Tensor::from_slice(&seqs, &[b], dev).unwrap(),
+            );
+            let (pc, pg) = (
+                Tensor::from_vec(pos.clone(), &[b]).unwrap(),
+                Tensor::from_slice(&pos, &[b], dev).unwrap(),
+            );
+            for mode in 0..3 {
+                let (mut ckc, mut ckg) = pair(&mut r, &[b + 1, hkv, l, hd], dt, dev);
+                let (mut cvc, mut cvg) = pair(&mut r, &[b + 1, hkv, l, hd], dt, dev);
+                let spec = |q, k, per_head| {
+                    Some(ops::QkNormSpec {
+                        q,
+                        k,
+                        per_head,
+                        eps: 1e-6,
+                    })
+                };
+                let (nc, ng) = match mode {
+                    0 => (None, None),
+                    1 => (spec(&qw_h, &kw_h, true), spec(&qw_hg, &kw_hg, true)),
+                    _ => (spec(&qw_f, &kw_f, false), spec(&qw_fg, &kw_fg, false)),
+                };
+                let oc =
+                    ops::qk_rope_kv_write(&qc, &kc, &vc, nc, &tc, &pc, &sc, &mut ckc, &mut cvc, h)
+                        .unwrap();
+                let og =
+                    ops::qk_rope_kv_write(&qg, &kg, &vg, ng, &tg, &pg, &sg, &mut ckg, &mut cvg, h)
+                        .unwrap();
+                let what =
+                    format!("qk_rope_kv {dt} b={b} h={h}/{hkv} hd={hd} rot={rot} mode={mode}");
+                close(&format!("{what}: q"), &oc, &og);
+                close(&format!("{what}: k cache"), &ckc, &ckg);
+                close(&format!("{what}: v cache"), &cvc, &cvg);
+            }
+        }
+    }
+}

@@ -103,15 +103,17 @@ pub fn run(a: GenerateBenchArgs) -> anyhow::Result<()> {
         eos: vec![],
         ignore_eos: true,
     };
-    // Warm-up: kernels compiled and the memory pool grown.
-    let maxb = a.batch.iter().copied().max().unwrap_or(1);
-    generate(
-        &model,
-        None,
-        &prompts(maxb, a.prompt_len),
-        &opts(4),
-        &mut |_, _| {},
-    )?;
+    // Warm-up at every batch size: kernels compiled, cuBLAS heuristics and the memory pool
+    // settled for each shape that is timed.
+    for &b in &a.batch {
+        generate(
+            &model,
+            None,
+            &prompts(b, a.prompt_len),
+            &opts(4),
+            &mut |_, _| {},
+        )?;
+    }
     println!(
         "{:>6} {:>8} {:>12} {:>14} {:>12} {:>12} {:>10}",
         "batch", "prompt", "prefill tok/s", "decode tok/s", "ms/step", "roofline ms", "of roofline"

@@ -380,9 +380,31 @@ impl Attention {
     ) -> Result<Tensor> {
         let bsz = x.dim(0);
         let (h, hd) = (sh.heads, sh.head_dim);
-        let (q, k, v, _, _) = self.qkv(sh, x, rope, pos, false)?;
-        ops::kv_write(cache_k, &k, seqs, pos)?;
-        ops::kv_write(cache_v, &v, seqs, pos)?;
+        // q/k norm + RoPE + both cache writes in one kernel when the norms are the usual pair.
+        let norm = match (&self.q_norm, &self.k_norm) {
+            (Some(q), Some(k)) => Some(Some(ops::QkNormSpec {
+                q,
+                k,
+                per_head: sh.qk_norm == QkNorm::PerHead,
+                eps: sh.eps,
+            })),
+            (None, None) => Some(None),
+            _ => None,
+        };
+        let q = match norm {
+            Some(norm) => {
+                let q = ops::linear(x, &self.q, self.q_bias.as_ref())?;
+                let k = ops::linear(x, &self.k, self.k_bias.as_ref())?;
+                let v = ops::linear(x, &self.v, self.v_bias.as_ref())?;
+                ops::qk_rope_kv_write(&q, &k, &v, norm, rope, pos, seqs, cache_k, cache_v, h)?
+            }
+            None => {
+                let (q, k, v, _, _) = self.qkv(sh, x, rope, pos, false)?;
+                ops::kv_write(cache_k, &k, seqs, pos)?;
+                ops::kv_write(cache_v, &v, seqs, pos)?;
+                q
+            }
+        };
         let ctx = ops::attention_decode(&q, cache_k, cache_v, lens, sh.scale(), sh.window)?;
         ops::linear(&ctx.reshape(&[bsz, h * hd])?, &self.o, None)
     }

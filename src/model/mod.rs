@@ -871,12 +871,18 @@ impl Model {
             let pos = Tensor::from_slice(&pos, &[n], dev)?;
             let seqs = Tensor::from_slice(&seqs, &[n], dev)?;
             let mut x = ops::embedding(&ids, &self.params.embed)?;
-            for i in 0..self.config.n_layers() {
+            let n_layers = self.config.n_layers();
+            // Residual adds are fused with the next block's RMSNorm (h carries its output).
+            let mut h: Option<Tensor> = None;
+            for i in 0..n_layers {
                 let blk = &self.params.blocks[i];
-                let (h, _) = ops::rmsnorm(&x, &blk.attn_norm, self.eps())?;
+                let h_in = match h.take() {
+                    Some(h) => h,
+                    None => ops::rmsnorm(&x, &blk.attn_norm, self.eps())?.0,
+                };
                 let a = blk.attn.prefill(
                     &self.shape(i),
-                    &h,
+                    &h_in,
                     &self.rope,
                     &mut cache.k[i],
                     &mut cache.v[i],
@@ -884,9 +890,12 @@ impl Model {
                     &pos,
                     &seqs,
                 )?;
-                ops::add_assign(&mut x, &a)?;
-                let (h, _) = ops::rmsnorm(&x, &blk.ffn_norm, self.eps())?;
-                ops::add_assign(&mut x, &self.ffn_forward(i, &h, moe::Mode::Infer)?.0)?;
+                let h2 = ops::add_rmsnorm(&mut x, &a, &blk.ffn_norm, self.eps())?;
+                let f = self.ffn_forward(i, &h2, moe::Mode::Infer)?.0;
+                match self.params.blocks.get(i + 1) {
+                    Some(b) => h = Some(ops::add_rmsnorm(&mut x, &f, &b.attn_norm, self.eps())?),
+                    None => ops::add_assign(&mut x, &f)?,
+                }
             }
             // The rows whose logits are wanted: all of them, or each sequence's last new token.
             let ends: Vec<&Span> = spans
@@ -951,10 +960,16 @@ impl Model {
         cache_k: &mut [Tensor],
         cache_v: &mut [Tensor],
     ) -> Result<Tensor> {
+        // Each residual add is fused with the RMSNorm that follows it (the next block's, or the
+        // final norm after the last block).
         let mut x = ops::embedding(&inp.ids, &self.params.embed)?;
-        for i in 0..self.config.n_layers() {
+        let n = self.config.n_layers();
+        let mut h = match self.params.blocks.first() {
+            Some(b) => ops::rmsnorm(&x, &b.attn_norm, self.eps())?.0,
+            None => ops::rmsnorm(&x, &self.params.norm, self.eps())?.0,
+        };
+        for i in 0..n {
             let blk = &self.params.blocks[i];
-            let (h, _) = ops::rmsnorm(&x, &blk.attn_norm, self.eps())?;
             let a = blk.attn.decode(
                 &self.shape(i),
                 &h,
@@ -965,11 +980,15 @@ impl Model {
                 &inp.lens,
                 &inp.seqs,
             )?;
-            ops::add_assign(&mut x, &a)?;
-            let (h, _) = ops::rmsnorm(&x, &blk.ffn_norm, self.eps())?;
-            ops::add_assign(&mut x, &self.ffn_forward(i, &h, moe::Mode::Infer)?.0)?;
+            h = ops::add_rmsnorm(&mut x, &a, &blk.ffn_norm, self.eps())?;
+            let f = self.ffn_forward(i, &h, moe::Mode::Infer)?.0;
+            let next = match self.params.blocks.get(i + 1) {
+                Some(b) => &b.attn_norm,
+                None => &self.params.norm,
+            };
+            h = ops::add_rmsnorm(&mut x, &f, next, self.eps())?;
         }
-        let (xf, _) = ops::rmsnorm(&x, &self.params.norm, self.eps())?;
+        let xf = h;
         Ok(ops::matmul(
             &xf,
             self.head(),

@@ -48,6 +48,9 @@ pub fn dispatch(cfg: &MoeConfig, ids: &Tensor, rts_seed: Option<u64>) -> Result<
     let (k, t) = (ids.dim(0), ids.dim(1));
     let e = cfg.n_experts;
     let dev = ids.device();
+    if cfg.capacity(t).is_none() && dev.is_cuda() && k * t <= SMALL_SLOTS && e < SMALL_SLOTS {
+        return dispatch_small(ids, e);
+    }
     let counts = ops::histogram(ids, e)?;
     let use_rts =
         matches!(cfg.router, RouterKind::Switch { use_rts: true, .. }) && rts_seed.is_some();
@@ -103,6 +106,48 @@ pub fn dispatch(cfg: &MoeConfig, ids: &Tensor, rts_seed: Option<u64>) -> Result<
         offsets,
         counts,
         kept,
+    })
+}
+
+/// Most slots (k·T) and experts the one-block dropless plan takes (decode-sized batches).
+const SMALL_SLOTS: usize = 1024;
+
+/// The dropless plan in one kernel launch (CUDA, k·T <= 1024): the same tensors as histogram +
+/// argsort_stable + offsets_from_counts + perm_maps (the CPU path is its twin).
+fn dispatch_small(ids: &Tensor, e: usize) -> Result<Dispatch> {
+    let (k, t) = (ids.dim(0), ids.dim(1));
+    let n = k * t;
+    let dev = ids.device();
+    let counts = Tensor::uninit(&[e], DType::I32, dev)?;
+    let offsets = Tensor::uninit(&[e + 1], DType::I32, dev)?;
+    let perm = Tensor::uninit(&[n], DType::I32, dev)?;
+    let pos = Tensor::uninit(&[k, t], DType::I32, dev)?;
+    let tok = Tensor::uninit(&[n], DType::I32, dev)?;
+    cuda_dev(ids)?
+        .launch(
+            &kernels::MOE_DISPATCH,
+            "dispatch_small",
+            (1, 1, 1),
+            (256, 1, 1),
+            (4 * (n + e + 1)) as u32,
+        )?
+        .ptr(dptr(&counts))
+        .ptr(dptr(&offsets))
+        .ptr(dptr(&perm))
+        .ptr(dptr(&pos))
+        .ptr(dptr(&tok))
+        .ptr(dptr(ids))
+        .usize_as_i32(e)?
+        .usize_as_i32(t)?
+        .usize_as_i32(n)?
+        .run()?;
+    Ok(Dispatch {
+        perm,
+        pos,
+        tok,
+        offsets,
+        kept: counts.try_clone()?,
+        counts,
     })
 }
 

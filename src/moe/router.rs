@@ -23,8 +23,16 @@ pub struct Routing {
     /// [T, E] f32 softmax probabilities (softmax and switch routers; aux loss).
     pub probs: Option<Tensor>,
     /// [E] i32 the counts the aux loss uses: all slots (softmax, HF convention) or first
-    /// choices only (switch, DeepSpeed convention).
-    pub aux_counts: Tensor,
+    /// choices only (switch, DeepSpeed convention). Training only (None in inference).
+    pub aux_counts: Option<Tensor>,
+}
+
+impl Routing {
+    fn aux_counts(&self) -> Result<&Tensor> {
+        self.aux_counts.as_ref().ok_or_else(|| {
+            Error::Invalid("MoE aux-loss counts are computed by training routes only".into())
+        })
+    }
 }
 
 /// How combine weights come from gates: w_j = scale · g_j · kept_j / D with
@@ -91,7 +99,7 @@ fn gumbel(seed: u64, stream: u64, idx: u64) -> f32 {
 }
 
 /// Route `logits` [T, E] f32. `bias` [E] f32 steers the sigmoid router's selection. `noise_seed`
-/// is Some in training: it enables the switch router's noisy gates.
+/// is Some in training: it enables the switch router's noisy gates and the aux-loss counts.
 pub fn route(
     cfg: &MoeConfig,
     logits: &Tensor,
@@ -240,9 +248,12 @@ pub fn route(
             (ids, gates, lse, probs)
         }
     };
-    let aux_counts = match cfg.router {
-        RouterKind::Switch { .. } => ops::histogram(&ops::slice_rows(&ids, 0, 1)?, e)?,
-        _ => ops::histogram(&ids, e)?,
+    let aux_counts = match (&cfg.router, noise_seed) {
+        (_, None) => None,
+        (RouterKind::Switch { .. }, Some(_)) => {
+            Some(ops::histogram(&ops::slice_rows(&ids, 0, 1)?, e)?)
+        }
+        (_, Some(_)) => Some(ops::histogram(&ids, e)?),
     };
     Ok(Routing {
         ids,
@@ -414,7 +425,7 @@ pub(crate) fn losses(cfg: &MoeConfig, routing: &Routing) -> Result<(Tensor, Tens
     let aux = match (&routing.probs, cfg.aux_loss_coeff > 0.0) {
         (Some(p), true) => {
             let colsum = ops::sum_rows(p)?; // [E] = T · mean_t p
-            let counts = counts_f32(&routing.aux_counts)?;
+            let counts = counts_f32(routing.aux_counts()?)?;
             let dot = ops::sum_all(&ops::mul(&colsum, &counts)?)?;
             ops::scale(&dot, cfg.aux_loss_coeff * cfg.n_experts as f32 / (tf * tf))?
         }
@@ -480,7 +491,7 @@ pub(crate) fn route_backward(
                 pos.as_slice::<i32>()?,
             );
             let lse = routing.lse.as_slice::<f32>()?;
-            let counts = routing.aux_counts.as_slice::<i32>()?;
+            let counts = routing.aux_counts()?.as_slice::<i32>()?;
             let mut out = vec![0f32; t * e];
             let tf = t as f32;
             out.par_chunks_mut(e.max(1))
@@ -551,7 +562,7 @@ pub(crate) fn route_backward(
                     .ptr(dptr(w))
                     .ptr(dptr(dw))
                     .ptr(dptr(pos))
-                    .ptr(dptr(&routing.aux_counts))
+                    .ptr(dptr(routing.aux_counts()?))
                     .usize_as_i32(t)?
                     .usize_as_i32(e)?
                     .usize_as_i32(k)?

@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use super::RopeTable;
 use super::{cuda_dev, dptr, kname, same_device};
 use crate::runtime::cuda::{grid_1d, kernels};
 use crate::runtime::{cpu_from_f32, DType, Device, Error, Result, Tensor};
@@ -94,6 +95,152 @@ pub fn kv_write(cache: &mut Tensor, new: &Tensor, batch: &Tensor, pos: &Tensor) 
                 .run()
         }
     }
+}
+
+/// q/k RMSNorm weights for `qk_rope_kv_write`: per head (weights [hd]) or over the full
+/// projection width (weights [H·hd] and [Hkv·hd]).
+pub struct QkNormSpec<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub per_head: bool,
+    pub eps: f32,
+}
+
+/// A decode step's attention inputs after the projections, q [B, H·hd] and k, v [B, Hkv·hd]:
+/// optional q/k RMSNorm, RoPE at `pos` [B], K and V written into the caches [Bc, Hkv, L, hd] at
+/// (`seqs`, `pos`). Returns q [B, H, hd]. One kernel on CUDA; the CPU twin (and the fallback for
+/// rows too wide for shared memory) is rmsnorm + rope + kv_write.
+#[allow(clippy::too_many_arguments)]
+pub fn qk_rope_kv_write(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    norm: Option<QkNormSpec>,
+    table: &RopeTable,
+    pos: &Tensor,
+    seqs: &Tensor,
+    cache_k: &mut Tensor,
+    cache_v: &mut Tensor,
+    heads: usize,
+) -> Result<Tensor> {
+    let op = "qk_rope_kv_write";
+    same_device(op, &[q, k, v, pos, seqs, cache_k, cache_v, &table.cos])?;
+    let (bsz, hkv, hd) = (q.dim(0), cache_k.dim(1), cache_k.dim(3));
+    if q.rank() != 2
+        || q.dim(1) != heads * hd
+        || k.shape() != [bsz, hkv * hd]
+        || v.shape() != [bsz, hkv * hd]
+        || cache_v.shape() != cache_k.shape()
+        || pos.numel() != bsz
+        || seqs.numel() != bsz
+        || [k.dtype(), v.dtype(), cache_k.dtype(), cache_v.dtype()]
+            .iter()
+            .any(|&d| d != q.dtype())
+    {
+        return Err(Error::shape(
+            op,
+            format!(
+                "q {:?}, k {:?}, v {:?} ({heads} heads), pos {:?}, seqs {:?} do not fit the cache {:?} {}",
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                pos.shape(),
+                seqs.shape(),
+                cache_k.shape(),
+                cache_k.dtype()
+            ),
+        ));
+    }
+    let rot = table.rot_dim();
+    if rot > hd || rot == 0 {
+        return Err(Error::shape(
+            op,
+            format!("rotary dim {rot} does not fit head dim {hd}"),
+        ));
+    }
+    if let Some(n) = &norm {
+        let (wq, wk) = if n.per_head {
+            (hd, hd)
+        } else {
+            (heads * hd, hkv * hd)
+        };
+        if n.q.numel() != wq || n.k.numel() != wk || n.q.dtype() != q.dtype() {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "q/k norm weights {:?} / {:?} are not [{wq}] / [{wk}] {}",
+                    n.q.shape(),
+                    n.k.shape(),
+                    q.dtype()
+                ),
+            ));
+        }
+    }
+    let smem = (heads + hkv) * hd * 4;
+    if q.device() == Device::Cpu || smem > 48 * 1024 {
+        let normed = |x: &Tensor, w: Option<&Tensor>, h: usize| -> Result<Tensor> {
+            let x = x.try_clone()?;
+            match (w, norm.as_ref().map(|n| (n.per_head, n.eps))) {
+                (Some(w), Some((true, eps))) => {
+                    Ok(super::rmsnorm(&x.reshape(&[bsz, h, hd])?, w, eps)?.0)
+                }
+                (Some(w), Some((false, eps))) => {
+                    super::rmsnorm(&x, w, eps)?.0.reshape(&[bsz, h, hd])
+                }
+                _ => x.reshape(&[bsz, h, hd]),
+            }
+        };
+        let qn = normed(q, norm.as_ref().map(|n| n.q), heads)?;
+        let kn = normed(k, norm.as_ref().map(|n| n.k), hkv)?;
+        let qr = super::rope(&qn, table, pos)?;
+        kv_write(cache_k, &super::rope(&kn, table, pos)?, seqs, pos)?;
+        kv_write(
+            cache_v,
+            &v.try_clone()?.reshape(&[bsz, hkv, hd])?,
+            seqs,
+            pos,
+        )?;
+        return Ok(qr);
+    }
+    let out = Tensor::uninit(&[bsz, heads, hd], q.dtype(), q.device())?;
+    if bsz == 0 {
+        return Ok(out);
+    }
+    let (mode, qw, kw, eps) = match &norm {
+        None => (0, 0, 0, 0.0),
+        Some(n) => (if n.per_head { 1 } else { 2 }, dptr(n.q), dptr(n.k), n.eps),
+    };
+    cuda_dev(q)?
+        .launch(
+            &kernels::ATTENTION,
+            &kname("qk_rope_kv", q),
+            (bsz as u32, 1, 1),
+            (256, 1, 1),
+            smem as u32,
+        )?
+        .ptr(dptr(&out))
+        .ptr(dptr(cache_k))
+        .ptr(dptr(cache_v))
+        .ptr(dptr(q))
+        .ptr(dptr(k))
+        .ptr(dptr(v))
+        .ptr(qw)
+        .ptr(kw)
+        .i32(mode)
+        .f32(eps)
+        .ptr(dptr(&table.cos))
+        .ptr(dptr(&table.sin))
+        .ptr(dptr(pos))
+        .ptr(dptr(seqs))
+        .usize_as_i32(heads)?
+        .usize_as_i32(hkv)?
+        .usize_as_i32(hd)?
+        .usize_as_i32(rot / 2)?
+        .usize_as_i32(table.max_positions())?
+        .usize_as_i32(cache_k.dim(2))?
+        .usize_as_i32(cache_k.dim(0))?
+        .run()?;
+    Ok(out)
 }
 
 /// Keys per block of the CUDA decode kernel (split-KV).

@@ -20,7 +20,7 @@ mod rope;
 mod softmax;
 
 pub use adamw::{adamw_step, AdamW};
-pub use attention::{attention_decode, kv_write};
+pub use attention::{attention_decode, kv_write, qk_rope_kv_write, QkNormSpec};
 pub use cast::cast;
 pub use elementwise::{
     activation, activation_backward, add, add_assign, add_bias, add_scaled, mul, row_dot, scale,
@@ -34,7 +34,7 @@ pub use index::{
 };
 pub use loss::{cross_entropy, cross_entropy_backward};
 pub use matmul::{linear, matmul, matmul_into, Matmul};
-pub use norm::{rmsnorm, rmsnorm_backward};
+pub use norm::{add_rmsnorm, rmsnorm, rmsnorm_backward};
 pub use reduce::{sum_all, sum_rows, sum_squares};
 pub use rope::{rope, rope_backward, RopeTable};
 pub use softmax::{log_softmax, softmax, softmax_backward, Softmax};

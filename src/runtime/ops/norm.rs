@@ -84,6 +84,53 @@ pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
     }
 }
 
+/// Residual add and RMSNorm in one pass (inference): x += a, then returns rmsnorm(x, w) (no rstd).
+/// The CPU twin is `add_assign` followed by `rmsnorm`.
+pub fn add_rmsnorm(x: &mut Tensor, a: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let op = "add_rmsnorm";
+    let (rows, cols) = check(op, x, w)?;
+    same_device(op, &[x, a])?;
+    if a.shape() != x.shape() || a.dtype() != x.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "a {:?} {} does not match x {:?} {}",
+                a.shape(),
+                a.dtype(),
+                x.shape(),
+                x.dtype()
+            ),
+        ));
+    }
+    match x.device() {
+        Device::Cpu => {
+            super::add_assign(x, a)?;
+            Ok(rmsnorm(x, w, eps)?.0)
+        }
+        Device::Cuda(_) => {
+            let y = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
+            if rows > 0 {
+                cuda_dev(x)?
+                    .launch(
+                        &kernels::NORM,
+                        &kname("add_rmsnorm", x),
+                        (rows as u32, 1, 1),
+                        (block_for(cols), 1, 1),
+                        0,
+                    )?
+                    .ptr(dptr(&y))
+                    .ptr(dptr(x))
+                    .ptr(dptr(a))
+                    .ptr(dptr(w))
+                    .usize_as_i32(cols)?
+                    .f32(eps)
+                    .run()?;
+            }
+            Ok(y)
+        }
+    }
+}
+
 /// (dx like x, dw [cols] f32) given dy and the forward's x, w, rstd.
 pub fn rmsnorm_backward(
     x: &Tensor,

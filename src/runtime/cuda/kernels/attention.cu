@@ -94,3 +94,79 @@
     }
 
 INSTANTIATE_FLOAT_TYPES(ATTN)
+
+// Decode step after the q/k/v projections, in one block per token: optional q/k RMSNorm (mode 0
+// none, 1 per head over hd, 2 over the full width), each value rounded to T as the rmsnorm kernel
+// writes it; rotate-half RoPE at pos[t] (zeros outside the table, pass-through dims past 2·half);
+// q written to qo [n, H, hd]; K and V written into the caches [B, hkv, L, hd] at (seqs[t], pos[t])
+// (skipped outside the cache, as kv_write does). Dynamic shared memory: (H + hkv)·hd floats.
+// Twins: rmsnorm + rope + kv_write (ops/attention.rs). Bytes: (H + 2·hkv)·hd·2·sizeof(T) per token.
+#define QK_ROPE_KV(SUFFIX, T)                                                                           \
+    extern "C" __global__ void qk_rope_kv_##SUFFIX(T* qo, T* kc, T* vc, const T* q, const T* k,        \
+                                                   const T* v, const T* qw, const T* kw, int mode,      \
+                                                   float eps, const float* cos_t, const float* sin_t,   \
+                                                   const int* pos, const int* seqs, int H, int hkv,     \
+                                                   int hd, int half, int max_pos, int L, int B) {       \
+        extern __shared__ float xs[];                                                                   \
+        __shared__ float scratch[32];                                                                   \
+        const int64_t t = blockIdx.x;                                                                   \
+        const int nq = H * hd, nk = hkv * hd, n = nq + nk;                                              \
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;           \
+        for (int i = threadIdx.x; i < n; i += blockDim.x)                                               \
+            xs[i] = i < nq ? to_float(q[t * nq + i]) : to_float(k[t * nk + i - nq]);                    \
+        __syncthreads();                                                                                \
+        if (mode == 2) {                                                                                \
+            float sq = 0.f, sk = 0.f;                                                                   \
+            for (int i = threadIdx.x; i < nq; i += blockDim.x) sq += xs[i] * xs[i];                     \
+            for (int i = nq + threadIdx.x; i < n; i += blockDim.x) sk += xs[i] * xs[i];                 \
+            sq = block_sum(sq, scratch);                                                                \
+            sk = block_sum(sk, scratch);                                                                \
+            const float rq = rsqrtf(sq / nq + eps), rk = rsqrtf(sk / nk + eps);                         \
+            for (int i = threadIdx.x; i < n; i += blockDim.x) {                                         \
+                float w = i < nq ? to_float(qw[i]) : to_float(kw[i - nq]);                              \
+                xs[i] = to_float(from_float<T>(xs[i] * (i < nq ? rq : rk) * w));                        \
+            }                                                                                           \
+        } else if (mode == 1) {                                                                         \
+            for (int hh = warp; hh < H + hkv; hh += nwarps) {                                           \
+                float* xr = xs + hh * hd;                                                               \
+                float s = 0.f;                                                                          \
+                for (int c = lane; c < hd; c += 32) s += xr[c] * xr[c];                                 \
+                s = warp_sum(s);                                                                        \
+                const float r = rsqrtf(s / hd + eps);                                                   \
+                const T* w = hh < H ? qw : kw;                                                          \
+                for (int c = lane; c < hd; c += 32) xr[c] = to_float(from_float<T>(xr[c] * r * to_float(w[c]))); \
+            }                                                                                           \
+        }                                                                                               \
+        __syncthreads();                                                                                \
+        const int p = pos[t], b = seqs[t];                                                              \
+        const bool in_table = p >= 0 && p < max_pos;                                                    \
+        const bool in_cache = b >= 0 && b < B && p >= 0 && p < L;                                       \
+        for (int idx = threadIdx.x; idx < (H + hkv) * half; idx += blockDim.x) {                        \
+            const int hh = idx / half, i = idx - hh * half;                                             \
+            const float a = xs[hh * hd + i], bb = xs[hh * hd + i + half];                               \
+            float o1 = 0.f, o2 = 0.f;                                                                   \
+            if (in_table) {                                                                             \
+                const float c = cos_t[(int64_t)p * half + i], sn = sin_t[(int64_t)p * half + i];        \
+                o1 = a * c - bb * sn;                                                                   \
+                o2 = bb * c + a * sn;                                                                   \
+            }                                                                                           \
+            T* dst = hh < H ? qo + (t * H + hh) * hd                                                    \
+                            : (in_cache ? kc + (((int64_t)b * hkv + (hh - H)) * L + p) * hd : nullptr); \
+            if (dst) { dst[i] = from_float<T>(o1); dst[i + half] = from_float<T>(o2); }                 \
+        }                                                                                               \
+        if (2 * half < hd) {                                                                            \
+            for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {                                   \
+                const int hh = idx / hd, c = idx - hh * hd;                                             \
+                if (c < 2 * half) continue;                                                             \
+                if (hh < H) qo[t * nq + idx] = from_float<T>(xs[idx]);                                  \
+                else if (in_cache) kc[(((int64_t)b * hkv + (hh - H)) * L + p) * hd + c] = from_float<T>(xs[idx]); \
+            }                                                                                           \
+        }                                                                                               \
+        if (in_cache)                                                                                   \
+            for (int idx = threadIdx.x; idx < nk; idx += blockDim.x) {                                  \
+                const int kh = idx / hd, c = idx - kh * hd;                                             \
+                vc[(((int64_t)b * hkv + kh) * L + p) * hd + c] = v[t * nk + idx];                       \
+            }                                                                                           \
+    }
+
+INSTANTIATE_FLOAT_TYPES(QK_ROPE_KV)

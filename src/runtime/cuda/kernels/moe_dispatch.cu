@@ -62,6 +62,51 @@ extern "C" __global__ void perm_maps(int* pos, int* tok, const int* perm, const 
     tok[p] = valid ? f % T : -1;
 }
 
+// The whole dropless plan in one block for small n = k·T (decode): counts [E], offsets [E+1],
+// perm [n] (stable by expert, ids outside 0..E last in slot order), pos [n] and tok [n] exactly as
+// histogram + argsort_stable + offsets_from_counts + perm_maps give them. Shared memory: ids [n]
+// and E+1 bins. Each slot's rank among equal ids before it is counted directly (n <= 1024).
+extern "C" __global__ void dispatch_small(int* counts, int* offsets, int* perm, int* pos, int* tok,
+                                          const int* ids, int E, int T, int n) {
+    extern __shared__ int sm[];
+    int* key = sm;           // [n]
+    int* bins = sm + n;      // [E + 1] counts, then starts
+    for (int i = threadIdx.x; i <= E; i += blockDim.x) bins[i] = 0;
+    __syncthreads();
+    for (int f = threadIdx.x; f < n; f += blockDim.x) {
+        int e = ids[f];
+        int kk = (e >= 0 && e < E) ? e : E;
+        key[f] = kk;
+        atomicAdd(&bins[kk], 1);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < E; i += blockDim.x) counts[i] = bins[i];
+    __syncthreads();
+    // Exclusive scan of E + 1 bins by warp 0: each lane sums a contiguous run, then a shuffle scan.
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x, nb = E + 1, per = (nb + 31) / 32;
+        int lo = min(lane * per, nb), hi = min(lo + per, nb), s = 0;
+        for (int i = lo; i < hi; ++i) s += bins[i];
+        int x = s;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) { int y = __shfl_up_sync(0xffffffffu, x, o); if (lane >= o) x += y; }
+        int run = x - s;
+        for (int i = lo; i < hi; ++i) { int c = bins[i]; bins[i] = run; run += c; }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i <= E; i += blockDim.x) offsets[i] = bins[i];
+    const int valid = bins[E];
+    for (int f = threadIdx.x; f < n; f += blockDim.x) {
+        int kk = key[f], rank = 0;
+        for (int g = 0; g < f; ++g) rank += key[g] == kk;
+        int p = bins[kk] + rank;
+        perm[p] = f;
+        bool ok = p < valid;
+        pos[f] = ok ? p : -1;
+        tok[p] = ok ? f % T : -1;
+    }
+}
+
 // Row of expert g for row r: the largest g with offsets[g] <= r (binary search over E+1).
 __device__ __forceinline__ int group_of(const int* offsets, int E, int r) {
     int lo = 0, hi = E;  // offsets[lo] <= r < offsets[hi]

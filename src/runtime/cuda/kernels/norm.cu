@@ -39,3 +39,27 @@
     }
 
 INSTANTIATE_FLOAT_TYPES(NORM)
+
+// Residual add + RMSNorm (inference): x += a (rounded to T, as axpy does), then y = rmsnorm(x).
+// One block per row. Bytes: rows·cols·(4·sizeof(T)).
+#define ADD_NORM(SUFFIX, T)                                                                             \
+    extern "C" __global__ void add_rmsnorm_##SUFFIX(T* y, T* x, const T* a, const T* w, int cols,      \
+                                                   float eps) {                                         \
+        __shared__ float scratch[32];                                                                   \
+        const int64_t row = blockIdx.x;                                                                 \
+        T* xr = x + row * cols;                                                                         \
+        const T* ar = a + row * cols;                                                                   \
+        float ss = 0.f;                                                                                 \
+        for (int i = threadIdx.x; i < cols; i += blockDim.x) {                                          \
+            T s = from_float<T>(to_float(xr[i]) + to_float(ar[i]));                                     \
+            xr[i] = s;                                                                                  \
+            float v = to_float(s);                                                                      \
+            ss += v * v;                                                                                \
+        }                                                                                               \
+        ss = block_sum(ss, scratch);                                                                    \
+        float r = rsqrtf(ss / cols + eps);                                                              \
+        for (int i = threadIdx.x; i < cols; i += blockDim.x)                                            \
+            y[row * cols + i] = from_float<T>(to_float(xr[i]) * r * to_float(w[i]));                    \
+    }
+
+INSTANTIATE_FLOAT_TYPES(ADD_NORM)
