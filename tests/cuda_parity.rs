@@ -621,6 +621,8 @@ fn kv_cache_write_and_decode_attention() {
             (1usize, 4usize, 4usize, 40usize, 64usize),
             (3, 8, 2, 100, 128),
             (2, 6, 3, 17, 80),
+            // bf16 rows of 36 take the scalar key loads; 300 keys span three 128-key splits.
+            (2, 4, 2, 300, 36),
         ] {
             let (kc, _) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
             let (vc, _) = pair(&mut r, &[b, hkv, l, hd], dt, dev);

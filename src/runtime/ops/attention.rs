@@ -109,7 +109,7 @@ pub struct QkNormSpec<'a> {
 /// A decode step's attention inputs after the projections, q [B, H·hd] and k, v [B, Hkv·hd]:
 /// optional q/k RMSNorm, RoPE at `pos` [B], K and V written into the caches [Bc, Hkv, L, hd] at
 /// (`seqs`, `pos`). Returns q [B, H, hd]. One kernel on CUDA; the CPU twin (and the fallback for
-/// rows too wide for shared memory) is rmsnorm + rope + kv_write.
+/// heads wider than 256) is rmsnorm + rope + kv_write.
 #[allow(clippy::too_many_arguments)]
 pub fn qk_rope_kv_write(
     q: &Tensor,
@@ -176,8 +176,7 @@ pub fn qk_rope_kv_write(
             ));
         }
     }
-    let smem = (heads + hkv) * hd * 4;
-    if q.device() == Device::Cpu || smem > 48 * 1024 {
+    if q.device() == Device::Cpu || hd > 256 {
         let normed = |x: &Tensor, w: Option<&Tensor>, h: usize| -> Result<Tensor> {
             let x = x.try_clone()?;
             match (w, norm.as_ref().map(|n| (n.per_head, n.eps))) {
@@ -214,9 +213,9 @@ pub fn qk_rope_kv_write(
         .launch(
             &kernels::ATTENTION,
             &kname("qk_rope_kv", q),
-            (bsz as u32, 1, 1),
-            (256, 1, 1),
-            smem as u32,
+            (bsz as u32, (heads + hkv) as u32, 1),
+            (128, 1, 1),
+            0,
         )?
         .ptr(dptr(&out))
         .ptr(dptr(cache_k))
@@ -244,7 +243,7 @@ pub fn qk_rope_kv_write(
 }
 
 /// Keys per block of the CUDA decode kernel (split-KV).
-const DECODE_CHUNK: usize = 64;
+const DECODE_CHUNK: usize = 128;
 
 /// o [B, H, hd] = softmax(scale · q·Kᵀ) · V over each sequence's cached keys.
 pub fn attention_decode(

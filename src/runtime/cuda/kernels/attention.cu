@@ -13,13 +13,16 @@
         cache[(((int64_t)b * hkv + h) * L + p) * hd + c] = src[i];                                      \
     }                                                                                                   \
     /* Split-KV decode (flash-decoding). Block (bh, sp) takes keys [sp*chunk, (sp+1)*chunk) of   \
-       sequence b's visible range; warp w takes keys w, w+4, ...; each lane owns hd/32 output dims; \
-       online softmax per warp, merged across the 4 warps in shared memory. The block writes its    \
-       unnormalised partial (acc[hd], max, sum) to part[(bh*splits + sp)*(hd+2)]; a block with no   \
-       keys writes max = -inf. attention_decode_combine merges the splits. */                      \
+       sequence b's visible range; warp w takes the 32-key groups w, w+4, ... of it with one key  \
+       per lane for the scores (16-byte loads of the key row when hd allows), then one online-     \
+       softmax update per group and the V rows accumulated with each lane owning hd/32 dims; the   \
+       4 warps merge in shared memory. The block writes its unnormalised partial (acc[hd], max,    \
+       sum) to part[(bh*splits + sp)*(hd+2)]; a block with no keys writes max = -inf.              \
+       attention_decode_combine merges the splits. */                                              \
     extern "C" __global__ void attention_decode_##SUFFIX(float* part, const T* q, const T* kc, const T* vc, \
                                                          const int* lens, int H, int hkv, int L, int hd, \
                                                          float scale, int window, int chunk) {            \
+        constexpr int VEC = 16 / sizeof(T);                                                             \
         __shared__ float qs[256];                                                                       \
         __shared__ float wm[4], ws[4];                                                                  \
         __shared__ float wacc[4][256];                                                                  \
@@ -33,20 +36,38 @@
         const int lo = max(first, sp * chunk), hi = min(n, (sp + 1) * chunk);                           \
         const T* kb = kc + ((int64_t)b * hkv + kvh) * L * hd;                                           \
         const T* vb = vc + ((int64_t)b * hkv + kvh) * L * hd;                                           \
+        const bool vec = hd % VEC == 0;                                                                 \
         float m = NEG_INF, s = 0.f, acc[8];                                                             \
         _Pragma("unroll") for (int i = 0; i < 8; ++i) acc[i] = 0.f;                                     \
-        for (int j = lo + warp; j < hi; j += 4) {                                                       \
-            float d = 0.f;                                                                              \
-            _Pragma("unroll") for (int i = 0; i < 8; ++i) {                                             \
-                int c = lane + 32 * i;                                                                  \
-                if (c < hd) d += qs[c] * to_float(kb[(int64_t)j * hd + c]);                             \
+        for (int j0 = lo + 32 * warp; j0 < hi; j0 += 128) {                                             \
+            const int j = j0 + lane;                                                                    \
+            float d = NEG_INF;                                                                          \
+            if (j < hi) {                                                                               \
+                const T* kr = kb + (int64_t)j * hd;                                                     \
+                float a = 0.f;                                                                          \
+                if (vec) {                                                                              \
+                    _Pragma("unroll 4") for (int c = 0; c < hd; c += VEC) {                             \
+                        uint4 u = *reinterpret_cast<const uint4*>(kr + c);                              \
+                        const T* ut = reinterpret_cast<const T*>(&u);                                   \
+                        _Pragma("unroll") for (int e = 0; e < VEC; ++e) a += qs[c + e] * to_float(ut[e]); \
+                    }                                                                                   \
+                } else {                                                                                \
+                    for (int c = 0; c < hd; ++c) a += qs[c] * to_float(kr[c]);                          \
+                }                                                                                       \
+                d = a * scale;                                                                          \
             }                                                                                           \
-            d = warp_sum(d) * scale;                                                                    \
-            float mn = fmaxf(m, d), corr = expf(m - mn), p = expf(d - mn);                              \
-            s = s * corr + p;                                                                           \
-            _Pragma("unroll") for (int i = 0; i < 8; ++i) {                                             \
-                int c = lane + 32 * i;                                                                  \
-                acc[i] = acc[i] * corr + (c < hd ? p * to_float(vb[(int64_t)j * hd + c]) : 0.f);        \
+            const float mn = fmaxf(m, warp_max(d));                                                     \
+            const float corr = expf(m - mn), p = j < hi ? expf(d - mn) : 0.f;                           \
+            s = s * corr + warp_sum(p);                                                                 \
+            _Pragma("unroll") for (int i = 0; i < 8; ++i) acc[i] *= corr;                               \
+            const int cnt = min(32, hi - j0);                                                           \
+            _Pragma("unroll 4") for (int jj = 0; jj < cnt; ++jj) {                                      \
+                const float pj = __shfl_sync(0xffffffffu, p, jj);                                       \
+                const T* vr = vb + (int64_t)(j0 + jj) * hd;                                             \
+                _Pragma("unroll") for (int i = 0; i < 8; ++i) {                                         \
+                    int c = lane + 32 * i;                                                              \
+                    if (c < hd) acc[i] += pj * to_float(vr[c]);                                         \
+                }                                                                                       \
             }                                                                                           \
             m = mn;                                                                                     \
         }                                                                                               \
@@ -95,11 +116,12 @@
 
 INSTANTIATE_FLOAT_TYPES(ATTN)
 
-// Decode step after the q/k/v projections, in one block per token: optional q/k RMSNorm (mode 0
-// none, 1 per head over hd, 2 over the full width), each value rounded to T as the rmsnorm kernel
+// Decode step after the q/k/v projections. Block (t, hh) takes head hh of token t (q heads, then
+// K heads): optional RMSNorm (mode 0 none, 1 per head over hd, 2 over the full q or k width, the
+// sum recomputed by each block from the row), each value rounded to T as the rmsnorm kernel
 // writes it; rotate-half RoPE at pos[t] (zeros outside the table, pass-through dims past 2·half);
-// q written to qo [n, H, hd]; K and V written into the caches [B, hkv, L, hd] at (seqs[t], pos[t])
-// (skipped outside the cache, as kv_write does). Dynamic shared memory: (H + hkv)·hd floats.
+// q heads written to qo [n, H, hd]; K heads (and their V) written into the caches [B, hkv, L, hd]
+// at (seqs[t], pos[t]) (skipped outside the cache, as kv_write does). hd <= 256.
 // Twins: rmsnorm + rope + kv_write (ops/attention.rs). Bytes: (H + 2·hkv)·hd·2·sizeof(T) per token.
 #define QK_ROPE_KV(SUFFIX, T)                                                                           \
     extern "C" __global__ void qk_rope_kv_##SUFFIX(T* qo, T* kc, T* vc, const T* q, const T* k,        \
@@ -107,66 +129,49 @@ INSTANTIATE_FLOAT_TYPES(ATTN)
                                                    float eps, const float* cos_t, const float* sin_t,   \
                                                    const int* pos, const int* seqs, int H, int hkv,     \
                                                    int hd, int half, int max_pos, int L, int B) {       \
-        extern __shared__ float xs[];                                                                   \
+        __shared__ float xs[256];                                                                       \
         __shared__ float scratch[32];                                                                   \
         const int64_t t = blockIdx.x;                                                                   \
-        const int nq = H * hd, nk = hkv * hd, n = nq + nk;                                              \
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;           \
-        for (int i = threadIdx.x; i < n; i += blockDim.x)                                               \
-            xs[i] = i < nq ? to_float(q[t * nq + i]) : to_float(k[t * nk + i - nq]);                    \
-        __syncthreads();                                                                                \
-        if (mode == 2) {                                                                                \
-            float sq = 0.f, sk = 0.f;                                                                   \
-            for (int i = threadIdx.x; i < nq; i += blockDim.x) sq += xs[i] * xs[i];                     \
-            for (int i = nq + threadIdx.x; i < n; i += blockDim.x) sk += xs[i] * xs[i];                 \
-            sq = block_sum(sq, scratch);                                                                \
-            sk = block_sum(sk, scratch);                                                                \
-            const float rq = rsqrtf(sq / nq + eps), rk = rsqrtf(sk / nk + eps);                         \
-            for (int i = threadIdx.x; i < n; i += blockDim.x) {                                         \
-                float w = i < nq ? to_float(qw[i]) : to_float(kw[i - nq]);                              \
-                xs[i] = to_float(from_float<T>(xs[i] * (i < nq ? rq : rk) * w));                        \
-            }                                                                                           \
-        } else if (mode == 1) {                                                                         \
-            for (int hh = warp; hh < H + hkv; hh += nwarps) {                                           \
-                float* xr = xs + hh * hd;                                                               \
-                float s = 0.f;                                                                          \
-                for (int c = lane; c < hd; c += 32) s += xr[c] * xr[c];                                 \
-                s = warp_sum(s);                                                                        \
-                const float r = rsqrtf(s / hd + eps);                                                   \
-                const T* w = hh < H ? qw : kw;                                                          \
-                for (int c = lane; c < hd; c += 32) xr[c] = to_float(from_float<T>(xr[c] * r * to_float(w[c]))); \
-            }                                                                                           \
+        const int hh = blockIdx.y;                                                                      \
+        const bool isq = hh < H;                                                                        \
+        const int kh = hh - H, width = isq ? H * hd : hkv * hd;                                         \
+        const T* row = isq ? q + t * width : k + t * width;                                             \
+        const int head = isq ? hh : kh;                                                                 \
+        for (int c = threadIdx.x; c < hd; c += blockDim.x) xs[c] = to_float(row[(int64_t)head * hd + c]); \
+        if (mode != 0) {                                                                                \
+            float ss = 0.f;                                                                             \
+            const int span = mode == 1 ? hd : width;                                                    \
+            const T* base = mode == 1 ? row + (int64_t)head * hd : row;                                 \
+            for (int i = threadIdx.x; i < span; i += blockDim.x) { float x = to_float(base[i]); ss += x * x; } \
+            ss = block_sum(ss, scratch);                                                                \
+            const float r = rsqrtf(ss / span + eps);                                                    \
+            const T* w = (isq ? qw : kw) + (mode == 1 ? 0 : (int64_t)head * hd);                        \
+            for (int c = threadIdx.x; c < hd; c += blockDim.x)                                          \
+                xs[c] = to_float(from_float<T>(xs[c] * r * to_float(w[c])));                            \
         }                                                                                               \
         __syncthreads();                                                                                \
         const int p = pos[t], b = seqs[t];                                                              \
         const bool in_table = p >= 0 && p < max_pos;                                                    \
         const bool in_cache = b >= 0 && b < B && p >= 0 && p < L;                                       \
-        for (int idx = threadIdx.x; idx < (H + hkv) * half; idx += blockDim.x) {                        \
-            const int hh = idx / half, i = idx - hh * half;                                             \
-            const float a = xs[hh * hd + i], bb = xs[hh * hd + i + half];                               \
-            float o1 = 0.f, o2 = 0.f;                                                                   \
-            if (in_table) {                                                                             \
-                const float c = cos_t[(int64_t)p * half + i], sn = sin_t[(int64_t)p * half + i];        \
-                o1 = a * c - bb * sn;                                                                   \
-                o2 = bb * c + a * sn;                                                                   \
+        T* dst = isq ? qo + (t * H + hh) * hd                                                           \
+                     : (in_cache ? kc + (((int64_t)b * hkv + kh) * L + p) * hd : nullptr);              \
+        if (dst) {                                                                                      \
+            for (int i = threadIdx.x; i < half; i += blockDim.x) {                                      \
+                const float a = xs[i], bb = xs[i + half];                                               \
+                float o1 = 0.f, o2 = 0.f;                                                               \
+                if (in_table) {                                                                         \
+                    const float c = cos_t[(int64_t)p * half + i], sn = sin_t[(int64_t)p * half + i];    \
+                    o1 = a * c - bb * sn;                                                               \
+                    o2 = bb * c + a * sn;                                                               \
+                }                                                                                       \
+                dst[i] = from_float<T>(o1);                                                             \
+                dst[i + half] = from_float<T>(o2);                                                      \
             }                                                                                           \
-            T* dst = hh < H ? qo + (t * H + hh) * hd                                                    \
-                            : (in_cache ? kc + (((int64_t)b * hkv + (hh - H)) * L + p) * hd : nullptr); \
-            if (dst) { dst[i] = from_float<T>(o1); dst[i + half] = from_float<T>(o2); }                 \
+            for (int c = 2 * half + threadIdx.x; c < hd; c += blockDim.x) dst[c] = from_float<T>(xs[c]); \
         }                                                                                               \
-        if (2 * half < hd) {                                                                            \
-            for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {                                   \
-                const int hh = idx / hd, c = idx - hh * hd;                                             \
-                if (c < 2 * half) continue;                                                             \
-                if (hh < H) qo[t * nq + idx] = from_float<T>(xs[idx]);                                  \
-                else if (in_cache) kc[(((int64_t)b * hkv + (hh - H)) * L + p) * hd + c] = from_float<T>(xs[idx]); \
-            }                                                                                           \
-        }                                                                                               \
-        if (in_cache)                                                                                   \
-            for (int idx = threadIdx.x; idx < nk; idx += blockDim.x) {                                  \
-                const int kh = idx / hd, c = idx - kh * hd;                                             \
-                vc[(((int64_t)b * hkv + kh) * L + p) * hd + c] = v[t * nk + idx];                       \
-            }                                                                                           \
+        if (!isq && in_cache)                                                                           \
+            for (int c = threadIdx.x; c < hd; c += blockDim.x)                                          \
+                vc[(((int64_t)b * hkv + kh) * L + p) * hd + c] = v[t * width + (int64_t)kh * hd + c];   \
     }
 
 INSTANTIATE_FLOAT_TYPES(QK_ROPE_KV)
