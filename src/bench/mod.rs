@@ -2,6 +2,7 @@
 //! GPU (warm-up first, median of repeats) and a monotonic clock on the CPU. Results are printed
 //! as a table with the achieved rate beside the device ceiling; BENCHMARKS.md records them.
 
+mod decode_ops;
 pub mod generate;
 mod moe_layer;
 mod ops;
@@ -56,6 +57,8 @@ enum Which {
     Ops(ops::OpsArgs),
     /// The MoE layer forward and forward+backward (bf16 on GPU) on the standard shapes.
     MoeLayer(moe_layer::MoeLayerArgs),
+    /// The kernels of a batch-1 decode step, each timed inside a CUDA graph.
+    DecodeOps(decode_ops::DecodeOpsArgs),
     /// Prefill and decode tokens/s of a model directory vs the HBM roofline.
     Generate(generate::GenerateBenchArgs),
     /// Training step tokens/s and MFU of an OLMoE-shaped model (phases timed).
@@ -66,6 +69,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Which::Ops(a) => ops::run(a),
         Which::MoeLayer(a) => moe_layer::run(a),
+        Which::DecodeOps(a) => decode_ops::run(a),
         Which::Generate(a) => generate::run(a),
         Which::Train(a) => train::run(a),
     }

@@ -245,6 +245,18 @@ pub fn qk_rope_kv_write(
 /// Keys per block of the CUDA decode kernel (split-KV).
 const DECODE_CHUNK: usize = 128;
 
+/// Keys per split: DECODE_CHUNK, or `MOE_DECODE_CHUNK` (a multiple of 32) for tuning runs.
+fn decode_chunk() -> usize {
+    static CHUNK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CHUNK.get_or_init(|| {
+        std::env::var("MOE_DECODE_CHUNK")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&c| c >= 32 && c % 32 == 0)
+            .unwrap_or(DECODE_CHUNK)
+    })
+}
+
 /// o [B, H, hd] = softmax(scale · q·Kᵀ) · V over each sequence's cached keys.
 pub fn attention_decode(
     q: &Tensor,
@@ -325,7 +337,8 @@ pub fn attention_decode(
                 // Split the cache into chunks of DECODE_CHUNK keys: enough blocks to fill the GPU
                 // at batch 1 (the grid depends only on the cache size, never on lengths held on
                 // the device).
-                let splits = l.div_ceil(DECODE_CHUNK).max(1);
+                let chunk = decode_chunk();
+                let splits = l.div_ceil(chunk).max(1);
                 let part = Tensor::uninit(&[b * h * splits * (hd + 2)], DType::F32, q.device())?;
                 let dev = cuda_dev(q)?;
                 dev.launch(
@@ -346,7 +359,7 @@ pub fn attention_decode(
                 .usize_as_i32(hd)?
                 .f32(scale)
                 .usize_as_i32(win)?
-                .usize_as_i32(DECODE_CHUNK)?
+                .usize_as_i32(chunk)?
                 .run()?;
                 dev.launch(
                     &kernels::ATTENTION,

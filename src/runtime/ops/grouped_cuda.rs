@@ -46,7 +46,8 @@ pub(crate) fn grouped_matmul(
         dev.launch(
             &kernels::GROUPED_GEMM,
             &format!("gg_small_nt_r{rows}_{dt}"),
-            (n.div_ceil(SMALL_COLS) as u32, e as u32, 1),
+            // At most min(E, M) groups hold rows: one grid row per possibly non-empty group.
+            (n.div_ceil(SMALL_COLS) as u32, e.min(m) as u32, 1),
             (256, 1, 1),
             0,
         )?
@@ -54,6 +55,7 @@ pub(crate) fn grouped_matmul(
         .ptr(dptr(x))
         .ptr(dptr(w))
         .ptr(dptr(offsets))
+        .usize_as_i32(e)?
         .usize_as_i32(n)?
         .usize_as_i32(k)?
         .run()?;

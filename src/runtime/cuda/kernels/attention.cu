@@ -46,10 +46,18 @@
                 const T* kr = kb + (int64_t)j * hd;                                                     \
                 float a = 0.f;                                                                          \
                 if (vec) {                                                                              \
-                    _Pragma("unroll 4") for (int c = 0; c < hd; c += VEC) {                             \
-                        uint4 u = *reinterpret_cast<const uint4*>(kr + c);                              \
-                        const T* ut = reinterpret_cast<const T*>(&u);                                   \
-                        _Pragma("unroll") for (int e = 0; e < VEC; ++e) a += qs[c + e] * to_float(ut[e]); \
+                    /* 8 row vectors in flight per lane, then their dot products */                     \
+                    for (int c0 = 0; c0 < hd; c0 += 8 * VEC) {                                          \
+                        uint4 u[8];                                                                     \
+                        _Pragma("unroll") for (int x = 0; x < 8; ++x)                                   \
+                            u[x] = c0 + x * VEC < hd ? *reinterpret_cast<const uint4*>(kr + c0 + x * VEC) \
+                                                     : make_uint4(0, 0, 0, 0);                          \
+                        _Pragma("unroll") for (int x = 0; x < 8; ++x) {                                 \
+                            const T* ut = reinterpret_cast<const T*>(&u[x]);                            \
+                            if (c0 + x * VEC < hd)                                                      \
+                                _Pragma("unroll") for (int e = 0; e < VEC; ++e)                         \
+                                    a += qs[c0 + x * VEC + e] * to_float(ut[e]);                        \
+                        }                                                                               \
                     }                                                                                   \
                 } else {                                                                                \
                     for (int c = 0; c < hd; ++c) a += qs[c] * to_float(kr[c]);                          \
@@ -61,12 +69,19 @@
             s = s * corr + warp_sum(p);                                                                 \
             _Pragma("unroll") for (int i = 0; i < 8; ++i) acc[i] *= corr;                               \
             const int cnt = min(32, hi - j0);                                                           \
-            _Pragma("unroll 4") for (int jj = 0; jj < cnt; ++jj) {                                      \
-                const float pj = __shfl_sync(0xffffffffu, p, jj);                                       \
-                const T* vr = vb + (int64_t)(j0 + jj) * hd;                                             \
-                _Pragma("unroll") for (int i = 0; i < 8; ++i) {                                         \
-                    int c = lane + 32 * i;                                                              \
-                    if (c < hd) acc[i] += pj * to_float(vr[c]);                                         \
+            /* V rows 8 keys at a time: all their loads issued before the accumulation */               \
+            for (int jj0 = 0; jj0 < cnt; jj0 += 8) {                                                    \
+                T vv[8][8];                                                                             \
+                _Pragma("unroll") for (int u = 0; u < 8; ++u) {                                         \
+                    const T* vr = vb + (int64_t)(j0 + jj0 + u) * hd;                                    \
+                    _Pragma("unroll") for (int i = 0; i < 8; ++i) {                                     \
+                        const int c = lane + 32 * i;                                                    \
+                        vv[u][i] = (jj0 + u < cnt && c < hd) ? vr[c] : from_float<T>(0.f);              \
+                    }                                                                                   \
+                }                                                                                       \
+                _Pragma("unroll") for (int u = 0; u < 8; ++u) {                                         \
+                    const float pj = __shfl_sync(0xffffffffu, p, (jj0 + u) & 31);                       \
+                    _Pragma("unroll") for (int i = 0; i < 8; ++i) acc[i] += pj * to_float(vv[u][i]);    \
                 }                                                                                       \
             }                                                                                           \
             m = mn;                                                                                     \

@@ -286,12 +286,40 @@ INSTANTIATE_FLOAT_TYPES(GG_SIMT)
 // reduction and a reduction over the 8 warps in shared memory. Empty groups exit at once.
 // Requires K % (16 / sizeof(T)) == 0 (the host checks).
 #define SM_COLS 8
+// The grid's y index counts non-empty groups (the host launches min(E, M) of them, so no block
+// exists for the many experts a decode step does not touch); warp 0 finds the y-th non-empty
+// group with ballots over the offsets, and blocks past the last one exit.
+__device__ __forceinline__ int nth_nonempty_group(const int* offsets, int E, int n) {
+    __shared__ int found;
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        int f = -1;
+        for (int base = 0; base < E && f < 0; base += 32) {
+            const int g = base + lane;
+            const bool ne = g < E && offsets[g + 1] > offsets[g];
+            unsigned m = __ballot_sync(0xffffffffu, ne);
+            const int c = __popc(m);
+            if (n < c) {
+                for (int i = 0; i < n; ++i) m &= m - 1;
+                f = base + __ffs(m) - 1;
+            } else {
+                n -= c;
+            }
+        }
+        if (lane == 0) found = f;
+    }
+    __syncthreads();
+    return found;
+}
+
 template <int ROWS, typename T, typename TO>
-__device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const int* offsets, int M, int N,
-                                            int K) {
+__device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const int* offsets, int E, int M,
+                                            int N, int K) {
     constexpr int VEC = 16 / sizeof(T);
     __shared__ float red[8][ROWS][SM_COLS];
-    const int e = blockIdx.y, r0 = offsets ? offsets[e] : 0, r1 = offsets ? offsets[e + 1] : M;
+    const int e = offsets ? nth_nonempty_group(offsets, E, blockIdx.y) : 0;
+    if (e < 0) return;
+    const int r0 = offsets ? offsets[e] : 0, r1 = offsets ? offsets[e + 1] : M;
     if (r0 >= r1) return;
     const int n0 = blockIdx.x * SM_COLS, ncols = min(SM_COLS, N - n0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kv = K / VEC;
@@ -339,16 +367,16 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
 }
 #define GG_SMALL_R(SUFFIX, T, R)                                                                        \
     extern "C" __global__ void __launch_bounds__(256) gg_small_nt_r##R##_##SUFFIX(T* y, const T* x, const T* w, \
-                                                                                 const int* offsets, int N, int K) { \
-        gg_small_nt<R, T, T>(y, x, w, offsets, 0, N, K);                                                \
+                                                                                 const int* offsets, int E, int N, int K) { \
+        gg_small_nt<R, T, T>(y, x, w, offsets, E, 0, N, K);                                             \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) gemv_nt_r##R##_##SUFFIX(T* y, const T* x, const T* w, int M, \
                                                                              int N, int K) {            \
-        gg_small_nt<R, T, T>(y, x, w, nullptr, M, N, K);                                                \
+        gg_small_nt<R, T, T>(y, x, w, nullptr, 0, M, N, K);                                                \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) gemv_nt_r##R##_##SUFFIX##_f32(float* y, const T* x, const T* w, \
                                                                                    int M, int N, int K) { \
-        gg_small_nt<R, T, float>(y, x, w, nullptr, M, N, K);                                            \
+        gg_small_nt<R, T, float>(y, x, w, nullptr, 0, M, N, K);                                            \
     }
 #define GG_SMALL(SUFFIX, T) GG_SMALL_R(SUFFIX, T, 1) GG_SMALL_R(SUFFIX, T, 2) GG_SMALL_R(SUFFIX, T, 4) GG_SMALL_R(SUFFIX, T, 8)
 INSTANTIATE_FLOAT_TYPES(GG_SMALL)
