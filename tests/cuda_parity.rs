@@ -689,6 +689,36 @@ fn fused_decode_ops() {
             close(&format!("add_rmsnorm y {dt} {rows}x{cols}"), &yc, &yg);
             close(&format!("add_rmsnorm x {dt} {rows}x{cols}"), &xc, &xg);
         }
+        // q/k/v projections of 1..8 rows in one launch (16-bit; f32 takes three GEMMs).
+        for (m, kdim, nq, nk, bias) in [
+            (1usize, 2048usize, 2048usize, 512usize, false),
+            (3, 256, 128, 64, true),
+            (8, 512, 1000, 96, false),
+        ] {
+            let (xc, xg) = pair(&mut r, &[m, kdim], dt, dev);
+            let (wqc, wqg) = pair(&mut r, &[nq, kdim], dt, dev);
+            let (wkc, wkg) = pair(&mut r, &[nk, kdim], dt, dev);
+            let (wvc, wvg) = pair(&mut r, &[nk, kdim], dt, dev);
+            let (bqc, bqg) = pair(&mut r, &[nq], dt, dev);
+            let (bkc, bkg) = pair(&mut r, &[nk], dt, dev);
+            let (bvc, bvg) = pair(&mut r, &[nk], dt, dev);
+            let (oc, og) = if bias {
+                (
+                    ops::linear_qkv(&xc, &wqc, Some(&bqc), &wkc, Some(&bkc), &wvc, Some(&bvc)),
+                    ops::linear_qkv(&xg, &wqg, Some(&bqg), &wkg, Some(&bkg), &wvg, Some(&bvg)),
+                )
+            } else {
+                (
+                    ops::linear_qkv(&xc, &wqc, None, &wkc, None, &wvc, None),
+                    ops::linear_qkv(&xg, &wqg, None, &wkg, None, &wvg, None),
+                )
+            };
+            let (oc, og) = (oc.unwrap(), og.unwrap());
+            let what = format!("linear_qkv {dt} m={m} k={kdim} nq={nq} nk={nk} bias={bias}");
+            close(&format!("{what}: q"), &oc.0, &og.0);
+            close(&format!("{what}: k"), &oc.1, &og.1);
+            close(&format!("{what}: v"), &oc.2, &og.2);
+        }
         for (b, h, hkv, hd, rot, l) in [
             (1usize, 16usize, 16usize, 128usize, 128usize, 40usize),
             (4, 32, 4, 128, 128, 64),

@@ -117,6 +117,25 @@ fn run(name: &str, dtype: DType, dev: Device, tol: f64) {
     );
     close(&format!("{name} {dtype} z"), &stg.z_loss, &stc.z_loss, tol);
     close(&format!("{name} {dtype} dx"), &dxg, &dxc, tol);
+    // Inference (CUDA: combine weights from the route kernel, no aux statistics), on all
+    // tokens and on a decode-sized slice of them (one-kernel dispatch).
+    for rows in [xc.dim(0), 3] {
+        let xi = ops::slice_rows(&xc, 0, rows).unwrap();
+        let (yic, _, _) = moe_forward(&cfg, &wc32, &to32(&xi), Mode::Infer).unwrap();
+        let (yig, _, _) = moe_forward(
+            &cfg,
+            &wg,
+            &ops::slice_rows(&xg, 0, rows).unwrap(),
+            Mode::Infer,
+        )
+        .unwrap();
+        close(
+            &format!("{name} {dtype} inference y ({rows} tokens)"),
+            &yig,
+            &yic,
+            tol,
+        );
+    }
     let mut cpu_grads = vec![];
     gc.visit("", &mut |n, t| {
         cpu_grads.push((n.to_string(), t.try_clone().unwrap()))

@@ -393,9 +393,15 @@ impl Attention {
         };
         let q = match norm {
             Some(norm) => {
-                let q = ops::linear(x, &self.q, self.q_bias.as_ref())?;
-                let k = ops::linear(x, &self.k, self.k_bias.as_ref())?;
-                let v = ops::linear(x, &self.v, self.v_bias.as_ref())?;
+                let (q, k, v) = ops::linear_qkv(
+                    x,
+                    &self.q,
+                    self.q_bias.as_ref(),
+                    &self.k,
+                    self.k_bias.as_ref(),
+                    &self.v,
+                    self.v_bias.as_ref(),
+                )?;
                 ops::qk_rope_kv_write(&q, &k, &v, norm, rope, pos, seqs, cache_k, cache_v, h)?
             }
             None => {

@@ -312,7 +312,10 @@ pub fn moe_forward_named(
     }
     let routing = router::route(cfg, &logits, w.router_bias.as_ref(), train_seed)?;
     let disp = dispatch::dispatch(cfg, &routing.ids, train_seed.map(|s| s ^ 0x7275_7473))?;
-    let weights = router::combine_weights(cfg, &routing.gates, &disp.pos)?;
+    let weights = match &routing.weights {
+        Some(w) => w.try_clone()?,
+        None => router::combine_weights(cfg, &routing.gates, &disp.pos)?,
+    };
     let x_perm = ops::gather_rows(x, &disp.tok)?;
     let (y_perm, ex) = experts::forward(
         cfg,

@@ -25,6 +25,9 @@ pub struct Routing {
     /// [E] i32 the counts the aux loss uses: all slots (softmax, HF convention) or first
     /// choices only (switch, DeepSpeed convention). Training only (None in inference).
     pub aux_counts: Option<Tensor>,
+    /// [k, T] f32 combine weights written by the CUDA route kernel in dropless inference (the
+    /// same values `combine_weights` gives when every slot is kept); None otherwise.
+    pub weights: Option<Tensor>,
 }
 
 impl Routing {
@@ -159,7 +162,7 @@ pub fn route(
     let seed = noise_seed.unwrap_or(0);
     let softmaxish = !matches!(cfg.router, RouterKind::Sigmoid { .. });
     let dev = logits.device();
-    let (ids, gates, lse, probs) = match dev {
+    let (ids, gates, lse, probs, weights) = match dev {
         Device::Cpu => {
             let lv = logits.as_slice::<f32>()?;
             let bv = match bias {
@@ -201,22 +204,33 @@ pub fn route(
                 Tensor::from_vec(ids, &[k, t])?,
                 Tensor::from_vec(gates, &[k, t])?,
                 Tensor::from_vec(lse, &[t])?,
-                if softmaxish {
+                // As on CUDA: probabilities only in training (the aux loss reads them).
+                if softmaxish && noise_seed.is_some() {
                     Some(Tensor::from_vec(probs, &[t, e])?)
                 } else {
                     None
                 },
+                None,
             )
         }
         Device::Cuda(_) => {
             let ids = Tensor::uninit(&[k, t], DType::I32, dev)?;
             let gates = Tensor::uninit(&[k, t], DType::F32, dev)?;
             let lse = Tensor::uninit(&[t], DType::F32, dev)?;
-            let probs = if softmaxish {
+            // Probabilities only feed the aux loss (training); inference gets the combine
+            // weights from the same kernel when no slot can be dropped.
+            let probs = if softmaxish && noise_seed.is_some() {
                 Some(Tensor::uninit(&[t, e], DType::F32, dev)?)
             } else {
                 None
             };
+            let fused_weights = noise_seed.is_none() && cfg.capacity(t).is_none();
+            let weights = if fused_weights {
+                Some(Tensor::uninit(&[k, t], DType::F32, dev)?)
+            } else {
+                None
+            };
+            let r = weight_rule(cfg);
             if t > 0 {
                 let block = (e.next_power_of_two()).clamp(32, 256) as u32;
                 let smem = (e * 4 + e + n_group * 4 + n_group) as u32;
@@ -243,9 +257,14 @@ pub fn route(
                     .i32(noise1 as i32)
                     .i32(noise2 as i32)
                     .i64(seed as i64)
+                    .ptr(weights.as_ref().map(dptr).unwrap_or(0))
+                    .i32(r.normalize as i32)
+                    .f32(r.add)
+                    .f32(r.clamp_min)
+                    .f32(r.scale)
                     .run()?;
             }
-            (ids, gates, lse, probs)
+            (ids, gates, lse, probs, weights)
         }
     };
     let aux_counts = match (&cfg.router, noise_seed) {
@@ -261,6 +280,7 @@ pub fn route(
         lse,
         probs,
         aux_counts,
+        weights,
     })
 }
 

@@ -154,6 +154,75 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
+/// The q, k and v projections of the same rows: (x·Wqᵀ + bq, x·Wkᵀ + bk, x·Wvᵀ + bv) with Wk and
+/// Wv of one shape. On CUDA with a few 16-bit rows (decode) the three GEMVs are one launch; the
+/// CPU twin (and every other case) is three `linear` calls.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_qkv(
+    x: &Tensor,
+    wq: &Tensor,
+    bq: Option<&Tensor>,
+    wk: &Tensor,
+    bk: Option<&Tensor>,
+    wv: &Tensor,
+    bv: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let k = x.dim(-1);
+    let m = x.numel() / k.max(1);
+    let fused = x.device().is_cuda()
+        && x.rank() == 2
+        && (1..=8).contains(&m)
+        && x.dtype().size_in_bytes() == 2
+        && k % 8 == 0
+        && wq.rank() == 2
+        && wq.dim(1) == k
+        && wk.shape() == wv.shape()
+        && wk.rank() == 2
+        && wk.dim(1) == k
+        && [wq.dtype(), wk.dtype(), wv.dtype()]
+            .iter()
+            .all(|&d| d == x.dtype());
+    if !fused {
+        return Ok((linear(x, wq, bq)?, linear(x, wk, bk)?, linear(x, wv, bv)?));
+    }
+    same_device("linear_qkv", &[x, wq, wk, wv])?;
+    let (nq, nk) = (wq.dim(0), wk.dim(0));
+    let yq = Tensor::uninit(&[m, nq], x.dtype(), x.device())?;
+    let yk = Tensor::uninit(&[m, nk], x.dtype(), x.device())?;
+    let yv = Tensor::uninit(&[m, nk], x.dtype(), x.device())?;
+    let cols = super::grouped_cuda::SMALL_COLS;
+    let blocks = nq.div_ceil(cols) + 2 * nk.div_ceil(cols);
+    cuda_dev(x)?
+        .launch(
+            &kernels::GROUPED_GEMM,
+            &format!(
+                "gemv3_nt_r{}_{}",
+                super::grouped_cuda::small_rows(m),
+                x.dtype().name()
+            ),
+            (blocks as u32, 1, 1),
+            (256, 1, 1),
+            0,
+        )?
+        .ptr(dptr(&yq))
+        .ptr(dptr(&yk))
+        .ptr(dptr(&yv))
+        .ptr(dptr(x))
+        .ptr(dptr(wq))
+        .ptr(dptr(wk))
+        .ptr(dptr(wv))
+        .usize_as_i32(m)?
+        .usize_as_i32(nq)?
+        .usize_as_i32(nk)?
+        .usize_as_i32(k)?
+        .run()?;
+    let bias = |y: Tensor, b: Option<&Tensor>| match b {
+        Some(b) => super::add_bias(&y, b),
+        None => Ok(y),
+    };
+    Ok((bias(yq, bq)?, bias(yk, bk)?, bias(yv, bv)?))
+}
+
 fn run(out: &mut Tensor, a: &Tensor, b: &Tensor, spec: &Matmul, d: &Dims, beta: f32) -> Result<()> {
     let dev = same_device("matmul", &[a, b, out])?;
     a.expect_float("matmul")?;

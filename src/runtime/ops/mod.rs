@@ -33,7 +33,7 @@ pub use index::{
     write_rows,
 };
 pub use loss::{cross_entropy, cross_entropy_backward};
-pub use matmul::{linear, matmul, matmul_into, Matmul};
+pub use matmul::{linear, linear_qkv, matmul, matmul_into, Matmul};
 pub use norm::{add_rmsnorm, rmsnorm, rmsnorm_backward};
 pub use reduce::{sum_all, sum_rows, sum_squares};
 pub use rope::{rope, rope_backward, RopeTable};

@@ -314,14 +314,14 @@ __device__ __forceinline__ int nth_nonempty_group(const int* offsets, int E, int
 
 template <int ROWS, typename T, typename TO>
 __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const int* offsets, int E, int M,
-                                            int N, int K) {
+                                            int N, int K, int bx) {
     constexpr int VEC = 16 / sizeof(T);
     __shared__ float red[8][ROWS][SM_COLS];
     const int e = offsets ? nth_nonempty_group(offsets, E, blockIdx.y) : 0;
     if (e < 0) return;
     const int r0 = offsets ? offsets[e] : 0, r1 = offsets ? offsets[e + 1] : M;
     if (r0 >= r1) return;
-    const int n0 = blockIdx.x * SM_COLS, ncols = min(SM_COLS, N - n0);
+    const int n0 = bx * SM_COLS, ncols = min(SM_COLS, N - n0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kv = K / VEC;
     const T* wb = w + ((int64_t)e * N + n0) * K;
     for (int rc = r0; rc < r1; rc += ROWS) {
@@ -368,15 +368,31 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
 #define GG_SMALL_R(SUFFIX, T, R)                                                                        \
     extern "C" __global__ void __launch_bounds__(256) gg_small_nt_r##R##_##SUFFIX(T* y, const T* x, const T* w, \
                                                                                  const int* offsets, int E, int N, int K) { \
-        gg_small_nt<R, T, T>(y, x, w, offsets, E, 0, N, K);                                             \
+        gg_small_nt<R, T, T>(y, x, w, offsets, E, 0, N, K, blockIdx.x);                                             \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) gemv_nt_r##R##_##SUFFIX(T* y, const T* x, const T* w, int M, \
                                                                              int N, int K) {            \
-        gg_small_nt<R, T, T>(y, x, w, nullptr, 0, M, N, K);                                                \
+        gg_small_nt<R, T, T>(y, x, w, nullptr, 0, M, N, K, blockIdx.x);                                                \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) gemv_nt_r##R##_##SUFFIX##_f32(float* y, const T* x, const T* w, \
                                                                                    int M, int N, int K) { \
-        gg_small_nt<R, T, float>(y, x, w, nullptr, 0, M, N, K);                                            \
+        gg_small_nt<R, T, float>(y, x, w, nullptr, 0, M, N, K, blockIdx.x);                                            \
+    }                                                                                                   \
+    /* Three projections of the same rows in one launch (decode q, k, v): the grid's column       \
+       blocks cover Nq, then Nk, then Nv = Nk outputs. */                                           \
+    extern "C" __global__ void __launch_bounds__(256) gemv3_nt_r##R##_##SUFFIX(T* yq, T* yk, T* yv, const T* x, \
+                                                                              const T* wq, const T* wk, \
+                                                                              const T* wv, int M, int Nq, \
+                                                                              int Nk, int K) {           \
+        const int bq = (Nq + SM_COLS - 1) / SM_COLS, bk = (Nk + SM_COLS - 1) / SM_COLS;                 \
+        int bx = blockIdx.x;                                                                            \
+        if (bx < bq) {                                                                                  \
+            gg_small_nt<R, T, T>(yq, x, wq, nullptr, 0, M, Nq, K, bx);                                  \
+        } else if (bx < bq + bk) {                                                                      \
+            gg_small_nt<R, T, T>(yk, x, wk, nullptr, 0, M, Nk, K, bx - bq);                             \
+        } else {                                                                                        \
+            gg_small_nt<R, T, T>(yv, x, wv, nullptr, 0, M, Nk, K, bx - bq - bk);                        \
+        }                                                                                               \
     }
 #define GG_SMALL(SUFFIX, T) GG_SMALL_R(SUFFIX, T, 1) GG_SMALL_R(SUFFIX, T, 2) GG_SMALL_R(SUFFIX, T, 4) GG_SMALL_R(SUFFIX, T, 8)
 INSTANTIATE_FLOAT_TYPES(GG_SMALL)

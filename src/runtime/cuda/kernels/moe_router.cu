@@ -26,10 +26,12 @@ __device__ __forceinline__ ValIdx block_best(ValIdx v, ValIdx* wbest) {
 }
 
 // kind: 0 softmax top-k, 1 sigmoid (+bias, group-limited), 2 switch top-1/top-2 (noisy).
-// Outputs are slot-major [k, T]: ids, raw gates; lse [T]; probs [T, E] when non-null.
+// Outputs are slot-major [k, T]: ids, raw gates; lse [T]; probs [T, E] when non-null; combine
+// weights [k, T] when wout is non-null (dropless: every slot kept).
 extern "C" __global__ void route(int* ids, float* gates, float* lse_out, float* probs, const float* logits,
                                  const float* bias, int kind, int T, int E, int k, int n_group, int topk_group,
-                                 int noise1, int noise2, long long seed) {
+                                 int noise1, int noise2, long long seed, float* wout, int wnorm, float wadd,
+                                 float wclamp, float wscale) {
     extern __shared__ float sm[];
     float* x = sm;                                   // [E] logits
     float* gscore = sm + E;                          // [n_group]
@@ -102,6 +104,16 @@ extern "C" __global__ void route(int* ids, float* gates, float* lse_out, float* 
             gates[(int64_t)j * T + t] = kind == 1 ? 1.f / (1.f + expf(-l)) : expf(l - lse);
         }
         __syncthreads();
+    }
+    // Dropless inference: the combine weights too (combine_weights with every slot kept).
+    if (wout && threadIdx.x == 0) {
+        float d = 1.f;
+        if (wnorm) {
+            float s = 0.f;
+            for (int j = 0; j < k; ++j) s += gates[(int64_t)j * T + t];
+            d = fmaxf(s + wadd, wclamp);
+        }
+        for (int j = 0; j < k; ++j) wout[(int64_t)j * T + t] = wscale * gates[(int64_t)j * T + t] / d;
     }
 }
 
