@@ -8,7 +8,7 @@
 use super::config::QkNorm;
 use crate::param_set;
 use crate::runtime::ops::{self, Matmul, RopeTable, Softmax};
-use crate::runtime::{DType, Device, Result, Tensor};
+use crate::runtime::{DType, Device, Error, Result, Tensor};
 
 pub struct Attention {
     pub q: Tensor,
@@ -51,6 +51,41 @@ pub struct Span {
     pub start: usize,
     pub off: usize,
     pub len: usize,
+}
+
+/// Causal (sliding-window) attention of q_t [B, Hkv, g·S, hd] (the g query heads of a KV head
+/// stacked along M) over k_t, v_t [B, Hkv, L, hd], queries at positions start..start+S:
+/// (probabilities [B, Hkv, g·S, L], context [B·S, H·hd]).
+fn attend(
+    sh: &AttnShape,
+    q_t: &Tensor,
+    k_t: &Tensor,
+    v_t: &Tensor,
+    b: usize,
+    s: usize,
+    start: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (h, hd) = (sh.heads, sh.head_dim);
+    let scores = ops::matmul(
+        q_t,
+        k_t,
+        Matmul {
+            trans_b: true,
+            alpha: sh.scale(),
+            ..Default::default()
+        },
+    )?;
+    let probs = ops::softmax(
+        &scores,
+        Softmax {
+            scale: 1.0,
+            causal: Some((s, start)),
+            window: sh.window,
+        },
+    )?;
+    let ctx = ops::matmul(&probs, v_t, Matmul::default())?.reshape(&[b, h, s, hd])?;
+    let ctx = ops::transpose_12(&ctx)?.reshape(&[b * s, h * hd])?;
+    Ok((probs, ctx))
 }
 
 pub struct AttnSaved {
@@ -172,25 +207,7 @@ impl Attention {
         let q_t = ops::transpose_12(&q.reshape(&[b, s, h, hd])?)?.reshape(&[b, hkv, g * s, hd])?;
         let k_t = ops::transpose_12(&k.reshape(&[b, s, hkv, hd])?)?;
         let v_t = ops::transpose_12(&v.reshape(&[b, s, hkv, hd])?)?;
-        let scores = ops::matmul(
-            &q_t,
-            &k_t,
-            Matmul {
-                trans_b: true,
-                alpha: sh.scale(),
-                ..Default::default()
-            },
-        )?;
-        let probs = ops::softmax(
-            &scores,
-            Softmax {
-                scale: 1.0,
-                causal: Some((s, 0)),
-                window: sh.window,
-            },
-        )?;
-        let ctx = ops::matmul(&probs, &v_t, Matmul::default())?.reshape(&[b, h, s, hd])?;
-        let ctx = ops::transpose_12(&ctx)?.reshape(&[b * s, h * hd])?;
+        let (probs, ctx) = attend(sh, &q_t, &k_t, &v_t, b, s, 0)?;
         let y = ops::linear(&ctx, &self.o, None)?;
         Ok((
             y,
@@ -341,25 +358,7 @@ impl Attention {
                     ops::slice_rows(cache_v, sp.seq, 1)?,
                 )
             };
-            let scores = ops::matmul(
-                &q_t,
-                &k_t,
-                Matmul {
-                    trans_b: true,
-                    alpha: sh.scale(),
-                    ..Default::default()
-                },
-            )?;
-            let probs = ops::softmax(
-                &scores,
-                Softmax {
-                    scale: 1.0,
-                    causal: Some((s, sp.start)),
-                    window: sh.window,
-                },
-            )?;
-            let ctx = ops::matmul(&probs, &v_t, Matmul::default())?.reshape(&[1, h, s, hd])?;
-            let ctx = ops::transpose_12(&ctx)?.reshape(&[s, h * hd])?;
+            let (_, ctx) = attend(sh, &q_t, &k_t, &v_t, 1, s, sp.start)?;
             ops::write_rows(&mut ctx_all, sp.off, &ctx)?;
         }
         ops::linear(&ctx_all, &self.o, None)
@@ -380,37 +379,31 @@ impl Attention {
     ) -> Result<Tensor> {
         let bsz = x.dim(0);
         let (h, hd) = (sh.heads, sh.head_dim);
-        // q/k norm + RoPE + both cache writes in one kernel when the norms are the usual pair.
+        // q/k/v in one GEMV launch, then q/k norm + RoPE + both cache writes in one kernel.
         let norm = match (&self.q_norm, &self.k_norm) {
-            (Some(q), Some(k)) => Some(Some(ops::QkNormSpec {
+            (Some(q), Some(k)) => Some(ops::QkNormSpec {
                 q,
                 k,
                 per_head: sh.qk_norm == QkNorm::PerHead,
                 eps: sh.eps,
-            })),
-            (None, None) => Some(None),
-            _ => None,
-        };
-        let q = match norm {
-            Some(norm) => {
-                let (q, k, v) = ops::linear_qkv(
-                    x,
-                    &self.q,
-                    self.q_bias.as_ref(),
-                    &self.k,
-                    self.k_bias.as_ref(),
-                    &self.v,
-                    self.v_bias.as_ref(),
-                )?;
-                ops::qk_rope_kv_write(&q, &k, &v, norm, rope, pos, seqs, cache_k, cache_v, h)?
-            }
-            None => {
-                let (q, k, v, _, _) = self.qkv(sh, x, rope, pos, false)?;
-                ops::kv_write(cache_k, &k, seqs, pos)?;
-                ops::kv_write(cache_v, &v, seqs, pos)?;
-                q
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Invalid(
+                    "attention has a q norm without a k norm (or the reverse)".into(),
+                ))
             }
         };
+        let (q, k, v) = ops::linear_qkv(
+            x,
+            &self.q,
+            self.q_bias.as_ref(),
+            &self.k,
+            self.k_bias.as_ref(),
+            &self.v,
+            self.v_bias.as_ref(),
+        )?;
+        let q = ops::qk_rope_kv_write(&q, &k, &v, norm, rope, pos, seqs, cache_k, cache_v, h)?;
         let ctx = ops::attention_decode(&q, cache_k, cache_v, lens, sh.scale(), sh.window)?;
         ops::linear(&ctx.reshape(&[bsz, h * hd])?, &self.o, None)
     }

@@ -870,57 +870,34 @@ impl Model {
             let ids = Tensor::from_slice(&ids, &[n], dev)?;
             let pos = Tensor::from_slice(&pos, &[n], dev)?;
             let seqs = Tensor::from_slice(&seqs, &[n], dev)?;
-            let mut x = ops::embedding(&ids, &self.params.embed)?;
-            let n_layers = self.config.n_layers();
-            // Residual adds are fused with the next block's RMSNorm (h carries its output).
-            let mut h: Option<Tensor> = None;
-            for i in 0..n_layers {
-                let blk = &self.params.blocks[i];
-                let h_in = match h.take() {
-                    Some(h) => h,
-                    None => ops::rmsnorm(&x, &blk.attn_norm, self.eps())?.0,
-                };
-                let a = blk.attn.prefill(
+            let x = ops::embedding(&ids, &self.params.embed)?;
+            let xf = self.blocks_infer(x, |i, attn, h| {
+                attn.prefill(
                     &self.shape(i),
-                    &h_in,
+                    h,
                     &self.rope,
                     &mut cache.k[i],
                     &mut cache.v[i],
                     &spans,
                     &pos,
                     &seqs,
-                )?;
-                let h2 = ops::add_rmsnorm(&mut x, &a, &blk.ffn_norm, self.eps())?;
-                let f = self.ffn_forward(i, &h2, moe::Mode::Infer)?.0;
-                match self.params.blocks.get(i + 1) {
-                    Some(b) => h = Some(ops::add_rmsnorm(&mut x, &f, &b.attn_norm, self.eps())?),
-                    None => ops::add_assign(&mut x, &f)?,
-                }
-            }
+                )
+            })?;
             // The rows whose logits are wanted: all of them, or each sequence's last new token.
             let ends: Vec<&Span> = spans
                 .iter()
                 .filter(|sp| sp.start + sp.len == cache.lens[sp.seq] + new_lens[sp.seq])
                 .collect();
             let xs = if all_logits {
-                x
+                xf
             } else {
                 let idx: Vec<i32> = ends.iter().map(|sp| (sp.off + sp.len - 1) as i32).collect();
                 if idx.is_empty() {
                     continue;
                 }
-                ops::gather_rows(&x, &Tensor::from_slice(&idx, &[idx.len()], dev)?)?
+                ops::gather_rows(&xf, &Tensor::from_slice(&idx, &[idx.len()], dev)?)?
             };
-            let (xf, _) = ops::rmsnorm(&xs, &self.params.norm, self.eps())?;
-            let logits = ops::matmul(
-                &xf,
-                self.head(),
-                Matmul {
-                    trans_b: true,
-                    out_dtype: Some(DType::F32),
-                    ..Default::default()
-                },
-            )?;
+            let logits = self.logits(&xs)?;
             if all_logits {
                 all_rows.push(logits);
             } else {
@@ -960,37 +937,52 @@ impl Model {
         cache_k: &mut [Tensor],
         cache_v: &mut [Tensor],
     ) -> Result<Tensor> {
-        // Each residual add is fused with the RMSNorm that follows it (the next block's, or the
-        // final norm after the last block).
-        let mut x = ops::embedding(&inp.ids, &self.params.embed)?;
-        let n = self.config.n_layers();
-        let mut h = match self.params.blocks.first() {
-            Some(b) => ops::rmsnorm(&x, &b.attn_norm, self.eps())?.0,
-            None => ops::rmsnorm(&x, &self.params.norm, self.eps())?.0,
-        };
-        for i in 0..n {
-            let blk = &self.params.blocks[i];
-            let a = blk.attn.decode(
+        let x = ops::embedding(&inp.ids, &self.params.embed)?;
+        let xf = self.blocks_infer(x, |i, attn, h| {
+            attn.decode(
                 &self.shape(i),
-                &h,
+                h,
                 &self.rope,
                 &mut cache_k[i],
                 &mut cache_v[i],
                 &inp.pos,
                 &inp.lens,
                 &inp.seqs,
-            )?;
-            h = ops::add_rmsnorm(&mut x, &a, &blk.ffn_norm, self.eps())?;
+            )
+        })?;
+        self.logits(&xf)
+    }
+
+    /// The blocks in inference from embedded tokens `x`, each residual add fused with the RMSNorm
+    /// that follows it (the next block's, or the final norm after the last block); `attn(i,
+    /// attention, h)` runs block i's attention on its normed input. Returns the final-normed rows.
+    fn blocks_infer(
+        &self,
+        mut x: Tensor,
+        mut attn: impl FnMut(usize, &Attention, &Tensor) -> crate::runtime::Result<Tensor>,
+    ) -> Result<Tensor> {
+        let eps = self.eps();
+        let mut h = match self.params.blocks.first() {
+            Some(b) => ops::rmsnorm(&x, &b.attn_norm, eps)?.0,
+            None => ops::rmsnorm(&x, &self.params.norm, eps)?.0,
+        };
+        for (i, blk) in self.params.blocks.iter().enumerate() {
+            let a = attn(i, &blk.attn, &h)?;
+            h = ops::add_rmsnorm(&mut x, &a, &blk.ffn_norm, eps)?;
             let f = self.ffn_forward(i, &h, moe::Mode::Infer)?.0;
             let next = match self.params.blocks.get(i + 1) {
                 Some(b) => &b.attn_norm,
                 None => &self.params.norm,
             };
-            h = ops::add_rmsnorm(&mut x, &f, next, self.eps())?;
+            h = ops::add_rmsnorm(&mut x, &f, next, eps)?;
         }
-        let xf = h;
+        Ok(h)
+    }
+
+    /// f32 logits [rows, V] of final-normed rows.
+    fn logits(&self, xf: &Tensor) -> Result<Tensor> {
         Ok(ops::matmul(
-            &xf,
+            xf,
             self.head(),
             Matmul {
                 trans_b: true,
