@@ -107,6 +107,23 @@ fn close(what: &str, cpu: &Tensor, gpu: &Tensor) {
     );
 }
 
+/// `close`, and every element within `tol · (|cpu| + rms(cpu))`: a layout bug confined to a few
+/// rows or one tile would hide in a whole-tensor L2 norm.
+fn close_each(what: &str, cpu: &Tensor, gpu: &Tensor) {
+    close(what, cpu, gpu);
+    let (a, b) = (cpu.to_f32_vec().unwrap(), gpu.to_f32_vec().unwrap());
+    let rms = (a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64).sqrt();
+    let t = tol(cpu.dtype());
+    if let Some(i) =
+        (0..a.len()).find(|&i| ((a[i] - b[i]) as f64).abs() > t * ((a[i] as f64).abs() + rms))
+    {
+        panic!(
+            "{what}: element {i}: CPU {} GPU {} (rms {rms:.3e}, tol {t:.0e})",
+            a[i], b[i]
+        );
+    }
+}
+
 const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 #[test]
@@ -551,14 +568,19 @@ fn adamw_matches() {
 fn grouped_gemm() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("grouped_gemm");
-    for dt in [DType::BF16, DType::F32] {
-        // (groups, K, N, largest group): the last three take the small-M (decode) kernel,
-        // one of them with groups larger than its 8-row chunk and N not a multiple of 32.
+    for dt in FLOATS {
+        // (groups, K, N, largest group): the first six take the tiled tensor-core kernels (on
+        // Hopper the 128×256×64 wgmma ones: the fifth and sixth have K and N tails, several
+        // 128-row tiles per group and, in wgrad, group sizes that are not multiples of 64), the
+        // last three the small-M (decode) kernel, one of them with groups larger than its 8-row
+        // chunk and N not a multiple of 32.
         for (e, k, n, most) in [
             (1usize, 64usize, 32usize, 200usize),
             (8, 256, 384, 200),
             (64, 128, 96, 200),
             (5, 72, 40, 200),
+            (4, 200, 520, 400),
+            (3, 1024, 776, 700),
             (16, 2048, 1536, 3),
             (32, 512, 200, 3),
             (128, 256, 64, 2),
@@ -579,23 +601,30 @@ fn grouped_gemm() {
                 Tensor::from_slice(&off, &[e + 1], dev).unwrap(),
             );
             let (wc, wg) = pair(&mut r, &[e, n, k], dt, dev);
-            close(
-                &format!("grouped nt {dt} e={e}"),
+            close_each(
+                &format!("grouped nt {dt} e={e} k={k} n={n}"),
                 &ops::grouped_matmul(&xc, &wc, &oc, true).unwrap(),
                 &ops::grouped_matmul(&xg, &wg, &og, true).unwrap(),
             );
             let (w2c, w2g) = pair(&mut r, &[e, k, n], dt, dev);
-            close(
-                &format!("grouped nn {dt} e={e}"),
+            close_each(
+                &format!("grouped nn {dt} e={e} k={k} n={n}"),
                 &ops::grouped_matmul(&xc, &w2c, &oc, false).unwrap(),
                 &ops::grouped_matmul(&xg, &w2g, &og, false).unwrap(),
             );
             let (dyc, dyg) = pair(&mut r, &[m, n], dt, dev);
-            close(
-                &format!("grouped tn {dt} e={e}"),
+            close_each(
+                &format!("grouped tn {dt} e={e} k={k} n={n}"),
                 &ops::grouped_matmul_tn(&dyc, &xc, &oc, DType::F32).unwrap(),
                 &ops::grouped_matmul_tn(&dyg, &xg, &og, DType::F32).unwrap(),
             );
+            if dt != DType::F32 {
+                close_each(
+                    &format!("grouped tn {dt}->{dt} e={e} k={k} n={n}"),
+                    &ops::grouped_matmul_tn(&dyc, &xc, &oc, dt).unwrap(),
+                    &ops::grouped_matmul_tn(&dyg, &xg, &og, dt).unwrap(),
+                );
+            }
         }
     }
 }

@@ -12,6 +12,16 @@ const BM: usize = 128;
 const BN: usize = 128;
 /// 4 stages × (128×32 + 128×32) × 2 bytes.
 const SMEM: u32 = 4 * (128 * 32 + 128 * 32) * 2;
+/// Hopper wgmma kernels: 128×256 tiles, 4 stages × (128×64 + 256×64) × 2 bytes, plus 1 KB to
+/// align the swizzled stage buffers to 1024 bytes.
+const WG_BN: usize = 256;
+const WG_SMEM: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 1024;
+
+/// Whether the wgmma (sm_90a) grouped GEMMs run: on Hopper unless `MOE_GG_KERNEL=mma` asks for
+/// the mma.sync kernels (kept for other archs, and to compare against).
+fn use_wgmma(dev: &CudaDevice) -> bool {
+    dev.arch() == "sm_90a" && std::env::var("MOE_GG_KERNEL").map_or(true, |v| v != "mma")
+}
 
 fn tensor_cores(dt: DType, dims: &[usize]) -> bool {
     matches!(dt, DType::BF16 | DType::F16) && dims.iter().all(|d| d % 8 == 0)
@@ -78,19 +88,24 @@ pub(crate) fn grouped_matmul(
         .ptr(dptr(offsets))
         .usize_as_i32(e)?
         .run()?;
-        let blocks = (m.div_ceil(BM) + e) * n.div_ceil(BN);
+        let (prefix_name, bn, smem) = if use_wgmma(dev) {
+            ("wg", WG_BN, WG_SMEM)
+        } else {
+            ("gg", BN, SMEM)
+        };
+        let blocks = (m.div_ceil(BM) + e) * n.div_ceil(bn);
         let grid = u32::try_from(blocks).map_err(|_| {
             Error::Invalid(format!(
                 "grouped_matmul: {blocks} tiles exceed the grid limit"
             ))
         })?;
-        let name = format!("gg_{}_{dt}", if trans_w { "nt" } else { "nn" });
+        let name = format!("{prefix_name}_{}_{dt}", if trans_w { "nt" } else { "nn" });
         dev.launch(
             &kernels::GROUPED_GEMM,
             &name,
             (grid, 1, 1),
             (256, 1, 1),
-            SMEM,
+            smem,
         )?
         .ptr(dptr(&y))
         .ptr(dptr(x))
@@ -147,14 +162,19 @@ pub(crate) fn grouped_matmul_tn(
     }
     let dt = a.dtype().name();
     if tensor_cores(a.dtype(), &[p, q]) {
-        let tiles = p.div_ceil(BM) * q.div_ceil(BN);
-        let name = format!("gg_tn_{dt}_{}", out_dtype.name());
+        let (prefix_name, bn, smem) = if use_wgmma(dev) {
+            ("wg", WG_BN, WG_SMEM)
+        } else {
+            ("gg", BN, SMEM)
+        };
+        let tiles = p.div_ceil(BM) * q.div_ceil(bn);
+        let name = format!("{prefix_name}_tn_{dt}_{}", out_dtype.name());
         dev.launch(
             &kernels::GROUPED_GEMM,
             &name,
             (tiles as u32, e as u32, 1),
             (256, 1, 1),
-            SMEM,
+            smem,
         )?
         .ptr(dptr(&out))
         .ptr(dptr(a))
