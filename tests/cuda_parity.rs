@@ -618,6 +618,17 @@ fn grouped_gemm() {
                 &ops::grouped_matmul_tn(&dyc, &xc, &oc, DType::F32).unwrap(),
                 &ops::grouped_matmul_tn(&dyg, &xg, &og, DType::F32).unwrap(),
             );
+            // Accumulating into an existing f32 (and same-dtype) gradient.
+            for acc_dt in [DType::F32, dt] {
+                let (mut gc, mut gg) = pair(&mut r, &[e, n, k], acc_dt, dev);
+                ops::grouped_matmul_tn_acc(&mut gc, &dyc, &xc, &oc).unwrap();
+                ops::grouped_matmul_tn_acc(&mut gg, &dyg, &xg, &og).unwrap();
+                close_each(
+                    &format!("grouped tn += {dt}->{acc_dt} e={e} k={k} n={n}"),
+                    &gc,
+                    &gg,
+                );
+            }
             if dt != DType::F32 {
                 close_each(
                     &format!("grouped tn {dt}->{dt} e={e} k={k} n={n}"),

@@ -7,17 +7,16 @@
 use super::config::{ExpertKind, MoeConfig};
 use super::dispatch::{add_group_bias, group_bias_grad};
 use crate::runtime::ops;
-use crate::runtime::{DType, Result, Tensor};
+use crate::runtime::{Result, Tensor};
 
 pub(crate) struct ExpertSaved {
     pub h: Tensor,
     pub a: Tensor,
 }
 
-pub(crate) struct ExpertGrads {
-    pub w1: Tensor,
+/// Bias gradients of the experts (the weight gradients go straight into the caller's accumulators).
+pub(crate) struct ExpertBiasGrads {
     pub b1: Option<Tensor>,
-    pub w2: Tensor,
     pub b2: Option<Tensor>,
 }
 
@@ -46,7 +45,9 @@ pub(crate) fn forward(
     Ok((y, ExpertSaved { h, a }))
 }
 
-/// (dx_perm, weight gradients as fresh f32 tensors).
+/// dx_perm and the bias gradients; dW1 and dW2 are added into `gw1`, `gw2` (the layer's
+/// gradient accumulators) by the grouped GEMM itself.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     cfg: &MoeConfig,
     w1: &Tensor,
@@ -56,8 +57,10 @@ pub(crate) fn backward(
     saved: &ExpertSaved,
     offsets: &Tensor,
     dy_perm: &Tensor,
-) -> Result<(Tensor, ExpertGrads)> {
-    let dw2 = ops::grouped_matmul_tn(dy_perm, &saved.a, offsets, DType::F32)?; // [E, d, F]
+    gw1: &mut Tensor,
+    gw2: &mut Tensor,
+) -> Result<(Tensor, ExpertBiasGrads)> {
+    ops::grouped_matmul_tn_acc(gw2, dy_perm, &saved.a, offsets)?; // [E, d, F]
     let db2 = if has_bias {
         Some(group_bias_grad(dy_perm, offsets)?)
     } else {
@@ -68,20 +71,12 @@ pub(crate) fn backward(
         ExpertKind::SwiGlu => ops::swiglu_backward(&saved.h, &da)?,
         ExpertKind::Mlp(act) => ops::activation_backward(&saved.h, &da, act)?,
     };
-    let dw1 = ops::grouped_matmul_tn(&dh, x_perm, offsets, DType::F32)?; // [E, H1, d]
+    ops::grouped_matmul_tn_acc(gw1, &dh, x_perm, offsets)?; // [E, H1, d]
     let db1 = if has_bias {
         Some(group_bias_grad(&dh, offsets)?)
     } else {
         None
     };
     let dx = ops::grouped_matmul(&dh, w1, offsets, false)?; // dh · W1[e]: [N, d]
-    Ok((
-        dx,
-        ExpertGrads {
-            w1: dw1,
-            b1: db1,
-            w2: dw2,
-            b2: db2,
-        },
-    ))
+    Ok((dx, ExpertBiasGrads { b1: db1, b2: db2 }))
 }

@@ -516,9 +516,9 @@ pub fn moe_backward(
         &saved.experts,
         &d.offsets,
         &dy_perm,
+        &mut grads.w1,
+        &mut grads.w2,
     )?;
-    ops::add_assign(&mut grads.w1, &eg.w1)?;
-    ops::add_assign(&mut grads.w2, &eg.w2)?;
     if let (Some(g), Some(b)) = (grads.b1.as_mut(), eg.b1.as_ref()) {
         ops::add_assign(g, b)?;
     }

@@ -152,6 +152,68 @@ pub fn grouped_matmul_tn(
     out_dtype: DType,
 ) -> Result<Tensor> {
     let op = "grouped_matmul_tn";
+    if !out_dtype.is_float() {
+        return Err(Error::dtype(op, out_dtype, "a floating output dtype"));
+    }
+    let (e, p, q) = check_tn(op, a, b, offsets)?;
+    match a.device() {
+        Device::Cpu => cpu_from_f32(cpu_tn(a, b, offsets, e)?, &[e, p, q], out_dtype),
+        Device::Cuda(_) => {
+            let mut out = Tensor::uninit(&[e, p, q], out_dtype, a.device())?;
+            super::grouped_cuda::grouped_matmul_tn_into(
+                &cuda_dev(a)?,
+                &mut out,
+                a,
+                b,
+                offsets,
+                false,
+            )?;
+            Ok(out)
+        }
+    }
+}
+
+/// out [E, P, Q] += per group e: a[rows of e]ᵀ · b[rows of e] (weight gradients straight into
+/// their accumulator: no [E, P, Q] temporary, one read and one write of `out`). `out` is f32 or
+/// a's dtype.
+pub fn grouped_matmul_tn_acc(
+    out: &mut Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    offsets: &Tensor,
+) -> Result<()> {
+    let op = "grouped_matmul_tn_acc";
+    same_device(op, &[out, a])?;
+    out.expect_float(op)?;
+    let (e, p, q) = check_tn(op, a, b, offsets)?;
+    if out.shape() != [e, p, q] {
+        return Err(Error::shape(
+            op,
+            format!("out must be [{e}, {p}, {q}], got {:?}", out.shape()),
+        ));
+    }
+    match a.device() {
+        Device::Cpu => {
+            let mut v = cpu_tn(a, b, offsets, e)?;
+            for (x, o) in v.iter_mut().zip(out.cpu_f32()?.iter()) {
+                *x += o;
+            }
+            *out = cpu_from_f32(v, &[e, p, q], out.dtype())?;
+            Ok(())
+        }
+        Device::Cuda(_) => {
+            super::grouped_cuda::grouped_matmul_tn_into(&cuda_dev(a)?, out, a, b, offsets, true)
+        }
+    }
+}
+
+/// (E, P, Q) of a grouped a ᵀ· b after checking shapes, dtypes and offsets.
+fn check_tn(
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    offsets: &Tensor,
+) -> Result<(usize, usize, usize)> {
     same_device(op, &[a, b, offsets])?;
     a.expect_float(op)?;
     if a.rank() != 2 || b.rank() != 2 || a.dim(0) != b.dim(0) || a.dtype() != b.dtype() {
@@ -166,65 +228,61 @@ pub fn grouped_matmul_tn(
             ),
         ));
     }
-    if !out_dtype.is_float() {
-        return Err(Error::dtype(op, out_dtype, "a floating output dtype"));
-    }
     let (m, p, q) = (a.dim(0), a.dim(1), b.dim(1));
     let e = check_offsets(op, offsets, m)?;
-    match a.device() {
-        Device::Cpu => {
-            let off = host_offsets(offsets)?;
-            let (av, bv) = (a.cpu_f32()?, b.cpu_f32()?);
-            let mut out = vec![0.0f32; e * p * q];
-            let inner = if e >= rayon::current_num_threads() {
-                1
-            } else {
-                rayon::current_num_threads()
-            };
-            out.par_chunks_mut((p * q).max(1))
-                .enumerate()
-                .take(e)
-                .for_each(|(g, og)| {
-                    let rows = off[g + 1] - off[g];
-                    if rows == 0 || p == 0 || q == 0 {
-                        return;
-                    }
-                    let ag = &av[off[g] * p..];
-                    let bg = &bv[off[g] * q..];
-                    unsafe {
-                        gemm::gemm(
-                            p,
-                            q,
-                            rows,
-                            og.as_mut_ptr(),
-                            1,
-                            q as isize,
-                            false,
-                            ag.as_ptr(),
-                            p as isize,
-                            1,
-                            bg.as_ptr(),
-                            1,
-                            q as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            if inner > 1 {
-                                gemm::Parallelism::Rayon(inner)
-                            } else {
-                                gemm::Parallelism::None
-                            },
-                        );
-                    }
-                });
-            cpu_from_f32(out, &[e, p, q], out_dtype)
-        }
-        Device::Cuda(_) => {
-            super::grouped_cuda::grouped_matmul_tn(&cuda_dev(a)?, a, b, offsets, out_dtype)
-        }
-    }
+    Ok((e, p, q))
+}
+
+/// The CPU twin of the grouped aᵀ·b in f32, [E, P, Q] row-major.
+fn cpu_tn(a: &Tensor, b: &Tensor, offsets: &Tensor, e: usize) -> Result<Vec<f32>> {
+    let (p, q) = (a.dim(1), b.dim(1));
+    let off = host_offsets(offsets)?;
+    let (av, bv) = (a.cpu_f32()?, b.cpu_f32()?);
+    let mut out = vec![0.0f32; e * p * q];
+    let inner = if e >= rayon::current_num_threads() {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    out.par_chunks_mut((p * q).max(1))
+        .enumerate()
+        .take(e)
+        .for_each(|(g, og)| {
+            let rows = off[g + 1] - off[g];
+            if rows == 0 || p == 0 || q == 0 {
+                return;
+            }
+            let ag = &av[off[g] * p..];
+            let bg = &bv[off[g] * q..];
+            unsafe {
+                gemm::gemm(
+                    p,
+                    q,
+                    rows,
+                    og.as_mut_ptr(),
+                    1,
+                    q as isize,
+                    false,
+                    ag.as_ptr(),
+                    p as isize,
+                    1,
+                    bg.as_ptr(),
+                    1,
+                    q as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    if inner > 1 {
+                        gemm::Parallelism::Rayon(inner)
+                    } else {
+                        gemm::Parallelism::None
+                    },
+                );
+            }
+        });
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -276,6 +334,19 @@ mod tests {
                 .all(|&v| v == 0.0),
             "empty group -> zeros"
         );
+        // Accumulating adds the same product onto what is there.
+        let base: Vec<f32> = (0..e * k * k).map(|i| i as f32 * 0.01).collect();
+        let mut acc = Tensor::from_vec(base.clone(), &[e, k, k]).unwrap();
+        grouped_matmul_tn_acc(&mut acc, &xt, &xt, &ot).unwrap();
+        let tn = tn.to_vec::<f32>().unwrap();
+        for (i, v) in acc.to_vec::<f32>().unwrap().iter().enumerate() {
+            assert!((v - base[i] - tn[i]).abs() < 1e-5, "element {i}");
+        }
+        let mut wrong = Tensor::zeros(&[e, k, k + 1], DType::F32, Device::Cpu).unwrap();
+        let err = grouped_matmul_tn_acc(&mut wrong, &xt, &xt, &ot)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("out must be [3, 6, 6]"), "{err}");
     }
 
     #[test]

@@ -17,10 +17,15 @@ const SMEM: u32 = 4 * (128 * 32 + 128 * 32) * 2;
 const WG_BN: usize = 256;
 const WG_SMEM: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 1024;
 
-/// Whether the wgmma (sm_90a) grouped GEMMs run: on Hopper unless `MOE_GG_KERNEL=mma` asks for
-/// the mma.sync kernels (kept for other archs, and to compare against).
-fn use_wgmma(dev: &CudaDevice) -> bool {
-    dev.arch() == "sm_90a" && std::env::var("MOE_GG_KERNEL").map_or(true, |v| v != "mma")
+/// The tiled grouped-GEMM family: on Hopper the wgmma kernels ("wg"; `MOE_GG_KERNEL=mma` picks
+/// the mma.sync ones, to compare against), elsewhere the mma.sync kernels ("gg").
+/// (name prefix, N tile, dynamic shared memory)
+fn tiled_family(dev: &CudaDevice) -> (&'static str, usize, u32) {
+    if dev.arch() == "sm_90a" && std::env::var("MOE_GG_KERNEL").as_deref() != Ok("mma") {
+        ("wg", WG_BN, WG_SMEM)
+    } else {
+        ("gg", BN, SMEM)
+    }
 }
 
 fn tensor_cores(dt: DType, dims: &[usize]) -> bool {
@@ -88,11 +93,7 @@ pub(crate) fn grouped_matmul(
         .ptr(dptr(offsets))
         .usize_as_i32(e)?
         .run()?;
-        let (prefix_name, bn, smem) = if use_wgmma(dev) {
-            ("wg", WG_BN, WG_SMEM)
-        } else {
-            ("gg", BN, SMEM)
-        };
+        let (prefix_name, bn, smem) = tiled_family(dev);
         let blocks = (m.div_ceil(BM) + e) * n.div_ceil(bn);
         let grid = u32::try_from(blocks).map_err(|_| {
             Error::Invalid(format!(
@@ -139,15 +140,18 @@ pub(crate) fn grouped_matmul(
     Ok(y)
 }
 
-pub(crate) fn grouped_matmul_tn(
+/// out [E, P, Q] = (out if `accumulate`) + per group a[rows]ᵀ · b[rows]; out is f32 or a's dtype.
+pub(crate) fn grouped_matmul_tn_into(
     dev: &Arc<CudaDevice>,
+    out: &mut Tensor,
     a: &Tensor,
     b: &Tensor,
     offsets: &Tensor,
-    out_dtype: DType,
-) -> Result<Tensor> {
+    accumulate: bool,
+) -> Result<()> {
     let (p, q) = (a.dim(1), b.dim(1));
     let e = offsets.numel() - 1;
+    let out_dtype = out.dtype();
     let same = out_dtype == a.dtype();
     if !same && out_dtype != DType::F32 {
         return Err(Error::dtype(
@@ -156,19 +160,15 @@ pub(crate) fn grouped_matmul_tn(
             format!("f32 or the input dtype {}", a.dtype()),
         ));
     }
-    let out = Tensor::uninit(&[e, p, q], out_dtype, a.device())?;
     if e * p * q == 0 {
-        return Ok(out);
+        return Ok(());
     }
     let dt = a.dtype().name();
+    let acc = if accumulate { "_acc" } else { "" };
     if tensor_cores(a.dtype(), &[p, q]) {
-        let (prefix_name, bn, smem) = if use_wgmma(dev) {
-            ("wg", WG_BN, WG_SMEM)
-        } else {
-            ("gg", BN, SMEM)
-        };
+        let (prefix_name, bn, smem) = tiled_family(dev);
         let tiles = p.div_ceil(BM) * q.div_ceil(bn);
-        let name = format!("{prefix_name}_tn_{dt}_{}", out_dtype.name());
+        let name = format!("{prefix_name}_tn_{dt}_{}{acc}", out_dtype.name());
         dev.launch(
             &kernels::GROUPED_GEMM,
             &name,
@@ -176,7 +176,7 @@ pub(crate) fn grouped_matmul_tn(
             (256, 1, 1),
             smem,
         )?
-        .ptr(dptr(&out))
+        .ptr(dptr(out))
         .ptr(dptr(a))
         .ptr(dptr(b))
         .ptr(dptr(offsets))
@@ -192,14 +192,15 @@ pub(crate) fn grouped_matmul_tn(
             (256, 1, 1),
             0,
         )?
-        .ptr(dptr(&out))
+        .ptr(dptr(out))
         .ptr(dptr(a))
         .ptr(dptr(b))
         .ptr(dptr(offsets))
         .usize_as_i32(e)?
         .usize_as_i32(p)?
         .usize_as_i32(q)?
+        .i32(accumulate as i32)
         .run()?;
     }
-    Ok(out)
+    Ok(())
 }

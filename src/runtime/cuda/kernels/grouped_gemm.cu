@@ -90,7 +90,7 @@ __device__ void zero_tail(T* C, const int* offsets, int E, int M, int N, int b, 
 //   A(m,k) = A_KMAJ ? A[m·lda + k] : A[k·lda + m]   valid m < Mv, k < Kdim
 //   B(k,n) = B_KMAJ ? B[n·ldb + k] : B[k·ldb + n]   valid n < Nv
 // Requires: the contiguous dimension of each operand a multiple of 8 and 16-byte aligned rows.
-template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ>
+template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ, bool ACC = false>
 __device__ __forceinline__ void tile_gemm(TO* __restrict__ C, int ldc, const T* __restrict__ A, int lda,
                                           const T* __restrict__ B, int ldb, int m0, int n0, int Mv, int Nv, int Kdim,
                                           unsigned short* smem) {
@@ -187,8 +187,8 @@ __device__ __forceinline__ void tile_gemm(TO* __restrict__ C, int ldc, const T* 
                 int n = n0 + wn + ni * 8 + t4 * 2;
                 if (m < Mv && n < Nv) {
                     TO* dst = C + (int64_t)m * ldc + n;
-                    dst[0] = from_float<TO>(acc[mi][ni][h * 2]);
-                    if (n + 1 < Nv) dst[1] = from_float<TO>(acc[mi][ni][h * 2 + 1]);
+                    dst[0] = from_float<TO>(acc[mi][ni][h * 2] + (ACC ? to_float(dst[0]) : 0.f));
+                    if (n + 1 < Nv) dst[1] = from_float<TO>(acc[mi][ni][h * 2 + 1] + (ACC ? to_float(dst[1]) : 0.f));
                 }
             }
 }
@@ -219,8 +219,8 @@ GG_VARM(gg_nn_bf16, bf16_t, false)
 GG_VARM(gg_nt_f16, f16_t, true)
 GG_VARM(gg_nn_f16, f16_t, false)
 
-// VARK: out[e] (P × Q) = a[rows of e]ᵀ · b[rows of e]; grid (ceil(P/BM)·ceil(Q/BN), E).
-#define GG_VARK(NAME, T, TO)                                                                            \
+// VARK: out[e] (P × Q) = a[rows of e]ᵀ · b[rows of e] (ACC: out[e] += ...); grid (ceil(P/BM)·ceil(Q/BN), E).
+#define GG_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(TO* out, const T* a, const T* b,        \
                                                                const int* offsets, int P, int Q) {      \
         extern __shared__ unsigned short smem[];                                                        \
@@ -228,14 +228,18 @@ GG_VARM(gg_nn_f16, f16_t, false)
         const int ntq = (Q + BN - 1) / BN;                                                              \
         const int pt = blockIdx.x / ntq, qt = blockIdx.x - pt * ntq;                                    \
         const int row0 = offsets[e], rows = offsets[e + 1] - row0;                                      \
-        tile_gemm<T, TO, false, false>(out + (int64_t)e * P * Q, Q, a + (int64_t)row0 * P, P, b + (int64_t)row0 * Q, Q, \
+        tile_gemm<T, TO, false, false, ACC>(out + (int64_t)e * P * Q, Q, a + (int64_t)row0 * P, P, b + (int64_t)row0 * Q, Q, \
                              pt * BM, qt * BN, P, Q, rows, smem);                                       \
     }
 
-GG_VARK(gg_tn_bf16_f32, bf16_t, float)
-GG_VARK(gg_tn_bf16_bf16, bf16_t, bf16_t)
-GG_VARK(gg_tn_f16_f32, f16_t, float)
-GG_VARK(gg_tn_f16_f16, f16_t, f16_t)
+GG_VARK(gg_tn_bf16_f32, bf16_t, float, false)
+GG_VARK(gg_tn_bf16_bf16, bf16_t, bf16_t, false)
+GG_VARK(gg_tn_f16_f32, f16_t, float, false)
+GG_VARK(gg_tn_f16_f16, f16_t, f16_t, false)
+GG_VARK(gg_tn_bf16_f32_acc, bf16_t, float, true)
+GG_VARK(gg_tn_bf16_bf16_acc, bf16_t, bf16_t, true)
+GG_VARK(gg_tn_f16_f32_acc, f16_t, float, true)
+GG_VARK(gg_tn_f16_f16_acc, f16_t, f16_t, true)
 
 // ---- Hopper (sm_90a) path: wgmma.mma_async from shared memory, CTA tile 128×256×64, two
 // consumer warpgroups of 64×256 (128 f32 accumulators per thread), 4-stage cp.async pipeline into
@@ -281,13 +285,13 @@ template <int TA, int TB> __device__ __forceinline__ void wgmma_n256(float* d, u
 
 // One operand's 64-wide k slice into a swizzled stage buffer at shared address `s`.
 //   KMAJ: G(r, k) = G[r·ld + k]   else G(r, k) = G[k·ld + r];  valid r < Rv, k < Kdim
-template <typename T, bool KMAJ, int R>
+template <typename T, bool KMAJ, int R, int NT = WTHREADS>
 __device__ __forceinline__ void wg_load(uint32_t s, const T* __restrict__ G, int ld, int r0, int Rv, int k0, int Kdim,
                                         int tid) {
     constexpr int CHUNKS = R * WBK / 8;
 #pragma unroll
-    for (int i = 0; i < CHUNKS / WTHREADS; ++i) {
-        const int c = tid + i * WTHREADS;
+    for (int i = 0; i < CHUNKS / NT; ++i) {
+        const int c = tid + i * NT;
         if (KMAJ) {
             const int r = c >> 3, kc = c & 7;
             const bool ok = (r0 + r < Rv) && (k0 + kc * 8 < Kdim);
@@ -302,24 +306,48 @@ __device__ __forceinline__ void wg_load(uint32_t s, const T* __restrict__ G, int
     }
 }
 
-template <typename TO> __device__ __forceinline__ void store2(TO* p, float a, float b);
-template <> __device__ __forceinline__ void store2<float>(float* p, float a, float b) {
-    float2 v;
-    v.x = a;
-    v.y = b;
-    *reinterpret_cast<float2*>(p) = v;
-}
-template <> __device__ __forceinline__ void store2<bf16_t>(bf16_t* p, float a, float b) {
-    *reinterpret_cast<uint32_t*>(p) = pack_bf16x2(a, b);
-}
-template <> __device__ __forceinline__ void store2<f16_t>(f16_t* p, float a, float b) {
-    uint32_t r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
-    *reinterpret_cast<uint32_t*>(p) = r;
-}
+// 16 bytes of TO <-> floats (V = 16 / sizeof(TO) of them) for the staged epilogue.
+template <typename TO> struct Vec16;
+template <> struct Vec16<float> {
+    static constexpr int V = 4;
+    static __device__ __forceinline__ void load(const float* p, float* v) {
+        const float4 q = *reinterpret_cast<const float4*>(p);
+        v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    }
+    static __device__ __forceinline__ void store(float* p, const float* v) {
+        float4 q;
+        q.x = v[0], q.y = v[1], q.z = v[2], q.w = v[3];
+        *reinterpret_cast<float4*>(p) = q;
+    }
+};
+template <typename H> struct Vec16Half {
+    static constexpr int V = 8;
+    static __device__ __forceinline__ void load(const H* p, float* v) {
+        const uint4 q = *reinterpret_cast<const uint4*>(p);
+        const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            H lo, hi;
+            lo.v = (unsigned short)(w[i] & 0xffffu);
+            hi.v = (unsigned short)(w[i] >> 16);
+            v[2 * i] = to_float(lo), v[2 * i + 1] = to_float(hi);
+        }
+    }
+    static __device__ __forceinline__ void store(H* p, const float* v) {
+        uint32_t w[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            w[i] = (uint32_t)from_float<H>(v[2 * i]).v | ((uint32_t)from_float<H>(v[2 * i + 1]).v << 16);
+        uint4 q;
+        q.x = w[0], q.y = w[1], q.z = w[2], q.w = w[3];
+        *reinterpret_cast<uint4*>(p) = q;
+    }
+};
+template <> struct Vec16<bf16_t> : Vec16Half<bf16_t> {};
+template <> struct Vec16<f16_t> : Vec16Half<f16_t> {};
 
 // One CTA: a WBM×WBN tile of C = op(A)·op(B) over Kdim (operand conventions as tile_gemm).
-template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ>
+template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ, bool ACC = false>
 __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __restrict__ A, int lda,
                                         const T* __restrict__ B, int ldb, int m0, int n0, int Mv, int Nv, int Kdim,
                                         uint32_t smem) {
@@ -365,19 +393,45 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
     wgmma_wait<0>();
     cp_async_wait<0>();
 
-    // Accumulator layout (per warp as mma.sync m16n8): d[4i + 2h + j] at row 16·warp + lane/4 + 8h,
+    // Epilogue through shared memory (the stage ring is free now): fragments go to a padded f32
+    // tile, then every thread moves 16-byte row chunks (coalesced; with ACC a read-add-write).
+    // Fragment layout (per warp as mma.sync m16n8): d[4i + 2h + j] at row 16·warp + lane/4 + 8h,
     // column 8i + 2·(lane%4) + j of the warpgroup's 64×256 block.
-    const int warp = (tid >> 5) & 3, lane = tid & 31;
-    const int rbase = m0 + wg * 64 + warp * 16 + (lane >> 2);
-    const int cbase = n0 + 2 * (lane & 3);
+    constexpr int LDS = WBN + 8;  // staged row stride in floats: 8 rows of a fragment store hit distinct banks
+    __syncthreads();              // both warpgroups' last wgmma have read their stages
+    {
+        const int warp = (tid >> 5) & 3, lane = tid & 31;
+        const uint32_t base = smem + ((wg * 64 + warp * 16 + (lane >> 2)) * LDS + 2 * (lane & 3)) * 4;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-        const int n = cbase + 8 * i;
+        for (int i = 0; i < 32; ++i)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = rbase + 8 * h;
-            if (m < Mv && n < Nv) store2<TO>(C + (int64_t)m * ldc + n, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+            for (int h = 0; h < 2; ++h)
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(base + (8 * h * LDS + 8 * i) * 4),
+                             "f"(acc[4 * i + 2 * h]), "f"(acc[4 * i + 2 * h + 1])
+                             : "memory");
+    }
+    __syncthreads();
+    constexpr int V = Vec16<TO>::V, CPR = WBN / V;
+#pragma unroll 4
+    for (int c = tid; c < WBM * CPR; c += WTHREADS) {
+        const int r = c / CPR, col = (c - r * CPR) * V;
+        const int m = m0 + r, n = n0 + col;
+        if (m >= Mv || n >= Nv) continue;
+        float v[V];
+#pragma unroll
+        for (int q = 0; q < V; q += 4)
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                         : "=f"(v[q]), "=f"(v[q + 1]), "=f"(v[q + 2]), "=f"(v[q + 3])
+                         : "r"(smem + (r * LDS + col + q) * 4)
+                         : "memory");
+        TO* dst = C + (int64_t)m * ldc + n;
+        if (ACC) {
+            float old[V];
+            Vec16<TO>::load(dst, old);
+#pragma unroll
+            for (int q = 0; q < V; ++q) v[q] += old[q];
         }
+        Vec16<TO>::store(dst, v);
     }
 }
 
@@ -385,8 +439,8 @@ __device__ __forceinline__ uint32_t wg_smem_base(const void* smem) { return (sme
 
 // VARM on Hopper: as GG_VARM with 128×256 tiles; tile_prefix counted in WBM-row tiles. Tiles run
 // in column strips W_SWIZZLE m-tiles tall (a strip may span groups; each CTA finds its own).
-#define WG_VARM(NAME, T, B_KMAJ)                                                                        \
-    extern "C" __global__ void __launch_bounds__(WTHREADS, 1) NAME(T* y, const T* x, const T* w,       \
+#define WG_VARM(NAME, T, B_KMAJ, TILE, NTHREADS)                                                        \
+    extern "C" __global__ void __launch_bounds__(NTHREADS, 1) NAME(T* y, const T* x, const T* w,       \
                                                                     const int* offsets, const int* tile_prefix, \
                                                                     int E, int M, int N, int K) {       \
         extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
@@ -404,38 +458,44 @@ __device__ __forceinline__ uint32_t wg_smem_base(const void* smem) { return (sme
         const int row0 = offsets[e], rows = offsets[e + 1] - row0;                                      \
         const int m0 = (mt - tile_prefix[e]) * WBM;                                                     \
         const T* we = w + (int64_t)e * N * K;                                                           \
-        wg_tile<T, T, true, B_KMAJ>(y + (int64_t)row0 * N, N, x + (int64_t)row0 * K, K, we, B_KMAJ ? K : N, m0, \
+        TILE<T, T, true, B_KMAJ>(y + (int64_t)row0 * N, N, x + (int64_t)row0 * K, K, we, B_KMAJ ? K : N, m0, \
                                     nt * WBN, rows, N, K, wg_smem_base(wsmem));                         \
     }
 
 // VARK on Hopper: grid (ceil(P/WBM)·ceil(Q/WBN), E).
-#define WG_VARK(NAME, T, TO)                                                                            \
-    extern "C" __global__ void __launch_bounds__(WTHREADS, 1) NAME(TO* out, const T* a, const T* b,    \
+#define WG_VARK(NAME, T, TO, ACC, TILE, NTHREADS)                                                       \
+    extern "C" __global__ void __launch_bounds__(NTHREADS, 1) NAME(TO* out, const T* a, const T* b,    \
                                                                     const int* offsets, int P, int Q) { \
         extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
         const int e = blockIdx.y;                                                                       \
         const int ntq = (Q + WBN - 1) / WBN;                                                            \
         const int pt = blockIdx.x / ntq, qt = blockIdx.x - pt * ntq;                                    \
         const int row0 = offsets[e], rows = offsets[e + 1] - row0;                                      \
-        wg_tile<T, TO, false, false>(out + (int64_t)e * P * Q, Q, a + (int64_t)row0 * P, P, b + (int64_t)row0 * Q, Q, \
+        TILE<T, TO, false, false, ACC>(out + (int64_t)e * P * Q, Q, a + (int64_t)row0 * P, P, b + (int64_t)row0 * Q, Q, \
                                      pt * WBM, qt * WBN, P, Q, rows, wg_smem_base(wsmem));              \
     }
 #else
 // Other archs: the launcher never picks these (they exist so every arch has the same symbols).
-#define WG_VARM(NAME, T, B_KMAJ)                                                                        \
+#define WG_VARM(NAME, T, B_KMAJ, TILE, NTHREADS)                                                        \
     extern "C" __global__ void NAME(T*, const T*, const T*, const int*, const int*, int, int, int, int) { __trap(); }
-#define WG_VARK(NAME, T, TO)                                                                            \
+#define WG_VARK(NAME, T, TO, ACC, TILE, NTHREADS)                                                       \
     extern "C" __global__ void NAME(TO*, const T*, const T*, const int*, int, int) { __trap(); }
 #endif
 
-WG_VARM(wg_nt_bf16, bf16_t, true)
-WG_VARM(wg_nn_bf16, bf16_t, false)
-WG_VARM(wg_nt_f16, f16_t, true)
-WG_VARM(wg_nn_f16, f16_t, false)
-WG_VARK(wg_tn_bf16_f32, bf16_t, float)
-WG_VARK(wg_tn_bf16_bf16, bf16_t, bf16_t)
-WG_VARK(wg_tn_f16_f32, f16_t, float)
-WG_VARK(wg_tn_f16_f16, f16_t, f16_t)
+#define WG_FAMILY(P, TILE, NTHREADS)                                                                    \
+    WG_VARM(P##_nt_bf16, bf16_t, true, TILE, NTHREADS)                                                  \
+    WG_VARM(P##_nn_bf16, bf16_t, false, TILE, NTHREADS)                                                 \
+    WG_VARM(P##_nt_f16, f16_t, true, TILE, NTHREADS)                                                    \
+    WG_VARM(P##_nn_f16, f16_t, false, TILE, NTHREADS)                                                   \
+    WG_VARK(P##_tn_bf16_f32, bf16_t, float, false, TILE, NTHREADS)                                      \
+    WG_VARK(P##_tn_bf16_bf16, bf16_t, bf16_t, false, TILE, NTHREADS)                                    \
+    WG_VARK(P##_tn_f16_f32, f16_t, float, false, TILE, NTHREADS)                                        \
+    WG_VARK(P##_tn_f16_f16, f16_t, f16_t, false, TILE, NTHREADS)                                        \
+    WG_VARK(P##_tn_bf16_f32_acc, bf16_t, float, true, TILE, NTHREADS)                                   \
+    WG_VARK(P##_tn_bf16_bf16_acc, bf16_t, bf16_t, true, TILE, NTHREADS)                                 \
+    WG_VARK(P##_tn_f16_f32_acc, f16_t, float, true, TILE, NTHREADS)                                     \
+    WG_VARK(P##_tn_f16_f16_acc, f16_t, f16_t, true, TILE, NTHREADS)
+WG_FAMILY(wg, wg_tile, WTHREADS)
 
 // ---- SIMT fallback: one thread per output element (f32 inputs or unaligned shapes).
 template <typename T>
@@ -453,14 +513,15 @@ __device__ __forceinline__ void simt_varm(T* y, const T* x, const T* w, const in
     }
 }
 template <typename T, typename TO>
-__device__ __forceinline__ void simt_vark(TO* out, const T* a, const T* b, const int* offsets, int E, int P, int Q) {
+__device__ __forceinline__ void simt_vark(TO* out, const T* a, const T* b, const int* offsets, int E, int P, int Q,
+                                          int accumulate) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (int64_t)E * P * Q; i += (int64_t)gridDim.x * blockDim.x) {
         int e = i / ((int64_t)P * Q);
         int64_t pq = i - (int64_t)e * P * Q;
         int p = pq / Q, q = pq - (int64_t)p * Q;
         float s = 0.f;
         for (int r = offsets[e]; r < offsets[e + 1]; ++r) s += to_float(a[(int64_t)r * P + p]) * to_float(b[(int64_t)r * Q + q]);
-        out[i] = from_float<TO>(s);
+        out[i] = from_float<TO>(s + (accumulate ? to_float(out[i]) : 0.f));
     }
 }
 #define GG_SIMT(SUFFIX, T)                                                                              \
@@ -469,12 +530,12 @@ __device__ __forceinline__ void simt_vark(TO* out, const T* a, const T* b, const
         simt_varm<T>(y, x, w, offsets, E, M, N, K, trans_w);                                            \
     }                                                                                                   \
     extern "C" __global__ void gg_simt_vark_##SUFFIX##_f32(float* out, const T* a, const T* b, const int* offsets, \
-                                                           int E, int P, int Q) {                       \
-        simt_vark<T, float>(out, a, b, offsets, E, P, Q);                                               \
+                                                           int E, int P, int Q, int accumulate) {       \
+        simt_vark<T, float>(out, a, b, offsets, E, P, Q, accumulate);                                   \
     }                                                                                                   \
     extern "C" __global__ void gg_simt_vark_##SUFFIX##_same(T* out, const T* a, const T* b, const int* offsets, \
-                                                            int E, int P, int Q) {                      \
-        simt_vark<T, T>(out, a, b, offsets, E, P, Q);                                                   \
+                                                            int E, int P, int Q, int accumulate) {      \
+        simt_vark<T, T>(out, a, b, offsets, E, P, Q, accumulate);                                       \
     }
 INSTANTIATE_FLOAT_TYPES(GG_SIMT)
 
