@@ -461,11 +461,20 @@ fn index_ops() {
         ops::write_rows(&mut kc, 3, &xc).unwrap();
         ops::write_rows(&mut kg, 3, &xg).unwrap();
         close(&format!("write_rows {dt}"), &kc, &kg);
-        let (tc, tg) = pair(&mut r, &[2, 5, 3, 7], dt, dev);
+        // Last dimension 7: one element per thread; 16: the 8-wide kernel.
+        for dd in [7usize, 16] {
+            let (tc, tg) = pair(&mut r, &[2, 5, 3, dd], dt, dev);
+            close(
+                &format!("transpose_12 {dt} D={dd}"),
+                &ops::transpose_12(&tc).unwrap(),
+                &ops::transpose_12(&tg).unwrap(),
+            );
+        }
+        let (x24c, x24g) = pair(&mut r, &[37, 24], dt, dev);
         close(
-            &format!("transpose_12 {dt}"),
-            &ops::transpose_12(&tc).unwrap(),
-            &ops::transpose_12(&tg).unwrap(),
+            &format!("gather_rows {dt} d=24"),
+            &ops::gather_rows(&x24c, &ic).unwrap(),
+            &ops::gather_rows(&x24g, &ig).unwrap(),
         );
         close(
             &format!("sum_rows {dt}"),

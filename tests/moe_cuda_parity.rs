@@ -255,3 +255,58 @@ fn small_dispatch_matches_cpu() {
         }
     }
 }
+
+/// Weighted combine and its backward (the scatter of dy into expert order, and the weight
+/// gradient) against the CPU, for row widths that take the 8-wide kernels (24) and the scalar
+/// ones (12), with dropped slots (capacity) included.
+#[test]
+fn combine_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut cfg: MoeConfig = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir("moe_layer").join("switch_top1_capacity.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    cfg.n_experts = 8;
+    cfg.top_k = 2;
+    let (k, t) = (2usize, 50usize);
+    let ids: Vec<i32> = (0..k * t).map(|i| ((i * 7 + i / 3) % 8) as i32).collect();
+    let ic = Tensor::from_vec(ids.clone(), &[k, t]).unwrap();
+    let ig = Tensor::from_slice(&ids, &[k, t], dev).unwrap();
+    let (dc, dg) = (
+        moe::moe::dispatch(&cfg, &ic, None).unwrap(),
+        moe::moe::dispatch(&cfg, &ig, None).unwrap(),
+    );
+    for d in [12usize, 24] {
+        for dt in [DType::F32, DType::BF16] {
+            let what = format!("d={d} {dt}");
+            let yc = ops::cast(
+                &Tensor::randn(&[k * t, d], 1.0, 5, DType::F32, Device::Cpu).unwrap(),
+                dt,
+            )
+            .unwrap();
+            let dyc = ops::cast(
+                &Tensor::randn(&[t, d], 1.0, 6, DType::F32, Device::Cpu).unwrap(),
+                dt,
+            )
+            .unwrap();
+            let wc = Tensor::randn(&[k, t], 1.0, 7, DType::F32, Device::Cpu).unwrap();
+            let (yg, dyg, wg) = (
+                yc.to_device(dev).unwrap(),
+                dyc.to_device(dev).unwrap(),
+                wc.to_device(dev).unwrap(),
+            );
+            let tol = if dt == DType::F32 { 1e-6 } else { 1e-2 };
+            close(
+                &format!("combine {what}"),
+                &moe::moe::combine(&yg, &dg.pos, Some(&wg)).unwrap(),
+                &moe::moe::combine(&yc, &dc.pos, Some(&wc)).unwrap(),
+                tol,
+            );
+            let (pg, wgg) = moe::moe::combine_backward(&dyg, &yg, &dg, &wg).unwrap();
+            let (pc, wgc) = moe::moe::combine_backward(&dyc, &yc, &dc, &wc).unwrap();
+            close(&format!("combine_backward dy_perm {what}"), &pg, &pc, tol);
+            close(&format!("combine_backward dw {what}"), &wgg, &wgc, tol);
+        }
+    }
+}

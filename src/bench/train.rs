@@ -121,6 +121,9 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
     };
     let mut rows = Vec::new();
     for step in 0..a.warmup + a.steps {
+        if step == a.warmup && crate::runtime::cuda::profile::enabled() {
+            crate::runtime::cuda::profile::reset();
+        }
         sync(device)?;
         let t = Instant::now();
         let opts = TrainOpts {
@@ -179,5 +182,13 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         100.0 * tps * fpt / peak,
         fpt / 1e9
     );
+    if crate::runtime::cuda::profile::enabled() {
+        // MOE_PROFILE=1: per kernel over the timed steps (synchronised, so slower than above).
+        println!("profile (MOE_PROFILE=1, synchronised, {} steps):", a.steps);
+        print!(
+            "{}",
+            crate::runtime::cuda::profile::report().unwrap_or_default()
+        );
+    }
     Ok(())
 }

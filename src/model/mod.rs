@@ -622,9 +622,11 @@ impl Model {
             x = y;
         }
         let (xf, rstd_f) = ops::rmsnorm(&x, &self.params.norm, self.eps())?;
-        // LM head + cross-entropy in row chunks of <= 64 MiB of f32 logits.
+        // LM head + cross-entropy in row chunks of <= 256 MiB of f32 logits. Every chunk adds
+        // its head gradient into the f32 [V, d] accumulator (a read and a write of V·d·4 bytes:
+        // 412 MB at OLMoE's vocab), so chunks are as large as the memory budget allows.
         let v = self.config.vocab_size;
-        let chunk = ((64 << 20) / (4 * v)).clamp(1, t.max(1));
+        let chunk = ((256 << 20) / (4 * v)).clamp(1, t.max(1));
         let tg = targets.try_clone()?.reshape(&[t])?;
         let mut losses = Tensor::zeros(&[t], DType::F32, dev)?;
         let mut dx_f = Tensor::zeros(&[t, self.config.d_model], self.dtype, dev)?;

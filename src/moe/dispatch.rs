@@ -13,7 +13,7 @@ use rand::SeedableRng;
 
 use super::config::{MoeConfig, RouterKind};
 use crate::runtime::cuda::{grid_1d, kernels};
-use crate::runtime::ops::{self, cuda_dev, dptr, kname};
+use crate::runtime::ops::{self, cuda_dev, dptr, kname, rows_v8};
 use crate::runtime::{cpu_from_f32, DType, Device, Error, Result, Tensor};
 
 pub struct Dispatch {
@@ -374,11 +374,16 @@ pub fn combine(y_perm: &Tensor, pos: &Tensor, w: Option<&Tensor>) -> Result<Tens
             let out = Tensor::uninit(&[t, d], y_perm.dtype(), y_perm.device())?;
             let n = t * d;
             if n > 0 {
+                let (name, units) = if rows_v8(d, &[&out, y_perm]) {
+                    (kname("combine_v8", y_perm), n / 8)
+                } else {
+                    (kname("combine", y_perm), n)
+                };
                 cuda_dev(y_perm)?
                     .launch(
                         &kernels::MOE_DISPATCH,
-                        &kname("combine", y_perm),
-                        (grid_1d(n, 256), 1, 1),
+                        &name,
+                        (grid_1d(units, 256), 1, 1),
                         (256, 1, 1),
                         0,
                     )?
@@ -448,10 +453,15 @@ pub fn combine_backward(
             let dyp = Tensor::uninit(&[n, dm], dy.dtype(), dy.device())?;
             let dw = Tensor::uninit(&[k, t], DType::F32, dy.device())?;
             if n * dm > 0 {
+                let (name, units) = if rows_v8(dm, &[&dyp, dy]) {
+                    (kname("uncombine_v8", dy), n * dm / 8)
+                } else {
+                    (kname("uncombine", dy), n * dm)
+                };
                 dev.launch(
                     &kernels::MOE_DISPATCH,
-                    &kname("uncombine", dy),
-                    (grid_1d(n * dm, 256), 1, 1),
+                    &name,
+                    (grid_1d(units, 256), 1, 1),
                     (256, 1, 1),
                     0,
                 )?

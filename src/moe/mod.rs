@@ -19,7 +19,7 @@ mod router;
 
 pub use config::{ExpertKind, MoeConfig, NoisyGate, ResidualMoe, RouterKind, SharedExperts};
 pub use dense::{DenseMlp, DenseMlpGrads, DenseSaved};
-pub use dispatch::{combine, dispatch, Dispatch};
+pub use dispatch::{combine, combine_backward, dispatch, Dispatch};
 pub use layer::{
     moe_backward, moe_forward, moe_forward_named, Mode, MoeGrads, MoeSaved, MoeStats, MoeWeights,
     ResidualWeights, SharedWeights,

@@ -253,18 +253,24 @@ pub fn gather_rows(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
             let out = Tensor::uninit(&[n, d], x.dtype(), x.device())?;
             let total = n * d;
             if total > 0 {
+                let v8 = super::rows_v8(d, &[&out, x]);
+                let (name, units) = if v8 {
+                    (kname("gather_rows_v8", x), total / 8)
+                } else {
+                    (kname("gather_rows", x), total)
+                };
                 cuda_dev(x)?
                     .launch(
                         &kernels::INDEX,
-                        &kname("gather_rows", x),
-                        (grid_1d(total, 256), 1, 1),
+                        &name,
+                        (grid_1d(units, 256), 1, 1),
                         (256, 1, 1),
                         0,
                     )?
                     .ptr(dptr(&out))
                     .ptr(dptr(x))
                     .ptr(dptr(idx))
-                    .i64(total as i64)
+                    .i64(units as i64)
                     .usize_as_i32(d)?
                     .usize_as_i32(r)?
                     .run()?;
@@ -504,17 +510,22 @@ pub fn transpose_12(x: &Tensor) -> Result<Tensor> {
             let out = Tensor::uninit(&shape, x.dtype(), x.device())?;
             let n = x.numel();
             if n > 0 {
+                let (name, units) = if super::rows_v8(d, &[&out, x]) {
+                    (kname("transpose_12_v8", x), n / 8)
+                } else {
+                    (kname("transpose_12", x), n)
+                };
                 cuda_dev(x)?
                     .launch(
                         &kernels::INDEX,
-                        &kname("transpose_12", x),
-                        (grid_1d(n, 256), 1, 1),
+                        &name,
+                        (grid_1d(units, 256), 1, 1),
                         (256, 1, 1),
                         0,
                     )?
                     .ptr(dptr(&out))
                     .ptr(dptr(x))
-                    .i64(n as i64)
+                    .i64(units as i64)
                     .usize_as_i32(b)?
                     .usize_as_i32(c)?
                     .usize_as_i32(d)?

@@ -67,6 +67,12 @@ pub(crate) fn dptr(t: &Tensor) -> u64 {
     t.cuda_storage().map(|s| s.ptr()).unwrap_or(0)
 }
 
+/// Whether the `_v8` variant of a row kernel applies: rows of `d` elements, a multiple of 8, and
+/// every tensor 16-byte aligned (each thread then moves 8 elements with 16-byte accesses).
+pub(crate) fn rows_v8(d: usize, ts: &[&Tensor]) -> bool {
+    d % 8 == 0 && ts.iter().all(|t| dptr(t) % 16 == 0)
+}
+
 /// Kernel name for a floating dtype: `base_f32`, `base_bf16`, `base_f16`.
 pub(crate) fn kname(base: &str, t: &Tensor) -> String {
     format!("{base}_{}", t.dtype().name())

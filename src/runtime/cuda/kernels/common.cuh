@@ -77,6 +77,47 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
+// 8 consecutive elements (16-byte aligned) as floats / raw bits: one 16-byte access per 8
+// 16-bit values, two for f32. The `_v8` kernels use them when every row length is a multiple of 8.
+template <typename T> __device__ __forceinline__ void load8(const T* p, float* v) {
+    const uint4 q = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        T lo, hi;
+        lo.v = (unsigned short)(w[i] & 0xffffu);
+        hi.v = (unsigned short)(w[i] >> 16);
+        v[2 * i] = to_float(lo), v[2 * i + 1] = to_float(hi);
+    }
+}
+template <> __device__ __forceinline__ void load8<float>(const float* p, float* v) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+template <typename T> __device__ __forceinline__ void store8(T* p, const float* v) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = (uint32_t)from_float<T>(v[2 * i]).v | ((uint32_t)from_float<T>(v[2 * i + 1]).v << 16);
+    uint4 q;
+    q.x = w[0], q.y = w[1], q.z = w[2], q.w = w[3];
+    *reinterpret_cast<uint4*>(p) = q;
+}
+template <> __device__ __forceinline__ void store8<float>(float* p, const float* v) {
+    float4 a, b;
+    a.x = v[0], a.y = v[1], a.z = v[2], a.w = v[3], b.x = v[4], b.y = v[5], b.z = v[6], b.w = v[7];
+    reinterpret_cast<float4*>(p)[0] = a, reinterpret_cast<float4*>(p)[1] = b;
+}
+template <typename T> __device__ __forceinline__ void copy8(T* dst, const T* src) {
+#pragma unroll
+    for (int i = 0; i < (int)sizeof(T) / 2; ++i) reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+}
+template <typename T> __device__ __forceinline__ void zero8(T* dst) {
+    uint4 z;
+    z.x = z.y = z.z = z.w = 0u;
+#pragma unroll
+    for (int i = 0; i < (int)sizeof(T) / 2; ++i) reinterpret_cast<uint4*>(dst)[i] = z;
+}
+
 // Argmax pairs: the larger value wins, ties go to the lower index; i < 0 marks "none".
 struct ValIdx { float v; int i; };
 

@@ -411,27 +411,37 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
                              : "memory");
     }
     __syncthreads();
-    constexpr int V = Vec16<TO>::V, CPR = WBN / V;
-#pragma unroll 4
-    for (int c = tid; c < WBM * CPR; c += WTHREADS) {
-        const int r = c / CPR, col = (c - r * CPR) * V;
-        const int m = m0 + r, n = n0 + col;
-        if (m >= Mv || n >= Nv) continue;
-        float v[V];
+    // Batches of 8 chunks per thread: all loads (shared, and global with ACC) issued before any
+    // store, so a read-add-write epilogue keeps 8 global loads in flight per thread.
+    constexpr int V = Vec16<TO>::V, CPR = WBN / V, EB = 8;
+    for (int c0 = tid; c0 < WBM * CPR; c0 += WTHREADS * EB) {
+        float v[EB][V];
+        TO* dst[EB];
+        bool ok[EB];
 #pragma unroll
-        for (int q = 0; q < V; q += 4)
-            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                         : "=f"(v[q]), "=f"(v[q + 1]), "=f"(v[q + 2]), "=f"(v[q + 3])
-                         : "r"(smem + (r * LDS + col + q) * 4)
-                         : "memory");
-        TO* dst = C + (int64_t)m * ldc + n;
-        if (ACC) {
-            float old[V];
-            Vec16<TO>::load(dst, old);
+        for (int b = 0; b < EB; ++b) {
+            const int c = c0 + b * WTHREADS;
+            const int r = c / CPR, col = (c - r * CPR) * V;
+            const int m = m0 + r, n = n0 + col;
+            ok[b] = c < WBM * CPR && m < Mv && n < Nv;
+            dst[b] = C + (int64_t)m * ldc + n;
+            if (!ok[b]) continue;
 #pragma unroll
-            for (int q = 0; q < V; ++q) v[q] += old[q];
+            for (int q = 0; q < V; q += 4)
+                asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                             : "=f"(v[b][q]), "=f"(v[b][q + 1]), "=f"(v[b][q + 2]), "=f"(v[b][q + 3])
+                             : "r"(smem + (r * LDS + col + q) * 4)
+                             : "memory");
+            if (ACC) {
+                float old[V];
+                Vec16<TO>::load(dst[b], old);
+#pragma unroll
+                for (int q = 0; q < V; ++q) v[b][q] += old[q];
+            }
         }
-        Vec16<TO>::store(dst, v);
+#pragma unroll
+        for (int b = 0; b < EB; ++b)
+            if (ok[b]) Vec16<TO>::store(dst[b], v[b]);
     }
 }
 

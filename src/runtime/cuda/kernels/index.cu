@@ -162,3 +162,30 @@ extern "C" __global__ void exclusive_scan_i32(int* a, int n) {
         out[i] = x[((aa * B + bb) * C + cc) * D + dd];                                                  \
     }
 INSTANTIATE_FLOAT_TYPES(ROWS)
+
+// The same gather and transpose moving 8 elements (16 or 32 bytes) per thread: d (resp. D) a
+// multiple of 8 and 16-byte aligned tensors; n8 = elements / 8.
+#define ROWS_V8(SUFFIX, T)                                                                              \
+    extern "C" __global__ void gather_rows_v8_##SUFFIX(T* out, const T* x, const int* idx, int64_t n8, int d, \
+                                                       int rows) {                                      \
+        int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;                                     \
+        if (i >= n8) return;                                                                            \
+        const int d8 = d >> 3;                                                                          \
+        const int64_t row = i / d8;                                                                     \
+        const int c = (int)(i - row * d8) << 3;                                                         \
+        const int r = idx[row];                                                                         \
+        if (r >= 0 && r < rows) copy8(out + row * d + c, x + (int64_t)r * d + c);                       \
+        else zero8(out + row * d + c);                                                                  \
+    }                                                                                                   \
+    extern "C" __global__ void transpose_12_v8_##SUFFIX(T* out, const T* x, int64_t n8, int B, int C, int D) { \
+        int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;                                     \
+        if (i >= n8) return;                                                                            \
+        const int D8 = D >> 3;                                                                          \
+        int64_t t = i / D8;                                                                             \
+        const int dd = (int)(i - t * D8) << 3;                                                          \
+        const int64_t bb = t % B;                                                                       \
+        t /= B;                                                                                         \
+        const int64_t cc = t % C, aa = t / C;                                                           \
+        copy8(out + i * 8, x + ((aa * B + bb) * C + cc) * D + dd);                                      \
+    }
+INSTANTIATE_FLOAT_TYPES(ROWS_V8)
