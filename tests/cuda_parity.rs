@@ -214,8 +214,14 @@ fn matmul_variants() {
 fn elementwise_and_activations() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("elementwise_and_activations");
-    for dt in FLOATS {
-        let shape = [r.random_range(1..50), r.random_range(1..300)];
+    // An odd width (one element per thread) and a multiple of 8 (the 8-wide kernels).
+    for (dt, odd) in FLOATS.iter().flat_map(|&d| [(d, true), (d, false)]) {
+        let cols = if odd {
+            r.random_range(0..150) * 2 + 1
+        } else {
+            8 * r.random_range(1..40)
+        };
+        let shape = [r.random_range(1..50), cols];
         let (ac, ag) = pair(&mut r, &shape, dt, dev);
         let (bc, bg) = pair(&mut r, &shape, dt, dev);
         close(
@@ -308,30 +314,32 @@ fn softmax_family() {
                 &ops::log_softmax(&xg).unwrap(),
             );
         }
-        // Causal attention scores: 2 heads sharing a KV head stacked along M, query offset 3.
-        let (q_len, keys, offset) = (5usize, 8usize, 3usize);
-        let (sc, sg) = pair(&mut r, &[4, 2 * q_len, keys], dt, dev);
-        for window in [None, Some(3)] {
-            let spec = Softmax {
-                scale: 0.125,
-                causal: Some((q_len, offset)),
-                window,
-            };
-            let (yc, yg) = (
-                ops::softmax(&sc, spec).unwrap(),
-                ops::softmax(&sg, spec).unwrap(),
-            );
-            close(&format!("causal softmax {dt} window {window:?}"), &yc, &yg);
-            let y = yc.to_f32_vec().unwrap();
-            for row in 0..2 * q_len {
-                let p = offset + row % q_len;
-                for key in 0..keys {
-                    let visible = key <= p && window.is_none_or(|w| key + w > p);
-                    assert_eq!(
-                        y[row * keys + key] != 0.0,
-                        visible,
-                        "key {key} of row {row} (window {window:?})"
-                    );
+        // Causal attention scores: 2 heads sharing a KV head stacked along M, query offset 3;
+        // then 72 keys (several 8-wide chunks, whole chunks masked and skipped).
+        for (q_len, keys, offset, win) in [(5usize, 8usize, 3usize, 3usize), (40, 72, 32, 20)] {
+            let (sc, sg) = pair(&mut r, &[4, 2 * q_len, keys], dt, dev);
+            for window in [None, Some(win)] {
+                let spec = Softmax {
+                    scale: 0.125,
+                    causal: Some((q_len, offset)),
+                    window,
+                };
+                let (yc, yg) = (
+                    ops::softmax(&sc, spec).unwrap(),
+                    ops::softmax(&sg, spec).unwrap(),
+                );
+                close(&format!("causal softmax {dt} window {window:?}"), &yc, &yg);
+                let y = yc.to_f32_vec().unwrap();
+                for row in 0..2 * q_len {
+                    let p = offset + row % q_len;
+                    for key in 0..keys {
+                        let visible = key <= p && window.is_none_or(|w| key + w > p);
+                        assert_eq!(
+                            y[row * keys + key] != 0.0,
+                            visible,
+                            "key {key} of row {row} (window {window:?})"
+                        );
+                    }
                 }
             }
         }
@@ -343,22 +351,32 @@ fn norm_rope_embedding_loss() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("norm_rope_embedding_loss");
     for dt in FLOATS {
-        let (rows, cols) = (r.random_range(1..70), r.random_range(1..2100));
-        let (xc, xg) = pair(&mut r, &[rows, cols], dt, dev);
-        let (wc, wg) = pair(&mut r, &[cols], dt, dev);
-        let ((yc, rc), (yg, rg)) = (
-            ops::rmsnorm(&xc, &wc, 1e-6).unwrap(),
-            ops::rmsnorm(&xg, &wg, 1e-6).unwrap(),
-        );
-        close(&format!("rmsnorm {dt}"), &yc, &yg);
-        close(&format!("rmsnorm rstd {dt}"), &rc, &rg);
-        let (dc, dg) = pair(&mut r, &[rows, cols], dt, dev);
-        let ((dxc, dwc), (dxg, dwg)) = (
-            ops::rmsnorm_backward(&xc, &wc, &rc, &dc).unwrap(),
-            ops::rmsnorm_backward(&xg, &wg, &rg, &dg).unwrap(),
-        );
-        close(&format!("rmsnorm dx {dt}"), &dxc, &dxg);
-        close(&format!("rmsnorm dw {dt}"), &dwc, &dwg);
+        // An odd width (one element per thread), and multiples of 8 (register-resident rows:
+        // one chunk per thread; the backward's 256 threads take several chunks each past 2048
+        // columns, the forward's 1024 past 8192, where the backward falls back to the scalar
+        // kernel; 300 rows make the backward's blocks loop over rows).
+        for (rows, cols) in [
+            (r.random_range(1..70), r.random_range(0..1050) * 2 + 1),
+            (300, 8 * r.random_range(1..256)),
+            (r.random_range(1..10), 8 * r.random_range(300..1000)),
+            (r.random_range(1..10), 8 * r.random_range(1030..1100)),
+        ] {
+            let (xc, xg) = pair(&mut r, &[rows, cols], dt, dev);
+            let (wc, wg) = pair(&mut r, &[cols], dt, dev);
+            let ((yc, rc), (yg, rg)) = (
+                ops::rmsnorm(&xc, &wc, 1e-6).unwrap(),
+                ops::rmsnorm(&xg, &wg, 1e-6).unwrap(),
+            );
+            close(&format!("rmsnorm {dt} {cols}"), &yc, &yg);
+            close(&format!("rmsnorm rstd {dt} {cols}"), &rc, &rg);
+            let (dc, dg) = pair(&mut r, &[rows, cols], dt, dev);
+            let ((dxc, dwc), (dxg, dwg)) = (
+                ops::rmsnorm_backward(&xc, &wc, &rc, &dc).unwrap(),
+                ops::rmsnorm_backward(&xg, &wg, &rg, &dg).unwrap(),
+            );
+            close(&format!("rmsnorm dx {dt} {cols}"), &dxc, &dxg);
+            close(&format!("rmsnorm dw {dt} {cols}"), &dwc, &dwg);
+        }
 
         // RoPE on [T, H, hd] with partial rotary dims and arbitrary positions.
         let (t, h, hd, rot) = (r.random_range(1..30), 3, 16, 12);
@@ -491,6 +509,14 @@ fn index_ops() {
             &ops::sum_squares(&xc).unwrap(),
             &ops::sum_squares(&xg).unwrap(),
         );
+        // A multiple of 8 elements, more than one grid's worth: the 8-wide block sums (squares:
+        // a sum of positives, so the f32 tolerance is meaningful).
+        let (bc, bg) = pair(&mut r, &[1100, 1000], dt, dev);
+        close(
+            &format!("sum_squares {dt} 1.1M"),
+            &ops::sum_squares(&bc).unwrap(),
+            &ops::sum_squares(&bg).unwrap(),
+        );
     }
     // The MoE dispatch: histogram and a stable sort of expert ids (with out-of-range ids).
     for (n, bins) in [
@@ -524,7 +550,6 @@ fn index_ops() {
 fn adamw_matches() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("adamw_matches");
-    let n = 10_000;
     let hp = AdamW {
         lr: 1e-3,
         beta1: 0.9,
@@ -532,7 +557,8 @@ fn adamw_matches() {
         eps: 1e-8,
         weight_decay: 0.1,
     };
-    for gdt in FLOATS {
+    // 10 000 elements: the 4-wide kernel; 9 999: one element per thread.
+    for (gdt, n) in FLOATS.iter().flat_map(|&d| [(d, 10_000usize), (d, 9_999)]) {
         let (mut pc, _) = pair(&mut r, &[n], DType::F32, dev);
         let (gc, gg) = pair(&mut r, &[n], gdt, dev);
         let (mut mc, _) = pair(&mut r, &[n], DType::F32, dev);
@@ -566,7 +592,7 @@ fn adamw_matches() {
             Some(&mut copy_g),
         )
         .unwrap();
-        close(&format!("adamw param (grad {gdt})"), &pc, &pg);
+        close(&format!("adamw param (grad {gdt}, n {n})"), &pc, &pg);
         close("adamw m", &mc, &mg);
         close("adamw v", &vc, &vg);
         close("adamw bf16 copy", &copy_c, &copy_g);

@@ -107,12 +107,21 @@ pub fn adamw_step(
                 ),
                 None => (0, 0),
             };
-            let name = format!("adamw_{}", grad.dtype().name());
+            // 4 elements per thread when every buffer allows 16-byte f32 accesses.
+            let v4 = n % 4 == 0
+                && [dptr(param), dptr(m), dptr(v), dptr(grad), copy_ptr]
+                    .iter()
+                    .all(|p| p % 16 == 0);
+            let (name, units) = if v4 {
+                (format!("adamw_v4_{}", grad.dtype().name()), n / 4)
+            } else {
+                (format!("adamw_{}", grad.dtype().name()), n)
+            };
             cuda_dev(param)?
                 .launch(
                     &kernels::OPTIMIZER,
                     &name,
-                    (grid_1d(n, 256).min(65535 * 8), 1, 1),
+                    (grid_1d(units, 256).min(65535 * 8), 1, 1),
                     (256, 1, 1),
                     0,
                 )?
@@ -122,7 +131,7 @@ pub fn adamw_step(
                 .ptr(dptr(grad))
                 .ptr(copy_ptr)
                 .i32(copy_kind)
-                .i64(n as i64)
+                .i64(units as i64)
                 .f32(hp.lr)
                 .f32(hp.beta1)
                 .f32(hp.beta2)

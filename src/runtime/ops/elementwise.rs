@@ -243,18 +243,25 @@ pub fn add_scaled(dst: &mut Tensor, src: &Tensor, s: f32) -> Result<()> {
         }
         Device::Cuda(_) => {
             let n = dst.numel();
-            let name = format!("axpy_{}_{}", dst.dtype().name(), src.dtype().name());
+            let v8 = super::rows_v8(n, &[dst, src]);
+            let (name, units) = if v8 {
+                let d = dst.dtype().name();
+                (format!("axpy_v8_{d}_{}", src.dtype().name()), n / 8)
+            } else {
+                let d = dst.dtype().name();
+                (format!("axpy_{d}_{}", src.dtype().name()), n)
+            };
             cuda_dev(dst)?
                 .launch(
                     &kernels::ELEMENTWISE,
                     &name,
-                    (grid_1d(n, 256).min(65535 * 8), 1, 1),
+                    (grid_1d(units, 256).min(65535 * 8), 1, 1),
                     (256, 1, 1),
                     0,
                 )?
                 .ptr(dptr(dst))
                 .ptr(dptr(src))
-                .i64(n as i64)
+                .i64(units as i64)
                 .f32(s)
                 .run()
         }
@@ -498,17 +505,22 @@ pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
         Device::Cuda(_) => {
             let out = Tensor::uninit(&shape, gu.dtype(), gu.device())?;
             let n = rows * f;
+            let (name, units) = if super::rows_v8(f, &[&out, gu]) {
+                (kname("swiglu_fwd_v8", gu), n / 8)
+            } else {
+                (kname("swiglu_fwd", gu), n)
+            };
             cuda_dev(gu)?
                 .launch(
                     &kernels::ELEMENTWISE,
-                    &kname("swiglu_fwd", gu),
-                    (grid_1d(n, 256).min(65535 * 8), 1, 1),
+                    &name,
+                    (grid_1d(units, 256).min(65535 * 8), 1, 1),
                     (256, 1, 1),
                     0,
                 )?
                 .ptr(dptr(&out))
                 .ptr(dptr(gu))
-                .i64(n as i64)
+                .i64(units as i64)
                 .i32(f as i32)
                 .run()?;
             Ok(out)
@@ -555,18 +567,23 @@ pub fn swiglu_backward(gu: &Tensor, dh: &Tensor) -> Result<Tensor> {
         Device::Cuda(_) => {
             let out = Tensor::uninit(gu.shape(), gu.dtype(), gu.device())?;
             let n = rows * f;
+            let (name, units) = if super::rows_v8(f, &[&out, gu, dh]) {
+                (kname("swiglu_bwd_v8", gu), n / 8)
+            } else {
+                (kname("swiglu_bwd", gu), n)
+            };
             cuda_dev(gu)?
                 .launch(
                     &kernels::ELEMENTWISE,
-                    &kname("swiglu_bwd", gu),
-                    (grid_1d(n, 256).min(65535 * 8), 1, 1),
+                    &name,
+                    (grid_1d(units, 256).min(65535 * 8), 1, 1),
                     (256, 1, 1),
                     0,
                 )?
                 .ptr(dptr(&out))
                 .ptr(dptr(gu))
                 .ptr(dptr(dh))
-                .i64(n as i64)
+                .i64(units as i64)
                 .i32(f as i32)
                 .run()?;
             Ok(out)

@@ -31,6 +31,16 @@ fn block_for(cols: usize) -> u32 {
     (cols.div_ceil(4).next_power_of_two()).clamp(32, 1024) as u32
 }
 
+/// Threads per row of the register-resident `_v8` norm kernels (one 8-element chunk per thread
+/// up to `max_threads`, then up to 4 per thread), or None when they do not apply. `max_threads`
+/// keeps threads × registers within the SM's 64K (the backward holds 4 arrays of 4 chunks).
+fn v8_block(cols: usize, ts: &[&Tensor], max_threads: usize) -> Option<u32> {
+    if !super::rows_v8(cols, ts) || cols > 32 * max_threads {
+        return None;
+    }
+    Some((cols / 8).next_multiple_of(32).clamp(32, max_threads) as u32)
+}
+
 /// (y, rstd): y like x, rstd [rows] f32 (kept for the backward).
 pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
     let (rows, cols) = check("rmsnorm", x, w)?;
@@ -63,14 +73,12 @@ pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
             let y = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
             let rstd = Tensor::uninit(rshape, DType::F32, x.device())?;
             if rows > 0 {
+                let (name, block) = match v8_block(cols, &[&y, x, w], 1024) {
+                    Some(b) => (kname("rmsnorm_fwd_v8", x), b),
+                    None => (kname("rmsnorm_fwd", x), block_for(cols)),
+                };
                 cuda_dev(x)?
-                    .launch(
-                        &kernels::NORM,
-                        &kname("rmsnorm_fwd", x),
-                        (rows as u32, 1, 1),
-                        (block_for(cols), 1, 1),
-                        0,
-                    )?
+                    .launch(&kernels::NORM, &name, (rows as u32, 1, 1), (block, 1, 1), 0)?
                     .ptr(dptr(&y))
                     .ptr(dptr(&rstd))
                     .ptr(dptr(x))
@@ -209,12 +217,16 @@ pub fn rmsnorm_backward(
             let blocks = rows.clamp(1, 2 * dev.sm_count());
             let partial = Tensor::uninit(&[blocks, cols], DType::F32, x.device())?;
             if rows > 0 {
+                let (name, block, smem) = match v8_block(cols, &[&dx, &partial, x, w, dy], 256) {
+                    Some(b) => (kname("rmsnorm_bwd_v8", x), b, 0),
+                    None => (kname("rmsnorm_bwd", x), block_for(cols), (cols * 4) as u32),
+                };
                 dev.launch(
                     &kernels::NORM,
-                    &kname("rmsnorm_bwd", x),
+                    &name,
                     (blocks as u32, 1, 1),
-                    (block_for(cols), 1, 1),
-                    (cols * 4) as u32,
+                    (block, 1, 1),
+                    smem,
                 )?
                 .ptr(dptr(&dx))
                 .ptr(dptr(&partial))

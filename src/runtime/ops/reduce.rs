@@ -101,19 +101,24 @@ fn total(x: &Tensor, squares: bool) -> Result<Tensor> {
         Device::Cuda(_) => {
             let dev = cuda_dev(x)?;
             let n = x.numel();
-            let blocks = n.div_ceil(1024).clamp(1, 1024);
+            let (name, units) = if super::rows_v8(n, &[x]) {
+                (kname("block_sums_v8", x), n / 8)
+            } else {
+                (kname("block_sums", x), n)
+            };
+            let blocks = units.div_ceil(1024).clamp(1, 1024);
             let partial = Tensor::uninit(&[blocks], DType::F32, x.device())?;
             let out = Tensor::uninit(&[1], DType::F32, x.device())?;
             dev.launch(
                 &kernels::REDUCE,
-                &kname("block_sums", x),
+                &name,
                 (blocks as u32, 1, 1),
                 (1024, 1, 1),
                 0,
             )?
             .ptr(dptr(&partial))
             .ptr(dptr(x))
-            .i64(n as i64)
+            .i64(units as i64)
             .i32(squares as i32)
             .run()?;
             dev.launch(

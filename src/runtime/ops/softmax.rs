@@ -34,6 +34,21 @@ fn block_for(cols: usize) -> u32 {
     (cols.div_ceil(4).next_power_of_two()).clamp(32, 1024) as u32
 }
 
+/// Threads per row for the register-resident `_v8` softmax kernels (4 chunks of 8 elements per
+/// thread), or None when they do not apply (cols not a multiple of 8, misaligned, or more than
+/// `max_threads` × 32: the backward's 80 registers per thread allow 512 threads, not 1024).
+fn v8_block(cols: usize, ts: &[&Tensor], max_threads: usize) -> Option<u32> {
+    if !super::rows_v8(cols, ts) || cols > 32 * max_threads {
+        return None;
+    }
+    Some(
+        (cols / 8)
+            .div_ceil(4)
+            .next_multiple_of(32)
+            .clamp(32, max_threads) as u32,
+    )
+}
+
 pub fn softmax(x: &Tensor, spec: Softmax) -> Result<Tensor> {
     x.expect_float("softmax")?;
     let (rows, cols) = x.rows_cols();
@@ -90,12 +105,16 @@ pub fn softmax(x: &Tensor, spec: Softmax) -> Result<Tensor> {
             if rows == 0 {
                 return Ok(out);
             }
+            let (name, block) = match v8_block(cols, &[&out, x], 1024) {
+                Some(b) => (kname("softmax_fwd_v8", x), b),
+                None => (kname("softmax_fwd", x), block_for(cols)),
+            };
             cuda_dev(x)?
                 .launch(
                     &kernels::SOFTMAX,
-                    &kname("softmax_fwd", x),
+                    &name,
                     (rows as u32, 1, 1),
-                    (block_for(cols), 1, 1),
+                    (block, 1, 1),
                     0,
                 )?
                 .ptr(dptr(&out))
@@ -143,12 +162,16 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
             if rows == 0 {
                 return Ok(out);
             }
+            let (name, block) = match v8_block(cols, &[&out, y, dy], 512) {
+                Some(b) => (kname("softmax_bwd_v8", y), b),
+                None => (kname("softmax_bwd", y), block_for(cols)),
+            };
             cuda_dev(y)?
                 .launch(
                     &kernels::SOFTMAX,
-                    &kname("softmax_bwd", y),
+                    &name,
                     (rows as u32, 1, 1),
-                    (block_for(cols), 1, 1),
+                    (block, 1, 1),
                     0,
                 )?
                 .ptr(dptr(&out))

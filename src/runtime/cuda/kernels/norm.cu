@@ -40,6 +40,76 @@
 
 INSTANTIATE_FLOAT_TYPES(NORM)
 
+// Register-resident rows (cols a multiple of 8, at most 32·blockDim, 16-byte aligned): thread t
+// owns the 8-element chunks t, t + blockDim, ... (NORM_CH at most) of every row, so each row is
+// read once, and in the backward the dw partial sums of its columns stay in registers.
+#define NORM_CH 4
+#define NORM_V8(SUFFIX, T)                                                                              \
+    extern "C" __global__ void rmsnorm_fwd_v8_##SUFFIX(T* y, float* rstd, const T* x, const T* w, int cols, \
+                                                      float eps) {                                      \
+        __shared__ float scratch[32];                                                                   \
+        const int64_t row = blockIdx.x;                                                                 \
+        const int nch = cols >> 3;                                                                      \
+        float v[NORM_CH][8];                                                                            \
+        float ss = 0.f;                                                                                 \
+        _Pragma("unroll") for (int c = 0; c < NORM_CH; ++c) {                                           \
+            const int ch = threadIdx.x + c * blockDim.x;                                                \
+            if (ch >= nch) continue;                                                                    \
+            load8(x + row * cols + ch * 8, v[c]);                                                       \
+            _Pragma("unroll") for (int q = 0; q < 8; ++q) ss += v[c][q] * v[c][q];                      \
+        }                                                                                               \
+        ss = block_sum(ss, scratch);                                                                    \
+        const float r = rsqrtf(ss / cols + eps);                                                        \
+        if (threadIdx.x == 0) rstd[row] = r;                                                            \
+        _Pragma("unroll") for (int c = 0; c < NORM_CH; ++c) {                                           \
+            const int ch = threadIdx.x + c * blockDim.x;                                                \
+            if (ch >= nch) continue;                                                                    \
+            float wv[8];                                                                                \
+            load8(w + ch * 8, wv);                                                                      \
+            _Pragma("unroll") for (int q = 0; q < 8; ++q) v[c][q] = v[c][q] * r * wv[q];                \
+            store8(y + row * cols + ch * 8, v[c]);                                                      \
+        }                                                                                               \
+    }                                                                                                   \
+    extern "C" __global__ void rmsnorm_bwd_v8_##SUFFIX(T* dx, float* dw_partial, const T* x, const T* w, \
+                                                      const float* rstd, const T* dy, int rows, int cols) { \
+        __shared__ float scratch[32];                                                                   \
+        const int nch = cols >> 3;                                                                      \
+        float wv[NORM_CH][8], dw[NORM_CH][8];                                                           \
+        _Pragma("unroll") for (int c = 0; c < NORM_CH; ++c) {                                           \
+            const int ch = threadIdx.x + c * blockDim.x;                                                \
+            _Pragma("unroll") for (int q = 0; q < 8; ++q) dw[c][q] = 0.f, wv[c][q] = 0.f;               \
+            if (ch < nch) load8(w + ch * 8, wv[c]);                                                     \
+        }                                                                                               \
+        for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {                                  \
+            const float r = rstd[row];                                                                  \
+            float xv[NORM_CH][8], dv[NORM_CH][8];                                                       \
+            float dot = 0.f;                                                                            \
+            _Pragma("unroll") for (int c = 0; c < NORM_CH; ++c) {                                       \
+                const int ch = threadIdx.x + c * blockDim.x;                                            \
+                if (ch >= nch) continue;                                                                \
+                load8(x + row * cols + ch * 8, xv[c]);                                                  \
+                load8(dy + row * cols + ch * 8, dv[c]);                                                 \
+                _Pragma("unroll") for (int q = 0; q < 8; ++q) dot += xv[c][q] * wv[c][q] * dv[c][q];    \
+            }                                                                                           \
+            dot = block_sum(dot, scratch) / cols;                                                       \
+            _Pragma("unroll") for (int c = 0; c < NORM_CH; ++c) {                                       \
+                const int ch = threadIdx.x + c * blockDim.x;                                            \
+                if (ch >= nch) continue;                                                                \
+                float o[8];                                                                             \
+                _Pragma("unroll") for (int q = 0; q < 8; ++q) {                                         \
+                    o[q] = r * wv[c][q] * dv[c][q] - xv[c][q] * r * r * r * dot;                        \
+                    dw[c][q] += dv[c][q] * xv[c][q] * r;                                                \
+                }                                                                                       \
+                store8(dx + row * cols + ch * 8, o);                                                    \
+            }                                                                                           \
+        }                                                                                               \
+        _Pragma("unroll") for (int c = 0; c < NORM_CH; ++c) {                                           \
+            const int ch = threadIdx.x + c * blockDim.x;                                                \
+            if (ch < nch) store8(dw_partial + (int64_t)blockIdx.x * cols + ch * 8, dw[c]);              \
+        }                                                                                               \
+    }
+INSTANTIATE_FLOAT_TYPES(NORM_V8)
+
 // Residual add + RMSNorm (inference): x += a (rounded to T, as axpy does), then y = rmsnorm(x).
 // One block per row. Bytes: rows·cols·(4·sizeof(T)).
 #define ADD_NORM(SUFFIX, T)                                                                             \
