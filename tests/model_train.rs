@@ -191,3 +191,60 @@ fn gradients_match_finite_differences_moe() {
         "moe layer, aux + z losses",
     );
 }
+
+/// The first backward of a step into `grad_buffers` (expert weight gradients written, their
+/// buffers never zeroed) gives exactly the gradients of `backward` into zeros, and a second
+/// micro-batch accumulates onto them as before. Uninitialised tensors are poisoned (NaN), so
+/// a read of the unwritten buffers would show.
+#[test]
+fn first_backward_overwrites_expert_gradients() {
+    moe::runtime::set_poison_outputs(true);
+    let moe = NativeMoe {
+        every: 1,
+        first_dense: 1,
+        experts: vec![4],
+        top_k: 2,
+        ffn_dim: 12,
+        expert: Default::default(),
+        expert_bias: true,
+        router: RouterKind::Softmax { renormalize: true },
+        shared: None,
+        residual: None,
+        aux_loss_coeff: 0.01,
+        z_loss_coeff: 0.001,
+    };
+    let m = tiny(QkNorm::None, true, Some(moe), false);
+    let (b, s) = (2, 7);
+    let tok: Vec<i32> = (0..b * s).map(|i| ((i * 13 + 5) % 40) as i32).collect();
+    let (tg, n) = shifted(&tok, b, s);
+    let tokens = Tensor::from_vec(tok, &[b, s]).unwrap();
+    let targets = Tensor::from_vec(tg, &[b, s]).unwrap();
+    let run = |first: bool, micro: usize| {
+        let mut g = if first {
+            m.params.grad_buffers().unwrap()
+        } else {
+            m.params.zeros_like(DType::F32).unwrap()
+        };
+        for i in 0..micro {
+            let (_, saved) = m
+                .forward_train(&tokens, &targets, n, &TrainOpts::default())
+                .unwrap();
+            if first && i == 0 {
+                m.backward_first(saved, &mut g).unwrap();
+            } else {
+                m.backward(saved, &mut g).unwrap();
+            }
+        }
+        let mut v: Vec<(String, Vec<f32>)> = vec![];
+        g.visit("", &mut |nm, t| v.push((nm.to_string(), t.to_vec().unwrap())));
+        v
+    };
+    for micro in [1, 2] {
+        let (a, z) = (run(true, micro), run(false, micro));
+        assert!(a.iter().any(|(n, _)| n.contains("w1")), "an MoE layer is present");
+        for ((na, ga), (_, gz)) in a.iter().zip(&z) {
+            assert!(ga.iter().all(|x| x.is_finite()), "{na}: unwritten gradient read");
+            assert_eq!(ga, gz, "{na} with {micro} micro-batches");
+        }
+    }
+}

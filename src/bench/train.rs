@@ -134,8 +134,8 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         let (out, saved) = model.forward_train(&tokens, &targets, n, &opts)?;
         sync(device)?;
         let tf = t.elapsed().as_secs_f64();
-        let mut g = model.params.zeros_like(DType::F32)?;
-        model.backward(saved, &mut g)?;
+        let mut g = model.params.grad_buffers()?;
+        model.backward_first(saved, &mut g)?;
         sync(device)?;
         let tb = t.elapsed().as_secs_f64();
         let mut gn: Vec<(String, &Tensor)> = Vec::new();

@@ -172,6 +172,22 @@ impl Params {
         })
     }
 
+    /// f32 gradient buffers for one optimizer step: zeros, except the routed experts' weight
+    /// gradients (w1, w2 of every MoE layer), which are left unwritten — the step's first
+    /// `Model::backward_first` writes them rather than adding, so neither a memset nor a read
+    /// of those bytes (most of an MoE model's) is spent. Use `zeros_like` when no
+    /// `backward_first` will run.
+    pub fn grad_buffers(&self) -> crate::runtime::Result<Grads> {
+        let mut g = self.zeros_like(DType::F32)?;
+        for (b, p) in g.blocks.iter_mut().zip(&self.blocks) {
+            if let (FfnWeights::Moe(gm), FfnWeights::Moe(pm)) = (&mut b.ffn, &p.ffn) {
+                gm.w1 = Tensor::uninit(pm.w1.shape(), DType::F32, pm.w1.device())?;
+                gm.w2 = Tensor::uninit(pm.w2.shape(), DType::F32, pm.w2.device())?;
+            }
+        }
+        Ok(g)
+    }
+
     /// The MoE selection biases (optimizer-free state, saved in checkpoints): (name, tensor).
     pub fn visit_state<'a>(&'a self, f: &mut dyn FnMut(&str, &'a Tensor)) {
         for (i, b) in self.blocks.iter().enumerate() {
@@ -684,6 +700,16 @@ impl Model {
 
     /// Accumulates f32 gradients of (loss + aux + z) · loss_scale into `g`.
     pub fn backward(&self, saved: Saved, g: &mut Grads) -> Result<()> {
+        self.backward_impl(saved, g, false)
+    }
+
+    /// `backward` for the first micro-batch of a step into `Params::grad_buffers`: the same
+    /// gradients, with the routed experts' weight gradients written instead of accumulated.
+    pub fn backward_first(&self, saved: Saved, g: &mut Grads) -> Result<()> {
+        self.backward_impl(saved, g, true)
+    }
+
+    fn backward_impl(&self, saved: Saved, g: &mut Grads, experts_fresh: bool) -> Result<()> {
         let Saved {
             b,
             s,
@@ -729,7 +755,16 @@ impl Model {
                     m.backward(ExpertKind::SwiGlu, &h2, &fs, &dx, gm)?
                 }
                 (FfnWeights::Moe(w), FfnSaved::Moe(ms), FfnWeights::Moe(gm), Ffn::Moe(mc)) => {
-                    moe::moe_backward(mc, w, &h2, &ms, &dx, opts.loss_scale, gm)?
+                    moe::moe_backward_into(
+                        mc,
+                        w,
+                        &h2,
+                        &ms,
+                        &dx,
+                        opts.loss_scale,
+                        gm,
+                        experts_fresh,
+                    )?
                 }
                 _ => {
                     return Err(ModelError::Invalid(format!(

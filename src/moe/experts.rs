@@ -46,7 +46,8 @@ pub(crate) fn forward(
 }
 
 /// dx_perm and the bias gradients; dW1 and dW2 are added into `gw1`, `gw2` (the layer's
-/// gradient accumulators) by the grouped GEMM itself.
+/// gradient accumulators) by the grouped GEMM itself, or written over them when `fresh` (their
+/// contents are then never read: they may be uninitialised).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     cfg: &MoeConfig,
@@ -59,8 +60,17 @@ pub(crate) fn backward(
     dy_perm: &Tensor,
     gw1: &mut Tensor,
     gw2: &mut Tensor,
+    fresh: bool,
 ) -> Result<(Tensor, ExpertBiasGrads)> {
-    ops::grouped_matmul_tn_acc(gw2, dy_perm, &saved.a, offsets)?; // [E, d, F]
+    let wgrad = |g: &mut Tensor, a: &Tensor, b: &Tensor| -> Result<()> {
+        if fresh {
+            *g = ops::grouped_matmul_tn(a, b, offsets, g.dtype())?;
+            Ok(())
+        } else {
+            ops::grouped_matmul_tn_acc(g, a, b, offsets)
+        }
+    };
+    wgrad(gw2, dy_perm, &saved.a)?; // [E, d, F]
     let db2 = if has_bias {
         Some(group_bias_grad(dy_perm, offsets)?)
     } else {
@@ -71,7 +81,7 @@ pub(crate) fn backward(
         ExpertKind::SwiGlu => ops::swiglu_backward(&saved.h, &da)?,
         ExpertKind::Mlp(act) => ops::activation_backward(&saved.h, &da, act)?,
     };
-    ops::grouped_matmul_tn_acc(gw1, &dh, x_perm, offsets)?; // [E, H1, d]
+    wgrad(gw1, &dh, x_perm)?; // [E, H1, d]
     let db1 = if has_bias {
         Some(group_bias_grad(&dh, offsets)?)
     } else {

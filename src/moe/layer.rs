@@ -447,6 +447,23 @@ pub fn moe_backward(
     loss_scale: f32,
     grads: &mut MoeGrads,
 ) -> Result<Tensor> {
+    moe_backward_into(cfg, w, x, saved, dy, loss_scale, grads, false)
+}
+
+/// `moe_backward`, except that with `experts_fresh` the routed experts' weight gradients
+/// (`grads.w1`, `grads.w2`, the bulk of an MoE model's gradient bytes) are written instead of
+/// added to, so their buffers need no zeroing and are never read (see `Params::grad_buffers`).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_backward_into(
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    x: &Tensor,
+    saved: &MoeSaved,
+    dy: &Tensor,
+    loss_scale: f32,
+    grads: &mut MoeGrads,
+    experts_fresh: bool,
+) -> Result<Tensor> {
     let acc = Matmul {
         trans_a: true,
         out_dtype: Some(DType::F32),
@@ -518,6 +535,7 @@ pub fn moe_backward(
         &dy_perm,
         &mut grads.w1,
         &mut grads.w2,
+        experts_fresh,
     )?;
     if let (Some(g), Some(b)) = (grads.b1.as_mut(), eg.b1.as_ref()) {
         ops::add_assign(g, b)?;

@@ -216,7 +216,9 @@ impl Trainer {
         let lr = self.schedule.lr_at(step);
         let accum = self.cfg.train.grad_accum;
         let device = self.model.device;
-        let mut grads = self.model.params.zeros_like(DType::F32)?;
+        // Expert weight gradients are written by the first backward, added by later ones.
+        let mut grads = self.model.params.grad_buffers()?;
+        let mut first = true;
         let (mut loss, mut aux, mut z) = (0f64, 0f64, 0f64);
         let mut tokens = 0u64;
         let mut counts: Vec<Vec<i64>> = self
@@ -251,7 +253,16 @@ impl Trainer {
                     *acc += x as i64;
                 }
             }
-            self.model.backward(saved, &mut grads)?;
+            if first {
+                self.model.backward_first(saved, &mut grads)?;
+                first = false;
+            } else {
+                self.model.backward(saved, &mut grads)?;
+            }
+        }
+        if first {
+            // No micro-batch had a supervised token: nothing wrote the expert gradients.
+            grads = self.model.params.zeros_like(DType::F32)?;
         }
         let mut named: Vec<(String, &Tensor)> = Vec::new();
         grads.visit("", &mut |n, t| named.push((n.to_string(), t)));
