@@ -236,14 +236,22 @@ fn first_backward_overwrites_expert_gradients() {
             }
         }
         let mut v: Vec<(String, Vec<f32>)> = vec![];
-        g.visit("", &mut |nm, t| v.push((nm.to_string(), t.to_vec().unwrap())));
+        g.visit("", &mut |nm, t| {
+            v.push((nm.to_string(), t.to_vec().unwrap()))
+        });
         v
     };
     for micro in [1, 2] {
         let (a, z) = (run(true, micro), run(false, micro));
-        assert!(a.iter().any(|(n, _)| n.contains("w1")), "an MoE layer is present");
+        assert!(
+            a.iter().any(|(n, _)| n.contains("w1")),
+            "an MoE layer is present"
+        );
         for ((na, ga), (_, gz)) in a.iter().zip(&z) {
-            assert!(ga.iter().all(|x| x.is_finite()), "{na}: unwritten gradient read");
+            assert!(
+                ga.iter().all(|x| x.is_finite()),
+                "{na}: unwritten gradient read"
+            );
             assert_eq!(ga, gz, "{na} with {micro} micro-batches");
         }
     }
