@@ -235,6 +235,11 @@ fn elementwise_and_activations() {
             &ops::mul(&ag, &bg).unwrap(),
         );
         close(
+            &format!("clamp {dt}"),
+            &ops::clamp(&ac, 0.7).unwrap(),
+            &ops::clamp(&ag, 0.7).unwrap(),
+        );
+        close(
             &format!("scale {dt}"),
             &ops::scale(&ac, -1.5).unwrap(),
             &ops::scale(&ag, -1.5).unwrap(),
@@ -841,14 +846,24 @@ fn fused_decode_ops() {
                     1 => (spec(&qw_h, &kw_h, true), spec(&qw_hg, &kw_hg, true)),
                     _ => (spec(&qw_f, &kw_f, false), spec(&qw_fg, &kw_fg, false)),
                 };
-                let oc =
-                    ops::qk_rope_kv_write(&qc, &kc, &vc, nc, &tc, &pc, &sc, &mut ckc, &mut cvc, h)
-                        .unwrap();
-                let og =
-                    ops::qk_rope_kv_write(&qg, &kg, &vg, ng, &tg, &pg, &sg, &mut ckg, &mut cvg, h)
-                        .unwrap();
-                let what =
-                    format!("qk_rope_kv {dt} b={b} h={h}/{hkv} hd={hd} rot={rot} mode={mode}");
+                // OLMoE's clip_qkv: after the norm (mode 1: normed values are ~±1..3) and on
+                // the raw projections (mode 0: inputs in ±2).
+                let clip = match mode {
+                    0 => Some(1.5),
+                    1 => Some(0.8),
+                    _ => None,
+                };
+                let oc = ops::qk_rope_kv_write(
+                    &qc, &kc, &vc, nc, clip, &tc, &pc, &sc, &mut ckc, &mut cvc, h,
+                )
+                .unwrap();
+                let og = ops::qk_rope_kv_write(
+                    &qg, &kg, &vg, ng, clip, &tg, &pg, &sg, &mut ckg, &mut cvg, h,
+                )
+                .unwrap();
+                let what = format!(
+                    "qk_rope_kv {dt} b={b} h={h}/{hkv} hd={hd} rot={rot} mode={mode} clip={clip:?}"
+                );
                 close(&format!("{what}: q"), &oc, &og);
                 close(&format!("{what}: k cache"), &ckc, &ckg);
                 close(&format!("{what}: v cache"), &cvc, &cvg);

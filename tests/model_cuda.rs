@@ -17,6 +17,7 @@ const CASES: &[&str] = &[
     "qwen2_moe_shared",
     "qwen3_moe_renorm",
     "olmoe",
+    "olmoe_clip",
 ];
 
 /// One test at a time on the GPU: a CUDA-graph capture records everything issued on the

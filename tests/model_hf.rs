@@ -16,6 +16,7 @@ const CASES: &[&str] = &[
     "qwen2_moe_shared",
     "qwen3_moe_renorm",
     "olmoe",
+    "olmoe_clip",
 ];
 
 struct Reference {
@@ -237,4 +238,18 @@ fn prompt_longer_than_context_is_an_error() {
         .to_string();
     assert!(e.contains("exceed the context of 8"), "{e}");
     assert!(m.new_kv_cache(1, 100_000).is_err());
+}
+
+/// OLMoE's clip_qkv is honoured in inference (the `olmoe_clip` case above) and refused, with a
+/// clear error, for training (the clamp has no backward here).
+#[test]
+fn clip_qkv_training_is_refused() {
+    let m = Model::load_hf(&fixture_dir("hf").join("olmoe_clip"), Device::Cpu, None).unwrap();
+    let tokens = moe::runtime::Tensor::from_vec(vec![1i32, 2, 3, 4], &[1, 4]).unwrap();
+    let targets = moe::runtime::Tensor::from_vec(vec![2i32, 3, 4, -100], &[1, 4]).unwrap();
+    let err = match m.forward_train(&tokens, &targets, 3, &moe::model::TrainOpts::default()) {
+        Ok(_) => panic!("training with clip_qkv must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("clip_qkv"), "{err}");
 }

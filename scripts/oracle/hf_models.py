@@ -11,7 +11,7 @@ define the same loss) and train_reference.safetensors with "tokens" [2, 12] (i32
 name>" for every parameter after one backward of model(tokens, labels=tokens), and "losses" [10]:
 the loss before each of 10 torch.optim.AdamW steps (lr 1e-2, betas 0.9/0.95, eps 1e-8, weight decay
 0.1 on every parameter).
-Run: /work/pyenv/bin/python scripts/oracle/hf_models.py
+Run: /work/pyenv/bin/python scripts/oracle/hf_models.py [case ...]   (no case: all, and the training case)
 """
 import json
 import os
@@ -46,11 +46,16 @@ CASES = {
     "olmoe": (transformers.OlmoeConfig, dict(num_experts=8, num_experts_per_tok=4, norm_topk_prob=False, tie_word_embeddings=False,
                                              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                               "original_max_position_embeddings": 32})),
+    # clip_qkv 0.5: with these weights most q/k/v entries exceed it, so the clamp shapes the logits.
+    "olmoe_clip": (transformers.OlmoeConfig, dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                                  tie_word_embeddings=True, clip_qkv=0.5)),
 }
 
 
-def main():
+def main(only=()):
     for name, (cls, kw) in CASES.items():
+        if only and name not in only:
+            continue
         torch.manual_seed(0)
         cfg = cls(**{**base, **kw})
         model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
@@ -128,5 +133,7 @@ def train_case():
 
 
 if __name__ == "__main__":
-    main()
-    train_case()
+    import sys
+    main(sys.argv[1:])
+    if len(sys.argv) == 1:
+        train_case()

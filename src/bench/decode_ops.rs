@@ -122,8 +122,10 @@ pub fn run(a: DecodeOpsArgs) -> anyhow::Result<()> {
                 per_head: true,
                 eps: 1e-6,
             });
-            ops::qk_rope_kv_write(&q, &k, &v, norm, &table, &pos, &seqs, &mut kc, &mut vc, h)
-                .map(drop)
+            ops::qk_rope_kv_write(
+                &q, &k, &v, norm, None, &table, &pos, &seqs, &mut kc, &mut vc, h,
+            )
+            .map(drop)
         },
     )?;
     let q3 = random(&[1, h, hd], device, 14)?;

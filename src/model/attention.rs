@@ -32,6 +32,8 @@ pub struct AttnShape {
     pub qk_norm: QkNorm,
     pub eps: f32,
     pub window: Option<usize>,
+    /// q, k, v clamped to ±clip after the projections (OLMoE `clip_qkv`; inference only).
+    pub clip: Option<f32>,
 }
 
 impl AttnShape {
@@ -161,9 +163,22 @@ impl Attention {
     )> {
         let t = x.dim(0);
         let (h, hkv, hd) = (sh.heads, sh.kv_heads, sh.head_dim);
+        if sh.clip.is_some() && save {
+            return Err(Error::Invalid(
+                "training a model with clip_qkv is not supported (its clamp has no backward here)"
+                    .into(),
+            ));
+        }
+        // OLMoE's clip_qkv clamps q and k after their norms (before RoPE) and v.
+        let clip = |x: Tensor| -> Result<Tensor> {
+            match sh.clip {
+                Some(c) => ops::clamp(&x, c),
+                None => Ok(x),
+            }
+        };
         let q = ops::linear(x, &self.q, self.q_bias.as_ref())?;
         let k = ops::linear(x, &self.k, self.k_bias.as_ref())?;
-        let v = ops::linear(x, &self.v, self.v_bias.as_ref())?.reshape(&[t, hkv, hd])?;
+        let v = clip(ops::linear(x, &self.v, self.v_bias.as_ref())?)?.reshape(&[t, hkv, hd])?;
         let norm = |p: Tensor,
                     w: Option<&Tensor>,
                     heads: usize|
@@ -184,8 +199,8 @@ impl Attention {
         let (q, q_pre) = norm(q, self.q_norm.as_ref(), h)?;
         let (k, k_pre) = norm(k, self.k_norm.as_ref(), hkv)?;
         Ok((
-            ops::rope(&q, rope, pos)?,
-            ops::rope(&k, rope, pos)?,
+            ops::rope(&clip(q)?, rope, pos)?,
+            ops::rope(&clip(k)?, rope, pos)?,
             v,
             q_pre,
             k_pre,
@@ -403,7 +418,9 @@ impl Attention {
             &self.v,
             self.v_bias.as_ref(),
         )?;
-        let q = ops::qk_rope_kv_write(&q, &k, &v, norm, rope, pos, seqs, cache_k, cache_v, h)?;
+        let q = ops::qk_rope_kv_write(
+            &q, &k, &v, norm, sh.clip, rope, pos, seqs, cache_k, cache_v, h,
+        )?;
         let ctx = ops::attention_decode(&q, cache_k, cache_v, lens, sh.scale(), sh.window)?;
         ops::linear(&ctx.reshape(&[bsz, h * hd])?, &self.o, None)
     }

@@ -376,6 +376,7 @@ impl Model {
             qk_norm: c.qk_norm,
             eps: c.rms_norm_eps as f32,
             window: c.layers[layer].sliding_window,
+            clip: c.clip_qkv,
         }
     }
 
@@ -391,11 +392,6 @@ impl Model {
         dtype: DType,
     ) -> Result<Model> {
         config.validate().map_err(ModelError::Invalid)?;
-        if config.clip_qkv.is_some() {
-            return Err(ModelError::Invalid(
-                "clip_qkv is set in the config; clamping q/k/v is not supported yet".into(),
-            ));
-        }
         let (inv, att) = config.rope_inv_freq(config.max_seq_len);
         let rope = RopeTable::new(&inv, config.max_seq_len, att, device)?;
         let m = Model {
@@ -458,6 +454,7 @@ impl Model {
                 qk_norm: c.qk_norm,
                 eps: c.rms_norm_eps as f32,
                 window: l.sliding_window,
+                clip: c.clip_qkv,
             };
             let ffn = match &l.ffn {
                 Ffn::Dense { ffn_dim } => FfnWeights::Dense(DenseMlp::init(

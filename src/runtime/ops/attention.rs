@@ -107,15 +107,17 @@ pub struct QkNormSpec<'a> {
 }
 
 /// A decode step's attention inputs after the projections, q [B, H·hd] and k, v [B, Hkv·hd]:
-/// optional q/k RMSNorm, RoPE at `pos` [B], K and V written into the caches [Bc, Hkv, L, hd] at
+/// optional q/k RMSNorm, optional clamp of q, k (after the norm) and v to ±clip (OLMoE
+/// `clip_qkv`), RoPE at `pos` [B], K and V written into the caches [Bc, Hkv, L, hd] at
 /// (`seqs`, `pos`). Returns q [B, H, hd]. One kernel on CUDA; the CPU twin (and the fallback for
-/// heads wider than 256) is rmsnorm + rope + kv_write.
+/// heads wider than 256) is rmsnorm + clamp + rope + kv_write.
 #[allow(clippy::too_many_arguments)]
 pub fn qk_rope_kv_write(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     norm: Option<QkNormSpec>,
+    clip: Option<f32>,
     table: &RopeTable,
     pos: &Tensor,
     seqs: &Tensor,
@@ -189,13 +191,19 @@ pub fn qk_rope_kv_write(
                 _ => x.reshape(&[bsz, h, hd]),
             }
         };
-        let qn = normed(q, norm.as_ref().map(|n| n.q), heads)?;
-        let kn = normed(k, norm.as_ref().map(|n| n.k), hkv)?;
+        let clipped = |x: Tensor| -> Result<Tensor> {
+            match clip {
+                Some(c) => super::clamp(&x, c),
+                None => Ok(x),
+            }
+        };
+        let qn = clipped(normed(q, norm.as_ref().map(|n| n.q), heads)?)?;
+        let kn = clipped(normed(k, norm.as_ref().map(|n| n.k), hkv)?)?;
         let qr = super::rope(&qn, table, pos)?;
         kv_write(cache_k, &super::rope(&kn, table, pos)?, seqs, pos)?;
         kv_write(
             cache_v,
-            &v.try_clone()?.reshape(&[bsz, hkv, hd])?,
+            &clipped(v.try_clone()?.reshape(&[bsz, hkv, hd])?)?,
             seqs,
             pos,
         )?;
@@ -227,6 +235,7 @@ pub fn qk_rope_kv_write(
         .ptr(kw)
         .i32(mode)
         .f32(eps)
+        .f32(clip.unwrap_or(0.0))
         .ptr(dptr(&table.cos))
         .ptr(dptr(&table.sin))
         .ptr(dptr(pos))

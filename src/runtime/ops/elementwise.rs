@@ -170,6 +170,55 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     Ok(out)
 }
 
+/// x clamped to [−c, c] (c > 0), NaN kept (as torch.clamp): OLMoE's `clip_qkv`.
+pub fn clamp(x: &Tensor, c: f32) -> Result<Tensor> {
+    let op = "clamp";
+    x.expect_float(op)?;
+    if !(c > 0.0 && c.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "{op}: bound must be finite and > 0, got {c}"
+        )));
+    }
+    let mut t = x.try_clone()?;
+    match t.device() {
+        Device::Cpu => {
+            let shape = t.shape().to_vec();
+            let v: Vec<f32> = t
+                .cpu_f32()?
+                .par_iter()
+                .map(|&v| {
+                    if v > c {
+                        c
+                    } else if v < -c {
+                        -c
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            t = cpu_from_f32(v, &shape, t.dtype())?;
+        }
+        Device::Cuda(_) => {
+            let n = t.numel();
+            if n > 0 {
+                cuda_dev(&t)?
+                    .launch(
+                        &kernels::ELEMENTWISE,
+                        &kname("clamp", &t),
+                        (grid_1d(n, 256).min(65535 * 8), 1, 1),
+                        (256, 1, 1),
+                        0,
+                    )?
+                    .ptr(dptr(&t))
+                    .i64(n as i64)
+                    .f32(c)
+                    .run()?;
+            }
+        }
+    }
+    Ok(t)
+}
+
 pub(crate) fn scale_in_place(t: &mut Tensor, s: f32) -> Result<()> {
     t.expect_float("scale")?;
     match t.device() {

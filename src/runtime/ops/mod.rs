@@ -23,8 +23,8 @@ pub use adamw::{adamw_step, AdamW};
 pub use attention::{attention_decode, kv_write, qk_rope_kv_write, QkNormSpec};
 pub use cast::cast;
 pub use elementwise::{
-    activation, activation_backward, add, add_assign, add_bias, add_scaled, mul, row_dot, scale,
-    scale_rows, swiglu, swiglu_backward, Activation,
+    activation, activation_backward, add, add_assign, add_bias, add_scaled, clamp, mul, row_dot,
+    scale, scale_rows, swiglu, swiglu_backward, Activation,
 };
 pub use embedding::{embedding, embedding_backward};
 pub use grouped::{grouped_matmul, grouped_matmul_tn, grouped_matmul_tn_acc};

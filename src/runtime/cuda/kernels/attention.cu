@@ -135,13 +135,15 @@ INSTANTIATE_FLOAT_TYPES(ATTN)
 // K heads): optional RMSNorm (mode 0 none, 1 per head over hd, 2 over the full q or k width, the
 // sum recomputed by each block from the row), each value rounded to T as the rmsnorm kernel
 // writes it; rotate-half RoPE at pos[t] (zeros outside the table, pass-through dims past 2·half);
+// clip > 0: values clamped to ±clip after the norm (and V's; OLMoE clip_qkv);
 // q heads written to qo [n, H, hd]; K heads (and their V) written into the caches [B, hkv, L, hd]
 // at (seqs[t], pos[t]) (skipped outside the cache, as kv_write does). hd <= 256.
 // Twins: rmsnorm + rope + kv_write (ops/attention.rs). Bytes: (H + 2·hkv)·hd·2·sizeof(T) per token.
 #define QK_ROPE_KV(SUFFIX, T)                                                                           \
     extern "C" __global__ void qk_rope_kv_##SUFFIX(T* qo, T* kc, T* vc, const T* q, const T* k,        \
                                                    const T* v, const T* qw, const T* kw, int mode,      \
-                                                   float eps, const float* cos_t, const float* sin_t,   \
+                                                   float eps, float clip, const float* cos_t,           \
+                                                   const float* sin_t,                                  \
                                                    const int* pos, const int* seqs, int H, int hkv,     \
                                                    int hd, int half, int max_pos, int L, int B) {       \
         __shared__ float xs[256];                                                                       \
@@ -164,6 +166,9 @@ INSTANTIATE_FLOAT_TYPES(ATTN)
             for (int c = threadIdx.x; c < hd; c += blockDim.x)                                          \
                 xs[c] = to_float(from_float<T>(xs[c] * r * to_float(w[c])));                            \
         }                                                                                               \
+        if (clip > 0.f)                                                                                 \
+            for (int c = threadIdx.x; c < hd; c += blockDim.x)                                          \
+                xs[c] = xs[c] > clip ? clip : (xs[c] < -clip ? -clip : xs[c]);                          \
         __syncthreads();                                                                                \
         const int p = pos[t], b = seqs[t];                                                              \
         const bool in_table = p >= 0 && p < max_pos;                                                    \
@@ -185,8 +190,12 @@ INSTANTIATE_FLOAT_TYPES(ATTN)
             for (int c = 2 * half + threadIdx.x; c < hd; c += blockDim.x) dst[c] = from_float<T>(xs[c]); \
         }                                                                                               \
         if (!isq && in_cache)                                                                           \
-            for (int c = threadIdx.x; c < hd; c += blockDim.x)                                          \
-                vc[(((int64_t)b * hkv + kh) * L + p) * hd + c] = v[t * width + (int64_t)kh * hd + c];   \
+            for (int c = threadIdx.x; c < hd; c += blockDim.x) {                                        \
+                const T x = v[t * width + (int64_t)kh * hd + c];                                        \
+                const float f = to_float(x);                                                            \
+                vc[(((int64_t)b * hkv + kh) * L + p) * hd + c] =                                        \
+                    clip > 0.f && (f > clip || f < -clip) ? from_float<T>(f > 0.f ? clip : -clip) : x;  \
+            }                                                                                           \
     }
 
 INSTANTIATE_FLOAT_TYPES(QK_ROPE_KV)

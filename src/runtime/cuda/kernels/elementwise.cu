@@ -39,6 +39,14 @@ __device__ __forceinline__ float act_df(float x, int act) {
     extern "C" __global__ void scale_##SUFFIX(T* x, int64_t n, float s) {                                   \
         GRID_STRIDE(i, n) x[i] = from_float<T>(to_float(x[i]) * s);                                         \
     }                                                                                                       \
+    /* x = clamp(x, -c, c) in place; NaN stays NaN (as torch.clamp) */                                   \
+    extern "C" __global__ void clamp_##SUFFIX(T* x, int64_t n, float c) {                                   \
+        GRID_STRIDE(i, n) {                                                                                 \
+            const float v = to_float(x[i]);                                                                 \
+            if (v > c) x[i] = from_float<T>(c);                                                             \
+            else if (v < -c) x[i] = from_float<T>(-c);                                                      \
+        }                                                                                                   \
+    }                                                                                                       \
     extern "C" __global__ void add_bias_##SUFFIX(T* out, const T* x, const T* b, int64_t n, int cols) {    \
         GRID_STRIDE(i, n) out[i] = from_float<T>(to_float(x[i]) + to_float(b[i % cols]));                   \
     }                                                                                                       \
