@@ -474,9 +474,14 @@ pub fn combine_backward(
                 .usize_as_i32(dm)?
                 .run()?;
                 // One warp per slot.
+                let name = if rows_v8(dm, &[dy, y_perm]) {
+                    kname("combine_dw_v8", dy)
+                } else {
+                    kname("combine_dw", dy)
+                };
                 dev.launch(
                     &kernels::MOE_DISPATCH,
-                    &kname("combine_dw", dy),
+                    &name,
                     (grid_1d(n * 32, 256), 1, 1),
                     (256, 1, 1),
                     0,
