@@ -661,8 +661,8 @@ fn grouped_gemm() {
             // Accumulating into an existing f32 (and same-dtype) gradient.
             for acc_dt in [DType::F32, dt] {
                 let (mut gc, mut gg) = pair(&mut r, &[e, n, k], acc_dt, dev);
-                ops::grouped_matmul_tn_acc(&mut gc, &dyc, &xc, &oc).unwrap();
-                ops::grouped_matmul_tn_acc(&mut gg, &dyg, &xg, &og).unwrap();
+                ops::grouped_matmul_tn_into(&mut gc, &dyc, &xc, &oc, true).unwrap();
+                ops::grouped_matmul_tn_into(&mut gg, &dyg, &xg, &og, true).unwrap();
                 close_each(
                     &format!("grouped tn += {dt}->{acc_dt} e={e} k={k} n={n}"),
                     &gc,

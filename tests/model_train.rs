@@ -170,22 +170,27 @@ fn gradients_match_finite_differences_dense() {
     );
 }
 
-#[test]
-fn gradients_match_finite_differences_moe() {
-    let moe = NativeMoe {
+/// One 4-expert top-2 MoE layer after a dense one, with aux and z losses.
+fn small_moe(expert_bias: bool) -> NativeMoe {
+    NativeMoe {
         every: 1,
         first_dense: 1,
         experts: vec![4],
         top_k: 2,
         ffn_dim: 12,
         expert: Default::default(),
-        expert_bias: false,
+        expert_bias,
         router: RouterKind::Softmax { renormalize: true },
         shared: None,
         residual: None,
         aux_loss_coeff: 0.01,
         z_loss_coeff: 0.001,
-    };
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_moe() {
+    let moe = small_moe(false);
     check_fd(
         &mut tiny(QkNorm::None, true, Some(moe), false),
         "moe layer, aux + z losses",
@@ -199,20 +204,7 @@ fn gradients_match_finite_differences_moe() {
 #[test]
 fn first_backward_overwrites_expert_gradients() {
     moe::runtime::set_poison_outputs(true);
-    let moe = NativeMoe {
-        every: 1,
-        first_dense: 1,
-        experts: vec![4],
-        top_k: 2,
-        ffn_dim: 12,
-        expert: Default::default(),
-        expert_bias: true,
-        router: RouterKind::Softmax { renormalize: true },
-        shared: None,
-        residual: None,
-        aux_loss_coeff: 0.01,
-        z_loss_coeff: 0.001,
-    };
+    let moe = small_moe(true);
     let m = tiny(QkNorm::None, true, Some(moe), false);
     let (b, s) = (2, 7);
     let tok: Vec<i32> = (0..b * s).map(|i| ((i * 13 + 5) % 40) as i32).collect();

@@ -32,7 +32,8 @@ pub struct AttnShape {
     pub qk_norm: QkNorm,
     pub eps: f32,
     pub window: Option<usize>,
-    /// q, k, v clamped to ±clip after the projections (OLMoE `clip_qkv`; inference only).
+    /// OLMoE `clip_qkv` (inference only): q and k clamped to ±clip after their norms, v after
+    /// its projection.
     pub clip: Option<f32>,
 }
 

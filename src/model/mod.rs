@@ -133,6 +133,19 @@ pub type Grads = Params;
 impl Params {
     /// Zeros of `dtype` shaped like every parameter (f32: a gradient accumulator).
     pub fn zeros_like(&self, dtype: DType) -> crate::runtime::Result<Params> {
+        self.grads_like(dtype, true)
+    }
+
+    /// f32 gradient buffers for one optimizer step: zeros, except the routed experts' weight
+    /// gradients (w1, w2 of every MoE layer), which are left unwritten — the step's first
+    /// `Model::backward_first` writes them rather than adding, so neither a memset nor a read
+    /// of those bytes (most of an MoE model's) is spent. Use `zeros_like` when no
+    /// `backward_first` will run.
+    pub fn grad_buffers(&self) -> crate::runtime::Result<Grads> {
+        self.grads_like(DType::F32, false)
+    }
+
+    fn grads_like(&self, dtype: DType, zero_experts: bool) -> crate::runtime::Result<Params> {
         let z = |t: &Tensor| Tensor::zeros(t.shape(), dtype, t.device());
         let blocks = self
             .blocks
@@ -159,7 +172,7 @@ impl Params {
                             w2: z(&m.w2)?,
                             b2: m.b2.as_ref().map(z).transpose()?,
                         }),
-                        FfnWeights::Moe(m) => FfnWeights::Moe(m.zeros_as(dtype)?),
+                        FfnWeights::Moe(m) => FfnWeights::Moe(m.grads_as(dtype, zero_experts)?),
                     },
                 })
             })
@@ -170,22 +183,6 @@ impl Params {
             norm: z(&self.norm)?,
             lm_head: self.lm_head.as_ref().map(z).transpose()?,
         })
-    }
-
-    /// f32 gradient buffers for one optimizer step: zeros, except the routed experts' weight
-    /// gradients (w1, w2 of every MoE layer), which are left unwritten — the step's first
-    /// `Model::backward_first` writes them rather than adding, so neither a memset nor a read
-    /// of those bytes (most of an MoE model's) is spent. Use `zeros_like` when no
-    /// `backward_first` will run.
-    pub fn grad_buffers(&self) -> crate::runtime::Result<Grads> {
-        let mut g = self.zeros_like(DType::F32)?;
-        for (b, p) in g.blocks.iter_mut().zip(&self.blocks) {
-            if let (FfnWeights::Moe(gm), FfnWeights::Moe(pm)) = (&mut b.ffn, &p.ffn) {
-                gm.w1 = Tensor::uninit(pm.w1.shape(), DType::F32, pm.w1.device())?;
-                gm.w2 = Tensor::uninit(pm.w2.shape(), DType::F32, pm.w2.device())?;
-            }
-        }
-        Ok(g)
     }
 
     /// The MoE selection biases (optimizer-free state, saved in checkpoints): (name, tensor).

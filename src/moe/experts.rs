@@ -62,13 +62,8 @@ pub(crate) fn backward(
     gw2: &mut Tensor,
     fresh: bool,
 ) -> Result<(Tensor, ExpertBiasGrads)> {
-    let wgrad = |g: &mut Tensor, a: &Tensor, b: &Tensor| -> Result<()> {
-        if fresh {
-            *g = ops::grouped_matmul_tn(a, b, offsets, g.dtype())?;
-            Ok(())
-        } else {
-            ops::grouped_matmul_tn_acc(g, a, b, offsets)
-        }
+    let wgrad = |g: &mut Tensor, a: &Tensor, b: &Tensor| {
+        ops::grouped_matmul_tn_into(g, a, b, offsets, !fresh)
     };
     wgrad(gw2, dy_perm, &saved.a)?; // [E, d, F]
     let db2 = if has_bias {

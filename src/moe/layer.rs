@@ -134,13 +134,26 @@ impl MoeWeights {
 
     /// Zeros of `dtype` with this layer's parameter shapes.
     pub fn zeros_as(&self, dtype: DType) -> Result<MoeGrads> {
+        self.grads_as(dtype, true)
+    }
+
+    /// Gradient buffers of `dtype`: zeros, except the routed experts' w1 and w2 when
+    /// `!zero_experts` (left unwritten for a backward that writes them: `moe_backward_into`).
+    pub(crate) fn grads_as(&self, dtype: DType, zero_experts: bool) -> Result<MoeGrads> {
         let z = |t: &Tensor| Tensor::zeros(t.shape(), dtype, t.device());
+        let experts = |t: &Tensor| {
+            if zero_experts {
+                z(t)
+            } else {
+                Tensor::uninit(t.shape(), dtype, t.device())
+            }
+        };
         Ok(MoeWeights {
             router: z(&self.router)?,
             router_bias: None,
-            w1: z(&self.w1)?,
+            w1: experts(&self.w1)?,
             b1: self.b1.as_ref().map(z).transpose()?,
-            w2: z(&self.w2)?,
+            w2: experts(&self.w2)?,
             b2: self.b2.as_ref().map(z).transpose()?,
             shared: match &self.shared {
                 Some(s) => Some(SharedWeights {

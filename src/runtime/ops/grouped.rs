@@ -173,16 +173,18 @@ pub fn grouped_matmul_tn(
     }
 }
 
-/// out [E, P, Q] += per group e: a[rows of e]ᵀ · b[rows of e] (weight gradients straight into
-/// their accumulator: no [E, P, Q] temporary, one read and one write of `out`). `out` is f32 or
-/// a's dtype.
-pub fn grouped_matmul_tn_acc(
+/// out [E, P, Q] (+)= per group e: a[rows of e]ᵀ · b[rows of e], into an existing tensor: added
+/// to it when `accumulate` (weight gradients straight into their accumulator: no [E, P, Q]
+/// temporary, one read and one write of `out`), else written over it (never read: it may be
+/// uninitialised). `out` is f32 or a's dtype.
+pub fn grouped_matmul_tn_into(
     out: &mut Tensor,
     a: &Tensor,
     b: &Tensor,
     offsets: &Tensor,
+    accumulate: bool,
 ) -> Result<()> {
-    let op = "grouped_matmul_tn_acc";
+    let op = "grouped_matmul_tn_into";
     same_device(op, &[out, a])?;
     out.expect_float(op)?;
     let (e, p, q) = check_tn(op, a, b, offsets)?;
@@ -195,15 +197,22 @@ pub fn grouped_matmul_tn_acc(
     match a.device() {
         Device::Cpu => {
             let mut v = cpu_tn(a, b, offsets, e)?;
-            for (x, o) in v.iter_mut().zip(out.cpu_f32()?.iter()) {
-                *x += o;
+            if accumulate {
+                for (x, o) in v.iter_mut().zip(out.cpu_f32()?.iter()) {
+                    *x += o;
+                }
             }
             *out = cpu_from_f32(v, &[e, p, q], out.dtype())?;
             Ok(())
         }
-        Device::Cuda(_) => {
-            super::grouped_cuda::grouped_matmul_tn_into(&cuda_dev(a)?, out, a, b, offsets, true)
-        }
+        Device::Cuda(_) => super::grouped_cuda::grouped_matmul_tn_into(
+            &cuda_dev(a)?,
+            out,
+            a,
+            b,
+            offsets,
+            accumulate,
+        ),
     }
 }
 
@@ -337,13 +346,17 @@ mod tests {
         // Accumulating adds the same product onto what is there.
         let base: Vec<f32> = (0..e * k * k).map(|i| i as f32 * 0.01).collect();
         let mut acc = Tensor::from_vec(base.clone(), &[e, k, k]).unwrap();
-        grouped_matmul_tn_acc(&mut acc, &xt, &xt, &ot).unwrap();
+        grouped_matmul_tn_into(&mut acc, &xt, &xt, &ot, true).unwrap();
         let tn = tn.to_vec::<f32>().unwrap();
         for (i, v) in acc.to_vec::<f32>().unwrap().iter().enumerate() {
             assert!((v - base[i] - tn[i]).abs() < 1e-5, "element {i}");
         }
+        // Without accumulate the product replaces what is there.
+        let mut over = Tensor::from_vec(base.clone(), &[e, k, k]).unwrap();
+        grouped_matmul_tn_into(&mut over, &xt, &xt, &ot, false).unwrap();
+        assert_eq!(over.to_vec::<f32>().unwrap(), tn);
         let mut wrong = Tensor::zeros(&[e, k, k + 1], DType::F32, Device::Cpu).unwrap();
-        let err = grouped_matmul_tn_acc(&mut wrong, &xt, &xt, &ot)
+        let err = grouped_matmul_tn_into(&mut wrong, &xt, &xt, &ot, true)
             .unwrap_err()
             .to_string();
         assert!(err.contains("out must be [3, 6, 6]"), "{err}");

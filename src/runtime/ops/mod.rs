@@ -27,7 +27,7 @@ pub use elementwise::{
     scale, scale_rows, swiglu, swiglu_backward, Activation,
 };
 pub use embedding::{embedding, embedding_backward};
-pub use grouped::{grouped_matmul, grouped_matmul_tn, grouped_matmul_tn_acc};
+pub use grouped::{grouped_matmul, grouped_matmul_tn, grouped_matmul_tn_into};
 pub use index::{
     argsort_stable, gather_rows, histogram, scatter_add_rows, slice_rows, topk, transpose_12,
     write_rows,
