@@ -110,10 +110,14 @@ fn close(what: &str, cpu: &Tensor, gpu: &Tensor) {
 /// `close`, and every element within `tol · (|cpu| + rms(cpu))`: a layout bug confined to a few
 /// rows or one tile would hide in a whole-tensor L2 norm.
 fn close_each(what: &str, cpu: &Tensor, gpu: &Tensor) {
+    close_each_within(what, cpu, gpu, tol(cpu.dtype()));
+}
+
+/// `close_each` with the per-element tolerance `t`.
+fn close_each_within(what: &str, cpu: &Tensor, gpu: &Tensor, t: f64) {
     close(what, cpu, gpu);
     let (a, b) = (cpu.to_f32_vec().unwrap(), gpu.to_f32_vec().unwrap());
     let rms = (a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64).sqrt();
-    let t = tol(cpu.dtype());
     if let Some(i) =
         (0..a.len()).find(|&i| ((a[i] - b[i]) as f64).abs() > t * ((a[i] as f64).abs() + rms))
     {
@@ -661,12 +665,20 @@ fn grouped_gemm() {
             // Accumulating into an existing f32 (and same-dtype) gradient.
             for acc_dt in [DType::F32, dt] {
                 let (mut gc, mut gg) = pair(&mut r, &[e, n, k], acc_dt, dev);
-                ops::grouped_matmul_tn_into(&mut gc, &dyc, &xc, &oc, true).unwrap();
-                ops::grouped_matmul_tn_into(&mut gg, &dyg, &xg, &og, true).unwrap();
+                // ... with the squares of the new values summed onto 0.25.
+                let mut sc = Tensor::from_vec(vec![0.25f32], &[1]).unwrap();
+                let mut sg = sc.to_device(dev).unwrap();
+                ops::grouped_matmul_tn_into(&mut gc, &dyc, &xc, &oc, true, Some(&mut sc)).unwrap();
+                ops::grouped_matmul_tn_into(&mut gg, &dyg, &xg, &og, true, Some(&mut sg)).unwrap();
                 close_each(
                     &format!("grouped tn += {dt}->{acc_dt} e={e} k={k} n={n}"),
                     &gc,
                     &gg,
+                );
+                let (a, g) = (sc.scalar_f32().unwrap(), sg.scalar_f32().unwrap());
+                assert!(
+                    ((a - g) / a).abs() < 1e-4,
+                    "grouped tn sumsq {dt}->{acc_dt} e={e} k={k} n={n}: CPU {a} GPU {g}"
                 );
             }
             if dt != DType::F32 {
@@ -868,6 +880,92 @@ fn fused_decode_ops() {
                 close(&format!("{what}: k cache"), &ckc, &ckg);
                 close(&format!("{what}: v cache"), &cvc, &cvg);
             }
+        }
+    }
+}
+
+/// Fused causal attention against its CPU twin: forward (o, lse) with the projections' row
+/// layout and with a head-major KV cache continuing at a later position, and the backward (dq,
+/// dk, dv). Shapes cover both head dims, GQA, sequences that are not a multiple of the 64-row
+/// tile, a single token and a sliding window.
+#[test]
+fn flash_attention_matches() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("flash_attention_matches");
+    let rel = |a: &Tensor, b: &Tensor| {
+        let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+        assert!(b.iter().all(|v| v.is_finite()), "non-finite GPU lse");
+        let num: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum();
+        let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+        (num / den.max(1e-30)).sqrt()
+    };
+    for dt in [DType::BF16, DType::F16] {
+        for (b, s, h, hkv, hd, window, start) in [
+            (2usize, 200usize, 4usize, 2usize, 128usize, None, 37usize),
+            (1, 64, 2, 2, 64, None, 0),
+            (2, 130, 6, 3, 64, Some(50usize), 70),
+            (1, 1, 2, 1, 128, None, 5),
+            (1, 300, 2, 1, 128, Some(100), 0),
+        ] {
+            let what = format!("{dt} b={b} s={s} h={h}/{hkv} hd={hd} window={window:?}");
+            let spec = ops::FlashSpec {
+                scale: 1.0 / (hd as f32).sqrt(),
+                start: 0,
+                window,
+            };
+            let (qc, qg) = pair(&mut r, &[b, s, h, hd], dt, dev);
+            let (kc, kg) = pair(&mut r, &[b, s, hkv, hd], dt, dev);
+            let (vc, vg) = pair(&mut r, &[b, s, hkv, hd], dt, dev);
+            let tok = ops::KvLayout::Tokens;
+            let (oc, lc) = ops::flash_attention(&qc, &kc, &vc, tok, s, spec).unwrap();
+            let (og, lg) = ops::flash_attention(&qg, &kg, &vg, tok, s, spec).unwrap();
+            close_each(&format!("flash fwd o {what}"), &oc, &og);
+            let e = rel(&lc, &lg);
+            assert!(e < 1e-4, "flash fwd lse {what}: relative error {e:.2e}");
+            // A continuation: queries at start.. over a head-major cache with spare rows.
+            let cap = start + s + 9;
+            let (cc, cg) = pair(&mut r, &[b, hkv, cap, hd], dt, dev);
+            let (wc, wg) = pair(&mut r, &[b, hkv, cap, hd], dt, dev);
+            let spec_c = ops::FlashSpec { start, ..spec };
+            let heads = ops::KvLayout::Heads;
+            let (oc2, lc2) = ops::flash_attention(&qc, &cc, &wc, heads, start + s, spec_c).unwrap();
+            let (og2, lg2) = ops::flash_attention(&qg, &cg, &wg, heads, start + s, spec_c).unwrap();
+            close_each(
+                &format!("flash fwd cache start={start} o {what}"),
+                &oc2,
+                &og2,
+            );
+            let e = rel(&lc2, &lg2);
+            assert!(
+                e < 1e-4,
+                "flash fwd cache lse {what}: relative error {e:.2e}"
+            );
+            // (With one query its only key gets all the weight: dq = 0 exactly, and the GPU's
+            // rounding noise has no scale to be relative to. The forward still runs at s = 1.)
+            if s == 1 {
+                continue;
+            }
+            let (dc, dg) = pair(&mut r, &[b * s, h * hd], dt, dev);
+            // The CPU twin gets the GPU's o and lse: the comparison isolates the backward.
+            let (ogc, lgc) = (
+                og.to_device(Device::Cpu).unwrap(),
+                lg.to_device(Device::Cpu).unwrap(),
+            );
+            let (dqc, dkc, dvc) =
+                ops::flash_attention_backward(&qc, &kc, &vc, &ogc, &lgc, &dc, spec).unwrap();
+            let (dqg, dkg, dvg) =
+                ops::flash_attention_backward(&qg, &kg, &vg, &og, &lg, &dg, spec).unwrap();
+            // The kernel rounds P and dS to the input type before their GEMMs (as every
+            // flash backward does) and dS sums to zero over a row, so dq/dk see cancellation:
+            // bf16 elements are held to 3e-2 of (|x| + rms), f16 to 1e-2 (L2 stays at 1e-2).
+            let t = if dt == DType::BF16 { 3e-2 } else { 1e-2 };
+            close_each_within(&format!("flash bwd dq {what}"), &dqc, &dqg, t);
+            close_each_within(&format!("flash bwd dk {what}"), &dkc, &dkg, t);
+            close_each_within(&format!("flash bwd dv {what}"), &dvc, &dvg, t);
         }
     }
 }

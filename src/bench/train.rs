@@ -12,7 +12,7 @@ use crate::model::{Model, NativeMoe, NativeSpec, QkNorm, TrainOpts};
 use crate::moe::{ExpertKind, RouterKind};
 use crate::runtime::{DType, Device, ParamSet, Tensor};
 use crate::train::metrics::{flops_per_token, peak_flops};
-use crate::train::optimizer::{clip_factor, grad_norm_sq, AdamWOptimizer, OptimizerConfig};
+use crate::train::optimizer::{clip_factor, grad_norm_sq_with, AdamWOptimizer, OptimizerConfig};
 
 #[derive(Args)]
 pub struct TrainBenchArgs {
@@ -135,13 +135,16 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         sync(device)?;
         let tf = t.elapsed().as_secs_f64();
         let mut g = model.params.grad_buffers()?;
-        model.backward_first(saved, &mut g)?;
+        let mut sq = Tensor::zeros(&[1], DType::F32, device)?;
+        model.backward_with(saved, &mut g, true, Some(&mut sq))?;
         sync(device)?;
         let tb = t.elapsed().as_secs_f64();
         let mut gn: Vec<(String, &Tensor)> = Vec::new();
         g.visit("", &mut |n, t| gn.push((n.to_string(), t)));
         let grefs: Vec<&Tensor> = gn.iter().map(|(_, t)| *t).collect();
-        let norm = grad_norm_sq(&grefs)?.scalar_f32()?.sqrt();
+        let norm = grad_norm_sq_with(&grefs, &g.routed_expert_weights(), sq)?
+            .scalar_f32()?
+            .sqrt();
         let gnamed: Vec<(&str, &Tensor)> = gn.iter().map(|(n, t)| (n.as_str(), *t)).collect();
         let mut pn: Vec<(String, &mut Tensor)> = Vec::new();
         model

@@ -7,7 +7,7 @@
 
 use super::config::QkNorm;
 use crate::param_set;
-use crate::runtime::ops::{self, Matmul, RopeTable, Softmax};
+use crate::runtime::ops::{self, FlashSpec, KvLayout, Matmul, RopeTable, Softmax};
 use crate::runtime::{DType, Device, Error, Result, Tensor};
 
 pub struct Attention {
@@ -43,6 +43,13 @@ impl AttnShape {
     }
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
+    }
+    fn flash(&self, start: usize) -> FlashSpec {
+        FlashSpec {
+            scale: self.scale(),
+            start,
+            window: self.window,
+        }
     }
 }
 
@@ -91,13 +98,29 @@ fn attend(
     Ok((probs, ctx))
 }
 
+/// What the attention core keeps for its backward.
+enum CoreSaved {
+    /// Fused kernels: q, k, v after RoPE in their row layouts ([B, S, H, hd], [B, S, Hkv, hd])
+    /// and the per-row log-sum-exps; probabilities are recomputed.
+    Flash {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        lse: Tensor,
+    },
+    /// Scores materialised: head-major q, k, v and the probabilities [B, Hkv, g·S, S].
+    Materialised {
+        q_t: Tensor,
+        k_t: Tensor,
+        v_t: Tensor,
+        probs: Tensor,
+    },
+}
+
 pub struct AttnSaved {
     q_pre: Option<(Tensor, Tensor)>,
     k_pre: Option<(Tensor, Tensor)>,
-    q_t: Tensor,
-    k_t: Tensor,
-    v_t: Tensor,
-    probs: Tensor,
+    core: CoreSaved,
     ctx: Tensor,
 }
 
@@ -220,20 +243,38 @@ impl Attention {
     ) -> Result<(Tensor, AttnSaved)> {
         let (h, hkv, hd, g) = (sh.heads, sh.kv_heads, sh.head_dim, sh.group());
         let (q, k, v, q_pre, k_pre) = self.qkv(sh, x, rope, pos, true)?;
-        let q_t = ops::transpose_12(&q.reshape(&[b, s, h, hd])?)?.reshape(&[b, hkv, g * s, hd])?;
-        let k_t = ops::transpose_12(&k.reshape(&[b, s, hkv, hd])?)?;
-        let v_t = ops::transpose_12(&v.reshape(&[b, s, hkv, hd])?)?;
-        let (probs, ctx) = attend(sh, &q_t, &k_t, &v_t, b, s, 0)?;
+        let (core, ctx) = if ops::flash_supported(&[&q, &k, &v], hd) {
+            let q = q.reshape(&[b, s, h, hd])?;
+            let k = k.reshape(&[b, s, hkv, hd])?;
+            let v = v.reshape(&[b, s, hkv, hd])?;
+            let (o, lse) = ops::flash_attention(&q, &k, &v, KvLayout::Tokens, s, sh.flash(0))?;
+            (
+                CoreSaved::Flash { q, k, v, lse },
+                o.reshape(&[b * s, h * hd])?,
+            )
+        } else {
+            let q_t =
+                ops::transpose_12(&q.reshape(&[b, s, h, hd])?)?.reshape(&[b, hkv, g * s, hd])?;
+            let k_t = ops::transpose_12(&k.reshape(&[b, s, hkv, hd])?)?;
+            let v_t = ops::transpose_12(&v.reshape(&[b, s, hkv, hd])?)?;
+            let (probs, ctx) = attend(sh, &q_t, &k_t, &v_t, b, s, 0)?;
+            (
+                CoreSaved::Materialised {
+                    q_t,
+                    k_t,
+                    v_t,
+                    probs,
+                },
+                ctx,
+            )
+        };
         let y = ops::linear(&ctx, &self.o, None)?;
         Ok((
             y,
             AttnSaved {
                 q_pre,
                 k_pre,
-                q_t,
-                k_t,
-                v_t,
-                probs,
+                core,
                 ctx,
             },
         ))
@@ -261,31 +302,55 @@ impl Attention {
         };
         ops::matmul_into(&mut g.o, dy, &sv.ctx, acc, 1.0)?;
         let dctx = ops::matmul(dy, &self.o, Matmul::default())?;
-        let dctx =
-            ops::transpose_12(&dctx.reshape(&[b, s, h, hd])?)?.reshape(&[b, hkv, gr * s, hd])?;
-        let dprobs = ops::matmul(&dctx, &sv.v_t, Matmul::nt())?;
-        let dv_t = ops::matmul(&sv.probs, &dctx, Matmul::tn())?;
-        let dscores = ops::softmax_backward(&sv.probs, &dprobs, 1.0)?;
-        let dq_t = ops::matmul(
-            &dscores,
-            &sv.k_t,
-            Matmul {
-                alpha: sh.scale(),
-                ..Default::default()
-            },
-        )?;
-        let dk_t = ops::matmul(
-            &dscores,
-            &sv.q_t,
-            Matmul {
-                trans_a: true,
-                alpha: sh.scale(),
-                ..Default::default()
-            },
-        )?;
-        let dq = ops::transpose_12(&dq_t.reshape(&[b, h, s, hd])?)?.reshape(&[t, h, hd])?;
-        let dk = ops::transpose_12(&dk_t)?.reshape(&[t, hkv, hd])?;
-        let dv = ops::transpose_12(&dv_t)?.reshape(&[t, hkv * hd])?;
+        let (dq, dk, dv) = match &sv.core {
+            CoreSaved::Flash { q, k, v, lse } => {
+                let (dq, dk, dv) =
+                    ops::flash_attention_backward(q, k, v, &sv.ctx, lse, &dctx, sh.flash(0))?;
+                (
+                    dq.reshape(&[t, h, hd])?,
+                    dk.reshape(&[t, hkv, hd])?,
+                    dv.reshape(&[t, hkv * hd])?,
+                )
+            }
+            CoreSaved::Materialised {
+                q_t,
+                k_t,
+                v_t,
+                probs,
+            } => {
+                let dctx = ops::transpose_12(&dctx.reshape(&[b, s, h, hd])?)?.reshape(&[
+                    b,
+                    hkv,
+                    gr * s,
+                    hd,
+                ])?;
+                let dprobs = ops::matmul(&dctx, v_t, Matmul::nt())?;
+                let dv_t = ops::matmul(probs, &dctx, Matmul::tn())?;
+                let dscores = ops::softmax_backward(probs, &dprobs, 1.0)?;
+                let dq_t = ops::matmul(
+                    &dscores,
+                    k_t,
+                    Matmul {
+                        alpha: sh.scale(),
+                        ..Default::default()
+                    },
+                )?;
+                let dk_t = ops::matmul(
+                    &dscores,
+                    q_t,
+                    Matmul {
+                        trans_a: true,
+                        alpha: sh.scale(),
+                        ..Default::default()
+                    },
+                )?;
+                (
+                    ops::transpose_12(&dq_t.reshape(&[b, h, s, hd])?)?.reshape(&[t, h, hd])?,
+                    ops::transpose_12(&dk_t)?.reshape(&[t, hkv, hd])?,
+                    ops::transpose_12(&dv_t)?.reshape(&[t, hkv * hd])?,
+                )
+            }
+        };
         let dq = ops::rope_backward(&dq, rope, pos)?;
         let dk = ops::rope_backward(&dk, rope, pos)?;
         let unnorm = |d: Tensor,
@@ -356,9 +421,33 @@ impl Attention {
         ops::kv_write(cache_k, &k, seqs, pos)?;
         ops::kv_write(cache_v, &v, seqs, pos)?;
         let mut ctx_all = Tensor::uninit(&[n, h * hd], x.dtype(), x.device())?;
+        let flash = ops::flash_supported(&[&q, &k, &v, cache_k, cache_v], hd);
         for sp in spans {
             let s = sp.len;
             let q_s = ops::slice_rows(&q, sp.off, s)?;
+            if flash {
+                // Fused: a fresh sequence attends over its own rows, a continuation over the
+                // cache (head-major, positions 0..start + s).
+                let q4 = q_s.reshape(&[1, s, h, hd])?;
+                let (o, _) = if sp.start == 0 {
+                    let k_s = ops::slice_rows(&k, sp.off, s)?.reshape(&[1, s, hkv, hd])?;
+                    let v_s = ops::slice_rows(&v, sp.off, s)?.reshape(&[1, s, hkv, hd])?;
+                    ops::flash_attention(&q4, &k_s, &v_s, KvLayout::Tokens, s, sh.flash(0))?
+                } else {
+                    let k_c = ops::slice_rows(cache_k, sp.seq, 1)?;
+                    let v_c = ops::slice_rows(cache_v, sp.seq, 1)?;
+                    ops::flash_attention(
+                        &q4,
+                        &k_c,
+                        &v_c,
+                        KvLayout::Heads,
+                        sp.start + s,
+                        sh.flash(sp.start),
+                    )?
+                };
+                ops::write_rows(&mut ctx_all, sp.off, &o.reshape(&[s, h * hd])?)?;
+                continue;
+            }
             let q_t =
                 ops::transpose_12(&q_s.reshape(&[1, s, h, hd])?)?.reshape(&[1, hkv, g * s, hd])?;
             let (k_t, v_t) = if sp.start == 0 {

@@ -131,6 +131,19 @@ impl ParamSet for Params {
 pub type Grads = Params;
 
 impl Params {
+    /// The routed experts' weights (w1 and w2 of every MoE layer): in a gradient set, the
+    /// tensors whose squared norm `Model::backward_with` sums in the GEMM epilogues.
+    pub fn routed_expert_weights(&self) -> Vec<&Tensor> {
+        self.blocks
+            .iter()
+            .filter_map(|b| match &b.ffn {
+                FfnWeights::Moe(m) => Some([&m.w1, &m.w2]),
+                FfnWeights::Dense(_) => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     /// Zeros of `dtype` shaped like every parameter (f32: a gradient accumulator).
     pub fn zeros_like(&self, dtype: DType) -> crate::runtime::Result<Params> {
         self.grads_like(dtype, true)
@@ -694,16 +707,36 @@ impl Model {
 
     /// Accumulates f32 gradients of (loss + aux + z) · loss_scale into `g`.
     pub fn backward(&self, saved: Saved, g: &mut Grads) -> Result<()> {
-        self.backward_impl(saved, g, false)
+        self.backward_with(saved, g, false, None)
     }
 
     /// `backward` for the first micro-batch of a step into `Params::grad_buffers`: the same
     /// gradients, with the routed experts' weight gradients written instead of accumulated.
     pub fn backward_first(&self, saved: Saved, g: &mut Grads) -> Result<()> {
-        self.backward_impl(saved, g, true)
+        self.backward_with(saved, g, true, None)
     }
 
-    fn backward_impl(&self, saved: Saved, g: &mut Grads, experts_fresh: bool) -> Result<()> {
+    /// `backward` (`backward_first` when `first`); with `expert_sumsq` ([1] f32) the squared L2
+    /// norm of the routed experts' weight gradients as this backward leaves them is added into
+    /// it by the GEMMs that write them (their share of the global norm without reading them
+    /// again; `routed_expert_grads` lists the tensors it covers).
+    pub fn backward_with(
+        &self,
+        saved: Saved,
+        g: &mut Grads,
+        first: bool,
+        expert_sumsq: Option<&mut Tensor>,
+    ) -> Result<()> {
+        self.backward_impl(saved, g, first, expert_sumsq)
+    }
+
+    fn backward_impl(
+        &self,
+        saved: Saved,
+        g: &mut Grads,
+        experts_fresh: bool,
+        mut expert_sumsq: Option<&mut Tensor>,
+    ) -> Result<()> {
         let Saved {
             b,
             s,
@@ -758,6 +791,7 @@ impl Model {
                         opts.loss_scale,
                         gm,
                         experts_fresh,
+                        expert_sumsq.as_deref_mut(),
                     )?
                 }
                 _ => {

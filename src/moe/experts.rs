@@ -47,7 +47,8 @@ pub(crate) fn forward(
 
 /// dx_perm and the bias gradients; dW1 and dW2 are added into `gw1`, `gw2` (the layer's
 /// gradient accumulators) by the grouped GEMM itself, or written over them when `fresh` (their
-/// contents are then never read: they may be uninitialised).
+/// contents are then never read: they may be uninitialised). With `sumsq`, the squares of both
+/// gradients' new values are added into it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     cfg: &MoeConfig,
@@ -61,9 +62,10 @@ pub(crate) fn backward(
     gw1: &mut Tensor,
     gw2: &mut Tensor,
     fresh: bool,
+    mut sumsq: Option<&mut Tensor>,
 ) -> Result<(Tensor, ExpertBiasGrads)> {
-    let wgrad = |g: &mut Tensor, a: &Tensor, b: &Tensor| {
-        ops::grouped_matmul_tn_into(g, a, b, offsets, !fresh)
+    let mut wgrad = |g: &mut Tensor, a: &Tensor, b: &Tensor| {
+        ops::grouped_matmul_tn_into(g, a, b, offsets, !fresh, sumsq.as_deref_mut())
     };
     wgrad(gw2, dy_perm, &saved.a)?; // [E, d, F]
     let db2 = if has_bias {

@@ -460,12 +460,13 @@ pub fn moe_backward(
     loss_scale: f32,
     grads: &mut MoeGrads,
 ) -> Result<Tensor> {
-    moe_backward_into(cfg, w, x, saved, dy, loss_scale, grads, false)
+    moe_backward_into(cfg, w, x, saved, dy, loss_scale, grads, false, None)
 }
 
 /// `moe_backward`, except that with `experts_fresh` the routed experts' weight gradients
 /// (`grads.w1`, `grads.w2`, the bulk of an MoE model's gradient bytes) are written instead of
-/// added to, so their buffers need no zeroing and are never read (see `Params::grad_buffers`).
+/// added to, so their buffers need no zeroing and are never read (see `Params::grad_buffers`);
+/// with `expert_sumsq` ([1] f32) the sum of their squared new values is added into it.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_backward_into(
     cfg: &MoeConfig,
@@ -476,6 +477,7 @@ pub fn moe_backward_into(
     loss_scale: f32,
     grads: &mut MoeGrads,
     experts_fresh: bool,
+    expert_sumsq: Option<&mut Tensor>,
 ) -> Result<Tensor> {
     let acc = Matmul {
         trans_a: true,
@@ -549,6 +551,7 @@ pub fn moe_backward_into(
         &mut grads.w1,
         &mut grads.w2,
         experts_fresh,
+        expert_sumsq,
     )?;
     if let (Some(g), Some(b)) = (grads.b1.as_mut(), eg.b1.as_ref()) {
         ops::add_assign(g, b)?;

@@ -173,6 +173,27 @@ pub fn grad_norm_sq(grads: &[&Tensor]) -> Result<Tensor> {
     Ok(acc)
 }
 
+/// `grad_norm_sq` when the squared norm of some of the gradients (`covered`, compared by
+/// identity) is already known: `covered_sq` ([1] f32, e.g. from `Model::backward_with`) plus
+/// the squares of the others.
+pub fn grad_norm_sq_with(
+    grads: &[&Tensor],
+    covered: &[&Tensor],
+    covered_sq: Tensor,
+) -> Result<Tensor> {
+    let rest: Vec<&Tensor> = grads
+        .iter()
+        .copied()
+        .filter(|g| !covered.iter().any(|c| std::ptr::eq(*c, *g)))
+        .collect();
+    if rest.is_empty() {
+        return Ok(covered_sq);
+    }
+    let mut acc = grad_norm_sq(&rest)?;
+    ops::add_assign(&mut acc, &covered_sq)?;
+    Ok(acc)
+}
+
 /// The factor that brings a gradient of L2 norm `norm` within `max_norm` (torch's
 /// `clip_grad_norm_`: max_norm / (norm + 1e-6), at most 1; 1 when clipping is off).
 pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {

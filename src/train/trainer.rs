@@ -17,7 +17,7 @@ use super::checkpoint::{self, Snapshot, TrainState};
 use super::config::{NanPolicy, TrainConfig, RESUMABLE_CHANGES};
 use super::data::{DataConfig, DataSource};
 use super::metrics::{self, MetricsLog, StepRecord};
-use super::optimizer::{clip_factor, grad_norm_sq, AdamWOptimizer};
+use super::optimizer::{clip_factor, grad_norm_sq, grad_norm_sq_with, AdamWOptimizer};
 use super::progress::Progress;
 use super::schedule::Schedule;
 use super::synthetic::{score, Example, SyntheticCorpus, TaskScore};
@@ -219,6 +219,7 @@ impl Trainer {
         // Expert weight gradients are written by the first backward, added by later ones.
         let mut grads = self.model.params.grad_buffers()?;
         let mut first = true;
+        let mut expert_sq: Option<Tensor> = None;
         let (mut loss, mut aux, mut z) = (0f64, 0f64, 0f64);
         let mut tokens = 0u64;
         let mut counts: Vec<Vec<i64>> = self
@@ -253,12 +254,13 @@ impl Trainer {
                     *acc += x as i64;
                 }
             }
-            if first {
-                self.model.backward_first(saved, &mut grads)?;
-                first = false;
-            } else {
-                self.model.backward(saved, &mut grads)?;
-            }
+            // Each backward also sums the squares of the expert weight gradients it leaves
+            // (in the GEMM epilogues); the last one's sum is their share of the norm.
+            let mut sq = Tensor::zeros(&[1], DType::F32, device)?;
+            self.model
+                .backward_with(saved, &mut grads, first, Some(&mut sq))?;
+            first = false;
+            expert_sq = Some(sq);
         }
         if first {
             // No micro-batch had a supervised token: nothing wrote the expert gradients.
@@ -267,7 +269,11 @@ impl Trainer {
         let mut named: Vec<(String, &Tensor)> = Vec::new();
         grads.visit("", &mut |n, t| named.push((n.to_string(), t)));
         let grad_refs: Vec<&Tensor> = named.iter().map(|(_, t)| *t).collect();
-        let norm = grad_norm_sq(&grad_refs)?.scalar_f32()?.sqrt();
+        let norm_sq = match expert_sq {
+            Some(sq) => grad_norm_sq_with(&grad_refs, &grads.routed_expert_weights(), sq)?,
+            None => grad_norm_sq(&grad_refs)?,
+        };
+        let norm = norm_sq.scalar_f32()?.sqrt();
         let finite = loss.is_finite() && norm.is_finite();
         if finite {
             let scale = clip_factor(norm, self.cfg.optimizer.grad_clip);

@@ -19,6 +19,10 @@ pub const EMBEDDING: KernelSource = KernelSource {
     name: "embedding",
     src: include_str!("kernels/embedding.cu"),
 };
+pub const FLASH: KernelSource = KernelSource {
+    name: "flash",
+    src: include_str!("kernels/flash.cu"),
+};
 pub const GROUPED_GEMM: KernelSource = KernelSource {
     name: "grouped_gemm",
     src: include_str!("kernels/grouped_gemm.cu"),
@@ -65,6 +69,7 @@ pub const ALL: &[&KernelSource] = &[
     &CAST,
     &ELEMENTWISE,
     &EMBEDDING,
+    &FLASH,
     &GROUPED_GEMM,
     &INDEX,
     &LOSS,

@@ -167,6 +167,7 @@ pub fn grouped_matmul_tn(
                 b,
                 offsets,
                 false,
+                None,
             )?;
             Ok(out)
         }
@@ -176,13 +177,16 @@ pub fn grouped_matmul_tn(
 /// out [E, P, Q] (+)= per group e: a[rows of e]ᵀ · b[rows of e], into an existing tensor: added
 /// to it when `accumulate` (weight gradients straight into their accumulator: no [E, P, Q]
 /// temporary, one read and one write of `out`), else written over it (never read: it may be
-/// uninitialised). `out` is f32 or a's dtype.
+/// uninitialised). `out` is f32 or a's dtype. With `sumsq` ([1] f32), the sum of the squares of
+/// the values written is added to it (a gradient's squared norm without reading it again; on
+/// CUDA one atomic per warp in the GEMM's epilogue).
 pub fn grouped_matmul_tn_into(
     out: &mut Tensor,
     a: &Tensor,
     b: &Tensor,
     offsets: &Tensor,
     accumulate: bool,
+    sumsq: Option<&mut Tensor>,
 ) -> Result<()> {
     let op = "grouped_matmul_tn_into";
     same_device(op, &[out, a])?;
@@ -194,6 +198,15 @@ pub fn grouped_matmul_tn_into(
             format!("out must be [{e}, {p}, {q}], got {:?}", out.shape()),
         ));
     }
+    if let Some(s) = &sumsq {
+        same_device(op, &[s, a])?;
+        if s.dtype() != DType::F32 || s.numel() != 1 {
+            return Err(Error::shape(
+                op,
+                format!("sumsq must be [1] f32, got {:?} {}", s.shape(), s.dtype()),
+            ));
+        }
+    }
     match a.device() {
         Device::Cpu => {
             let mut v = cpu_tn(a, b, offsets, e)?;
@@ -201,6 +214,11 @@ pub fn grouped_matmul_tn_into(
                 for (x, o) in v.iter_mut().zip(out.cpu_f32()?.iter()) {
                     *x += o;
                 }
+            }
+            if let Some(s) = sumsq {
+                let add: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
+                let old = s.cpu_f32()?[0] as f64;
+                *s = Tensor::from_vec(vec![(old + add) as f32], &[1])?;
             }
             *out = cpu_from_f32(v, &[e, p, q], out.dtype())?;
             Ok(())
@@ -212,6 +230,7 @@ pub fn grouped_matmul_tn_into(
             b,
             offsets,
             accumulate,
+            sumsq,
         ),
     }
 }
@@ -346,17 +365,27 @@ mod tests {
         // Accumulating adds the same product onto what is there.
         let base: Vec<f32> = (0..e * k * k).map(|i| i as f32 * 0.01).collect();
         let mut acc = Tensor::from_vec(base.clone(), &[e, k, k]).unwrap();
-        grouped_matmul_tn_into(&mut acc, &xt, &xt, &ot, true).unwrap();
+        grouped_matmul_tn_into(&mut acc, &xt, &xt, &ot, true, None).unwrap();
         let tn = tn.to_vec::<f32>().unwrap();
         for (i, v) in acc.to_vec::<f32>().unwrap().iter().enumerate() {
             assert!((v - base[i] - tn[i]).abs() < 1e-5, "element {i}");
         }
         // Without accumulate the product replaces what is there.
         let mut over = Tensor::from_vec(base.clone(), &[e, k, k]).unwrap();
-        grouped_matmul_tn_into(&mut over, &xt, &xt, &ot, false).unwrap();
+        let mut ss = Tensor::from_vec(vec![0.5f32], &[1]).unwrap();
+        grouped_matmul_tn_into(&mut over, &xt, &xt, &ot, false, Some(&mut ss)).unwrap();
         assert_eq!(over.to_vec::<f32>().unwrap(), tn);
+        // sumsq: what was there plus the squares of the values written.
+        let want = 0.5 + tn.iter().map(|x| (x * x) as f64).sum::<f64>();
+        let got = ss.scalar_f32().unwrap() as f64;
+        assert!((got - want).abs() < 1e-6 * want, "sumsq {got} vs {want}");
+        let mut ss = Tensor::zeros(&[2], DType::F32, Device::Cpu).unwrap();
+        let err = grouped_matmul_tn_into(&mut over, &xt, &xt, &ot, false, Some(&mut ss))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sumsq must be [1] f32"), "{err}");
         let mut wrong = Tensor::zeros(&[e, k, k + 1], DType::F32, Device::Cpu).unwrap();
-        let err = grouped_matmul_tn_into(&mut wrong, &xt, &xt, &ot, true)
+        let err = grouped_matmul_tn_into(&mut wrong, &xt, &xt, &ot, true, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("out must be [3, 6, 6]"), "{err}");

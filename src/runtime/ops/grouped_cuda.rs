@@ -148,6 +148,7 @@ pub(crate) fn grouped_matmul_tn_into(
     b: &Tensor,
     offsets: &Tensor,
     accumulate: bool,
+    sumsq: Option<&mut Tensor>,
 ) -> Result<()> {
     let (p, q) = (a.dim(1), b.dim(1));
     let e = offsets.numel() - 1;
@@ -182,6 +183,7 @@ pub(crate) fn grouped_matmul_tn_into(
         .ptr(dptr(offsets))
         .usize_as_i32(p)?
         .usize_as_i32(q)?
+        .ptr(sumsq.as_deref().map_or(0, dptr))
         .run()?;
     } else {
         let name = format!("gg_simt_vark_{dt}_{}", if same { "same" } else { "f32" });
@@ -201,6 +203,9 @@ pub(crate) fn grouped_matmul_tn_into(
         .usize_as_i32(q)?
         .i32(accumulate as i32)
         .run()?;
+        if let Some(s) = sumsq {
+            super::add_assign(s, &super::sum_squares(out)?)?;
+        }
     }
     Ok(())
 }

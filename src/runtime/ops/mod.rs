@@ -9,6 +9,7 @@ mod attention;
 mod cast;
 mod elementwise;
 mod embedding;
+mod flash;
 mod grouped;
 mod grouped_cuda;
 mod index;
@@ -27,6 +28,7 @@ pub use elementwise::{
     scale, scale_rows, swiglu, swiglu_backward, Activation,
 };
 pub use embedding::{embedding, embedding_backward};
+pub use flash::{flash_attention, flash_attention_backward, flash_supported, FlashSpec, KvLayout};
 pub use grouped::{grouped_matmul, grouped_matmul_tn, grouped_matmul_tn_into};
 pub use index::{
     argsort_stable, gather_rows, histogram, scatter_add_rows, slice_rows, topk, transpose_12,

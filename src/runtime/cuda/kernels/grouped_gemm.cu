@@ -13,43 +13,6 @@
 #define STAGES 4
 #define THREADS 256
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    uint32_t a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-
-__device__ __forceinline__ void ldsm_x4(uint32_t* r, uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
-template <typename T> struct Mma;
-template <> struct Mma<bf16_t> {
-    static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-};
-template <> struct Mma<f16_t> {
-    static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-};
-
 // Shared-memory element index of a tile. K-major tile [R][BK] (4 16-byte chunks per row, chunk
 // XOR (row/2)%4); M/N-major tile [BK][128] (16 chunks per row, chunk XOR k%8). Both make the 8
 // row addresses of every ldmatrix 8×8 load hit 8 distinct 16-byte bank groups.
@@ -93,7 +56,7 @@ __device__ void zero_tail(T* C, const int* offsets, int E, int M, int N, int b, 
 template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ, bool ACC = false>
 __device__ __forceinline__ void tile_gemm(TO* __restrict__ C, int ldc, const T* __restrict__ A, int lda,
                                           const T* __restrict__ B, int ldb, int m0, int n0, int Mv, int Nv, int Kdim,
-                                          unsigned short* smem) {
+                                          unsigned short* smem, float* sumsq = nullptr) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
     unsigned short* As = smem;                       // STAGES × 128·32
@@ -175,8 +138,10 @@ __device__ __forceinline__ void tile_gemm(TO* __restrict__ C, int ldc, const T* 
     }
     cp_async_wait<0>();
 
-    // Epilogue: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at row g + 8.
+    // Epilogue: c0,c1 at (row g, cols 2t, 2t+1), c2,c3 at row g + 8. With `sumsq`, the squares
+    // of the values written are summed into it (one atomic per warp).
     const int g = lane >> 2, t4 = lane & 3;
+    float ss = 0.f;
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -187,10 +152,20 @@ __device__ __forceinline__ void tile_gemm(TO* __restrict__ C, int ldc, const T* 
                 int n = n0 + wn + ni * 8 + t4 * 2;
                 if (m < Mv && n < Nv) {
                     TO* dst = C + (int64_t)m * ldc + n;
-                    dst[0] = from_float<TO>(acc[mi][ni][h * 2] + (ACC ? to_float(dst[0]) : 0.f));
-                    if (n + 1 < Nv) dst[1] = from_float<TO>(acc[mi][ni][h * 2 + 1] + (ACC ? to_float(dst[1]) : 0.f));
+                    const float v0 = acc[mi][ni][h * 2] + (ACC ? to_float(dst[0]) : 0.f);
+                    dst[0] = from_float<TO>(v0);
+                    ss += v0 * v0;
+                    if (n + 1 < Nv) {
+                        const float v1 = acc[mi][ni][h * 2 + 1] + (ACC ? to_float(dst[1]) : 0.f);
+                        dst[1] = from_float<TO>(v1);
+                        ss += v1 * v1;
+                    }
                 }
             }
+    if (sumsq) {
+        ss = warp_sum(ss);
+        if (lane == 0) atomicAdd(sumsq, ss);
+    }
 }
 
 // VARM: y[M, N] rows of group e = x[rows of e] · op(W[e]); grid.x = (ceil(M/BM) + E) · n_tiles,
@@ -222,14 +197,14 @@ GG_VARM(gg_nn_f16, f16_t, false)
 // VARK: out[e] (P × Q) = a[rows of e]ᵀ · b[rows of e] (ACC: out[e] += ...); grid (ceil(P/BM)·ceil(Q/BN), E).
 #define GG_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(TO* out, const T* a, const T* b,        \
-                                                               const int* offsets, int P, int Q) {      \
+                                                               const int* offsets, int P, int Q, float* sumsq) { \
         extern __shared__ unsigned short smem[];                                                        \
         const int e = blockIdx.y;                                                                       \
         const int ntq = (Q + BN - 1) / BN;                                                              \
         const int pt = blockIdx.x / ntq, qt = blockIdx.x - pt * ntq;                                    \
         const int row0 = offsets[e], rows = offsets[e + 1] - row0;                                      \
         tile_gemm<T, TO, false, false, ACC>(out + (int64_t)e * P * Q, Q, a + (int64_t)row0 * P, P, b + (int64_t)row0 * Q, Q, \
-                             pt * BM, qt * BN, P, Q, rows, smem);                                       \
+                             pt * BM, qt * BN, P, Q, rows, smem, sumsq);                                \
     }
 
 GG_VARK(gg_tn_bf16_f32, bf16_t, float, false)
@@ -350,7 +325,7 @@ template <> struct Vec16<f16_t> : Vec16Half<f16_t> {};
 template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ, bool ACC = false>
 __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __restrict__ A, int lda,
                                         const T* __restrict__ B, int ldb, int m0, int n0, int Mv, int Nv, int Kdim,
-                                        uint32_t smem) {
+                                        uint32_t smem, float* sumsq = nullptr) {
     const int tid = threadIdx.x, wg = tid >> 7;
     const int nk = (Kdim + WBK - 1) / WBK;
     float acc[128];
@@ -413,7 +388,10 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
     __syncthreads();
     // Batches of 8 chunks per thread: all loads (shared, and global with ACC) issued before any
     // store, so a read-add-write epilogue keeps 8 global loads in flight per thread.
+    // With `sumsq`, the squares of the values written are summed into it (one atomic per warp;
+    // every thread runs the same number of batches).
     constexpr int V = Vec16<TO>::V, CPR = WBN / V, EB = 8;
+    float ss = 0.f;
     for (int c0 = tid; c0 < WBM * CPR; c0 += WTHREADS * EB) {
         float v[EB][V];
         TO* dst[EB];
@@ -441,7 +419,15 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
         }
 #pragma unroll
         for (int b = 0; b < EB; ++b)
-            if (ok[b]) Vec16<TO>::store(dst[b], v[b]);
+            if (ok[b]) {
+                Vec16<TO>::store(dst[b], v[b]);
+#pragma unroll
+                for (int q = 0; q < V; ++q) ss += v[b][q] * v[b][q];
+            }
+    }
+    if (sumsq) {
+        ss = warp_sum(ss);
+        if ((tid & 31) == 0) atomicAdd(sumsq, ss);
     }
 }
 
@@ -475,21 +461,22 @@ __device__ __forceinline__ uint32_t wg_smem_base(const void* smem) { return (sme
 // VARK on Hopper: grid (ceil(P/WBM)·ceil(Q/WBN), E).
 #define WG_VARK(NAME, T, TO, ACC, TILE, NTHREADS)                                                       \
     extern "C" __global__ void __launch_bounds__(NTHREADS, 1) NAME(TO* out, const T* a, const T* b,    \
-                                                                    const int* offsets, int P, int Q) { \
+                                                                    const int* offsets, int P, int Q,   \
+                                                                    float* sumsq) {                     \
         extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
         const int e = blockIdx.y;                                                                       \
         const int ntq = (Q + WBN - 1) / WBN;                                                            \
         const int pt = blockIdx.x / ntq, qt = blockIdx.x - pt * ntq;                                    \
         const int row0 = offsets[e], rows = offsets[e + 1] - row0;                                      \
         TILE<T, TO, false, false, ACC>(out + (int64_t)e * P * Q, Q, a + (int64_t)row0 * P, P, b + (int64_t)row0 * Q, Q, \
-                                     pt * WBM, qt * WBN, P, Q, rows, wg_smem_base(wsmem));              \
+                                     pt * WBM, qt * WBN, P, Q, rows, wg_smem_base(wsmem), sumsq);       \
     }
 #else
 // Other archs: the launcher never picks these (they exist so every arch has the same symbols).
 #define WG_VARM(NAME, T, B_KMAJ, TILE, NTHREADS)                                                        \
     extern "C" __global__ void NAME(T*, const T*, const T*, const int*, const int*, int, int, int, int) { __trap(); }
 #define WG_VARK(NAME, T, TO, ACC, TILE, NTHREADS)                                                       \
-    extern "C" __global__ void NAME(TO*, const T*, const T*, const int*, int, int) { __trap(); }
+    extern "C" __global__ void NAME(TO*, const T*, const T*, const int*, int, int, float*) { __trap(); }
 #endif
 
 #define WG_FAMILY(P, TILE, NTHREADS)                                                                    \
