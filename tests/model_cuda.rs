@@ -353,4 +353,27 @@ fn flash_attention_training_and_fused_norm_on_cuda() {
             assert!(*e < t, "{dtype} grad {n}: relative error {e:.2e} > {t}");
         }
     }
+    // Prefill through the same kernels: two sequences of 70 and 90 tokens in one pass (each
+    // attends over its own rows), then 20 more tokens each continuing over the cache.
+    let prompts: Vec<Vec<u32>> = [70usize, 90]
+        .iter()
+        .map(|&n| (0..n).map(|i| ((i * 37 + n) % 64) as u32).collect())
+        .collect();
+    let more: Vec<Vec<u32>> = (0..2)
+        .map(|j| (0..20).map(|i| ((i * 11 + j) % 64) as u32).collect())
+        .collect();
+    let logits = |m: &Model| {
+        let mut cache = m.new_kv_cache(2, 128).unwrap();
+        let a = m.forward_infer(&prompts, &mut cache, true).unwrap();
+        let b = m.forward_infer(&more, &mut cache, true).unwrap();
+        (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap())
+    };
+    let (a0, b0) = logits(&cpu);
+    let f16m = Model::init(cfg.clone(), 11, dev, DType::F16).unwrap();
+    let (a1, b1) = logits(&f16m);
+    let (ea, eb) = (rel_err(&a1, &a0), rel_err(&b1, &b0));
+    assert!(
+        ea < 1e-2 && eb < 1e-2,
+        "f16 prefill logits vs f32 CPU: {ea:.2e} (fresh), {eb:.2e} (continued)"
+    );
 }
