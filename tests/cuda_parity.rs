@@ -387,27 +387,30 @@ fn norm_rope_embedding_loss() {
             close(&format!("rmsnorm dw {dt} {cols}"), &dwc, &dwg);
         }
 
-        // RoPE on [T, H, hd] with partial rotary dims and arbitrary positions.
-        let (t, h, hd, rot) = (r.random_range(1..30), 3, 16, 12);
-        let inv: Vec<f32> = (0..rot / 2)
-            .map(|i| 10000f32.powf(-(2 * i) as f32 / rot as f32))
-            .collect();
-        let (tc, tg) = (
-            RopeTable::new(&inv, 64, 1.0, Device::Cpu).unwrap(),
-            RopeTable::new(&inv, 64, 1.0, dev).unwrap(),
-        );
-        let (qc, qg) = pair(&mut r, &[t, h, hd], dt, dev);
-        let (pc, pg) = ids_pair(&mut r, t, 64, dev);
-        let (oc, og) = (
-            ops::rope(&qc, &tc, &pc).unwrap(),
-            ops::rope(&qg, &tg, &pg).unwrap(),
-        );
-        close(&format!("rope {dt}"), &oc, &og);
-        close(
-            &format!("rope backward {dt}"),
-            &ops::rope_backward(&oc, &tc, &pc).unwrap(),
-            &ops::rope_backward(&og, &tg, &pg).unwrap(),
-        );
+        // RoPE on [T, H, hd] with partial rotary dims and arbitrary positions: the scalar
+        // kernel (half 6) and the 8-wide one (full rotation, and half the dims passed through).
+        for (hd, rot) in [(16usize, 12usize), (128, 128), (128, 64)] {
+            let (t, h) = (r.random_range(1..30), 3);
+            let inv: Vec<f32> = (0..rot / 2)
+                .map(|i| 10000f32.powf(-((2 * i) as f32) / rot as f32))
+                .collect();
+            let (tc, tg) = (
+                RopeTable::new(&inv, 64, 1.0, Device::Cpu).unwrap(),
+                RopeTable::new(&inv, 64, 1.0, dev).unwrap(),
+            );
+            let (qc, qg) = pair(&mut r, &[t, h, hd], dt, dev);
+            let (pc, pg) = ids_pair(&mut r, t, 64, dev);
+            let (oc, og) = (
+                ops::rope(&qc, &tc, &pc).unwrap(),
+                ops::rope(&qg, &tg, &pg).unwrap(),
+            );
+            close_each(&format!("rope {dt} hd={hd} rot={rot}"), &oc, &og);
+            close_each(
+                &format!("rope backward {dt} hd={hd} rot={rot}"),
+                &ops::rope_backward(&oc, &tc, &pc).unwrap(),
+                &ops::rope_backward(&og, &tg, &pg).unwrap(),
+            );
+        }
 
         // Embedding gather and gradient scatter-add (f32 atomics on the GPU: order differs).
         let (vocab, d, n) = (50, 24, 40);

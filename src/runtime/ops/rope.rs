@@ -115,11 +115,17 @@ fn rotate(
         }
         Device::Cuda(_) => {
             let out = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
-            let n = t * h * half;
+            // 8-wide when the halves and rows split into aligned 8-element chunks.
+            let v8 = half % 8 == 0 && super::rows_v8(hd, &[x, &out, &table.cos, &table.sin]);
+            let (base, n) = if v8 {
+                ("rope_v8", t * h * (half / 8 + (hd - 2 * half) / 8))
+            } else {
+                ("rope", t * h * half)
+            };
             cuda_dev(x)?
                 .launch(
                     &kernels::ROPE,
-                    &kname("rope", x),
+                    &kname(base, x),
                     (grid_1d(n, 256), 1, 1),
                     (256, 1, 1),
                     0,
