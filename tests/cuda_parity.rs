@@ -363,10 +363,13 @@ fn norm_rope_embedding_loss() {
         // An odd width (one element per thread), and multiples of 8 (register-resident rows:
         // one chunk per thread; the backward's 256 threads take several chunks each past 2048
         // columns, the forward's 1024 past 8192, where the backward falls back to the scalar
-        // kernel; 300 rows make the backward's blocks loop over rows).
+        // kernel; 300 rows make the backward's blocks loop over rows). Rows of at most 256
+        // take the warp-per-row backward (5000 rows: each warp loops over several).
         for (rows, cols) in [
             (r.random_range(1..70), r.random_range(0..1050) * 2 + 1),
-            (300, 8 * r.random_range(1..256)),
+            (300, 8 * r.random_range(33..256)),
+            (5000, 128),
+            (r.random_range(1..300), 8 * r.random_range(1..33)),
             (r.random_range(1..10), 8 * r.random_range(300..1000)),
             (r.random_range(1..10), 8 * r.random_range(1030..1100)),
         ] {

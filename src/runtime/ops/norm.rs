@@ -214,12 +214,25 @@ pub fn rmsnorm_backward(
             let dx = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
             // Each block walks rows blockIdx.x, +grid, ... and writes one partial dw row; the
             // partials are summed by sum_rows: deterministic, no atomics.
-            let blocks = rows.clamp(1, 2 * dev.sm_count());
-            let partial = Tensor::uninit(&[blocks, cols], DType::F32, x.device())?;
+            // Short rows (per-head q/k norms): one warp per row, 8 warps per block, enough
+            // blocks for 64 warps per SM, one partial row per warp.
+            let warp_rows = cols <= 256 && super::rows_v8(cols, &[&dx, x, w, dy]);
+            let (blocks, partial_rows) = if warp_rows {
+                let b = rows.div_ceil(8 * 4).clamp(1, 8 * dev.sm_count());
+                (b, b * 8)
+            } else {
+                let b = rows.clamp(1, 2 * dev.sm_count());
+                (b, b)
+            };
+            let partial = Tensor::uninit(&[partial_rows, cols], DType::F32, x.device())?;
             if rows > 0 {
-                let (name, block, smem) = match v8_block(cols, &[&dx, &partial, x, w, dy], 256) {
-                    Some(b) => (kname("rmsnorm_bwd_v8", x), b, 0),
-                    None => (kname("rmsnorm_bwd", x), block_for(cols), (cols * 4) as u32),
+                let (name, block, smem) = if warp_rows {
+                    (kname("rmsnorm_bwd_w8", x), 256, 0)
+                } else {
+                    match v8_block(cols, &[&dx, &partial, x, w, dy], 256) {
+                        Some(b) => (kname("rmsnorm_bwd_v8", x), b, 0),
+                        None => (kname("rmsnorm_bwd", x), block_for(cols), (cols * 4) as u32),
+                    }
                 };
                 dev.launch(
                     &kernels::NORM,

@@ -110,6 +110,41 @@ INSTANTIATE_FLOAT_TYPES(NORM)
     }
 INSTANTIATE_FLOAT_TYPES(NORM_V8)
 
+// Backward for short rows (cols <= 256, a multiple of 8: per-head q/k norms): one warp per row,
+// lane l owning elements 8l..8l+7, the row's dot product by shuffles (no block barrier per row),
+// so 64 warps per SM stream rows. Each warp writes one partial dw row (dw_partial [gridDim.x ·
+// warps, cols]), summed afterwards as in rmsnorm_bwd_v8.
+#define NORM_W8(SUFFIX, T)                                                                              \
+    extern "C" __global__ void rmsnorm_bwd_w8_##SUFFIX(T* dx, float* dw_partial, const T* x, const T* w, \
+                                                      const float* rstd, const T* dy, int rows, int cols) { \
+        const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;                                        \
+        const int64_t wid = (int64_t)blockIdx.x * nw + (threadIdx.x >> 5);                              \
+        const bool on = lane < (cols >> 3);                                                             \
+        float wv[8], dw[8];                                                                             \
+        _Pragma("unroll") for (int q = 0; q < 8; ++q) dw[q] = 0.f, wv[q] = 0.f;                         \
+        if (on) load8(w + lane * 8, wv);                                                                \
+        for (int64_t row = wid; row < rows; row += (int64_t)gridDim.x * nw) {                           \
+            float xv[8], dv[8], dot = 0.f;                                                              \
+            if (on) {                                                                                   \
+                load8(x + row * cols + lane * 8, xv);                                                   \
+                load8(dy + row * cols + lane * 8, dv);                                                  \
+                _Pragma("unroll") for (int q = 0; q < 8; ++q) dot += xv[q] * wv[q] * dv[q];             \
+            }                                                                                           \
+            dot = warp_sum(dot) / cols;                                                                 \
+            const float r = rstd[row];                                                                  \
+            if (on) {                                                                                   \
+                float o[8];                                                                             \
+                _Pragma("unroll") for (int q = 0; q < 8; ++q) {                                         \
+                    o[q] = r * wv[q] * dv[q] - xv[q] * r * r * r * dot;                                 \
+                    dw[q] += dv[q] * xv[q] * r;                                                         \
+                }                                                                                       \
+                store8(dx + row * cols + lane * 8, o);                                                  \
+            }                                                                                           \
+        }                                                                                               \
+        if (on) store8(dw_partial + wid * cols + lane * 8, dw);                                         \
+    }
+INSTANTIATE_FLOAT_TYPES(NORM_W8)
+
 // Residual add + RMSNorm (inference): x += a (rounded to T, as axpy does), then y = rmsnorm(x).
 // One block per row. Bytes: rows·cols·(4·sizeof(T)).
 #define ADD_NORM(SUFFIX, T)                                                                             \
