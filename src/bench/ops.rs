@@ -90,5 +90,31 @@ pub fn run(a: OpsArgs) -> anyhow::Result<()> {
         ms,
         bytes / (ms * 1e-3) / 1e9
     );
+    // RMSNorm forward and backward over 16M elements (2^20 on the CPU) at a model width and at
+    // a per-head width (q/k norms). Bytes: x read + y written; x, dy read + dx written.
+    for cols in [2048usize, 128] {
+        let rows = (if gpu { 1 << 24 } else { 1 << 20 }) / cols;
+        let x = random(&[rows, cols], dtype, device, 5)?;
+        let w = random(&[cols], dtype, device, 6)?;
+        let dy = random(&[rows, cols], dtype, device, 7)?;
+        let (_, rstd) = ops::rmsnorm(&x, &w, 1e-6)?;
+        let m = (rows * cols) as f64 * es;
+        let ms = median_ms(device, 3, a.reps, || ops::rmsnorm(&x, &w, 1e-6).map(drop))?;
+        println!(
+            "{:<34} {:>10.3} {:>8.1} GB/s",
+            format!("rmsnorm {dtype} {rows}x{cols}"),
+            ms,
+            2.0 * m / (ms * 1e-3) / 1e9
+        );
+        let ms = median_ms(device, 3, a.reps, || {
+            ops::rmsnorm_backward(&x, &w, &rstd, &dy).map(drop)
+        })?;
+        println!(
+            "{:<34} {:>10.3} {:>8.1} GB/s",
+            format!("rmsnorm backward {dtype} {rows}x{cols}"),
+            ms,
+            3.0 * m / (ms * 1e-3) / 1e9
+        );
+    }
     Ok(())
 }
