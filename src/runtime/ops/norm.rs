@@ -72,7 +72,25 @@ pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
         Device::Cuda(_) => {
             let y = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
             let rstd = Tensor::uninit(rshape, DType::F32, x.device())?;
-            if rows > 0 {
+            if rows > 0 && cols <= 256 && super::rows_v8(cols, &[&y, x, w]) {
+                // Short rows (per-head q/k norms): one warp per row, 8 rows per block.
+                cuda_dev(x)?
+                    .launch(
+                        &kernels::NORM,
+                        &kname("rmsnorm_fwd_w8", x),
+                        (rows.div_ceil(8) as u32, 1, 1),
+                        (256, 1, 1),
+                        0,
+                    )?
+                    .ptr(dptr(&y))
+                    .ptr(dptr(&rstd))
+                    .ptr(dptr(x))
+                    .ptr(dptr(w))
+                    .usize_as_i32(rows)?
+                    .usize_as_i32(cols)?
+                    .f32(eps)
+                    .run()?;
+            } else if rows > 0 {
                 let (name, block) = match v8_block(cols, &[&y, x, w], 1024) {
                     Some(b) => (kname("rmsnorm_fwd_v8", x), b),
                     None => (kname("rmsnorm_fwd", x), block_for(cols)),

@@ -145,6 +145,31 @@ INSTANTIATE_FLOAT_TYPES(NORM_V8)
     }
 INSTANTIATE_FLOAT_TYPES(NORM_W8)
 
+// Forward for the same short rows: one warp per row (grid ceil(rows / warps per block)).
+#define NORM_FWD_W8(SUFFIX, T)                                                                          \
+    extern "C" __global__ void rmsnorm_fwd_w8_##SUFFIX(T* y, float* rstd, const T* x, const T* w, int rows, \
+                                                      int cols, float eps) {                            \
+        const int lane = threadIdx.x & 31;                                                              \
+        const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);               \
+        if (row >= rows) return;                                                                        \
+        const bool on = lane < (cols >> 3);                                                             \
+        float v[8], ss = 0.f;                                                                           \
+        if (on) {                                                                                       \
+            load8(x + row * cols + lane * 8, v);                                                        \
+            _Pragma("unroll") for (int q = 0; q < 8; ++q) ss += v[q] * v[q];                            \
+        }                                                                                               \
+        ss = warp_sum(ss);                                                                              \
+        const float r = rsqrtf(ss / cols + eps);                                                        \
+        if (lane == 0) rstd[row] = r;                                                                   \
+        if (on) {                                                                                       \
+            float wv[8];                                                                                \
+            load8(w + lane * 8, wv);                                                                    \
+            _Pragma("unroll") for (int q = 0; q < 8; ++q) v[q] = v[q] * r * wv[q];                      \
+            store8(y + row * cols + lane * 8, v);                                                       \
+        }                                                                                               \
+    }
+INSTANTIATE_FLOAT_TYPES(NORM_FWD_W8)
+
 // Residual add + RMSNorm (inference): x += a (rounded to T, as axpy does), then y = rmsnorm(x).
 // One block per row. Bytes: rows·cols·(4·sizeof(T)).
 #define ADD_NORM(SUFFIX, T)                                                                             \
