@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fixture_dir, load_safetensors, rel_err};
+use common::{fixture_dir, load_safetensors, rel_err, shifted};
 use moe::model::{Model, TrainOpts};
 use moe::runtime::{set_poison_outputs, DType, Device, ParamSet, Tensor};
 
@@ -170,12 +170,7 @@ fn training_step_on_cuda_matches_cpu() {
     let r = load_safetensors(&dir.join("train_reference.safetensors"));
     let (b, s) = (r["tokens"].dim(0), r["tokens"].dim(1));
     let tok = r["tokens"].to_vec::<i32>().unwrap();
-    let mut tg = vec![-100; b * s];
-    for i in 0..b {
-        for j in 0..s - 1 {
-            tg[i * s + j] = tok[i * s + j + 1];
-        }
-    }
+    let (tg, n) = shifted(&tok, b, s);
     let tokens = Tensor::from_vec(tok, &[b, s]).unwrap();
     let targets = Tensor::from_vec(tg, &[b, s]).unwrap();
     let grads = |m: &Model, recompute: bool| {
@@ -187,7 +182,7 @@ fn training_step_on_cuda_matches_cpu() {
             recompute,
             ..Default::default()
         };
-        let (out, saved) = m.forward_train(&t, &y, b * (s - 1), &opts).unwrap();
+        let (out, saved) = m.forward_train(&t, &y, n, &opts).unwrap();
         let loss = out.loss.scalar_f32().unwrap();
         let mut g = m.params.zeros_like(DType::F32).unwrap();
         m.backward(saved, &mut g).unwrap();
@@ -291,12 +286,7 @@ fn flash_attention_training_and_fused_norm_on_cuda() {
     cfg.layers[1].sliding_window = Some(24);
     let (b, s) = (2, 80);
     let tok: Vec<i32> = (0..b * s).map(|i| ((i * 29 + 3) % 64) as i32).collect();
-    let mut tg = vec![-100; b * s];
-    for i in 0..b {
-        for j in 0..s - 1 {
-            tg[i * s + j] = tok[i * s + j + 1];
-        }
-    }
+    let (tg, n) = shifted(&tok, b, s);
     let (tokens, targets) = (
         Tensor::from_vec(tok, &[b, s]).unwrap(),
         Tensor::from_vec(tg, &[b, s]).unwrap(),
@@ -306,9 +296,7 @@ fn flash_attention_training_and_fused_norm_on_cuda() {
             tokens.to_device(m.device).unwrap(),
             targets.to_device(m.device).unwrap(),
         );
-        let (out, saved) = m
-            .forward_train(&t, &y, b * (s - 1), &TrainOpts::default())
-            .unwrap();
+        let (out, saved) = m.forward_train(&t, &y, n, &TrainOpts::default()).unwrap();
         let mut g = m.params.grad_buffers().unwrap();
         let mut sq = Tensor::zeros(&[1], DType::F32, m.device).unwrap();
         m.backward_with(saved, &mut g, true, Some(&mut sq)).unwrap();

@@ -4,21 +4,10 @@
 
 mod common;
 
-use common::{fixture_dir, load_safetensors, rel_err};
+use common::{fixture_dir, load_safetensors, rel_err, shifted};
 use moe::model::{Model, NativeMoe, NativeSpec, QkNorm, TrainOpts};
 use moe::moe::RouterKind;
 use moe::runtime::{DType, Device, ParamSet, Tensor};
-
-/// targets[t] = tokens[t + 1] within each sequence, the last position ignored (HF's label shift).
-fn shifted(tokens: &[i32], b: usize, s: usize) -> (Vec<i32>, usize) {
-    let mut t = vec![-100; b * s];
-    for i in 0..b {
-        for j in 0..s - 1 {
-            t[i * s + j] = tokens[i * s + j + 1];
-        }
-    }
-    (t, b * (s - 1))
-}
 
 #[test]
 fn one_step_matches_transformers() {

@@ -716,21 +716,11 @@ impl Model {
         self.backward_with(saved, g, true, None)
     }
 
-    /// `backward` (`backward_first` when `first`); with `expert_sumsq` ([1] f32) the squared L2
-    /// norm of the routed experts' weight gradients as this backward leaves them is added into
-    /// it by the GEMMs that write them (their share of the global norm without reading them
-    /// again; `routed_expert_grads` lists the tensors it covers).
+    /// `backward` (`backward_first` when `experts_fresh`); with `expert_sumsq` ([1] f32) the
+    /// squared L2 norm of the routed experts' weight gradients as this backward leaves them is
+    /// added into it by the GEMMs that write them (their share of the global norm without reading
+    /// them again; `Params::routed_expert_weights` lists the tensors it covers).
     pub fn backward_with(
-        &self,
-        saved: Saved,
-        g: &mut Grads,
-        first: bool,
-        expert_sumsq: Option<&mut Tensor>,
-    ) -> Result<()> {
-        self.backward_impl(saved, g, first, expert_sumsq)
-    }
-
-    fn backward_impl(
         &self,
         saved: Saved,
         g: &mut Grads,

@@ -61,3 +61,15 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
     let e = rel_err(&g, &w);
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
 }
+
+/// targets[t] = tokens[t + 1] within each sequence, the last position ignored (HF's label
+/// shift), and the number of supervised positions.
+pub fn shifted(tokens: &[i32], b: usize, s: usize) -> (Vec<i32>, usize) {
+    let mut t = vec![-100; b * s];
+    for i in 0..b {
+        for j in 0..s - 1 {
+            t[i * s + j] = tokens[i * s + j + 1];
+        }
+    }
+    (t, b * (s - 1))
+}
