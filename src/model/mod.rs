@@ -790,9 +790,8 @@ impl Model {
                     )))
                 }
             };
-            let (dxm, dw2) = ops::rmsnorm_backward(&x_mid, &blk.ffn_norm, &rstd2, &dh2)?;
+            let dw2 = ops::rmsnorm_backward_acc(&x_mid, &blk.ffn_norm, &rstd2, &dh2, &mut dx)?;
             ops::add_assign(&mut gb.ffn_norm, &dw2)?;
-            ops::add_assign(&mut dx, &dxm)?;
             // x_mid = x + attn(norm(x))
             let dh1 = blk.attn.backward(
                 &self.shape(i),
@@ -805,9 +804,8 @@ impl Model {
                 &dx,
                 &mut gb.attn,
             )?;
-            let (dxa, dw1) = ops::rmsnorm_backward(&x, &blk.attn_norm, &rstd1, &dh1)?;
+            let dw1 = ops::rmsnorm_backward_acc(&x, &blk.attn_norm, &rstd1, &dh1, &mut dx)?;
             ops::add_assign(&mut gb.attn_norm, &dw1)?;
-            ops::add_assign(&mut dx, &dxa)?;
         }
         ops::embedding_backward(&tokens, &dx, &mut g.embed)?;
         Ok(())

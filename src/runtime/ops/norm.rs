@@ -92,6 +92,7 @@ pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
                     .run()?;
             } else if rows > 0 {
                 let (name, block) = match v8_block(cols, &[&y, x, w], 1024) {
+                    Some(b) if 8 * b as usize >= cols => (kname("rmsnorm_fwd_v8c1", x), b),
                     Some(b) => (kname("rmsnorm_fwd_v8", x), b),
                     None => (kname("rmsnorm_fwd", x), block_for(cols)),
                 };
@@ -164,6 +165,42 @@ pub fn rmsnorm_backward(
     rstd: &Tensor,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    let (dx, dw) = backward(x, w, rstd, dy, None)?;
+    Ok((dx.expect("dx without acc"), dw))
+}
+
+/// `rmsnorm_backward` whose dx is added into `acc` (the residual stream's gradient: one pass
+/// instead of dx written, then read and added); returns dw. Each element of `acc` becomes
+/// acc + dx rounded once to its dtype.
+pub fn rmsnorm_backward_acc(
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    acc: &mut Tensor,
+) -> Result<Tensor> {
+    if acc.shape() != x.shape() || acc.dtype() != x.dtype() || acc.device() != x.device() {
+        return Err(Error::shape(
+            "rmsnorm_backward_acc",
+            format!(
+                "acc {:?} {} does not fit x {:?} {}",
+                acc.shape(),
+                acc.dtype(),
+                x.shape(),
+                x.dtype()
+            ),
+        ));
+    }
+    Ok(backward(x, w, rstd, dy, Some(acc))?.1)
+}
+
+fn backward(
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    acc: Option<&mut Tensor>,
+) -> Result<(Option<Tensor>, Tensor)> {
     let op = "rmsnorm_backward";
     let (rows, cols) = check(op, x, w)?;
     same_device(op, &[x, rstd, dy])?;
@@ -184,10 +221,11 @@ pub fn rmsnorm_backward(
             let (xv, wv, rv, dv) = (x.cpu_f32()?, w.cpu_f32()?, rstd.cpu_f32()?, dy.cpu_f32()?);
             let mut dx = vec![0.0f32; rows * cols];
             if cols == 0 {
-                return Ok((
-                    cpu_from_f32(dx, x.shape(), x.dtype())?,
-                    Tensor::zeros(&[0], DType::F32, Device::Cpu)?,
-                ));
+                let dx = match acc {
+                    Some(_) => None,
+                    None => Some(cpu_from_f32(dx, x.shape(), x.dtype())?),
+                };
+                return Ok((dx, Tensor::zeros(&[0], DType::F32, Device::Cpu)?));
             }
             // dx = rstd·(w⊙dy) − x·rstd³·mean(x ⊙ w ⊙ dy); dw = Σ_rows dy ⊙ x ⊙ rstd.
             // dw is summed per fixed group of rows, then the groups in order: the same bits for
@@ -222,24 +260,39 @@ pub fn rmsnorm_backward(
             for p in &partials {
                 dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
             }
-            Ok((
-                cpu_from_f32(dx, x.shape(), x.dtype())?,
-                Tensor::from_vec(dw, &[cols])?,
-            ))
+            let dw = Tensor::from_vec(dw, &[cols])?;
+            match acc {
+                Some(a) => {
+                    let mut av = a.cpu_f32()?.into_owned();
+                    av.iter_mut().zip(&dx).for_each(|(a, d)| *a += d);
+                    *a = cpu_from_f32(av, x.shape(), x.dtype())?;
+                    Ok((None, dw))
+                }
+                None => Ok((Some(cpu_from_f32(dx, x.shape(), x.dtype())?), dw)),
+            }
         }
         Device::Cuda(_) => {
             let dev = cuda_dev(x)?;
-            let dx = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
+            let accumulate = acc.is_some();
+            let mut own = None;
+            let dx: &Tensor = match acc {
+                Some(a) => a,
+                None => own.insert(Tensor::uninit(x.shape(), x.dtype(), x.device())?),
+            };
             // Each block walks rows blockIdx.x, +grid, ... and writes one partial dw row; the
             // partials are summed by sum_rows: deterministic, no atomics.
             // Short rows (per-head q/k norms): one warp per row, 8 warps per block, enough
             // blocks for 64 warps per SM, one partial row per warp.
-            let warp_rows = cols <= 256 && super::rows_v8(cols, &[&dx, x, w, dy]);
+            // Rows of at most 2048 with one 16-byte chunk per thread: a light kernel (56
+            // registers), four resident blocks per SM so that several rows are in flight on each.
+            let warp_rows = cols <= 256 && super::rows_v8(cols, &[dx, x, w, dy]);
+            let one_chunk = !warp_rows && cols <= 8 * 256 && super::rows_v8(cols, &[dx, x, w, dy]);
             let (blocks, partial_rows) = if warp_rows {
                 let b = rows.div_ceil(8 * 4).clamp(1, 8 * dev.sm_count());
                 (b, b * 8)
             } else {
-                let b = rows.clamp(1, 2 * dev.sm_count());
+                let per_sm = if one_chunk { 4 } else { 2 };
+                let b = rows.clamp(1, per_sm * dev.sm_count());
                 (b, b)
             };
             let partial = Tensor::uninit(&[partial_rows, cols], DType::F32, x.device())?;
@@ -247,7 +300,8 @@ pub fn rmsnorm_backward(
                 let (name, block, smem) = if warp_rows {
                     (kname("rmsnorm_bwd_w8", x), 256, 0)
                 } else {
-                    match v8_block(cols, &[&dx, &partial, x, w, dy], 256) {
+                    match v8_block(cols, &[dx, &partial, x, w, dy], 256) {
+                        Some(b) if one_chunk => (kname("rmsnorm_bwd_v8c1", x), b, 0),
                         Some(b) => (kname("rmsnorm_bwd_v8", x), b, 0),
                         None => (kname("rmsnorm_bwd", x), block_for(cols), (cols * 4) as u32),
                     }
@@ -259,7 +313,7 @@ pub fn rmsnorm_backward(
                     (block, 1, 1),
                     smem,
                 )?
-                .ptr(dptr(&dx))
+                .ptr(dptr(dx))
                 .ptr(dptr(&partial))
                 .ptr(dptr(x))
                 .ptr(dptr(w))
@@ -267,12 +321,13 @@ pub fn rmsnorm_backward(
                 .ptr(dptr(dy))
                 .usize_as_i32(rows)?
                 .usize_as_i32(cols)?
+                .i32(accumulate as i32)
                 .run()?;
             } else {
-                return Ok((dx, Tensor::zeros(&[cols], DType::F32, x.device())?));
+                return Ok((own, Tensor::zeros(&[cols], DType::F32, x.device())?));
             }
             let dw = super::sum_rows(&partial)?;
-            Ok((dx, dw))
+            Ok((own, dw))
         }
     }
 }
