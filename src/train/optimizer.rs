@@ -3,7 +3,7 @@
 //! update writes its bf16 copy back into the model's tensor; an f32 parameter is its own master.
 //! Weight decay skips parameters whose name contains a `no_decay` pattern (norms, biases,
 //! embeddings by default). Global-norm clipping: the squared norm is summed on the device
-//! (`ops::sum_squares` per gradient) and read once per step by the caller; the clip factor and
+//! (`ops::sum_squares_many`: one launch over the gradients) and read once per step by the caller; the clip factor and
 //! the 1/accumulation factor fold into the update's `grad_scale`, so gradients are never rescaled
 //! in memory.
 
@@ -162,15 +162,10 @@ pub struct AdamWOptimizer {
 
 /// Squared global L2 norm of `grads` as a [1] f32 tensor on their device (no host sync).
 pub fn grad_norm_sq(grads: &[&Tensor]) -> Result<Tensor> {
-    let mut it = grads.iter();
-    let first = it
-        .next()
-        .ok_or_else(|| Error::Config("no trainable parameters".into()))?;
-    let mut acc = ops::sum_squares(first)?;
-    for g in it {
-        ops::add_assign(&mut acc, &ops::sum_squares(g)?)?;
+    if grads.is_empty() {
+        return Err(Error::Config("no trainable parameters".into()));
     }
-    Ok(acc)
+    Ok(ops::sum_squares_many(grads)?)
 }
 
 /// `grad_norm_sq` when the squared norm of some of the gradients (`covered`, compared by

@@ -46,7 +46,7 @@ pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
             }
             // Pass 1: grid (column tiles of 32) × (row groups) -> partial [groups, C]; pass 2
             // sums the groups. One group when rows are few.
-            let groups = rows.div_ceil(256).clamp(1, 64);
+            let groups = rows.div_ceil(64).clamp(1, 128);
             let partial = Tensor::uninit(&[groups, cols], DType::F32, x.device())?;
             let tiles = cols.div_ceil(32) as u32;
             dev.launch(
@@ -146,6 +146,80 @@ pub fn sum_all(x: &Tensor) -> Result<Tensor> {
 /// Σ x² as a [1] f32 tensor on x's device.
 pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
     total(x, true)
+}
+
+/// Σ over `xs` of Σ x², a [1] f32 tensor (the gradient norm over every parameter). On CPU the
+/// per-tensor sums are added in order. On CUDA the tensors of the first one's dtype whose
+/// lengths are multiples of 8 and that are 16-byte aligned go through one launch
+/// (`multi_sumsq_v8`, per-block partials in a fixed order) instead of three per tensor; the
+/// others are added one by one.
+pub fn sum_squares_many(xs: &[&Tensor]) -> Result<Tensor> {
+    let Some(first) = xs.first() else {
+        return Err(crate::runtime::Error::Invalid(
+            "sum_squares_many of no tensors".into(),
+        ));
+    };
+    let mut rest: Vec<&Tensor> = Vec::new();
+    let mut acc: Option<Tensor> = None;
+    if let Device::Cuda(_) = first.device() {
+        let dt = first.dtype();
+        let (mut table, mut blocks) = (Vec::<i64>::new(), 0usize);
+        for &x in xs {
+            x.expect_float("sum_squares_many")?;
+            let n = x.numel();
+            if x.device() == first.device() && x.dtype() == dt && n > 0 && super::rows_v8(n, &[x]) {
+                table.extend([dptr(x) as i64, (n / 8) as i64, blocks as i64]);
+                blocks += (n / 8).div_ceil(1024 * 8).clamp(1, 1024);
+            } else {
+                rest.push(x);
+            }
+        }
+        if blocks > 0 {
+            let dev = cuda_dev(first)?;
+            let count = table.len() / 3;
+            let words: Vec<i32> = table
+                .iter()
+                .flat_map(|&v| [v as u64 as u32 as i32, ((v as u64) >> 32) as u32 as i32])
+                .collect();
+            let t = Tensor::from_vec(words, &[6 * count])?.to_device(first.device())?;
+            let partial = Tensor::uninit(&[blocks], DType::F32, first.device())?;
+            let out = Tensor::uninit(&[1], DType::F32, first.device())?;
+            dev.launch(
+                &kernels::REDUCE,
+                &kname("multi_sumsq_v8", first),
+                (blocks as u32, 1, 1),
+                (1024, 1, 1),
+                0,
+            )?
+            .ptr(dptr(&partial))
+            .ptr(dptr(&t))
+            .usize_as_i32(count)?
+            .run()?;
+            dev.launch(
+                &kernels::REDUCE,
+                "block_sums_f32",
+                (1, 1, 1),
+                (1024, 1, 1),
+                0,
+            )?
+            .ptr(dptr(&out))
+            .ptr(dptr(&partial))
+            .i64(blocks as i64)
+            .i32(0)
+            .run()?;
+            acc = Some(out);
+        }
+    } else {
+        rest.extend(xs.iter().copied());
+    }
+    for x in rest {
+        let s = sum_squares(x)?;
+        match &mut acc {
+            Some(a) => super::add_assign(a, &s)?,
+            None => acc = Some(s),
+        }
+    }
+    Ok(acc.expect("at least one tensor"))
 }
 
 #[cfg(test)]

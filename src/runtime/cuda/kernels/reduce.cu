@@ -46,3 +46,30 @@ INSTANTIATE_FLOAT_TYPES(COLSUM)
         if (threadIdx.x == 0) out[blockIdx.x] = s;                                                      \
     }
 INSTANTIATE_FLOAT_TYPES(BLOCKSUM_V8)
+
+// Σ x² over many tensors in one launch (the gradient norm over every parameter). table holds
+// `count` rows {address, n8, first block} (int64): tensor i owns blocks first_i .. first_{i+1} − 1,
+// which stride over its n8 units of 8 elements (16-byte aligned). One partial per block, in a
+// fixed order for fixed shapes (block_sums_f32 finishes it).
+#define MULTI_SUMSQ_V8(SUFFIX, T)                                                                       \
+    extern "C" __global__ void multi_sumsq_v8_##SUFFIX(float* out, const long long* table, int count) { \
+        __shared__ float scratch[32];                                                                   \
+        int lo = 0, hi = count - 1;                                                                     \
+        while (lo < hi) {                                                                               \
+            const int mid = (lo + hi + 1) >> 1;                                                         \
+            if (table[3 * mid + 2] <= (long long)blockIdx.x) lo = mid; else hi = mid - 1;               \
+        }                                                                                               \
+        const T* x = reinterpret_cast<const T*>(table[3 * lo]);                                         \
+        const int64_t n8 = table[3 * lo + 1], b0 = table[3 * lo + 2];                                   \
+        const int64_t nb = (lo + 1 < count ? table[3 * lo + 5] : (long long)gridDim.x) - b0;            \
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};                                        \
+        for (int64_t i = (blockIdx.x - b0) * blockDim.x + threadIdx.x; i < n8; i += nb * blockDim.x) {  \
+            float v[8];                                                                                 \
+            load8(x + 8 * i, v);                                                                        \
+            _Pragma("unroll") for (int q = 0; q < 8; ++q) acc[q] += v[q] * v[q];                        \
+        }                                                                                               \
+        float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));    \
+        s = block_sum(s, scratch);                                                                      \
+        if (threadIdx.x == 0) out[blockIdx.x] = s;                                                      \
+    }
+INSTANTIATE_FLOAT_TYPES(MULTI_SUMSQ_V8)
