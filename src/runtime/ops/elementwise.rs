@@ -134,18 +134,26 @@ fn binary(
         Device::Cuda(_) => {
             let out = Tensor::uninit(a.shape(), a.dtype(), a.device())?;
             let n = a.numel();
+            let (name, units) = if super::rows_v8(n, &[&out, a, b]) {
+                (kname("binary_v8", a), n / 8)
+            } else {
+                (kname("binary", a), n)
+            };
+            if units == 0 {
+                return Ok(out);
+            }
             cuda_dev(a)?
                 .launch(
                     &kernels::ELEMENTWISE,
-                    &kname("binary", a),
-                    (grid_1d(n, 256).min(65535 * 8), 1, 1),
+                    &name,
+                    (grid_1d(units, 256).min(65535 * 8), 1, 1),
                     (256, 1, 1),
                     0,
                 )?
                 .ptr(dptr(&out))
                 .ptr(dptr(a))
                 .ptr(dptr(b))
-                .i64(n as i64)
+                .i64(units as i64)
                 .i32(code)
                 .run()?;
             Ok(out)

@@ -86,7 +86,7 @@ pub(crate) fn grouped_matmul(
             &kernels::GROUPED_GEMM,
             "gg_tile_prefix",
             (1, 1, 1),
-            (32, 1, 1),
+            (256, 1, 1),
             0,
         )?
         .ptr(dptr(&prefix))

@@ -71,10 +71,15 @@ pub fn cross_entropy(
             let loss = Tensor::uninit(&[rows], DType::F32, logits.device())?;
             let lse = Tensor::uninit(&[rows], DType::F32, logits.device())?;
             if rows > 0 {
+                let base = if super::rows_v8(v, &[logits]) {
+                    "cross_entropy_fwd_v8"
+                } else {
+                    "cross_entropy_fwd"
+                };
                 cuda_dev(logits)?
                     .launch(
                         &kernels::LOSS,
-                        &kname("cross_entropy_fwd", logits),
+                        &kname(base, logits),
                         (rows as u32, 1, 1),
                         (1024, 1, 1),
                         0,
@@ -133,10 +138,15 @@ pub fn cross_entropy_backward(
         Device::Cuda(_) => {
             let out = Tensor::uninit(logits.shape(), logits.dtype(), logits.device())?;
             if rows > 0 {
+                let base = if super::rows_v8(v, &[&out, logits]) {
+                    "cross_entropy_bwd_v8"
+                } else {
+                    "cross_entropy_bwd"
+                };
                 cuda_dev(logits)?
                     .launch(
                         &kernels::LOSS,
-                        &kname("cross_entropy_bwd", logits),
+                        &kname(base, logits),
                         (rows as u32, 1, 1),
                         (1024, 1, 1),
                         0,

@@ -122,6 +122,19 @@ INSTANTIATE_FLOAT_TYPES(ELEMENTWISE)
     }
 INSTANTIATE_FLOAT_TYPES(SWIGLU_V8)
 
+// binary (add / mul) 8 elements per thread (n a multiple of 8, 16-byte aligned); n8 = n / 8.
+#define BINARY_V8(SUFFIX, T)                                                                            \
+    extern "C" __global__ void binary_v8_##SUFFIX(T* out, const T* a, const T* b, int64_t n8, int op) { \
+        GRID_STRIDE(i, n8) {                                                                            \
+            float x[8], y[8];                                                                           \
+            load8(a + i * 8, x);                                                                        \
+            load8(b + i * 8, y);                                                                        \
+            _Pragma("unroll") for (int q = 0; q < 8; ++q) x[q] = op == 0 ? x[q] + y[q] : x[q] * y[q];   \
+            store8(out + i * 8, x);                                                                     \
+        }                                                                                               \
+    }
+INSTANTIATE_FLOAT_TYPES(BINARY_V8)
+
 // dst += s * src, with dst's and src's storage types in the name.
 #define AXPY(DN, TD, SN, TS)                                                                           \
     extern "C" __global__ void axpy_##DN##_##SN(TD* dst, const TS* src, int64_t n, float s) {         \
