@@ -383,7 +383,9 @@ impl Attention {
             g.k_norm.as_mut(),
             hkv * hd,
         )?;
-        let mut dx = Tensor::zeros(x.shape(), x.dtype(), x.device())?;
+        // dx = dq·Wq + dk·Wk + dv·Wv: the second and third GEMMs accumulate into the first's
+        // output (beta = 1) instead of a zeroed buffer and three adds.
+        let mut dx: Option<Tensor> = None;
         for (d, w, gw, gb) in [
             (&dq, &self.q, &mut g.q, g.q_bias.as_mut()),
             (&dk, &self.k, &mut g.k, g.k_bias.as_mut()),
@@ -393,9 +395,12 @@ impl Attention {
             if let Some(gb) = gb {
                 ops::add_assign(gb, &ops::sum_rows(d)?)?;
             }
-            ops::add_assign(&mut dx, &ops::matmul(d, w, Matmul::default())?)?;
+            match dx.as_mut() {
+                Some(dx) => ops::matmul_into(dx, d, w, Matmul::default(), 1.0)?,
+                None => dx = Some(ops::matmul(d, w, Matmul::default())?),
+            }
         }
-        Ok(dx)
+        dx.expect("three projections").reshape(x.shape())
     }
 
     /// Prefill of several sequences' new tokens in one pass: x [N, d] holds the spans' rows

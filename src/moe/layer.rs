@@ -484,18 +484,29 @@ pub fn moe_backward_into(
         out_dtype: Some(DType::F32),
         ..Default::default()
     };
-    let mut dx = Tensor::zeros(x.shape(), x.dtype(), x.device())?;
-    let mut dy_moe = dy.try_clone()?;
+    // dx is the first contribution's tensor, the later ones added into it (no zeroed buffer).
+    let mut dx: Option<Tensor> = None;
+    let add = |dx: &mut Option<Tensor>, t: Tensor| -> Result<()> {
+        match dx.as_mut() {
+            Some(d) => ops::add_assign(d, &t),
+            None => {
+                *dx = Some(t);
+                Ok(())
+            }
+        }
+    };
+    let mut dy_scaled: Option<Tensor> = None;
     if let (Some(rw), Some((s, diff, z, c0)), Some(rg)) =
         (&w.residual, &saved.residual, grads.residual.as_mut())
     {
         // y = y_mlp + c0·(y_moe − y_mlp): d y_moe = c0·dy, d y_mlp = (1 − c0)·dy, dc0 = ⟨dy, diff⟩.
-        dy_moe = ops::scale_rows(dy, c0)?;
+        let dy_moe = ops::scale_rows(dy, c0)?;
         let mut dy_mlp = dy.try_clone()?;
         ops::add_scaled(&mut dy_mlp, &dy_moe, -1.0)?;
-        ops::add_assign(
+        dy_scaled = Some(dy_moe);
+        add(
             &mut dx,
-            &rw.mlp.backward(cfg.expert, x, s, &dy_mlp, &mut rg.mlp)?,
+            rw.mlp.backward(cfg.expert, x, s, &dy_mlp, &mut rg.mlp)?,
         )?;
         let dz = ops::activation_backward(z, &ops::row_dot(dy, diff)?, Activation::Sigmoid)?;
         let dzx = ops::cast(&dz, x.dtype())?.reshape(&[x.dim(0), 1])?;
@@ -512,33 +523,37 @@ pub fn moe_backward_into(
         }
         let mut wd = ops::slice_rows(&rw.coef, 0, 1)?;
         ops::add_scaled(&mut wd, &ops::slice_rows(&rw.coef, 1, 1)?, -1.0)?;
-        ops::add_assign(&mut dx, &ops::matmul(&dzx, &wd, Matmul::default())?)?;
+        add(&mut dx, ops::matmul(&dzx, &wd, Matmul::default())?)?;
     }
+    let dy_moe = dy_scaled.as_ref().unwrap_or(dy);
     if let (Some(sw), Some((s, ys, gate)), Some(sg)) =
         (&w.shared, &saved.shared, grads.shared.as_mut())
     {
-        let dys = match gate {
-            Some((_, g)) => ops::scale_rows(&dy_moe, g)?,
-            None => dy_moe.try_clone()?,
+        let gated = match gate {
+            Some((_, g)) => Some(ops::scale_rows(dy_moe, g)?),
+            None => None,
         };
-        ops::add_assign(
+        add(
             &mut dx,
-            &sw.mlp
-                .backward(ExpertKind::SwiGlu, x, s, &dys, &mut sg.mlp)?,
+            sw.mlp.backward(
+                ExpertKind::SwiGlu,
+                x,
+                s,
+                gated.as_ref().unwrap_or(dy_moe),
+                &mut sg.mlp,
+            )?,
         )?;
         if let (Some((gl, _)), Some(gw), Some(gg)) = (gate, &sw.gate, sg.gate.as_mut()) {
             // contribution = σ(x·gᵀ)·ys: d logit = σ'(logit)·⟨dy, ys⟩.
-            let dl =
-                ops::activation_backward(gl, &ops::row_dot(&dy_moe, ys)?, Activation::Sigmoid)?;
+            let dl = ops::activation_backward(gl, &ops::row_dot(dy_moe, ys)?, Activation::Sigmoid)?;
             let dlx = ops::cast(&dl, x.dtype())?.reshape(&[x.dim(0), 1])?;
             ops::matmul_into(gg, &dlx, x, acc, 1.0)?;
-            ops::add_assign(&mut dx, &ops::matmul(&dlx, gw, Matmul::default())?)?;
+            add(&mut dx, ops::matmul(&dlx, gw, Matmul::default())?)?;
         }
     }
     // Routed experts.
     let d = &saved.dispatch;
-    let (dy_perm, dweights) =
-        dispatch::combine_backward(&dy_moe, &saved.y_perm, d, &saved.weights)?;
+    let (dy_perm, dweights) = dispatch::combine_backward(dy_moe, &saved.y_perm, d, &saved.weights)?;
     let (dx_perm, eg) = experts::backward(
         cfg,
         &w.w1,
@@ -559,7 +574,7 @@ pub fn moe_backward_into(
     if let (Some(g), Some(b)) = (grads.b2.as_mut(), eg.b2.as_ref()) {
         ops::add_assign(g, b)?;
     }
-    ops::add_assign(&mut dx, &dispatch::combine(&dx_perm, &d.pos, None)?)?;
+    add(&mut dx, dispatch::combine(&dx_perm, &d.pos, None)?)?;
     // Router: logits = rx·routerᵀ.
     let scaled = MoeConfig {
         aux_loss_coeff: cfg.aux_loss_coeff * loss_scale,
@@ -577,10 +592,14 @@ pub fn moe_backward_into(
     let dl = ops::cast(&dlogits, x.dtype())?;
     let rx = saved.router_in.as_ref().unwrap_or(x);
     ops::matmul_into(&mut grads.router, &dl, rx, acc, 1.0)?;
-    let drx = ops::matmul(&dl, &w.router, Matmul::default())?;
+    let mut dx = dx.expect("the routed experts' contribution");
     match &saved.jitter {
-        Some(m) => ops::add_assign(&mut dx, &ops::mul(&drx, m)?)?,
-        None => ops::add_assign(&mut dx, &drx)?,
+        Some(m) => {
+            let drx = ops::matmul(&dl, &w.router, Matmul::default())?;
+            ops::add_assign(&mut dx, &ops::mul(&drx, m)?)?;
+        }
+        // The router GEMM accumulates into dx (beta = 1).
+        None => ops::matmul_into(&mut dx, &dl, &w.router, Matmul::default(), 1.0)?,
     }
     Ok(dx)
 }
