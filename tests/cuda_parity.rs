@@ -361,13 +361,14 @@ fn norm_rope_embedding_loss() {
     let mut r = rng("norm_rope_embedding_loss");
     for dt in FLOATS {
         // An odd width (one element per thread), and multiples of 8 (register-resident rows:
-        // one chunk per thread; the backward's 256 threads take several chunks each past 2048
-        // columns, the forward's 1024 past 8192, where the backward falls back to the scalar
-        // kernel; 300 rows make the backward's blocks loop over rows). Rows of at most 256
+        // one chunk per thread in the `c1` kernels up to 2048 columns (backward) / 8192
+        // (forward); past that the 4-chunk kernels, and past 8192 the backward's scalar one;
+        // 300 and 3000 rows make the backward's blocks loop over rows). Rows of at most 256
         // take the warp-per-row backward (5000 rows: each warp loops over several).
         for (rows, cols) in [
             (r.random_range(1..70), r.random_range(0..1050) * 2 + 1),
             (300, 8 * r.random_range(33..256)),
+            (3000, 2048),
             (5000, 128),
             (r.random_range(1..300), 8 * r.random_range(1..33)),
             (r.random_range(1..10), 8 * r.random_range(300..1000)),
@@ -388,6 +389,12 @@ fn norm_rope_embedding_loss() {
             );
             close(&format!("rmsnorm dx {dt} {cols}"), &dxc, &dxg);
             close(&format!("rmsnorm dw {dt} {cols}"), &dwc, &dwg);
+            // dx added into a residual gradient.
+            let (mut ac, mut ag) = pair(&mut r, &[rows, cols], dt, dev);
+            let dwc = ops::rmsnorm_backward_acc(&xc, &wc, &rc, &dc, &mut ac).unwrap();
+            let dwg = ops::rmsnorm_backward_acc(&xg, &wg, &rg, &dg, &mut ag).unwrap();
+            close(&format!("rmsnorm acc dx {dt} {cols}"), &ac, &ag);
+            close(&format!("rmsnorm acc dw {dt} {cols}"), &dwc, &dwg);
         }
 
         // RoPE on [T, H, hd] with partial rotary dims and arbitrary positions: the scalar
@@ -431,26 +438,29 @@ fn norm_rope_embedding_loss() {
         ops::embedding_backward(&ig, &dyg, &mut gg).unwrap();
         close(&format!("embedding backward {dt}"), &gc, &gg);
 
-        // Cross-entropy with an ignored target.
-        let (t, v) = (r.random_range(2..20), r.random_range(2..3000));
-        let (lc, lg) = pair(&mut r, &[t, v], dt, dev);
-        let mut tgt: Vec<i32> = (0..t).map(|_| r.random_range(0..v as i32)).collect();
-        tgt[0] = -100;
-        let (yc, yg) = (
-            Tensor::from_vec(tgt.clone(), &[t]).unwrap(),
-            Tensor::from_slice(&tgt, &[t], dev).unwrap(),
-        );
-        let ((lossc, lsec), (lossg, lseg)) = (
-            ops::cross_entropy(&lc, &yc, -100).unwrap(),
-            ops::cross_entropy(&lg, &yg, -100).unwrap(),
-        );
-        close(&format!("cross_entropy {dt}"), &lossc, &lossg);
-        close(&format!("cross_entropy lse {dt}"), &lsec, &lseg);
-        close(
-            &format!("cross_entropy backward {dt}"),
-            &ops::cross_entropy_backward(&lc, &yc, &lsec, -100, 0.1).unwrap(),
-            &ops::cross_entropy_backward(&lg, &yg, &lseg, -100, 0.1).unwrap(),
-        );
+        // Cross-entropy with an ignored target: any vocabulary (one element per thread), and a
+        // multiple of 8 (the 8-wide kernels; up to ~12k chunks, several per thread).
+        for v in [r.random_range(2..3000), 8 * r.random_range(1..12_000)] {
+            let t = r.random_range(2..20);
+            let (lc, lg) = pair(&mut r, &[t, v], dt, dev);
+            let mut tgt: Vec<i32> = (0..t).map(|_| r.random_range(0..v as i32)).collect();
+            tgt[0] = -100;
+            let (yc, yg) = (
+                Tensor::from_vec(tgt.clone(), &[t]).unwrap(),
+                Tensor::from_slice(&tgt, &[t], dev).unwrap(),
+            );
+            let ((lossc, lsec), (lossg, lseg)) = (
+                ops::cross_entropy(&lc, &yc, -100).unwrap(),
+                ops::cross_entropy(&lg, &yg, -100).unwrap(),
+            );
+            close(&format!("cross_entropy {dt}"), &lossc, &lossg);
+            close(&format!("cross_entropy lse {dt}"), &lsec, &lseg);
+            close(
+                &format!("cross_entropy backward {dt}"),
+                &ops::cross_entropy_backward(&lc, &yc, &lsec, -100, 0.1).unwrap(),
+                &ops::cross_entropy_backward(&lg, &yg, &lseg, -100, 0.1).unwrap(),
+            );
+        }
     }
 }
 
@@ -531,6 +541,32 @@ fn index_ops() {
             &format!("sum_squares {dt} 1.1M"),
             &ops::sum_squares(&bc).unwrap(),
             &ops::sum_squares(&bg).unwrap(),
+        );
+        // Many tensors in one launch (the gradient norm): sizes from one unit of 8 to several
+        // blocks' worth, one not a multiple of 8 and one of another dtype (both added apart).
+        let other = if dt == DType::F32 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let shapes: [(&[usize], DType); 6] = [
+            (&[8], dt),
+            (&[3000, 1024], dt),
+            (&[13], dt),
+            (&[64, 2048], dt),
+            (&[40], other),
+            (&[1, 70_000 * 8], dt),
+        ];
+        let ts: Vec<(Tensor, Tensor)> = shapes
+            .iter()
+            .map(|&(s, d)| pair(&mut r, s, d, dev))
+            .collect();
+        let cs: Vec<&Tensor> = ts.iter().map(|t| &t.0).collect();
+        let gs: Vec<&Tensor> = ts.iter().map(|t| &t.1).collect();
+        close(
+            &format!("sum_squares_many {dt}"),
+            &ops::sum_squares_many(&cs).unwrap(),
+            &ops::sum_squares_many(&gs).unwrap(),
         );
     }
     // The MoE dispatch: histogram and a stable sort of expert ids (with out-of-range ids).
@@ -619,11 +655,12 @@ fn grouped_gemm() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("grouped_gemm");
     for dt in FLOATS {
-        // (groups, K, N, largest group): the first six take the tiled tensor-core kernels (on
+        // (groups, K, N, largest group): the first seven take the tiled tensor-core kernels (on
         // Hopper the 128×256×64 wgmma ones: the fifth and sixth have K and N tails, several
-        // 128-row tiles per group and, in wgrad, group sizes that are not multiples of 64), the
-        // last three the small-M (decode) kernel, one of them with groups larger than its 8-row
-        // chunk and N not a multiple of 32.
+        // 128-row tiles per group and, in wgrad, group sizes that are not multiples of 64; the
+        // seventh has more groups than the tile-prefix scan's 256-thread block), the last three
+        // the small-M (decode) kernel, one of them with groups larger than its 8-row chunk and
+        // N not a multiple of 32.
         for (e, k, n, most) in [
             (1usize, 64usize, 32usize, 200usize),
             (8, 256, 384, 200),
@@ -631,6 +668,7 @@ fn grouped_gemm() {
             (5, 72, 40, 200),
             (4, 200, 520, 400),
             (3, 1024, 776, 700),
+            (300, 64, 32, 40),
             (16, 2048, 1536, 3),
             (32, 512, 200, 3),
             (128, 256, 64, 2),
