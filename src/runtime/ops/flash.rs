@@ -229,7 +229,7 @@ pub fn flash_attention(
                 .launch(
                     &kernels::FLASH,
                     &format!("flash_fwd_{}_{hd}", q.dtype().name()),
-                    (s.div_ceil(TILE) as u32, h as u32, b as u32),
+                    (h as u32, b as u32, s.div_ceil(TILE) as u32),
                     (128, 1, 1),
                     smem,
                 )?
@@ -399,7 +399,7 @@ pub fn flash_attention_backward(
                 dev.launch(
                     &kernels::FLASH,
                     &format!("flash_bwd_{}_{hd}", q.dtype().name()),
-                    (l.div_ceil(TILE) as u32, hkv as u32, b as u32),
+                    (hkv as u32, b as u32, l.div_ceil(TILE) as u32),
                     (128, 1, 1),
                     smem,
                 )?

@@ -70,7 +70,7 @@ __device__ __forceinline__ float fa_ex2(float x) {
     return y;
 }
 
-// Forward: grid (ceil(S/64), H, B), 128 threads, smem 5 tiles of [64][HD] 16-bit values.
+// Forward: grid (H, B, ceil(S/64)), 128 threads, smem 5 tiles of [64][HD] 16-bit values.
 template <typename T, int HD>
 __device__ __forceinline__ void fa_fwd(T* __restrict__ o, float* __restrict__ lse, const T* __restrict__ q,
                                        const T* __restrict__ k, const T* __restrict__ v, int S, int L, int H, int g,
@@ -83,8 +83,10 @@ __device__ __forceinline__ void fa_fwd(T* __restrict__ o, float* __restrict__ ls
     const int qd = lane >> 3, r8 = lane & 7, gr = lane >> 2, t4 = lane & 3;
     const uint32_t OA = fa_lane_off(RB, r8 + (qd & 1) * 8, qd >> 1, r8);
     const uint32_t OB = fa_lane_off(RB, r8 + (qd >> 1) * 8, qd & 1, r8);
-    // Longest rows (most keys) first, so the short causal blocks fill the tail.
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * FA_B, h = blockIdx.y, b = blockIdx.z, hk = h / g;
+    // The block index is the grid's slowest dimension, counted from the last query block: every
+    // (head, batch) pair's longest rows (most keys) start first and the short causal blocks fill
+    // the tail (longest-first over the whole grid, not per head).
+    const int m0 = (gridDim.z - 1 - blockIdx.z) * FA_B, h = blockIdx.x, b = blockIdx.y, hk = h / g;
     const int64_t q_s = (int64_t)H * HD;
     const T* qg = q + ((int64_t)b * S + m0) * q_s + (int64_t)h * HD;
     const T* kg = k + b * kv_b + hk * kv_h;
@@ -275,7 +277,7 @@ __device__ __forceinline__ void fa_bwd_dot(float* D, const T* o, const T* dO, in
 FA_DOT(bf16, bf16_t)
 FA_DOT(f16, f16_t)
 
-// Backward: grid (ceil(L/64), Hkv, B), 128 threads; each warp owns 16 keys of the block and
+// Backward: grid (Hkv, B, ceil(L/64)), 128 threads; each warp owns 16 keys of the block and
 // keeps their dk, dv in registers over the g heads of the group and every query block that
 // sees the keys. k, v, dk, dv [B, L, Hkv, HD]; dq_acc [B, S, H, HD] f32, zeroed by the caller.
 // smem: K, V, 2 × Q, 2 × dO tiles of [64][HD], dSᵀ [64][64], 2 × 64 lse and D.
@@ -299,7 +301,9 @@ __device__ __forceinline__ void fa_bwd(float* __restrict__ dq_acc, T* __restrict
     const uint32_t OA = fa_lane_off(RB, r8 + (qd & 1) * 8, qd >> 1, r8);
     const uint32_t OB = fa_lane_off(RB, r8 + (qd >> 1) * 8, qd & 1, r8);
     const uint32_t OB64 = fa_lane_off(RB64, r8 + (qd >> 1) * 8, qd & 1, r8);
-    const int n0 = blockIdx.x * FA_B, hk = blockIdx.y, b = blockIdx.z, Hkv = H / g;
+    // Key block in the slowest grid dimension: the first key blocks (seen by the most query
+    // blocks under the causal mask) of every (head, batch) start first.
+    const int n0 = blockIdx.z * FA_B, hk = blockIdx.x, b = blockIdx.y, Hkv = H / g;
     const int64_t kv_s = (int64_t)Hkv * HD, q_s = (int64_t)H * HD;
     const T* kg = k + ((int64_t)b * L + n0) * kv_s + (int64_t)hk * HD;
     const T* vg = v + ((int64_t)b * L + n0) * kv_s + (int64_t)hk * HD;
