@@ -732,6 +732,58 @@ fn grouped_gemm() {
                     &ops::grouped_matmul_tn(&dyg, &xg, &og, dt).unwrap(),
                 );
             }
+            // x read through a permutation (the MoE experts): rows of a smaller source with
+            // repeats, and two indices out of range (zero rows). Hopper runs the gathered
+            // wgmma forward kernel; the weight gradient (and other GPUs) gather first.
+            let src = m / 2 + 1;
+            let mut idx: Vec<i32> = (0..m).map(|_| r.random_range(0..src as i32)).collect();
+            idx[m / 3] = -1;
+            idx[m - 1] = src as i32;
+            let (ic, ig) = (
+                Tensor::from_vec(idx.clone(), &[m]).unwrap(),
+                Tensor::from_slice(&idx, &[m], dev).unwrap(),
+            );
+            let (sxc, sxg) = pair(&mut r, &[src, k], dt, dev);
+            close_each(
+                &format!("grouped nt gather {dt} e={e} k={k} n={n}"),
+                &ops::grouped_matmul_gather(&sxc, &ic, &wc, &oc).unwrap(),
+                &ops::grouped_matmul_gather(&sxg, &ig, &wg, &og).unwrap(),
+            );
+            for (acc, acc_dt) in [(false, DType::F32), (true, DType::F32), (true, dt)] {
+                let (mut gc, mut gg) = pair(&mut r, &[e, n, k], acc_dt, dev);
+                let mut sc = Tensor::from_vec(vec![0.5f32], &[1]).unwrap();
+                let mut sg = sc.to_device(dev).unwrap();
+                ops::grouped_matmul_tn_gather_into(
+                    &mut gc,
+                    &dyc,
+                    &sxc,
+                    &ic,
+                    &oc,
+                    acc,
+                    Some(&mut sc),
+                )
+                .unwrap();
+                ops::grouped_matmul_tn_gather_into(
+                    &mut gg,
+                    &dyg,
+                    &sxg,
+                    &ig,
+                    &og,
+                    acc,
+                    Some(&mut sg),
+                )
+                .unwrap();
+                close_each(
+                    &format!("grouped tn gather (acc {acc}) {dt}->{acc_dt} e={e} k={k} n={n}"),
+                    &gc,
+                    &gg,
+                );
+                let (a, g) = (sc.scalar_f32().unwrap(), sg.scalar_f32().unwrap());
+                assert!(
+                    ((a - g) / a).abs() < 1e-4,
+                    "grouped tn gather sumsq {dt}->{acc_dt} e={e} k={k} n={n}: CPU {a} GPU {g}"
+                );
+            }
         }
     }
 }

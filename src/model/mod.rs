@@ -5,8 +5,10 @@
 //! the cross-entropy in row chunks and computes their gradient in the forward pass.
 //!
 //! Activation memory per block without recompute (T = B·S tokens, bf16 on GPU): x, the norms'
-//! outputs, q/k/v/context (≈ 4·T·H·hd), attention probabilities (H·S·T), and the FFN's hidden
-//! activations (dense: 3·T·F; MoE: x_perm, h, a, y_perm ≈ T·k·(2d + 3F)). With `recompute` only
+//! outputs, q/k/v/context (≈ 4·T·H·hd), attention probabilities (H·S·T; with the fused attention
+//! on CUDA only their log-sum-exp, H·T), and the FFN's hidden
+//! activations (dense: 3·T·F; MoE: h, a, y_perm ≈ T·k·(d + 3F); x is read through the dispatch
+//! permutation, not kept, on Hopper). With `recompute` only
 //! each block's input (T·d) is kept and the block is re-run in the backward.
 
 mod attention;

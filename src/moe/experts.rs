@@ -1,5 +1,7 @@
 //! The routed experts over expert-contiguous rows: grouped GEMMs (runtime::ops::grouped_*) with
-//! the activation between them. x_perm [N, d], offsets [E+1] -> y_perm [N, d].
+//! the activation between them. x [T, d] read through the dispatch permutation `rows` [N]
+//! (x_perm = x[rows]: not materialised by the forward on Hopper; the backward gathers it for the
+//! weight gradient), offsets [E+1] -> y_perm [N, d].
 //!   SwiGLU: h = x·W1[e]ᵀ (+b1) [N, 2F]; a = silu(h_gate) ⊙ h_up [N, F]; y = a·W2[e]ᵀ (+b2)
 //!   MLP:    h = x·W1[e]ᵀ (+b1) [N, F];  a = act(h);                      y = a·W2[e]ᵀ (+b2)
 //! FLOPs: 2·N·d·(H1 + F) forward (H1 = 2F or F); twice that backward.
@@ -27,10 +29,11 @@ pub(crate) fn forward(
     b1: Option<&Tensor>,
     w2: &Tensor,
     b2: Option<&Tensor>,
-    x_perm: &Tensor,
+    x: &Tensor,
+    rows: &Tensor,
     offsets: &Tensor,
 ) -> Result<(Tensor, ExpertSaved)> {
-    let mut h = ops::grouped_matmul(x_perm, w1, offsets, true)?;
+    let mut h = ops::grouped_matmul_gather(x, rows, w1, offsets)?;
     if let Some(b) = b1 {
         h = add_group_bias(&h, b, offsets)?;
     }
@@ -55,7 +58,8 @@ pub(crate) fn backward(
     w1: &Tensor,
     w2: &Tensor,
     has_bias: bool,
-    x_perm: &Tensor,
+    x: &Tensor,
+    rows: &Tensor,
     saved: &ExpertSaved,
     offsets: &Tensor,
     dy_perm: &Tensor,
@@ -78,7 +82,8 @@ pub(crate) fn backward(
         ExpertKind::SwiGlu => ops::swiglu_backward(&saved.h, &da)?,
         ExpertKind::Mlp(act) => ops::activation_backward(&saved.h, &da, act)?,
     };
-    wgrad(gw1, &dh, x_perm)?; // [E, H1, d]
+    // [E, H1, d] from x's rows in dispatch order
+    ops::grouped_matmul_tn_gather_into(gw1, &dh, x, rows, offsets, !fresh, sumsq)?;
     let db1 = if has_bias {
         Some(group_bias_grad(&dh, offsets)?)
     } else {

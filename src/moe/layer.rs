@@ -244,7 +244,6 @@ pub struct MoeSaved {
     routing: Routing,
     dispatch: Dispatch,
     weights: Tensor,
-    x_perm: Tensor,
     experts: ExpertSaved,
     y_perm: Tensor,
     /// (MLP activations, shared output ys, gate (logit, σ(logit)))
@@ -329,14 +328,14 @@ pub fn moe_forward_named(
         Some(w) => w.try_clone()?,
         None => router::combine_weights(cfg, &routing.gates, &disp.pos)?,
     };
-    let x_perm = ops::gather_rows(x, &disp.tok)?;
     let (y_perm, ex) = experts::forward(
         cfg,
         &w.w1,
         w.b1.as_ref(),
         &w.w2,
         w.b2.as_ref(),
-        &x_perm,
+        x,
+        &disp.tok,
         &disp.offsets,
     )?;
     let mut y = dispatch::combine(&y_perm, &disp.pos, Some(&weights))?;
@@ -416,7 +415,6 @@ pub fn moe_forward_named(
             routing,
             dispatch: disp,
             weights,
-            x_perm,
             experts: ex,
             y_perm,
             shared: shared_saved,
@@ -559,7 +557,8 @@ pub fn moe_backward_into(
         &w.w1,
         &w.w2,
         w.b1.is_some(),
-        &saved.x_perm,
+        x,
+        &d.tok,
         &saved.experts,
         &d.offsets,
         &dy_perm,

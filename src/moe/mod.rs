@@ -1,7 +1,8 @@
 //! The MoE layer, forward and backward, on CPU and CUDA:
 //! x [T, d] → router logits [T, E] → top-k ids/gates ([k, T], slot-major) → counts → stable sort
-//! by expert (capacity drops for switch gating) → gather rows into x_perm [k·T, d] with
-//! offsets [E+1] → grouped GEMMs (SwiGLU or MLP experts) → weighted gather-combine → y [T, d]
+//! by expert (capacity drops for switch gating) → the permutation (rows of x in expert order,
+//! [k·T]) with offsets [E+1] → grouped GEMMs reading x through it (SwiGLU or MLP experts; on
+//! other GPUs than Hopper and on CPU the rows are gathered first) → weighted gather-combine → y [T, d]
 //! (+ shared experts, + PR-MoE residual MLP). The backward walks the same path with the saved
 //! permutation. No host synchronisation on the CUDA path: counts, offsets and statistics stay on
 //! the device. `config` names options as DeepSpeed / Megatron / HF do.

@@ -209,3 +209,63 @@ pub(crate) fn grouped_matmul_tn_into(
     }
     Ok(())
 }
+
+/// `grouped_matmul(gather_rows(x, rows), w, offsets, true)` in one kernel (A rows read through
+/// `rows`), when the Hopper wgmma family applies; None otherwise (the caller gathers).
+pub(crate) fn grouped_matmul_gather(
+    dev: &Arc<CudaDevice>,
+    x: &Tensor,
+    rows: &Tensor,
+    w: &Tensor,
+    offsets: &Tensor,
+    n: usize,
+) -> Result<Option<Tensor>> {
+    let (m, k) = (rows.numel(), x.dim(1));
+    let e = offsets.numel() - 1;
+    let (prefix_name, bn, smem) = tiled_family(dev);
+    if prefix_name != "wg" || !tensor_cores(x.dtype(), &[k, n]) || m <= 64 || m <= 4 * e {
+        return Ok(None);
+    }
+    let y = Tensor::uninit(&[m, n], x.dtype(), x.device())?;
+    if n == 0 {
+        return Ok(Some(y));
+    }
+    let prefix = Tensor::uninit(&[e + 1], DType::I32, x.device())?;
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        "gg_tile_prefix",
+        (1, 1, 1),
+        (256, 1, 1),
+        0,
+    )?
+    .ptr(dptr(&prefix))
+    .ptr(dptr(offsets))
+    .usize_as_i32(e)?
+    .run()?;
+    let blocks = (m.div_ceil(BM) + e) * n.div_ceil(bn);
+    let grid = u32::try_from(blocks).map_err(|_| {
+        Error::Invalid(format!(
+            "grouped_matmul: {blocks} tiles exceed the grid limit"
+        ))
+    })?;
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        &format!("wg_ntg_{}", x.dtype().name()),
+        (grid, 1, 1),
+        (256, 1, 1),
+        smem,
+    )?
+    .ptr(dptr(&y))
+    .ptr(dptr(x))
+    .ptr(dptr(w))
+    .ptr(dptr(offsets))
+    .ptr(dptr(&prefix))
+    .ptr(dptr(rows))
+    .usize_as_i32(x.dim(0))?
+    .usize_as_i32(e)?
+    .usize_as_i32(m)?
+    .usize_as_i32(n)?
+    .usize_as_i32(k)?
+    .run()?;
+    Ok(Some(y))
+}

@@ -29,7 +29,10 @@ pub use elementwise::{
 };
 pub use embedding::{embedding, embedding_backward};
 pub use flash::{flash_attention, flash_attention_backward, flash_supported, FlashSpec, KvLayout};
-pub use grouped::{grouped_matmul, grouped_matmul_tn, grouped_matmul_tn_into};
+pub use grouped::{
+    grouped_matmul, grouped_matmul_gather, grouped_matmul_tn, grouped_matmul_tn_gather_into,
+    grouped_matmul_tn_into,
+};
 pub use index::{
     argsort_stable, gather_rows, histogram, scatter_add_rows, slice_rows, topk, transpose_12,
     write_rows,

@@ -284,24 +284,56 @@ template <int TA, int TB> __device__ __forceinline__ void wgmma_n256(float* d, u
 
 // One operand's 64-wide k slice into a swizzled stage buffer at shared address `s`.
 //   KMAJ: G(r, k) = G[r·ld + k]   else G(r, k) = G[k·ld + r];  valid r < Rv, k < Kdim
-template <typename T, bool KMAJ, int R, int NT = WTHREADS>
+// GATHER: the operand's rows (r when KMAJ, k otherwise) are rows of G given per chunk in `gi`
+// (wg_gather_rows; negative = a zero row): the MoE experts read x through the dispatch
+// permutation instead of a gathered copy.
+template <typename T, bool KMAJ, int R, int NT = WTHREADS> struct WgChunks {
+    static constexpr int N = R * WBK / 8 / NT;
+};
+template <typename T, bool KMAJ, int R, bool GATHER = false, int NT = WTHREADS>
 __device__ __forceinline__ void wg_load(uint32_t s, const T* __restrict__ G, int ld, int r0, int Rv, int k0, int Kdim,
-                                        int tid) {
+                                        int tid, const int (&gi)[WgChunks<T, KMAJ, R, NT>::N]) {
     constexpr int CHUNKS = R * WBK / 8;
 #pragma unroll
     for (int i = 0; i < CHUNKS / NT; ++i) {
         const int c = tid + i * NT;
         if (KMAJ) {
             const int r = c >> 3, kc = c & 7;
-            const bool ok = (r0 + r < Rv) && (k0 + kc * 8 < Kdim);
-            const T* src = ok ? G + (int64_t)(r0 + r) * ld + k0 + kc * 8 : G;
+            bool ok = (r0 + r < Rv) && (k0 + kc * 8 < Kdim);
+            int64_t pr = r0 + r;
+            if (GATHER) {
+                pr = gi[i];
+                ok = ok && pr >= 0;
+            }
+            const T* src = ok ? G + pr * ld + k0 + kc * 8 : G;
             cp_async16(s + r * 128 + ((kc ^ (r & 7)) << 4), src, ok);
         } else {
             const int kr = c / (R / 8), rc = c % (R / 8);
-            const bool ok = (k0 + kr < Kdim) && (r0 + rc * 8 < Rv);
-            const T* src = ok ? G + (int64_t)(k0 + kr) * ld + r0 + rc * 8 : G;
+            bool ok = (k0 + kr < Kdim) && (r0 + rc * 8 < Rv);
+            int64_t pk = k0 + kr;
+            if (GATHER) {
+                pk = gi[i];
+                ok = ok && pk >= 0;
+            }
+            const T* src = ok ? G + pk * ld + r0 + rc * 8 : G;
             cp_async16(s + (rc >> 3) * (WBK * 128) + kr * 128 + (((rc & 7) ^ (kr & 7)) << 4), src, ok);
         }
+    }
+}
+
+// The source rows of this thread's chunks of a gathered operand (see wg_load): the chunk's r
+// (KMAJ, fixed over the k loop) or k (else, one set per stage) mapped through rows[·], −1 past
+// the valid range or outside [0, lim). Issued a stage ahead of the loads that use them, so the
+// index loads' latency hides behind a k step.
+template <typename T, bool KMAJ, int R, int NT = WTHREADS>
+__device__ __forceinline__ void wg_gather_rows(int (&gi)[WgChunks<T, KMAJ, R, NT>::N], const int* __restrict__ rows,
+                                               int lim, int r0, int Rv, int k0, int Kdim, int tid) {
+#pragma unroll
+    for (int i = 0; i < WgChunks<T, KMAJ, R, NT>::N; ++i) {
+        const int c = tid + i * NT;
+        const int j = KMAJ ? r0 + (c >> 3) : k0 + c / (R / 8);
+        const int v = j < (KMAJ ? Rv : Kdim) ? rows[j] : -1;
+        gi[i] = v < lim ? v : -1;
     }
 }
 
@@ -346,22 +378,28 @@ template <> struct Vec16<bf16_t> : Vec16Half<bf16_t> {};
 template <> struct Vec16<f16_t> : Vec16Half<f16_t> {};
 
 // One CTA: a WBM×WBN tile of C = op(A)·op(B) over Kdim (operand conventions as tile_gemm).
-template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ, bool ACC = false>
+// AG: A's rows are gathered through `grows` (glim rows in the source, see wg_load).
+template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ, bool ACC = false, bool AG = false>
 __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __restrict__ A, int lda,
                                         const T* __restrict__ B, int ldb, int m0, int n0, int Mv, int Nv, int Kdim,
-                                        uint32_t smem, float* sumsq = nullptr) {
+                                        uint32_t smem, float* sumsq = nullptr, const int* __restrict__ grows = nullptr,
+                                        int glim = 0) {
     const int tid = threadIdx.x, wg = tid >> 7;
     const int nk = (Kdim + WBK - 1) / WBK;
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    // Gathered A rows (K-major): fixed for the tile, looked up once.
+    static_assert(!AG || A_KMAJ, "A is gathered by rows only when K-major");
+    int ga[WgChunks<T, A_KMAJ, WBM>::N], gb[WgChunks<T, B_KMAJ, WBN>::N];
+    if (AG) wg_gather_rows<T, A_KMAJ, WBM>(ga, grows, glim, m0, Mv, 0, Kdim, tid);
 
 #pragma unroll
     for (int s = 0; s < WSTAGES - 1; ++s) {
         if (s < nk) {
             const uint32_t st = smem + s * W_STAGE_BYTES;
-            wg_load<T, A_KMAJ, WBM>(st, A, lda, m0, Mv, s * WBK, Kdim, tid);
-            wg_load<T, B_KMAJ, WBN>(st + W_A_BYTES, B, ldb, n0, Nv, s * WBK, Kdim, tid);
+            wg_load<T, A_KMAJ, WBM, AG>(st, A, lda, m0, Mv, s * WBK, Kdim, tid, ga);
+            wg_load<T, B_KMAJ, WBN>(st + W_A_BYTES, B, ldb, n0, Nv, s * WBK, Kdim, tid, gb);
         }
         cp_async_commit();
     }
@@ -384,8 +422,8 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
         const int pf = kt + WSTAGES - 1;
         if (pf < nk) {
             const uint32_t st = smem + (pf % WSTAGES) * W_STAGE_BYTES;
-            wg_load<T, A_KMAJ, WBM>(st, A, lda, m0, Mv, pf * WBK, Kdim, tid);
-            wg_load<T, B_KMAJ, WBN>(st + W_A_BYTES, B, ldb, n0, Nv, pf * WBK, Kdim, tid);
+            wg_load<T, A_KMAJ, WBM, AG>(st, A, lda, m0, Mv, pf * WBK, Kdim, tid, ga);
+            wg_load<T, B_KMAJ, WBN>(st + W_A_BYTES, B, ldb, n0, Nv, pf * WBK, Kdim, tid, gb);
         }
         cp_async_commit();
     }
@@ -495,12 +533,42 @@ __device__ __forceinline__ uint32_t wg_smem_base(const void* smem) { return (sme
         TILE<T, TO, false, false, ACC>(out + (int64_t)e * P * Q, Q, a + (int64_t)row0 * P, P, b + (int64_t)row0 * Q, Q, \
                                      pt * WBM, qt * WBN, P, Q, rows, wg_smem_base(wsmem), sumsq);       \
     }
+
+// Gathered VARM nt (the MoE experts reading x [xrows, K] through the dispatch permutation `rows`,
+// [M] i32): y = x[rows]·W[e]ᵀ, same tiles and schedule as above. (B = x[rows] in the weight
+// gradient was slower than gathering first: see BENCHMARKS NOTES.)
+#define WG_VARM_G(NAME, T, TILE, NTHREADS)                                                              \
+    extern "C" __global__ void __launch_bounds__(NTHREADS, 1) NAME(T* y, const T* x, const T* w,       \
+                                                                    const int* offsets, const int* tile_prefix, \
+                                                                    const int* rows, int xrows, int E, int M, \
+                                                                    int N, int K) {                     \
+        extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
+        const int ntn = (N + WBN - 1) / WBN, total = tile_prefix[E];                                    \
+        const int bid = blockIdx.x;                                                                     \
+        if (bid >= total * ntn) {                                                                       \
+            const int first = total * ntn;                                                              \
+            zero_tail<T>(y, offsets, E, M, N, bid - first, gridDim.x - first);                          \
+            return;                                                                                     \
+        }                                                                                               \
+        const int strip = bid / (W_SWIZZLE * ntn), in = bid - strip * (W_SWIZZLE * ntn);                \
+        const int h = min(W_SWIZZLE, total - strip * W_SWIZZLE);                                        \
+        const int nt = in / h, mt = strip * W_SWIZZLE + (in - nt * h);                                  \
+        const int e = find_group(tile_prefix, E, mt);                                                   \
+        const int row0 = offsets[e], rws = offsets[e + 1] - row0;                                       \
+        const int m0 = (mt - tile_prefix[e]) * WBM;                                                     \
+        const T* we = w + (int64_t)e * N * K;                                                           \
+        TILE<T, T, true, true, false, true>(y + (int64_t)row0 * N, N, x, K, we, K, m0, nt * WBN, rws, N, K,   \
+                                                   wg_smem_base(wsmem), nullptr, rows + row0, xrows);   \
+    }
 #else
 // Other archs: the launcher never picks these (they exist so every arch has the same symbols).
 #define WG_VARM(NAME, T, B_KMAJ, TILE, NTHREADS)                                                        \
     extern "C" __global__ void NAME(T*, const T*, const T*, const int*, const int*, int, int, int, int) { __trap(); }
 #define WG_VARK(NAME, T, TO, ACC, TILE, NTHREADS)                                                       \
     extern "C" __global__ void NAME(TO*, const T*, const T*, const int*, int, int, float*) { __trap(); }
+#define WG_VARM_G(NAME, T, TILE, NTHREADS)                                                              \
+    extern "C" __global__ void NAME(T*, const T*, const T*, const int*, const int*, const int*, int, int, int, int, \
+                                    int) { __trap(); }
 #endif
 
 #define WG_FAMILY(P, TILE, NTHREADS)                                                                    \
@@ -515,7 +583,9 @@ __device__ __forceinline__ uint32_t wg_smem_base(const void* smem) { return (sme
     WG_VARK(P##_tn_bf16_f32_acc, bf16_t, float, true, TILE, NTHREADS)                                   \
     WG_VARK(P##_tn_bf16_bf16_acc, bf16_t, bf16_t, true, TILE, NTHREADS)                                 \
     WG_VARK(P##_tn_f16_f32_acc, f16_t, float, true, TILE, NTHREADS)                                     \
-    WG_VARK(P##_tn_f16_f16_acc, f16_t, f16_t, true, TILE, NTHREADS)
+    WG_VARK(P##_tn_f16_f16_acc, f16_t, f16_t, true, TILE, NTHREADS)                                    \
+    WG_VARM_G(P##_ntg_bf16, bf16_t, TILE, NTHREADS)                                                     \
+    WG_VARM_G(P##_ntg_f16, f16_t, TILE, NTHREADS)
 WG_FAMILY(wg, wg_tile, WTHREADS)
 
 // ---- SIMT fallback: one thread per output element (f32 inputs or unaligned shapes).
