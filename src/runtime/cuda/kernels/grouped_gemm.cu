@@ -284,7 +284,7 @@ template <int TA, int TB> __device__ __forceinline__ void wgmma_n256(float* d, u
 
 // One operand's 64-wide k slice into a swizzled stage buffer at shared address `s`.
 //   KMAJ: G(r, k) = G[r·ld + k]   else G(r, k) = G[k·ld + r];  valid r < Rv, k < Kdim
-// GATHER: the operand's rows (r when KMAJ, k otherwise) are rows of G given per chunk in `gi`
+// GATHER (K-major only): the operand's rows are rows of G given per chunk in `gi`
 // (wg_gather_rows; negative = a zero row): the MoE experts read x through the dispatch
 // permutation instead of a gathered copy.
 template <typename T, bool KMAJ, int R, int NT = WTHREADS> struct WgChunks {
@@ -293,6 +293,7 @@ template <typename T, bool KMAJ, int R, int NT = WTHREADS> struct WgChunks {
 template <typename T, bool KMAJ, int R, bool GATHER = false, int NT = WTHREADS>
 __device__ __forceinline__ void wg_load(uint32_t s, const T* __restrict__ G, int ld, int r0, int Rv, int k0, int Kdim,
                                         int tid, const int (&gi)[WgChunks<T, KMAJ, R, NT>::N]) {
+    static_assert(!GATHER || KMAJ, "rows are gathered only for K-major operands");
     constexpr int CHUNKS = R * WBK / 8;
 #pragma unroll
     for (int i = 0; i < CHUNKS / NT; ++i) {
@@ -309,30 +310,23 @@ __device__ __forceinline__ void wg_load(uint32_t s, const T* __restrict__ G, int
             cp_async16(s + r * 128 + ((kc ^ (r & 7)) << 4), src, ok);
         } else {
             const int kr = c / (R / 8), rc = c % (R / 8);
-            bool ok = (k0 + kr < Kdim) && (r0 + rc * 8 < Rv);
-            int64_t pk = k0 + kr;
-            if (GATHER) {
-                pk = gi[i];
-                ok = ok && pk >= 0;
-            }
-            const T* src = ok ? G + pk * ld + r0 + rc * 8 : G;
+            const bool ok = (k0 + kr < Kdim) && (r0 + rc * 8 < Rv);
+            const T* src = ok ? G + (int64_t)(k0 + kr) * ld + r0 + rc * 8 : G;
             cp_async16(s + (rc >> 3) * (WBK * 128) + kr * 128 + (((rc & 7) ^ (kr & 7)) << 4), src, ok);
         }
     }
 }
 
-// The source rows of this thread's chunks of a gathered operand (see wg_load): the chunk's r
-// (KMAJ, fixed over the k loop) or k (else, one set per stage) mapped through rows[·], −1 past
-// the valid range or outside [0, lim). Issued a stage ahead of the loads that use them, so the
-// index loads' latency hides behind a k step.
-template <typename T, bool KMAJ, int R, int NT = WTHREADS>
-__device__ __forceinline__ void wg_gather_rows(int (&gi)[WgChunks<T, KMAJ, R, NT>::N], const int* __restrict__ rows,
-                                               int lim, int r0, int Rv, int k0, int Kdim, int tid) {
+// The source rows of this thread's chunks of a gathered K-major operand (see wg_load): chunk
+// row r0 + r mapped through rows[·], −1 past Rv or outside [0, lim); fixed over the k loop, so
+// looked up once per tile.
+template <typename T, int R, int NT = WTHREADS>
+__device__ __forceinline__ void wg_gather_rows(int (&gi)[WgChunks<T, true, R, NT>::N], const int* __restrict__ rows,
+                                               int lim, int r0, int Rv, int tid) {
 #pragma unroll
-    for (int i = 0; i < WgChunks<T, KMAJ, R, NT>::N; ++i) {
-        const int c = tid + i * NT;
-        const int j = KMAJ ? r0 + (c >> 3) : k0 + c / (R / 8);
-        const int v = j < (KMAJ ? Rv : Kdim) ? rows[j] : -1;
+    for (int i = 0; i < WgChunks<T, true, R, NT>::N; ++i) {
+        const int j = r0 + ((tid + i * NT) >> 3);
+        const int v = j < Rv ? rows[j] : -1;
         gi[i] = v < lim ? v : -1;
     }
 }
@@ -392,7 +386,7 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
     // Gathered A rows (K-major): fixed for the tile, looked up once.
     static_assert(!AG || A_KMAJ, "A is gathered by rows only when K-major");
     int ga[WgChunks<T, A_KMAJ, WBM>::N], gb[WgChunks<T, B_KMAJ, WBN>::N];
-    if (AG) wg_gather_rows<T, A_KMAJ, WBM>(ga, grows, glim, m0, Mv, 0, Kdim, tid);
+    if constexpr (AG) wg_gather_rows<T, WBM>(ga, grows, glim, m0, Mv, tid);
 
 #pragma unroll
     for (int s = 0; s < WSTAGES - 1; ++s) {
