@@ -1064,4 +1064,13 @@ fn flash_attention_matches() {
             close_each_within(&format!("flash bwd dv {what}"), &dvc, &dvg, t);
         }
     }
+    // More sequences than the grid's y dimension holds: a clear error, not a failed launch.
+    let q = Tensor::zeros(&[65536, 1, 1, 64], DType::BF16, dev).unwrap();
+    let spec = ops::FlashSpec {
+        scale: 0.125,
+        start: 0,
+        window: None,
+    };
+    let err = ops::flash_attention(&q, &q, &q, ops::KvLayout::Tokens, 1, spec).unwrap_err();
+    assert!(err.to_string().contains("65535"), "{err}");
 }

@@ -41,6 +41,17 @@ pub struct FlashSpec {
 const TILE: usize = 64;
 
 /// Whether the CUDA kernels take these tensors (and `MOE_NO_FLASH=1` is not set): bf16/f16 on a
+/// The kernels' grids put the batch in y and the 64-row blocks in z (at most 65535 each).
+fn grid_fits(op: &str, b: usize, rows: usize) -> Result<()> {
+    if b > 65535 || rows.div_ceil(TILE) > 65535 {
+        return Err(Error::Invalid(format!(
+            "{op}: batch {b} / {rows} rows exceed the CUDA kernel's grid (at most 65535 sequences \
+             and 65535 blocks of {TILE} rows)"
+        )));
+    }
+    Ok(())
+}
+
 /// GPU, head dim 64 or 128, 16-byte aligned.
 pub fn flash_supported(ts: &[&Tensor], head_dim: usize) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -219,6 +230,7 @@ pub fn flash_attention(
                     q.dtype()
                 )));
             }
+            grid_fits(op, b, s)?;
             let o = Tensor::uninit(q.shape(), q.dtype(), q.device())?;
             let lse = Tensor::uninit(&[b, h, s], DType::F32, q.device())?;
             if b * s * h == 0 {
@@ -377,6 +389,7 @@ pub fn flash_attention_backward(
             let dev = cuda_dev(q)?;
             let dk = Tensor::uninit(k.shape(), k.dtype(), k.device())?;
             let dv = Tensor::uninit(v.shape(), v.dtype(), v.device())?;
+            grid_fits(op, b, s.max(l))?;
             let dq_acc = Tensor::zeros(q.shape(), DType::F32, q.device())?;
             {
                 let dsum = Tensor::uninit(&[b, h, s], DType::F32, q.device())?;
