@@ -40,7 +40,6 @@ pub struct FlashSpec {
 
 const TILE: usize = 64;
 
-/// Whether the CUDA kernels take these tensors (and `MOE_NO_FLASH=1` is not set): bf16/f16 on a
 /// The kernels' grids put the batch in y and the 64-row blocks in z (at most 65535 each).
 fn grid_fits(op: &str, b: usize, rows: usize) -> Result<()> {
     if b > 65535 || rows.div_ceil(TILE) > 65535 {
@@ -52,6 +51,7 @@ fn grid_fits(op: &str, b: usize, rows: usize) -> Result<()> {
     Ok(())
 }
 
+/// Whether the CUDA kernels take these tensors (and `MOE_NO_FLASH=1` is not set): bf16/f16 on a
 /// GPU, head dim 64 or 128, 16-byte aligned.
 pub fn flash_supported(ts: &[&Tensor], head_dim: usize) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

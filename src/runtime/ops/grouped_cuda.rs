@@ -81,43 +81,9 @@ pub(crate) fn grouped_matmul(
         return Ok(y);
     }
     if tensor_cores(x.dtype(), &[k, n]) {
-        let prefix = Tensor::uninit(&[e + 1], DType::I32, x.device())?;
-        dev.launch(
-            &kernels::GROUPED_GEMM,
-            "gg_tile_prefix",
-            (1, 1, 1),
-            (256, 1, 1),
-            0,
-        )?
-        .ptr(dptr(&prefix))
-        .ptr(dptr(offsets))
-        .usize_as_i32(e)?
-        .run()?;
-        let (prefix_name, bn, smem) = tiled_family(dev);
-        let blocks = (m.div_ceil(BM) + e) * n.div_ceil(bn);
-        let grid = u32::try_from(blocks).map_err(|_| {
-            Error::Invalid(format!(
-                "grouped_matmul: {blocks} tiles exceed the grid limit"
-            ))
-        })?;
+        let prefix_name = tiled_family(dev).0;
         let name = format!("{prefix_name}_{}_{dt}", if trans_w { "nt" } else { "nn" });
-        dev.launch(
-            &kernels::GROUPED_GEMM,
-            &name,
-            (grid, 1, 1),
-            (256, 1, 1),
-            smem,
-        )?
-        .ptr(dptr(&y))
-        .ptr(dptr(x))
-        .ptr(dptr(w))
-        .ptr(dptr(offsets))
-        .ptr(dptr(&prefix))
-        .usize_as_i32(e)?
-        .usize_as_i32(m)?
-        .usize_as_i32(n)?
-        .usize_as_i32(k)?
-        .run()?;
+        launch_tiled_varm(dev, &name, &y, x, None, w, offsets, n)?;
     } else {
         dev.launch(
             &kernels::GROUPED_GEMM,
@@ -210,26 +176,22 @@ pub(crate) fn grouped_matmul_tn_into(
     Ok(())
 }
 
-/// `grouped_matmul(gather_rows(x, rows), w, offsets, true)` in one kernel (A rows read through
-/// `rows`), when the Hopper wgmma family applies; None otherwise (the caller gathers).
-pub(crate) fn grouped_matmul_gather(
+/// The tiled VARM kernels: tile prefix, then one CTA per 128-row tile and column block plus E
+/// spare ones that zero the rows past offsets[E]. `name` is the kernel; with `rows` (gathered
+/// A: y = x[rows]·W[e]ᵀ) it also takes the permutation and x's row count.
+#[allow(clippy::too_many_arguments)]
+fn launch_tiled_varm(
     dev: &Arc<CudaDevice>,
+    name: &str,
+    y: &Tensor,
     x: &Tensor,
-    rows: &Tensor,
+    rows: Option<&Tensor>,
     w: &Tensor,
     offsets: &Tensor,
     n: usize,
-) -> Result<Option<Tensor>> {
-    let (m, k) = (rows.numel(), x.dim(1));
+) -> Result<()> {
+    let (m, k) = (y.dim(0), x.dim(1));
     let e = offsets.numel() - 1;
-    let (prefix_name, bn, smem) = tiled_family(dev);
-    if prefix_name != "wg" || !tensor_cores(x.dtype(), &[k, n]) || m <= 64 || m <= 4 * e {
-        return Ok(None);
-    }
-    let y = Tensor::uninit(&[m, n], x.dtype(), x.device())?;
-    if n == 0 {
-        return Ok(Some(y));
-    }
     let prefix = Tensor::uninit(&[e + 1], DType::I32, x.device())?;
     dev.launch(
         &kernels::GROUPED_GEMM,
@@ -242,30 +204,56 @@ pub(crate) fn grouped_matmul_gather(
     .ptr(dptr(offsets))
     .usize_as_i32(e)?
     .run()?;
+    let (_, bn, smem) = tiled_family(dev);
     let blocks = (m.div_ceil(BM) + e) * n.div_ceil(bn);
     let grid = u32::try_from(blocks).map_err(|_| {
         Error::Invalid(format!(
             "grouped_matmul: {blocks} tiles exceed the grid limit"
         ))
     })?;
-    dev.launch(
-        &kernels::GROUPED_GEMM,
-        &format!("wg_ntg_{}", x.dtype().name()),
-        (grid, 1, 1),
-        (256, 1, 1),
-        smem,
-    )?
-    .ptr(dptr(&y))
-    .ptr(dptr(x))
-    .ptr(dptr(w))
-    .ptr(dptr(offsets))
-    .ptr(dptr(&prefix))
-    .ptr(dptr(rows))
-    .usize_as_i32(x.dim(0))?
-    .usize_as_i32(e)?
-    .usize_as_i32(m)?
-    .usize_as_i32(n)?
-    .usize_as_i32(k)?
-    .run()?;
+    let mut launch = dev
+        .launch(
+            &kernels::GROUPED_GEMM,
+            name,
+            (grid, 1, 1),
+            (256, 1, 1),
+            smem,
+        )?
+        .ptr(dptr(y))
+        .ptr(dptr(x))
+        .ptr(dptr(w))
+        .ptr(dptr(offsets))
+        .ptr(dptr(&prefix));
+    if let Some(r) = rows {
+        launch = launch.ptr(dptr(r)).usize_as_i32(x.dim(0))?;
+    }
+    launch
+        .usize_as_i32(e)?
+        .usize_as_i32(m)?
+        .usize_as_i32(n)?
+        .usize_as_i32(k)?
+        .run()
+}
+
+/// `grouped_matmul(gather_rows(x, rows), w, offsets, true)` in one kernel (A rows read through
+/// `rows`), when the Hopper wgmma family applies; None otherwise (the caller gathers).
+pub(crate) fn grouped_matmul_gather(
+    dev: &Arc<CudaDevice>,
+    x: &Tensor,
+    rows: &Tensor,
+    w: &Tensor,
+    offsets: &Tensor,
+    n: usize,
+) -> Result<Option<Tensor>> {
+    let (m, k) = (rows.numel(), x.dim(1));
+    let e = offsets.numel() - 1;
+    if tiled_family(dev).0 != "wg" || !tensor_cores(x.dtype(), &[k, n]) || m <= 64 || m <= 4 * e {
+        return Ok(None);
+    }
+    let y = Tensor::uninit(&[m, n], x.dtype(), x.device())?;
+    if n > 0 {
+        let name = format!("wg_ntg_{}", x.dtype().name());
+        launch_tiled_varm(dev, &name, &y, x, Some(rows), w, offsets, n)?;
+    }
     Ok(Some(y))
 }

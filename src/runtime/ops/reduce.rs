@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::{cuda_dev, dptr, kname};
-use crate::runtime::cuda::kernels;
+use crate::runtime::cuda::{kernels, CudaDevice};
 use crate::runtime::{DType, Device, Result, Tensor};
 
 /// Σ over rows: x [.., C] -> [C] f32.
@@ -108,7 +108,6 @@ fn total(x: &Tensor, squares: bool) -> Result<Tensor> {
             };
             let blocks = units.div_ceil(1024).clamp(1, 1024);
             let partial = Tensor::uninit(&[blocks], DType::F32, x.device())?;
-            let out = Tensor::uninit(&[1], DType::F32, x.device())?;
             dev.launch(
                 &kernels::REDUCE,
                 &name,
@@ -121,21 +120,28 @@ fn total(x: &Tensor, squares: bool) -> Result<Tensor> {
             .i64(units as i64)
             .i32(squares as i32)
             .run()?;
-            dev.launch(
-                &kernels::REDUCE,
-                "block_sums_f32",
-                (1, 1, 1),
-                (1024, 1, 1),
-                0,
-            )?
-            .ptr(dptr(&out))
-            .ptr(dptr(&partial))
-            .i64(blocks as i64)
-            .i32(0)
-            .run()?;
-            Ok(out)
+            sum_partials(&dev, &partial)
         }
     }
+}
+
+/// The second pass of a CUDA reduction: the per-block partials [blocks] f32 summed in order by
+/// one block into a [1] f32 tensor.
+fn sum_partials(dev: &CudaDevice, partial: &Tensor) -> Result<Tensor> {
+    let out = Tensor::uninit(&[1], DType::F32, partial.device())?;
+    dev.launch(
+        &kernels::REDUCE,
+        "block_sums_f32",
+        (1, 1, 1),
+        (1024, 1, 1),
+        0,
+    )?
+    .ptr(dptr(&out))
+    .ptr(dptr(partial))
+    .i64(partial.numel() as i64)
+    .i32(0)
+    .run()?;
+    Ok(out)
 }
 
 /// Σ x as a [1] f32 tensor on x's device.
@@ -183,7 +189,6 @@ pub fn sum_squares_many(xs: &[&Tensor]) -> Result<Tensor> {
                 .collect();
             let t = Tensor::from_vec(words, &[6 * count])?.to_device(first.device())?;
             let partial = Tensor::uninit(&[blocks], DType::F32, first.device())?;
-            let out = Tensor::uninit(&[1], DType::F32, first.device())?;
             dev.launch(
                 &kernels::REDUCE,
                 &kname("multi_sumsq_v8", first),
@@ -195,19 +200,7 @@ pub fn sum_squares_many(xs: &[&Tensor]) -> Result<Tensor> {
             .ptr(dptr(&t))
             .usize_as_i32(count)?
             .run()?;
-            dev.launch(
-                &kernels::REDUCE,
-                "block_sums_f32",
-                (1, 1, 1),
-                (1024, 1, 1),
-                0,
-            )?
-            .ptr(dptr(&out))
-            .ptr(dptr(&partial))
-            .i64(blocks as i64)
-            .i32(0)
-            .run()?;
-            acc = Some(out);
+            acc = Some(sum_partials(&dev, &partial)?);
         }
     } else {
         rest.extend(xs.iter().copied());

@@ -292,7 +292,7 @@ template <typename T, bool KMAJ, int R, int NT = WTHREADS> struct WgChunks {
 };
 template <typename T, bool KMAJ, int R, bool GATHER = false, int NT = WTHREADS>
 __device__ __forceinline__ void wg_load(uint32_t s, const T* __restrict__ G, int ld, int r0, int Rv, int k0, int Kdim,
-                                        int tid, const int (&gi)[WgChunks<T, KMAJ, R, NT>::N]) {
+                                        int tid, const int* gi = nullptr) {
     static_assert(!GATHER || KMAJ, "rows are gathered only for K-major operands");
     constexpr int CHUNKS = R * WBK / 8;
 #pragma unroll
@@ -385,7 +385,7 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     // Gathered A rows (K-major): fixed for the tile, looked up once.
     static_assert(!AG || A_KMAJ, "A is gathered by rows only when K-major");
-    int ga[WgChunks<T, A_KMAJ, WBM>::N], gb[WgChunks<T, B_KMAJ, WBN>::N];
+    int ga[WgChunks<T, A_KMAJ, WBM>::N];
     if constexpr (AG) wg_gather_rows<T, WBM>(ga, grows, glim, m0, Mv, tid);
 
 #pragma unroll
@@ -393,7 +393,7 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
         if (s < nk) {
             const uint32_t st = smem + s * W_STAGE_BYTES;
             wg_load<T, A_KMAJ, WBM, AG>(st, A, lda, m0, Mv, s * WBK, Kdim, tid, ga);
-            wg_load<T, B_KMAJ, WBN>(st + W_A_BYTES, B, ldb, n0, Nv, s * WBK, Kdim, tid, gb);
+            wg_load<T, B_KMAJ, WBN>(st + W_A_BYTES, B, ldb, n0, Nv, s * WBK, Kdim, tid);
         }
         cp_async_commit();
     }
@@ -417,7 +417,7 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
         if (pf < nk) {
             const uint32_t st = smem + (pf % WSTAGES) * W_STAGE_BYTES;
             wg_load<T, A_KMAJ, WBM, AG>(st, A, lda, m0, Mv, pf * WBK, Kdim, tid, ga);
-            wg_load<T, B_KMAJ, WBN>(st + W_A_BYTES, B, ldb, n0, Nv, pf * WBK, Kdim, tid, gb);
+            wg_load<T, B_KMAJ, WBN>(st + W_A_BYTES, B, ldb, n0, Nv, pf * WBK, Kdim, tid);
         }
         cp_async_commit();
     }
@@ -491,27 +491,44 @@ __device__ __forceinline__ uint32_t wg_smem_base(const void* smem) { return (sme
 
 // VARM on Hopper: as GG_VARM with 128×256 tiles; tile_prefix counted in WBM-row tiles. Tiles run
 // in column strips W_SWIZZLE m-tiles tall (a strip may span groups; each CTA finds its own).
-#define WG_VARM(NAME, T, B_KMAJ, TILE, NTHREADS)                                                        \
+// AG: A is x [xrows, K] read through `rows` (the MoE experts' dispatch permutation, [M] i32):
+// y = x[rows]·W[e]ᵀ. (B = x[rows] in the weight gradient was slower than gathering first:
+// BENCHMARKS NOTES.)
+template <typename T, bool B_KMAJ, bool AG>
+__device__ __forceinline__ void wg_varm(T* y, const T* x, const T* w, const int* offsets, const int* tile_prefix,
+                                        const int* rows, int xrows, int E, int M, int N, int K, uint32_t smem) {
+    const int ntn = (N + WBN - 1) / WBN, total = tile_prefix[E];
+    const int bid = blockIdx.x;
+    if (bid >= total * ntn) {
+        const int first = total * ntn;
+        zero_tail<T>(y, offsets, E, M, N, bid - first, gridDim.x - first);
+        return;
+    }
+    const int strip = bid / (W_SWIZZLE * ntn), in = bid - strip * (W_SWIZZLE * ntn);
+    const int h = min(W_SWIZZLE, total - strip * W_SWIZZLE);
+    const int nt = in / h, mt = strip * W_SWIZZLE + (in - nt * h);
+    const int e = find_group(tile_prefix, E, mt);
+    const int row0 = offsets[e], rws = offsets[e + 1] - row0;
+    const int m0 = (mt - tile_prefix[e]) * WBM;
+    const T* we = w + (int64_t)e * N * K;
+    wg_tile<T, T, true, B_KMAJ, false, AG>(y + (int64_t)row0 * N, N, AG ? x : x + (int64_t)row0 * K, K, we,
+                                           B_KMAJ ? K : N, m0, nt * WBN, rws, N, K, smem, nullptr,
+                                           AG ? rows + row0 : nullptr, xrows);
+}
+#define WG_VARM(NAME, T, B_KMAJ, NTHREADS)                                                              \
     extern "C" __global__ void __launch_bounds__(NTHREADS, 1) NAME(T* y, const T* x, const T* w,       \
                                                                     const int* offsets, const int* tile_prefix, \
                                                                     int E, int M, int N, int K) {       \
         extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
-        const int ntn = (N + WBN - 1) / WBN, total = tile_prefix[E];                                    \
-        const int bid = blockIdx.x;                                                                     \
-        if (bid >= total * ntn) {                                                                       \
-            const int first = total * ntn;                                                              \
-            zero_tail<T>(y, offsets, E, M, N, bid - first, gridDim.x - first);                          \
-            return;                                                                                     \
-        }                                                                                               \
-        const int strip = bid / (W_SWIZZLE * ntn), in = bid - strip * (W_SWIZZLE * ntn);                \
-        const int h = min(W_SWIZZLE, total - strip * W_SWIZZLE);                                        \
-        const int nt = in / h, mt = strip * W_SWIZZLE + (in - nt * h);                                  \
-        const int e = find_group(tile_prefix, E, mt);                                                   \
-        const int row0 = offsets[e], rows = offsets[e + 1] - row0;                                      \
-        const int m0 = (mt - tile_prefix[e]) * WBM;                                                     \
-        const T* we = w + (int64_t)e * N * K;                                                           \
-        TILE<T, T, true, B_KMAJ>(y + (int64_t)row0 * N, N, x + (int64_t)row0 * K, K, we, B_KMAJ ? K : N, m0, \
-                                    nt * WBN, rows, N, K, wg_smem_base(wsmem));                         \
+        wg_varm<T, B_KMAJ, false>(y, x, w, offsets, tile_prefix, nullptr, 0, E, M, N, K, wg_smem_base(wsmem)); \
+    }
+#define WG_VARM_G(NAME, T, NTHREADS)                                                                    \
+    extern "C" __global__ void __launch_bounds__(NTHREADS, 1) NAME(T* y, const T* x, const T* w,       \
+                                                                    const int* offsets, const int* tile_prefix, \
+                                                                    const int* rows, int xrows, int E, int M, \
+                                                                    int N, int K) {                     \
+        extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
+        wg_varm<T, true, true>(y, x, w, offsets, tile_prefix, rows, xrows, E, M, N, K, wg_smem_base(wsmem)); \
     }
 
 // VARK on Hopper: grid (ceil(P/WBM)·ceil(Q/WBN), E).
@@ -528,48 +545,22 @@ __device__ __forceinline__ uint32_t wg_smem_base(const void* smem) { return (sme
                                      pt * WBM, qt * WBN, P, Q, rows, wg_smem_base(wsmem), sumsq);       \
     }
 
-// Gathered VARM nt (the MoE experts reading x [xrows, K] through the dispatch permutation `rows`,
-// [M] i32): y = x[rows]·W[e]ᵀ, same tiles and schedule as above. (B = x[rows] in the weight
-// gradient was slower than gathering first: see BENCHMARKS NOTES.)
-#define WG_VARM_G(NAME, T, TILE, NTHREADS)                                                              \
-    extern "C" __global__ void __launch_bounds__(NTHREADS, 1) NAME(T* y, const T* x, const T* w,       \
-                                                                    const int* offsets, const int* tile_prefix, \
-                                                                    const int* rows, int xrows, int E, int M, \
-                                                                    int N, int K) {                     \
-        extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
-        const int ntn = (N + WBN - 1) / WBN, total = tile_prefix[E];                                    \
-        const int bid = blockIdx.x;                                                                     \
-        if (bid >= total * ntn) {                                                                       \
-            const int first = total * ntn;                                                              \
-            zero_tail<T>(y, offsets, E, M, N, bid - first, gridDim.x - first);                          \
-            return;                                                                                     \
-        }                                                                                               \
-        const int strip = bid / (W_SWIZZLE * ntn), in = bid - strip * (W_SWIZZLE * ntn);                \
-        const int h = min(W_SWIZZLE, total - strip * W_SWIZZLE);                                        \
-        const int nt = in / h, mt = strip * W_SWIZZLE + (in - nt * h);                                  \
-        const int e = find_group(tile_prefix, E, mt);                                                   \
-        const int row0 = offsets[e], rws = offsets[e + 1] - row0;                                       \
-        const int m0 = (mt - tile_prefix[e]) * WBM;                                                     \
-        const T* we = w + (int64_t)e * N * K;                                                           \
-        TILE<T, T, true, true, false, true>(y + (int64_t)row0 * N, N, x, K, we, K, m0, nt * WBN, rws, N, K,   \
-                                                   wg_smem_base(wsmem), nullptr, rows + row0, xrows);   \
-    }
 #else
 // Other archs: the launcher never picks these (they exist so every arch has the same symbols).
-#define WG_VARM(NAME, T, B_KMAJ, TILE, NTHREADS)                                                        \
+#define WG_VARM(NAME, T, B_KMAJ, NTHREADS)                                                              \
     extern "C" __global__ void NAME(T*, const T*, const T*, const int*, const int*, int, int, int, int) { __trap(); }
 #define WG_VARK(NAME, T, TO, ACC, TILE, NTHREADS)                                                       \
     extern "C" __global__ void NAME(TO*, const T*, const T*, const int*, int, int, float*) { __trap(); }
-#define WG_VARM_G(NAME, T, TILE, NTHREADS)                                                              \
+#define WG_VARM_G(NAME, T, NTHREADS)                                                                    \
     extern "C" __global__ void NAME(T*, const T*, const T*, const int*, const int*, const int*, int, int, int, int, \
                                     int) { __trap(); }
 #endif
 
 #define WG_FAMILY(P, TILE, NTHREADS)                                                                    \
-    WG_VARM(P##_nt_bf16, bf16_t, true, TILE, NTHREADS)                                                  \
-    WG_VARM(P##_nn_bf16, bf16_t, false, TILE, NTHREADS)                                                 \
-    WG_VARM(P##_nt_f16, f16_t, true, TILE, NTHREADS)                                                    \
-    WG_VARM(P##_nn_f16, f16_t, false, TILE, NTHREADS)                                                   \
+    WG_VARM(P##_nt_bf16, bf16_t, true, NTHREADS)                                                        \
+    WG_VARM(P##_nn_bf16, bf16_t, false, NTHREADS)                                                       \
+    WG_VARM(P##_nt_f16, f16_t, true, NTHREADS)                                                          \
+    WG_VARM(P##_nn_f16, f16_t, false, NTHREADS)                                                         \
     WG_VARK(P##_tn_bf16_f32, bf16_t, float, false, TILE, NTHREADS)                                      \
     WG_VARK(P##_tn_bf16_bf16, bf16_t, bf16_t, false, TILE, NTHREADS)                                    \
     WG_VARK(P##_tn_f16_f32, f16_t, float, false, TILE, NTHREADS)                                        \
@@ -577,9 +568,9 @@ __device__ __forceinline__ uint32_t wg_smem_base(const void* smem) { return (sme
     WG_VARK(P##_tn_bf16_f32_acc, bf16_t, float, true, TILE, NTHREADS)                                   \
     WG_VARK(P##_tn_bf16_bf16_acc, bf16_t, bf16_t, true, TILE, NTHREADS)                                 \
     WG_VARK(P##_tn_f16_f32_acc, f16_t, float, true, TILE, NTHREADS)                                     \
-    WG_VARK(P##_tn_f16_f16_acc, f16_t, f16_t, true, TILE, NTHREADS)                                    \
-    WG_VARM_G(P##_ntg_bf16, bf16_t, TILE, NTHREADS)                                                     \
-    WG_VARM_G(P##_ntg_f16, f16_t, TILE, NTHREADS)
+    WG_VARK(P##_tn_f16_f16_acc, f16_t, f16_t, true, TILE, NTHREADS)                                     \
+    WG_VARM_G(P##_ntg_bf16, bf16_t, NTHREADS)                                                           \
+    WG_VARM_G(P##_ntg_f16, f16_t, NTHREADS)
 WG_FAMILY(wg, wg_tile, WTHREADS)
 
 // ---- SIMT fallback: one thread per output element (f32 inputs or unaligned shapes).

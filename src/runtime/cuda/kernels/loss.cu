@@ -1,5 +1,21 @@
 // Cross-entropy forward/backward; twins in ops/loss.rs. One 1024-thread block per token row.
 // The forward uses an online max/sum (one pass) per thread, merged across the block.
+
+// Merges the threads' running (max m, sum s of exp(x − m)) into the row's log-sum-exp and writes
+// it with the row's loss (0 for an ignored or out-of-range target).
+template <typename T>
+__device__ __forceinline__ void xent_finish(float* loss, float* lse_out, const T* lr, const int* targets,
+                                            int64_t row, int v, int ignore, float m, float s, float* scratch) {
+    const float gm = block_max(m, scratch);
+    const float gs = block_sum(m == NEG_INF ? 0.f : s * expf(m - gm), scratch);
+    if (threadIdx.x == 0) {
+        const float lse = gm + logf(gs);
+        const int y = targets[row];
+        lse_out[row] = lse;
+        loss[row] = (y == ignore || y < 0 || y >= v) ? 0.f : lse - to_float(lr[y]);
+    }
+}
+
 #define XENT(SUFFIX, T)                                                                                 \
     extern "C" __global__ void cross_entropy_fwd_##SUFFIX(float* loss, float* lse_out, const T* logits, \
                                                           const int* targets, int v, int ignore) {      \
@@ -11,14 +27,7 @@
             float x = to_float(lr[i]);                                                                  \
             if (x > m) { s = s * expf(m - x) + 1.f; m = x; } else { s += expf(x - m); }                 \
         }                                                                                               \
-        float gm = block_max(m, scratch);                                                               \
-        float gs = block_sum(m == NEG_INF ? 0.f : s * expf(m - gm), scratch);                           \
-        if (threadIdx.x == 0) {                                                                         \
-            float lse = gm + logf(gs);                                                                  \
-            int y = targets[row];                                                                       \
-            lse_out[row] = lse;                                                                         \
-            loss[row] = (y == ignore || y < 0 || y >= v) ? 0.f : lse - to_float(lr[y]);                 \
-        }                                                                                               \
+        xent_finish(loss, lse_out, lr, targets, row, v, ignore, m, s, scratch);                         \
     }                                                                                                   \
     extern "C" __global__ void cross_entropy_bwd_##SUFFIX(T* dlogits, const T* logits, const int* targets, \
                                                           const float* lse, int v, int ignore, float scale) { \
@@ -55,14 +64,7 @@ INSTANTIATE_FLOAT_TYPES(XENT)
             _Pragma("unroll") for (int q = 0; q < 8; ++q) t += expf(x[q] - m);                          \
             s += t;                                                                                     \
         }                                                                                               \
-        float gm = block_max(m, scratch);                                                               \
-        float gs = block_sum(m == NEG_INF ? 0.f : s * expf(m - gm), scratch);                           \
-        if (threadIdx.x == 0) {                                                                         \
-            float lse = gm + logf(gs);                                                                  \
-            int y = targets[row];                                                                       \
-            lse_out[row] = lse;                                                                         \
-            loss[row] = (y == ignore || y < 0 || y >= v) ? 0.f : lse - to_float(lr[y]);                 \
-        }                                                                                               \
+        xent_finish(loss, lse_out, lr, targets, row, v, ignore, m, s, scratch);                         \
     }                                                                                                   \
     extern "C" __global__ void cross_entropy_bwd_v8_##SUFFIX(T* dlogits, const T* logits, const int* targets, \
                                                              const float* lse, int v, int ignore, float scale) { \
