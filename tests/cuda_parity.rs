@@ -788,6 +788,51 @@ fn grouped_gemm() {
     }
 }
 
+/// The served experts from router slots (decode): CUDA against the CPU twin, with column tails
+/// (F not a multiple of the 4-column blocks, N not of 8), more choices than warps, tokens
+/// sharing an expert, and an id outside [0, E) (no contribution on the GPU: the CPU gets the
+/// same slot with weight 0).
+#[test]
+fn moe_serve_swiglu_matches() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("moe_serve_swiglu");
+    for dt in FLOATS {
+        for (t, kd, f, n, e, k) in [
+            (1usize, 2048usize, 768usize, 2048usize, 128usize, 8usize),
+            (2, 64, 40, 44, 16, 4),
+            (3, 72, 24, 72, 8, 10),
+        ] {
+            let ids: Vec<i32> = (0..k * t).map(|_| r.random_range(0..e as i32)).collect();
+            let mut wts: Vec<f32> = (0..k * t).map(|_| r.random_range(0.0..1.0)).collect();
+            // Weights scaled by 1/sqrt(fan-in) as a model's are (f16 would overflow otherwise).
+            let mut scaled = |shape: &[usize], s: f32| {
+                let v: Vec<f32> = (0..shape.iter().product::<usize>())
+                    .map(|_| r.random_range(-2.0f32..2.0) * s)
+                    .collect();
+                let c = Tensor::from_f32(&v, shape, dt, Device::Cpu).unwrap();
+                let g = c.to_device(dev).unwrap();
+                (c, g)
+            };
+            let (xc, xg) = scaled(&[t, kd], 1.0);
+            let (w1c, w1g) = scaled(&[e, 2 * f, kd], 1.0 / (kd as f32).sqrt());
+            let (w2c, w2g) = scaled(&[e, n, f], 1.0 / (f as f32).sqrt());
+            let mut gids = ids.clone();
+            gids[k * t - 1] = e as i32;
+            wts[k * t - 1] = 0.0;
+            let y = |x: &Tensor, w1: &Tensor, w2: &Tensor, ids: &[i32], d: Device| {
+                let it = Tensor::from_slice(ids, &[k, t], d).unwrap();
+                let wt = Tensor::from_slice(&wts, &[k, t], d).unwrap();
+                ops::moe_serve_swiglu(x, w1, w2, &it, &wt).unwrap()
+            };
+            close_each(
+                &format!("moe_serve_swiglu {dt} t={t} k={k} e={e} f={f} n={n}"),
+                &y(&xc, &w1c, &w2c, &ids, Device::Cpu),
+                &y(&xg, &w1g, &w2g, &gids, dev),
+            );
+        }
+    }
+}
+
 #[test]
 fn bad_device_strings_are_errors() {
     for s in ["tpu", "cuda:x", "cuda:-1", ""] {

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{fixture_dir, load_safetensors, rel_err};
-use moe::moe::{moe_backward, moe_forward, Mode, MoeConfig, MoeWeights};
+use moe::moe::{moe_backward, moe_forward, moe_forward_named, Mode, MoeConfig, MoeWeights};
 use moe::runtime::ops;
 use moe::runtime::{set_poison_outputs, DType, Device, ParamSet, Tensor};
 
@@ -136,6 +136,28 @@ fn run(name: &str, dtype: DType, dev: Device, tol: f64) {
             tol,
         );
     }
+    // Serving (no statistics; 1 or 2 tokens take the slot-wise experts where the config allows:
+    // f32 here, F = 12 is no multiple of bf16's 8-element rows) against the CPU's inference.
+    for rows in [1, 2, 3] {
+        let xi = ops::slice_rows(&xc, 0, rows).unwrap();
+        let (yic, _, _) = moe_forward(&cfg, &wc32, &to32(&xi), Mode::Infer).unwrap();
+        let (yig, _, st) = moe_forward_named(
+            &cfg,
+            &wg,
+            &ops::slice_rows(&xg, 0, rows).unwrap(),
+            Mode::Serve,
+            "serve",
+            false,
+        )
+        .unwrap();
+        assert!(st.is_none(), "{name}: Mode::Serve computes no statistics");
+        close(
+            &format!("{name} {dtype} served y ({rows} tokens)"),
+            &yig,
+            &yic,
+            tol,
+        );
+    }
     let mut cpu_grads = vec![];
     gc.visit("", &mut |n, t| {
         cpu_grads.push((n.to_string(), t.try_clone().unwrap()))
@@ -199,6 +221,63 @@ fn noisy_switch_routing_matches_cpu() {
     );
     close("noisy switch dropped", &sg.dropped, &sc.dropped, 0.0);
     close("noisy switch y", &yg, &yc, 1e-4);
+}
+
+/// Served decode steps in bf16 at shapes whose rows take the slot-wise expert kernels (F and d
+/// multiples of 8; 2·k·T <= E for T = 1, 2), with a shared expert, against the CPU's
+/// dispatch path in f32 on the same rounded weights.
+#[test]
+fn served_decode_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    for name in [
+        "softmax_renorm",
+        "softmax_no_renorm",
+        "shared_gated",
+        "sigmoid_group",
+    ] {
+        let (mut cfg, _, _, _) = load(name, DType::F32, Device::Cpu);
+        cfg.d_model = 64;
+        cfg.ffn_dim = 40;
+        cfg.n_experts = 16;
+        if let Some(sh) = cfg.shared.as_mut() {
+            sh.ffn_dim = 24;
+        }
+        let w32 = MoeWeights::init(&cfg, 0.3, 0.3, 11, DType::F32, Device::Cpu).unwrap();
+        let mut wc = MoeWeights::init(&cfg, 0.3, 0.3, 11, DType::F32, Device::Cpu).unwrap();
+        let mut wg = MoeWeights::init(&cfg, 0.3, 0.3, 11, DType::BF16, dev).unwrap();
+        let (mut cs, mut gs) = (vec![], vec![]);
+        w32.visit("", &mut |_, p| {
+            let b = ops::cast(p, DType::BF16).unwrap();
+            cs.push(ops::cast(&b, DType::F32).unwrap());
+            gs.push(b.to_device(dev).unwrap());
+        });
+        let (mut ci, mut gi) = (cs.into_iter(), gs.into_iter());
+        wc.visit_mut("", &mut |_, p| *p = ci.next().unwrap());
+        wg.visit_mut("", &mut |_, p| *p = gi.next().unwrap());
+        wc.router_bias = w32.router_bias.as_ref().map(|b| b.try_clone().unwrap());
+        wg.router_bias = w32.router_bias.as_ref().map(|b| b.to_device(dev).unwrap());
+        for rows in [1, 2] {
+            let x = Tensor::randn(&[rows, 64], 1.0, rows as u64, DType::F32, Device::Cpu).unwrap();
+            let xb = ops::cast(&x, DType::BF16).unwrap();
+            let (yc, _, _) =
+                moe_forward(&cfg, &wc, &ops::cast(&xb, DType::F32).unwrap(), Mode::Infer).unwrap();
+            let (yg, _, _) = moe_forward_named(
+                &cfg,
+                &wg,
+                &xb.to_device(dev).unwrap(),
+                Mode::Serve,
+                name,
+                false,
+            )
+            .unwrap();
+            close(
+                &format!("{name} served bf16 y ({rows} tokens)"),
+                &yg,
+                &yc,
+                3e-2,
+            );
+        }
+    }
 }
 
 /// Decode-sized dropless dispatch (one fused kernel on CUDA) against the CPU plan: counts,

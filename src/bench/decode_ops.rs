@@ -8,7 +8,8 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 
 use super::median_ms;
-use crate::moe::{moe_forward, Mode, MoeConfig, MoeWeights, RouterKind};
+use crate::moe::{moe_forward, moe_forward_named, Mode, MoeConfig, MoeWeights, RouterKind};
+use crate::runtime::ops::grouped_cuda::{moe_serve_down, moe_serve_up};
 use crate::runtime::ops::{self, RopeTable};
 use crate::runtime::{DType, Device, Tensor};
 
@@ -165,10 +166,39 @@ pub fn run(a: DecodeOpsArgs) -> anyhow::Result<()> {
         expert_bytes / 3.0,
         &mut || ops::grouped_matmul(&he, &w.w2, &offsets, true).map(drop),
     )?;
+    let ids = Tensor::from_slice(
+        &(0..a.top_k as i32).collect::<Vec<_>>(),
+        &[a.top_k, 1],
+        device,
+    )?;
+    let wts = Tensor::from_slice(&vec![1.0 / a.top_k as f32; a.top_k], &[a.top_k, 1], device)?;
+    let dev = ops::cuda_dev(&x)?;
+    let dims = (a.experts, a.ffn_dim, a.top_k);
+    time(
+        "slots gate+up+SwiGLU (moe_serve_up)",
+        expert_bytes * 2.0 / 3.0,
+        &mut || moe_serve_up(&dev, &x, &w.w1, &ids, dims).map(drop),
+    )?;
+    let sa = moe_serve_up(&dev, &x, &w.w1, &ids, dims)?;
+    time(
+        "slots down+combine (moe_serve_down)",
+        expert_bytes / 3.0,
+        &mut || moe_serve_down(&dev, &sa, &w.w2, &ids, &wts, (a.experts, 1, d)).map(drop),
+    )?;
+    time(
+        "experts from slots (moe_serve_swiglu)",
+        expert_bytes,
+        &mut || ops::moe_serve_swiglu(&x, &w.w1, &w.w2, &ids, &wts).map(drop),
+    )?;
     time(
         "whole MoE block (route … combine)",
         expert_bytes + (a.experts * d * 2) as f64,
         &mut || moe_forward(&cfg, &w, &x, Mode::Infer).map(drop),
+    )?;
+    time(
+        "whole MoE block, served (route + slots)",
+        expert_bytes + (a.experts * d * 2) as f64,
+        &mut || moe_forward_named(&cfg, &w, &x, Mode::Serve, "moe", false).map(drop),
     )?;
     println!(
         "decode kernels, batch 1, bf16, {} calls per graph (d {d}, {h}/{hkv} heads of {hd}, {} experts top-{} of {}, {} keys)",

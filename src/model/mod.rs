@@ -545,7 +545,7 @@ impl Model {
             (FfnWeights::Moe(w), Ffn::Moe(mc)) => {
                 let (y, s, st) =
                     moe::moe_forward_named(mc, w, h, mode, &format!("blocks.{i}.ffn"), false)?;
-                Ok((y, s.map(FfnSaved::Moe), Some(st)))
+                Ok((y, s.map(FfnSaved::Moe), st))
             }
             (FfnWeights::Moe(_), Ffn::Dense { .. }) => Err(ModelError::Invalid(format!(
                 "layer {i}: MoE weights for a dense layer"
@@ -1024,7 +1024,7 @@ impl Model {
         for (i, blk) in self.params.blocks.iter().enumerate() {
             let a = attn(i, &blk.attn, &h)?;
             h = ops::add_rmsnorm(&mut x, &a, &blk.ffn_norm, eps)?;
-            let f = self.ffn_forward(i, &h, moe::Mode::Infer)?.0;
+            let f = self.ffn_forward(i, &h, moe::Mode::Serve)?.0;
             let next = match self.params.blocks.get(i + 1) {
                 Some(b) => &b.attn_norm,
                 None => &self.params.norm,

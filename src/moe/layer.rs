@@ -221,8 +221,16 @@ impl MoeWeights {
 /// Training (with a seed for the noisy gates / random token selection) or inference.
 #[derive(Copy, Clone, Debug)]
 pub enum Mode {
-    Train { seed: u64 },
+    Train {
+        seed: u64,
+    },
+    /// Inference with the statistics (tokens per expert, drops) computed.
     Infer,
+    /// Inference whose caller reads no statistics (generation, serving): none are computed,
+    /// and on the GPU a step of a few tokens with dropless routing runs its SwiGLU experts
+    /// straight from the router's slots (`ops::moe_serve_swiglu`: two kernels instead of
+    /// dispatch, gather, grouped GEMMs, activation and combine).
+    Serve,
 }
 
 /// Per-step statistics, all device tensors (reading them is the caller's choice).
@@ -259,11 +267,18 @@ pub fn moe_forward(
     x: &Tensor,
     mode: Mode,
 ) -> Result<(Tensor, Option<MoeSaved>, MoeStats)> {
-    moe_forward_named(cfg, w, x, mode, "moe", false)
+    let (y, saved, stats) = moe_forward_named(cfg, w, x, mode, "moe", false)?;
+    let stats = stats.ok_or_else(|| {
+        Error::Invalid(
+            "moe_forward: Mode::Serve computes no statistics (use moe_forward_named)".into(),
+        )
+    })?;
+    Ok((y, saved, stats))
 }
 
 /// `moe_forward` with a layer name for errors; `check_finite` reads the router logits back to
 /// report NaN/Inf by layer (a device sync: off on the hot path, on in debugging and tests).
+/// The statistics are None in `Mode::Serve`.
 pub fn moe_forward_named(
     cfg: &MoeConfig,
     w: &MoeWeights,
@@ -271,7 +286,7 @@ pub fn moe_forward_named(
     mode: Mode,
     layer: &str,
     check_finite: bool,
-) -> Result<(Tensor, Option<MoeSaved>, MoeStats)> {
+) -> Result<(Tensor, Option<MoeSaved>, Option<MoeStats>)> {
     if x.rank() != 2 || x.dim(1) != cfg.d_model {
         return Err(Error::shape(
             "moe",
@@ -286,8 +301,9 @@ pub fn moe_forward_named(
     let dev = x.device();
     let train_seed = match mode {
         Mode::Train { seed } => Some(seed),
-        Mode::Infer => None,
+        Mode::Infer | Mode::Serve => None,
     };
+    let serve = matches!(mode, Mode::Serve);
     // Jitter (DeepSpeed multiplicative_jitter): router input × U(0.99, 1.01) in training.
     let jitter = match (&cfg.router, train_seed) {
         (
@@ -323,22 +339,34 @@ pub fn moe_forward_named(
         router::check_finite(layer, &logits)?;
     }
     let routing = router::route(cfg, &logits, w.router_bias.as_ref(), train_seed)?;
-    let disp = dispatch::dispatch(cfg, &routing.ids, train_seed.map(|s| s ^ 0x7275_7473))?;
-    let weights = match &routing.weights {
-        Some(w) => w.try_clone()?,
-        None => router::combine_weights(cfg, &routing.gates, &disp.pos)?,
+    let served = match &routing.weights {
+        Some(wts) if serve && serve_slotwise(cfg, w, x) => {
+            Some(ops::moe_serve_swiglu(x, &w.w1, &w.w2, &routing.ids, wts)?)
+        }
+        _ => None,
     };
-    let (y_perm, ex) = experts::forward(
-        cfg,
-        &w.w1,
-        w.b1.as_ref(),
-        &w.w2,
-        w.b2.as_ref(),
-        x,
-        &disp.tok,
-        &disp.offsets,
-    )?;
-    let mut y = dispatch::combine(&y_perm, &disp.pos, Some(&weights))?;
+    let (mut y, routed) = match served {
+        Some(y) => (y, None),
+        None => {
+            let disp = dispatch::dispatch(cfg, &routing.ids, train_seed.map(|s| s ^ 0x7275_7473))?;
+            let weights = match &routing.weights {
+                Some(w) => w.try_clone()?,
+                None => router::combine_weights(cfg, &routing.gates, &disp.pos)?,
+            };
+            let (y_perm, ex) = experts::forward(
+                cfg,
+                &w.w1,
+                w.b1.as_ref(),
+                &w.w2,
+                w.b2.as_ref(),
+                x,
+                &disp.tok,
+                &disp.offsets,
+            )?;
+            let y = dispatch::combine(&y_perm, &disp.pos, Some(&weights))?;
+            (y, Some((disp, weights, y_perm, ex)))
+        }
+    };
     let save = train_seed.is_some();
 
     let mut shared_saved = None;
@@ -386,44 +414,65 @@ pub fn moe_forward_named(
         }
     }
     // Inference skips what only training reads: the losses (zero) and, for dropless routers,
-    // the drop counts (zero).
-    let dev = x.device();
-    let (aux_loss, z_loss) = if save {
-        router::losses(cfg, &routing)?
-    } else {
-        (
-            Tensor::zeros(&[1], DType::F32, dev)?,
-            Tensor::zeros(&[1], DType::F32, dev)?,
-        )
+    // the drop counts (zero); serving skips the statistics altogether.
+    let stats = match &routed {
+        Some((disp, ..)) if !serve => {
+            let dev = x.device();
+            let (aux_loss, z_loss) = if save {
+                router::losses(cfg, &routing)?
+            } else {
+                (
+                    Tensor::zeros(&[1], DType::F32, dev)?,
+                    Tensor::zeros(&[1], DType::F32, dev)?,
+                )
+            };
+            let dropped = if save || matches!(cfg.router, RouterKind::Switch { .. }) {
+                disp.dropped()?
+            } else {
+                Tensor::zeros(&[cfg.n_experts], DType::F32, dev)?
+            };
+            Some(MoeStats {
+                aux_loss,
+                z_loss,
+                tokens_per_expert: disp.counts.try_clone()?,
+                dropped,
+            })
+        }
+        _ => None,
     };
-    let dropped = if save || matches!(cfg.router, RouterKind::Switch { .. }) {
-        disp.dropped()?
-    } else {
-        Tensor::zeros(&[cfg.n_experts], DType::F32, dev)?
-    };
-    let stats = MoeStats {
-        aux_loss,
-        z_loss,
-        tokens_per_expert: disp.counts.try_clone()?,
-        dropped,
-    };
-    let saved = if save {
-        Some(MoeSaved {
+    let saved = match routed {
+        Some((dispatch, weights, y_perm, experts)) if save => Some(MoeSaved {
             router_in,
             jitter,
             logits,
             routing,
-            dispatch: disp,
+            dispatch,
             weights,
-            experts: ex,
+            experts,
             y_perm,
             shared: shared_saved,
             residual: residual_saved,
-        })
-    } else {
-        None
+        }),
+        _ => None,
     };
     Ok((y, saved, stats))
+}
+
+/// Whether a served step takes `ops::moe_serve_swiglu`: GPU, SwiGLU experts without biases,
+/// 16-byte rows, and few enough slots that they rarely share an expert (2·k·T <= E: each slot
+/// reads its expert's weights itself, where the grouped kernels read each active expert once).
+/// `MOE_NO_SERVE_SLOTS=1` keeps the dispatch path (A/B comparisons).
+fn serve_slotwise(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("MOE_NO_SERVE_SLOTS").is_ok_and(|v| v == "1"));
+    let vec = 16 / x.dtype().size_in_bytes();
+    !off && matches!(x.device(), Device::Cuda(_))
+        && cfg.expert == ExpertKind::SwiGlu
+        && w.b1.is_none()
+        && w.b2.is_none()
+        && 2 * cfg.top_k * x.dim(0) <= cfg.n_experts
+        && cfg.d_model % vec == 0
+        && w.w2.dim(2) % vec == 0
 }
 
 /// z [T] f32 = x·(coef₀ − coef₁)ᵀ + (b₀ − b₁): the 2-way softmax as a sigmoid.

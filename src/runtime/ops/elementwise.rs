@@ -35,7 +35,7 @@ impl Activation {
         self as i32
     }
     #[inline]
-    fn f(self, x: f32) -> f32 {
+    pub(crate) fn f(self, x: f32) -> f32 {
         match self {
             Activation::Silu => x / (1.0 + (-x).exp()),
             Activation::Gelu => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),

@@ -172,6 +172,102 @@ pub fn grouped_matmul_gather(
     grouped_matmul(&super::gather_rows(x, rows)?, w, offsets, true)
 }
 
+/// The SwiGLU experts of a few served tokens straight from the router's slots (no dispatch):
+/// y [T, N] = Σ_j weights[j, t] · (silu(g) ⊙ u)·W2[e]ᵀ with e = ids[j, t], [g | u] =
+/// x[t]·W1[e]ᵀ; x [T, K], W1 [E, 2F, K], W2 [E, N, F], ids [k, T] i32 and weights [k, T] f32 as
+/// the router writes them. g, u and the activation are rounded to x's dtype as the dispatch path
+/// stores them; an id outside [0, E) is an error on the CPU and contributes nothing on the GPU
+/// (the router never writes one). Bytes: each slot reads its expert's 3·F·K weights once, so it
+/// pays when a step's slots rarely share an expert (k·T well below E).
+pub fn moe_serve_swiglu(
+    x: &Tensor,
+    w1: &Tensor,
+    w2: &Tensor,
+    ids: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    let op = "moe_serve_swiglu";
+    same_device(op, &[x, w1, w2, ids, weights])?;
+    x.expect_float(op)?;
+    ids.expect_dtype(op, DType::I32)?;
+    weights.expect_dtype(op, DType::F32)?;
+    let ok = x.rank() == 2 && w1.rank() == 3 && w2.rank() == 3 && ids.rank() == 2;
+    let (t, kd) = (x.dim(0), x.dim(1));
+    if !ok
+        || w1.dim(2) != kd
+        || w1.dim(1) % 2 != 0
+        || w2.dim(0) != w1.dim(0)
+        || w2.dim(2) != w1.dim(1) / 2
+        || ids.dim(1) != t
+        || weights.shape() != ids.shape()
+        || w1.dtype() != x.dtype()
+        || w2.dtype() != x.dtype()
+    {
+        return Err(Error::shape(
+            op,
+            format!(
+                "x [T, K] {:?} {}, w1 [E, 2F, K] {:?} {}, w2 [E, N, F] {:?} {}, ids and weights [k, T] {:?} {:?}",
+                x.shape(),
+                x.dtype(),
+                w1.shape(),
+                w1.dtype(),
+                w2.shape(),
+                w2.dtype(),
+                ids.shape(),
+                weights.shape()
+            ),
+        ));
+    }
+    let (e, f, n, k) = (w1.dim(0), w2.dim(2), w2.dim(1), ids.dim(0));
+    match x.device() {
+        Device::Cpu => {
+            let (xv, w1v, w2v) = (x.cpu_f32()?, w1.cpu_f32()?, w2.cpu_f32()?);
+            let (iv, wv) = (ids.as_slice::<i32>()?, weights.as_slice::<f32>()?);
+            if let Some(&bad) = iv.iter().find(|&&i| i < 0 || i as usize >= e) {
+                return Err(Error::Invalid(format!(
+                    "{op}: expert id {bad} outside 0..{e}"
+                )));
+            }
+            let dt = x.dtype();
+            let round = |v: f32| -> f32 {
+                match dt {
+                    DType::BF16 => half::bf16::from_f32(v).to_f32(),
+                    DType::F16 => half::f16::from_f32(v).to_f32(),
+                    _ => v,
+                }
+            };
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f32>();
+            let mut y = vec![0f32; t * n];
+            y.par_chunks_mut(n.max(1)).enumerate().for_each(|(ti, yr)| {
+                let xr = &xv[ti * kd..][..kd];
+                for j in 0..k {
+                    let (ex, wt) = (iv[j * t + ti] as usize, wv[j * t + ti]);
+                    let a: Vec<f32> = (0..f)
+                        .map(|fi| {
+                            let row = |r: usize| &w1v[(ex * 2 * f + r) * kd..][..kd];
+                            let (g, u) = (round(dot(row(fi), xr)), round(dot(row(f + fi), xr)));
+                            round(super::Activation::Silu.f(g) * u)
+                        })
+                        .collect();
+                    for (ni, yv) in yr.iter_mut().enumerate() {
+                        *yv += wt * dot(&w2v[(ex * n + ni) * f..][..f], &a);
+                    }
+                }
+            });
+            cpu_from_f32(y, &[t, n], dt)
+        }
+        Device::Cuda(_) => super::grouped_cuda::moe_serve_swiglu(
+            &cuda_dev(x)?,
+            x,
+            w1,
+            w2,
+            ids,
+            weights,
+            (e, f, n, k),
+        ),
+    }
+}
+
 /// `grouped_matmul_tn_into(out, a, gather_rows(b, b_rows), ..)`: the experts' first weight
 /// gradient, x given with the dispatch permutation. The rows are gathered first on every
 /// device: a wgmma kernel reading B through the permutation was slower than the gather plus
@@ -449,5 +545,69 @@ mod tests {
         let o = Tensor::from_vec(vec![0i32, 3, 2], &[3]).unwrap();
         let err = grouped_matmul(&x, &w, &o, true).unwrap_err().to_string();
         assert!(err.contains("offsets must rise"), "{err}");
+    }
+
+    /// The served experts from slots against the dispatch path (slots sorted by expert, grouped
+    /// GEMMs with the activation, weighted sum per token), with tokens sharing an expert.
+    #[test]
+    fn moe_serve_matches_the_dispatch_path() {
+        let (t, kd, f, n, e, k) = (3usize, 16usize, 12usize, 16usize, 5usize, 2usize);
+        let ids: Vec<i32> = vec![4, 0, 4, 1, 2, 0]; // [k, T]: slot j·T + t
+        let wts: Vec<f32> = vec![0.7, 0.4, 0.55, 0.3, 0.6, 0.45];
+        for dt in [DType::F32, DType::BF16] {
+            let x = Tensor::randn(&[t, kd], 1.0, 1, dt, Device::Cpu).unwrap();
+            let w1 = Tensor::randn(&[e, 2 * f, kd], 0.3, 2, dt, Device::Cpu).unwrap();
+            let w2 = Tensor::randn(&[e, n, f], 0.3, 3, dt, Device::Cpu).unwrap();
+            let it = Tensor::from_vec(ids.clone(), &[k, t]).unwrap();
+            let wt = Tensor::from_vec(wts.clone(), &[k, t]).unwrap();
+            let y = moe_serve_swiglu(&x, &w1, &w2, &it, &wt)
+                .unwrap()
+                .cpu_f32()
+                .unwrap()
+                .into_owned();
+            // Dispatch: slots in expert order, their tokens as gathered rows.
+            let mut order: Vec<usize> = (0..k * t).collect();
+            order.sort_by_key(|&s| ids[s]);
+            let rows: Vec<i32> = order.iter().map(|&s| (s % t) as i32).collect();
+            let mut offs = vec![0i32; e + 1];
+            for &s in &order {
+                offs[ids[s] as usize + 1] += 1;
+            }
+            for g in 0..e {
+                offs[g + 1] += offs[g];
+            }
+            let rt = Tensor::from_vec(rows, &[k * t]).unwrap();
+            let ot = Tensor::from_vec(offs, &[e + 1]).unwrap();
+            let a =
+                super::super::swiglu(&grouped_matmul_gather(&x, &rt, &w1, &ot).unwrap()).unwrap();
+            let yp = grouped_matmul(&a, &w2, &ot, true)
+                .unwrap()
+                .cpu_f32()
+                .unwrap()
+                .into_owned();
+            let mut want = vec![0f32; t * n];
+            for (p, &s) in order.iter().enumerate() {
+                for c in 0..n {
+                    want[(s % t) * n + c] += wts[s] * yp[p * n + c];
+                }
+            }
+            // bf16: the dispatch path also rounds each expert's output row before the sum.
+            let tol = if dt == DType::F32 { 1e-5 } else { 2e-2 };
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= tol * (1.0 + b.abs()),
+                    "{dt} y[{i}]: served {a} dispatch {b}"
+                );
+            }
+        }
+        let bad = Tensor::from_vec(vec![0i32, 5, 1, 2, 3, 4], &[k, t]).unwrap();
+        let x = Tensor::zeros(&[t, kd], DType::F32, Device::Cpu).unwrap();
+        let w1 = Tensor::zeros(&[e, 2 * f, kd], DType::F32, Device::Cpu).unwrap();
+        let w2 = Tensor::zeros(&[e, n, f], DType::F32, Device::Cpu).unwrap();
+        let wt = Tensor::from_vec(wts, &[k, t]).unwrap();
+        let err = moe_serve_swiglu(&x, &w1, &w2, &bad, &wt)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expert id 5 outside 0..5"), "{err}");
     }
 }

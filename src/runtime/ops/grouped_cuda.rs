@@ -257,3 +257,111 @@ pub(crate) fn grouped_matmul_gather(
     }
     Ok(Some(y))
 }
+
+/// The served-decode kernels' shape choices: (gate/up columns per block, vectors per lane and
+/// row in flight in the down kernel), 8 and 2 unless `MOE_SERVE_KERNELS=c{4|8}u{1|2}` (A/B).
+fn serve_variant() -> (usize, usize) {
+    static V: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        let v = std::env::var("MOE_SERVE_KERNELS").unwrap_or_default();
+        let cols = if v.starts_with("c4") { 4 } else { 8 };
+        let unroll = if v.ends_with("u1") { 1 } else { 2 };
+        (cols, unroll)
+    })
+}
+
+/// `ops::moe_serve_swiglu`'s first kernel: a [k·T, F] = silu(g) ⊙ u per slot.
+pub(crate) fn moe_serve_up(
+    dev: &Arc<CudaDevice>,
+    x: &Tensor,
+    w1: &Tensor,
+    ids: &Tensor,
+    (e, f, k): (usize, usize, usize),
+) -> Result<Tensor> {
+    let (t, kd) = (x.dim(0), x.dim(1));
+    let a = Tensor::uninit(&[k * t, f], x.dtype(), x.device())?;
+    if f * k * t == 0 {
+        return Ok(a);
+    }
+    let cols = serve_variant().0;
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        &format!("moe_serve_up_c{cols}_{}", x.dtype().name()),
+        (f.div_ceil(cols) as u32, (k * t) as u32, 1),
+        (256, 1, 1),
+        0,
+    )?
+    .ptr(dptr(&a))
+    .ptr(dptr(x))
+    .ptr(dptr(w1))
+    .ptr(dptr(ids))
+    .usize_as_i32(e)?
+    .usize_as_i32(t)?
+    .usize_as_i32(f)?
+    .usize_as_i32(kd)?
+    .run()?;
+    Ok(a)
+}
+
+/// `ops::moe_serve_swiglu`'s second kernel: y [T, N] = Σ_j weights[j, t] · a[j, t]·W2[e]ᵀ.
+pub(crate) fn moe_serve_down(
+    dev: &Arc<CudaDevice>,
+    a: &Tensor,
+    w2: &Tensor,
+    ids: &Tensor,
+    weights: &Tensor,
+    (e, t, n): (usize, usize, usize),
+) -> Result<Tensor> {
+    let (kt, f) = (a.dim(0), a.dim(1));
+    let y = Tensor::uninit(&[t, n], a.dtype(), a.device())?;
+    if t * n == 0 {
+        return Ok(y);
+    }
+    let unroll = serve_variant().1;
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        &format!("moe_serve_down_u{unroll}_{}", a.dtype().name()),
+        (n.div_ceil(SERVE_DOWN_COLS) as u32, t as u32, 1),
+        (256, 1, 1),
+        0,
+    )?
+    .ptr(dptr(&y))
+    .ptr(dptr(a))
+    .ptr(dptr(w2))
+    .ptr(dptr(ids))
+    .ptr(dptr(weights))
+    .usize_as_i32(e)?
+    .usize_as_i32(t)?
+    .usize_as_i32(kt / t)?
+    .usize_as_i32(n)?
+    .usize_as_i32(f)?
+    .run()?;
+    Ok(y)
+}
+
+/// `ops::moe_serve_swiglu` (shapes checked there).
+pub(crate) fn moe_serve_swiglu(
+    dev: &Arc<CudaDevice>,
+    x: &Tensor,
+    w1: &Tensor,
+    w2: &Tensor,
+    ids: &Tensor,
+    weights: &Tensor,
+    (e, f, n, k): (usize, usize, usize, usize),
+) -> Result<Tensor> {
+    let (t, kd) = (x.dim(0), x.dim(1));
+    let vec = 16 / x.dtype().size_in_bytes();
+    if kd % vec != 0 || f % vec != 0 {
+        return Err(Error::Invalid(format!(
+            "moe_serve_swiglu: K {kd} and F {f} must be multiples of {vec} (16-byte rows)"
+        )));
+    }
+    if t == 0 {
+        return Tensor::uninit(&[0, n], x.dtype(), x.device());
+    }
+    let a = moe_serve_up(dev, x, w1, ids, (e, f, k))?;
+    moe_serve_down(dev, &a, w2, ids, weights, (e, t, n))
+}
+
+/// The down kernel's output columns per block (SERVE_DOWN_COLS in the .cu).
+const SERVE_DOWN_COLS: usize = 8;

@@ -733,3 +733,146 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
     }
 #define GG_SMALL(SUFFIX, T) GG_SMALL_R(SUFFIX, T, 1) GG_SMALL_R(SUFFIX, T, 2) GG_SMALL_R(SUFFIX, T, 4) GG_SMALL_R(SUFFIX, T, 8)
 INSTANTIATE_FLOAT_TYPES(GG_SMALL)
+
+// ---- Served decode MoE (a few tokens, dropless routing): the experts straight from the router's
+// slots, with no dispatch, gather, activation or combine kernels. Slots are [k, T] (slot j·T + t
+// is token t's j-th choice, expert ids[slot], combine weight wts[slot]). Twin: ops::moe_serve_swiglu
+// (CPU), checked against the dispatch path. Memory-bound: each slot reads its expert's rows once.
+//   moe_serve_up_cC:   a [k·T, F] = silu(x[t]·W1[e][f]ᵀ) · (x[t]·W1[e][F + f]ᵀ), W1 [E, 2F, K];
+//                      grid (ceil(F / C), k·T): C gate and C up rows per block, K split across
+//                      the block's threads (16-byte vectors).
+//   moe_serve_down_uU: y [T, N] = Σ_j wts[j·T + t] · a[j·T + t]·W2[e]ᵀ, W2 [E, N, F];
+//                      grid (ceil(N / 8), T): warp w takes choices w, w + 8, ..., lanes split F,
+//                      U vectors per lane and row in flight.
+// g and u are rounded to T before the activation, as the unfused path stores them. An expert id
+// outside [0, E) contributes nothing (its a row is zero).
+#define SERVE_DOWN_COLS 8
+template <typename T>
+__device__ __forceinline__ void dot16(float* acc, const uint4& w, const float* xf) {
+    const T* wt = reinterpret_cast<const T*>(&w);
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16 / (int)sizeof(T); ++j) s += to_float(wt[j]) * xf[j];
+    *acc += s;
+}
+template <typename T> __device__ __forceinline__ void unpack16(const uint4& v, float* f) {
+    const T* t = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int j = 0; j < 16 / (int)sizeof(T); ++j) f[j] = to_float(t[j]);
+}
+__device__ __forceinline__ float serve_silu(float g) { return g / (1.f + expf(-g)); }
+
+template <int COLS, typename T>
+__device__ __forceinline__ void moe_serve_up(T* a, const T* x, const T* w1, const int* ids, int E, int ntok, int F,
+                                             int K) {
+    constexpr int VEC = 16 / sizeof(T), R = 2 * COLS;
+    __shared__ float red[8][R];
+    const int slot = blockIdx.y, t = slot % ntok, e = ids[slot];
+    const int f0 = blockIdx.x * COLS, nc = min(COLS, F - f0);
+    if (e < 0 || e >= E) {
+        if (threadIdx.x < nc) a[(int64_t)slot * F + f0 + threadIdx.x] = from_float<T>(0.f);
+        return;
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kv = K / VEC;
+    const T* wg = w1 + ((int64_t)e * 2 * F + f0) * K;  // gate rows f0..; up rows F + f0..
+    const T* xr = x + (int64_t)t * K;
+    float acc[R];
+#pragma unroll
+    for (int c = 0; c < R; ++c) acc[c] = 0.f;
+    for (int v = threadIdx.x; v < kv; v += blockDim.x) {
+        uint4 wr[R];
+#pragma unroll
+        for (int c = 0; c < R; ++c) {
+            const int col = c % COLS;
+            const int64_t row = (c < COLS ? 0 : F) + col;
+            wr[c] = col < nc ? *reinterpret_cast<const uint4*>(wg + row * K + v * VEC) : make_uint4(0, 0, 0, 0);
+        }
+        float xf[VEC];
+        unpack16<T>(*reinterpret_cast<const uint4*>(xr + v * VEC), xf);
+#pragma unroll
+        for (int c = 0; c < R; ++c) dot16<T>(&acc[c], wr[c], xf);
+    }
+#pragma unroll
+    for (int c = 0; c < R; ++c) {
+        const float s = warp_sum(acc[c]);
+        if (lane == 0) red[warp][c] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < nc) {
+        const int c = threadIdx.x;
+        float g = 0.f, u = 0.f;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) g += red[q][c], u += red[q][COLS + c];
+        g = to_float(from_float<T>(g)), u = to_float(from_float<T>(u));
+        a[(int64_t)slot * F + f0 + c] = from_float<T>(serve_silu(g) * u);
+    }
+}
+
+template <int U, typename T>
+__device__ __forceinline__ void moe_serve_down(T* y, const T* a, const T* w2, const int* ids, const float* wts,
+                                               int E, int ntok, int k, int N, int F) {
+    constexpr int VEC = 16 / sizeof(T), C = SERVE_DOWN_COLS;
+    __shared__ float red[8][C];
+    const int t = blockIdx.y, n0 = blockIdx.x * C, nc = min(C, N - n0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, fv = F / VEC;
+    float acc[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[c] = 0.f;
+    for (int j = warp; j < k; j += 8) {
+        const int slot = j * ntok + t, e = ids[slot];
+        if (e < 0 || e >= E) continue;
+        const float wt = wts[slot];
+        const T* wb = w2 + ((int64_t)e * N + n0) * F;
+        const T* ar = a + (int64_t)slot * F;
+        float part[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) part[c] = 0.f;
+        for (int v0 = lane; v0 < fv; v0 += 32 * U) {
+            uint4 wr[U][C], av[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int v = v0 + 32 * u;
+                const bool in = v < fv;
+#pragma unroll
+                for (int c = 0; c < C; ++c)
+                    wr[u][c] = in && c < nc ? *reinterpret_cast<const uint4*>(wb + (int64_t)c * F + v * VEC)
+                                            : make_uint4(0, 0, 0, 0);
+                av[u] = in ? *reinterpret_cast<const uint4*>(ar + v * VEC) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                float af[VEC];
+                unpack16<T>(av[u], af);
+#pragma unroll
+                for (int c = 0; c < C; ++c) dot16<T>(&part[c], wr[u][c], af);
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[c] += wt * part[c];
+    }
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const float s = warp_sum(acc[c]);
+        if (lane == 0) red[warp][c] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < nc) {
+        float s = 0.f;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) s += red[q][threadIdx.x];
+        y[(int64_t)t * N + n0 + threadIdx.x] = from_float<T>(s);
+    }
+}
+#define MOE_SERVE_UP(SUFFIX, T, C)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) moe_serve_up_c##C##_##SUFFIX(                     \
+        T* a, const T* x, const T* w1, const int* ids, int E, int ntok, int F, int K) {                 \
+        moe_serve_up<C, T>(a, x, w1, ids, E, ntok, F, K);                                               \
+    }
+#define MOE_SERVE_DOWN(SUFFIX, T, U)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) moe_serve_down_u##U##_##SUFFIX(                   \
+        T* y, const T* a, const T* w2, const int* ids, const float* wts, int E, int ntok, int k, int N, int F) { \
+        moe_serve_down<U, T>(y, a, w2, ids, wts, E, ntok, k, N, F);                                     \
+    }
+#define MOE_SERVE(SUFFIX, T)                                                                            \
+    MOE_SERVE_UP(SUFFIX, T, 4) MOE_SERVE_UP(SUFFIX, T, 8) MOE_SERVE_DOWN(SUFFIX, T, 1) MOE_SERVE_DOWN(SUFFIX, T, 2)
+INSTANTIATE_FLOAT_TYPES(MOE_SERVE)
