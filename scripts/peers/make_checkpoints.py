@@ -31,20 +31,25 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--qwen-layers", type=int, default=24)
     ap.add_argument("--olmoe-layers", type=int, default=16)
+    ap.add_argument("--models", default="qwen3,olmoe", help="which of qwen3, olmoe to write")
     a = ap.parse_args()
+    models = a.models.split(",")
     torch.manual_seed(0)
-    save(Qwen3MoeConfig(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-        num_hidden_layers=a.qwen_layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
-        rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=151645,
-    ), os.path.join(a.out, "qwen3-30b-a3b-shape"))
-    save(OlmoeConfig(
-        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=a.olmoe_layers,
-        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-        norm_topk_prob=False, max_position_embeddings=4096, eos_token_id=50279,
-    ), os.path.join(a.out, "olmoe-1b-7b-shape"))
-
+    if "qwen3" in models:
+        save(Qwen3MoeConfig(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+            num_hidden_layers=a.qwen_layers, num_attention_heads=32, num_key_value_heads=4,
+            head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+            max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6,
+            tie_word_embeddings=False, eos_token_id=151645,
+        ), os.path.join(a.out, "qwen3-30b-a3b-shape"))
+    if "olmoe" in models:
+        save(OlmoeConfig(
+            vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+            num_hidden_layers=a.olmoe_layers, num_attention_heads=16, num_key_value_heads=16,
+            num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+            max_position_embeddings=4096, eos_token_id=50279,
+        ), os.path.join(a.out, "olmoe-1b-7b-shape"))
 
 if __name__ == "__main__":
     main()

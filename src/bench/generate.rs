@@ -32,6 +32,9 @@ pub struct GenerateBenchArgs {
     /// Run each batch size with decode steps eager and through CUDA graphs.
     #[arg(long)]
     compare_graphs: bool,
+    /// Batch size of the per-kernel profile run (`MOE_PROFILE=1`).
+    #[arg(long, default_value_t = 1)]
+    profile_batch: usize,
     /// Memory bandwidth for the roofline, GB/s (H200: 4200 as the issue states; H100 SXM 3350).
     #[arg(long, default_value_t = 4200.0)]
     hbm_gbs: f64,
@@ -165,12 +168,13 @@ pub fn run(a: GenerateBenchArgs) -> anyhow::Result<()> {
         generate(
             &model,
             None,
-            &prompts(1, a.prompt_len),
+            &prompts(a.profile_batch, a.prompt_len),
             &opts(33),
             &mut |_, _| {},
         )?;
         println!(
-            "profile (MOE_PROFILE=1, synchronised; 1 prefill of {} + 32 decode steps, {:.1} ms wall):",
+            "profile (MOE_PROFILE=1, synchronised; batch {}: 1 prefill of {} + 32 decode steps, {:.1} ms wall):",
+            a.profile_batch,
             a.prompt_len,
             1e3 * t.elapsed().as_secs_f64()
         );
