@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use super::sampler::{Sampler, SamplingParams};
 use super::text::{StreamDecoder, Tokenizer};
 use super::{Error, Result};
@@ -157,12 +159,27 @@ pub fn generate(
             timing.decode_steps += 1;
         }
         let v = logits.dim(-1);
-        for (i, s) in seqs.iter_mut().enumerate() {
+        if host.len() != seqs.len() * v {
+            return Err(Error::Invalid(format!(
+                "the model returned logits {:?} for {} sequences",
+                logits.shape(),
+                seqs.len()
+            )));
+        }
+        // Each live sequence's next token, sampled in parallel (a row is a whole vocabulary).
+        let picks: Vec<Option<u32>> = seqs
+            .par_iter_mut()
+            .zip(host.par_chunks(v.max(1)))
+            .map(|(s, row)| match s.finish {
+                None => Some(s.sampler.sample(row, &s.ids)),
+                Some(_) => None,
+            })
+            .collect();
+        for (i, (s, pick)) in seqs.iter_mut().zip(picks).enumerate() {
             feed[i].clear();
-            if s.finish.is_some() {
+            let Some(id) = pick else {
                 continue;
-            }
-            let id = s.sampler.sample(&host[i * v..(i + 1) * v], &s.ids);
+            };
             s.ids.push(id);
             s.out.push(id);
             let is_eos = !opts.ignore_eos && opts.eos.contains(&id);

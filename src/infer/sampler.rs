@@ -83,6 +83,9 @@ impl Sampler {
     /// and completion) for the repetition penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
+        if p.is_greedy() && p.repetition_penalty == 1.0 {
+            return argmax(logits); // nothing to adjust: no copy of the row
+        }
         let mut l: Vec<f32> = logits.to_vec();
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; l.len()];

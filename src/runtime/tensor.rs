@@ -369,8 +369,10 @@ impl Tensor {
 
     /// The elements as f32 on the host, from any floating dtype.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
-        if self.device() != Device::Cpu {
-            return self.to_device(Device::Cpu)?.to_f32_vec();
+        if let Storage::Cuda(s) = &self.storage {
+            // Straight from the downloaded bytes: one host pass (the decode loop reads a step's
+            // logits this way every token).
+            return f32s_from_bytes(&s.download()?, self.dtype);
         }
         match self.dtype {
             DType::F32 => Ok(self.as_slice::<f32>()?.to_vec()),
@@ -574,9 +576,48 @@ impl fmt::Debug for Tensor {
     }
 }
 
+/// Little-endian element bytes of a float dtype as f32 values.
+fn f32s_from_bytes(bytes: &[u8], dtype: DType) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(bytemuck::pod_read_unaligned::<f32>)
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bytemuck::pod_read_unaligned::<bf16>(c).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| bytemuck::pod_read_unaligned::<f16>(c).to_f32())
+            .collect(),
+        DType::I32 => return Err(Error::dtype("to_f32_vec", dtype, "a floating dtype")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The device download path's conversion matches the CPU tensor's own, per dtype.
+    #[test]
+    fn f32s_from_bytes_matches_to_f32_vec() {
+        let v = vec![1.5f32, -2.25, 3.0e-3, 65504.0, -0.0, 7.0];
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let t = Tensor::from_f32(&v, &[2, 3], dt, Device::Cpu).unwrap();
+            let Storage::Cpu(c) = &t.storage else {
+                unreachable!()
+            };
+            assert_eq!(
+                f32s_from_bytes(c.bytes(dt), dt).unwrap(),
+                t.to_f32_vec().unwrap(),
+                "{dt}"
+            );
+        }
+        let i = Tensor::from_vec(vec![1i32, 2], &[2]).unwrap();
+        assert!(f32s_from_bytes(&[0u8; 8], DType::I32).is_err());
+        assert!(i.to_f32_vec().is_err());
+    }
 
     #[test]
     fn shapes_and_bytes_round_trip() {
