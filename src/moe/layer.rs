@@ -349,9 +349,10 @@ pub fn moe_forward_named(
         Some(y) => (y, None),
         None => {
             let disp = dispatch::dispatch(cfg, &routing.ids, train_seed.map(|s| s ^ 0x7275_7473))?;
+            // The route kernel's dropless weights are used in place; others are computed here.
             let weights = match &routing.weights {
-                Some(w) => w.try_clone()?,
-                None => router::combine_weights(cfg, &routing.gates, &disp.pos)?,
+                Some(_) => None,
+                None => Some(router::combine_weights(cfg, &routing.gates, &disp.pos)?),
             };
             let (y_perm, ex) = experts::forward(
                 cfg,
@@ -363,7 +364,11 @@ pub fn moe_forward_named(
                 &disp.tok,
                 &disp.offsets,
             )?;
-            let y = dispatch::combine(&y_perm, &disp.pos, Some(&weights))?;
+            let y = dispatch::combine(
+                &y_perm,
+                &disp.pos,
+                weights.as_ref().or(routing.weights.as_ref()),
+            )?;
             (y, Some((disp, weights, y_perm, ex)))
         }
     };
@@ -442,12 +447,20 @@ pub fn moe_forward_named(
     };
     let saved = match routed {
         Some((dispatch, weights, y_perm, experts)) if save => Some(MoeSaved {
+            // Training routes never carry the route kernel's weights; copy them if one did.
+            weights: match weights {
+                Some(t) => t,
+                None => routing
+                    .weights
+                    .as_ref()
+                    .expect("combine weights: computed or from the route")
+                    .try_clone()?,
+            },
             router_in,
             jitter,
             logits,
             routing,
             dispatch,
-            weights,
             experts,
             y_perm,
             shared: shared_saved,
