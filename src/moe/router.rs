@@ -242,6 +242,7 @@ pub fn route(
                         (block, 1, 1),
                         smem,
                     )?
+                    .pdl()
                     .ptr(dptr(&ids))
                     .ptr(dptr(&gates))
                     .ptr(dptr(&lse))

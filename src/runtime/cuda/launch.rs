@@ -17,6 +17,7 @@ pub(crate) struct LaunchBuilder<'a> {
     smem: u32,
     // One 8-byte slot per parameter; the driver reads sizeof(param) bytes from each.
     slots: Vec<u64>,
+    pdl: bool,
 }
 
 /// Blocks of `block` threads covering `n` items.
@@ -42,11 +43,20 @@ impl CudaDevice {
             block,
             smem,
             slots: Vec::with_capacity(16),
+            pdl: false,
         })
     }
 }
 
 impl LaunchBuilder<'_> {
+    /// Programmatic dependent launch: the kernel may start while the previous one on the stream
+    /// finishes (its launch and the previous kernel's tail overlap; decode graphs are chains of
+    /// small kernels). Only for kernels whose first statement is `PDL_ENTRY()`. Taken on sm_90+
+    /// unless `MOE_NO_PDL=1`.
+    pub fn pdl(mut self) -> Self {
+        self.pdl = self.dev.pdl_enabled();
+        self
+    }
     pub fn ptr(mut self, p: u64) -> Self {
         self.slots.push(p);
         self
@@ -105,17 +115,42 @@ impl LaunchBuilder<'_> {
             .ctx
             .bind_to_thread()
             .map_err(|e| Error::cuda("bind", e))?;
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f,
-                self.grid,
-                self.block,
-                self.smem,
-                self.dev.stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .map_err(|e| Error::Cuda {
+        let launched = if self.pdl {
+            let mut attr = dsys::CUlaunchAttribute {
+                id:
+                    dsys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: unsafe { std::mem::zeroed() },
+            };
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = dsys::CUlaunchConfig {
+                gridDimX: self.grid.0,
+                gridDimY: self.grid.1,
+                gridDimZ: self.grid.2,
+                blockDimX: self.block.0,
+                blockDimY: self.block.1,
+                blockDimZ: self.block.2,
+                sharedMemBytes: self.smem,
+                hStream: self.dev.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            unsafe {
+                dsys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()).result()
+            }
+        } else {
+            unsafe {
+                cudarc::driver::result::launch_kernel(
+                    f,
+                    self.grid,
+                    self.block,
+                    self.smem,
+                    self.dev.stream.cu_stream(),
+                    &mut params,
+                )
+            }
+        };
+        launched.map_err(|e| Error::Cuda {
             op: "launch",
             msg: format!(
                 "{} grid {:?} block {:?} smem {}: {e}",

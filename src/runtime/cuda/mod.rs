@@ -132,6 +132,19 @@ impl CudaDevice {
     pub fn sm_count(&self) -> usize {
         self.sm_count
     }
+    /// Whether launches may use programmatic dependent launch (`LaunchBuilder::pdl`): sm_90 and
+    /// newer, unless `MOE_NO_PDL=1` (A/B comparisons, debugging).
+    pub fn pdl_enabled(&self) -> bool {
+        static OFF: OnceLock<bool> = OnceLock::new();
+        let off = *OFF.get_or_init(|| std::env::var("MOE_NO_PDL").is_ok_and(|v| v == "1"));
+        let major: u32 = self
+            .arch
+            .trim_start_matches("sm_")
+            .trim_end_matches('a')
+            .parse::<u32>()
+            .map_or(0, |v| v / 10);
+        !off && major >= 9
+    }
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

@@ -225,6 +225,7 @@ pub fn qk_rope_kv_write(
             (128, 1, 1),
             0,
         )?
+        .pdl()
         .ptr(dptr(&out))
         .ptr(dptr(cache_k))
         .ptr(dptr(cache_v))
@@ -357,6 +358,7 @@ pub fn attention_decode(
                     (128, 1, 1),
                     0,
                 )?
+                .pdl()
                 .ptr(dptr(&part))
                 .ptr(dptr(q))
                 .ptr(dptr(k_cache))
@@ -377,6 +379,7 @@ pub fn attention_decode(
                     (128, 1, 1),
                     0,
                 )?
+                .pdl()
                 .ptr(dptr(&out))
                 .ptr(dptr(&part))
                 .usize_as_i32(splits)?

@@ -66,6 +66,7 @@ pub(crate) fn grouped_matmul(
             (256, 1, 1),
             0,
         )?
+        .pdl()
         .ptr(dptr(&y))
         .ptr(dptr(x))
         .ptr(dptr(w))
@@ -291,6 +292,7 @@ pub(crate) fn moe_serve_up(
         (256, 1, 1),
         0,
     )?
+    .pdl()
     .ptr(dptr(&a))
     .ptr(dptr(x))
     .ptr(dptr(w1))
@@ -325,6 +327,7 @@ pub(crate) fn moe_serve_down(
         (256, 1, 1),
         0,
     )?
+    .pdl()
     .ptr(dptr(&y))
     .ptr(dptr(a))
     .ptr(dptr(w2))

@@ -204,6 +204,7 @@ pub fn linear_qkv(
             (256, 1, 1),
             0,
         )?
+        .pdl()
         .ptr(dptr(&yq))
         .ptr(dptr(&yk))
         .ptr(dptr(&yv))
@@ -297,6 +298,7 @@ fn run(out: &mut Tensor, a: &Tensor, b: &Tensor, spec: &Matmul, d: &Dims, beta: 
                         (256, 1, 1),
                         0,
                     )?
+                    .pdl()
                     .ptr(dptr(out))
                     .ptr(dptr(a))
                     .ptr(dptr(b))

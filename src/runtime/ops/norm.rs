@@ -145,6 +145,7 @@ pub fn add_rmsnorm(x: &mut Tensor, a: &Tensor, w: &Tensor, eps: f32) -> Result<T
                         (block_for(cols), 1, 1),
                         0,
                     )?
+                    .pdl()
                     .ptr(dptr(&y))
                     .ptr(dptr(x))
                     .ptr(dptr(a))

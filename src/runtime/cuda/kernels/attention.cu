@@ -22,6 +22,7 @@
     extern "C" __global__ void attention_decode_##SUFFIX(float* part, const T* q, const T* kc, const T* vc, \
                                                          const int* lens, int H, int hkv, int L, int hd, \
                                                          float scale, int window, int chunk) {            \
+        PDL_ENTRY();                                                                                    \
         constexpr int VEC = 16 / sizeof(T);                                                             \
         __shared__ float qs[256];                                                                       \
         __shared__ float wm[4], ws[4];                                                                  \
@@ -110,6 +111,7 @@
     }                                                                                                   \
     /* One block per (b, h): out = Σ_sp acc_sp · e^(m_sp − M) / Σ_sp s_sp · e^(m_sp − M). */         \
     extern "C" __global__ void attention_decode_combine_##SUFFIX(T* out, const float* part, int splits, int hd) { \
+        PDL_ENTRY();                                                                                    \
         const int bh = blockIdx.x;                                                                      \
         const float* pb = part + (int64_t)bh * splits * (hd + 2);                                       \
         float gm = NEG_INF;                                                                             \
@@ -146,6 +148,7 @@ INSTANTIATE_FLOAT_TYPES(ATTN)
                                                    const float* sin_t,                                  \
                                                    const int* pos, const int* seqs, int H, int hkv,     \
                                                    int hd, int half, int max_pos, int L, int B) {       \
+        PDL_ENTRY();                                                                                    \
         __shared__ float xs[256];                                                                       \
         __shared__ float scratch[32];                                                                   \
         const int64_t t = blockIdx.x;                                                                   \

@@ -10,6 +10,23 @@ typedef int int32_t;
 typedef unsigned long long uint64_t;
 typedef long long int64_t;
 
+// Programmatic dependent launch (sm_90+): a kernel the host launches with `.pdl()` may start
+// while the kernel before it on the stream is finishing. PDL_ENTRY must be its first statement:
+// it waits until that kernel has completed and its writes are visible (griddepcontrol.wait; at
+// once when the launch had no such dependency), then lets the next PDL kernel start its launch
+// (griddepcontrol.launch_dependents: that one waits in its own PDL_ENTRY). No-op before sm_90.
+#if __CUDA_ARCH__ >= 900
+#define PDL_ENTRY()                                               \
+    do {                                                          \
+        asm volatile("griddepcontrol.wait;" ::: "memory");        \
+        asm volatile("griddepcontrol.launch_dependents;" :::);    \
+    } while (0)
+#else
+#define PDL_ENTRY() \
+    do {            \
+    } while (0)
+#endif
+
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
 

@@ -652,6 +652,7 @@ __device__ __forceinline__ int nth_nonempty_group(const int* offsets, int E, int
 template <int ROWS, typename T, typename TO>
 __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const int* offsets, int E, int M,
                                             int N, int K, int bx) {
+    PDL_ENTRY();
     constexpr int VEC = 16 / sizeof(T);
     __shared__ float red[8][ROWS][SM_COLS];
     const int e = offsets ? nth_nonempty_group(offsets, E, blockIdx.y) : 0;
@@ -765,6 +766,7 @@ __device__ __forceinline__ float serve_silu(float g) { return g / (1.f + expf(-g
 template <int COLS, typename T>
 __device__ __forceinline__ void moe_serve_up(T* a, const T* x, const T* w1, const int* ids, int E, int ntok, int F,
                                              int K) {
+    PDL_ENTRY();
     constexpr int VEC = 16 / sizeof(T), R = 2 * COLS;
     __shared__ float red[8][R];
     const int slot = blockIdx.y, t = slot % ntok, e = ids[slot];
@@ -811,6 +813,7 @@ __device__ __forceinline__ void moe_serve_up(T* a, const T* x, const T* w1, cons
 template <int U, typename T>
 __device__ __forceinline__ void moe_serve_down(T* y, const T* a, const T* w2, const int* ids, const float* wts,
                                                int E, int ntok, int k, int N, int F) {
+    PDL_ENTRY();
     constexpr int VEC = 16 / sizeof(T), C = SERVE_DOWN_COLS;
     __shared__ float red[8][C];
     const int t = blockIdx.y, n0 = blockIdx.x * C, nc = min(C, N - n0);

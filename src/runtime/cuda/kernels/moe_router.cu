@@ -32,6 +32,7 @@ extern "C" __global__ void route(int* ids, float* gates, float* lse_out, float* 
                                  const float* bias, int kind, int T, int E, int k, int n_group, int topk_group,
                                  int noise1, int noise2, long long seed, float* wout, int wnorm, float wadd,
                                  float wclamp, float wscale) {
+    PDL_ENTRY();
     extern __shared__ float sm[];
     float* x = sm;                                   // [E] logits
     float* gscore = sm + E;                          // [n_group]

@@ -215,6 +215,7 @@ INSTANTIATE_FLOAT_TYPES(NORM_FWD_W8)
 #define ADD_NORM(SUFFIX, T)                                                                             \
     extern "C" __global__ void add_rmsnorm_##SUFFIX(T* y, T* x, const T* a, const T* w, int cols,      \
                                                    float eps) {                                         \
+        PDL_ENTRY();                                                                                    \
         __shared__ float scratch[32];                                                                   \
         const int64_t row = blockIdx.x;                                                                 \
         T* xr = x + row * cols;                                                                         \
