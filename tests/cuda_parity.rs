@@ -801,6 +801,9 @@ fn moe_serve_swiglu_matches() {
             (1usize, 2048usize, 768usize, 2048usize, 128usize, 8usize),
             (2, 64, 40, 44, 16, 4),
             (3, 72, 24, 72, 8, 10),
+            (1, 128, 64, 64, 8, 2),
+            (2, 64, 32, 48, 4, 1),
+            (1, 64, 24, 40, 8, 3),
         ] {
             let ids: Vec<i32> = (0..k * t).map(|_| r.random_range(0..e as i32)).collect();
             let mut wts: Vec<f32> = (0..k * t).map(|_| r.random_range(0.0..1.0)).collect();

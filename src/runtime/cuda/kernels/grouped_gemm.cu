@@ -743,8 +743,8 @@ INSTANTIATE_FLOAT_TYPES(GG_SMALL)
 //                      grid (ceil(F / C), k·T): C gate and C up rows per block, K split across
 //                      the block's threads (16-byte vectors).
 //   moe_serve_down_uU: y [T, N] = Σ_j wts[j·T + t] · a[j·T + t]·W2[e]ᵀ, W2 [E, N, F];
-//                      grid (ceil(N / 8), T): warp w takes choices w, w + 8, ..., lanes split F,
-//                      U vectors per lane and row in flight.
+//                      grid (ceil(N / 8), T): warps take (choice, part of F) items, lanes split
+//                      the part, U vectors per lane and row in flight.
 // g and u are rounded to T before the activation, as the unfused path stores them. An expert id
 // outside [0, E) contributes nothing (its a row is zero).
 #define SERVE_DOWN_COLS 8
@@ -821,21 +821,26 @@ __device__ __forceinline__ void moe_serve_down(T* y, const T* a, const T* w2, co
     float acc[C];
 #pragma unroll
     for (int c = 0; c < C; ++c) acc[c] = 0.f;
-    for (int j = warp; j < k; j += 8) {
+    // Work items (choice j, part of F): with fewer than 8 choices each is split in P parts so
+    // that all 8 warps read (Mixtral's top-2: 4 warps per expert).
+    const int P = k < 8 ? 8 / k : 1;
+    for (int q = warp; q < k * P; q += 8) {
+        const int j = q / P, pp = q - j * P;
         const int slot = j * ntok + t, e = ids[slot];
         if (e < 0 || e >= E) continue;
         const float wt = wts[slot];
         const T* wb = w2 + ((int64_t)e * N + n0) * F;
         const T* ar = a + (int64_t)slot * F;
+        const int vlo = (int)((int64_t)pp * fv / P), vhi = (int)((int64_t)(pp + 1) * fv / P);
         float part[C];
 #pragma unroll
         for (int c = 0; c < C; ++c) part[c] = 0.f;
-        for (int v0 = lane; v0 < fv; v0 += 32 * U) {
+        for (int v0 = vlo + lane; v0 < vhi; v0 += 32 * U) {
             uint4 wr[U][C], av[U];
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int v = v0 + 32 * u;
-                const bool in = v < fv;
+                const bool in = v < vhi;
 #pragma unroll
                 for (int c = 0; c < C; ++c)
                     wr[u][c] = in && c < nc ? *reinterpret_cast<const uint4*>(wb + (int64_t)c * F + v * VEC)
