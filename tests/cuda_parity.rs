@@ -836,6 +836,39 @@ fn moe_serve_swiglu_matches() {
     }
 }
 
+/// Greedy decoding's row arg-max on the GPU (two passes over row parts) against the CPU's, with
+/// ties across parts, NaN, -inf rows and +inf, at vocabulary sizes from tiny to Qwen3's.
+#[test]
+fn argmax_rows_matches() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("argmax_rows");
+    for dt in FLOATS {
+        for (rows, cols) in [(1usize, 151_936usize), (32, 50_304), (3, 7), (5, 4097)] {
+            let mut v: Vec<f32> = (0..rows * cols)
+                .map(|_| r.random_range(-4.0f32..4.0))
+                .collect();
+            // Row 0: the maximum twice, far apart (the first must win across parts).
+            v[cols - 1] = 9.0;
+            v[cols / 3] = 9.0;
+            if rows > 1 {
+                v[cols..2 * cols].fill(f32::NEG_INFINITY);
+                v[cols + cols / 2] = f32::NAN;
+            }
+            if rows > 2 {
+                v[2 * cols] = f32::NAN;
+                v[3 * cols - 1] = f32::INFINITY;
+            }
+            let c = Tensor::from_f32(&v, &[rows, cols], dt, Device::Cpu).unwrap();
+            let g = c.to_device(dev).unwrap();
+            assert_eq!(
+                ops::argmax_rows(&g).unwrap().to_vec::<i32>().unwrap(),
+                ops::argmax_rows(&c).unwrap().to_vec::<i32>().unwrap(),
+                "argmax_rows {dt} {rows}x{cols}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bad_device_strings_are_errors() {
     for s in ["tpu", "cuda:x", "cuda:-1", ""] {

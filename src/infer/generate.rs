@@ -9,6 +9,7 @@ use super::sampler::{Sampler, SamplingParams};
 use super::text::{StreamDecoder, Tokenizer};
 use super::{Error, Result};
 use crate::model::Model;
+use crate::runtime::{ops, Device};
 
 /// How to generate.
 #[derive(Clone, Debug)]
@@ -149,32 +150,41 @@ pub fn generate(
     let t0 = Instant::now();
     let mut feed: Vec<Vec<u32>> = prompts.to_vec();
     let mut first = true;
+    let device_greedy = opts.sampling.is_greedy() && opts.sampling.repetition_penalty == 1.0;
     loop {
         let logits = model.forward_infer(&feed, &mut cache, false)?;
-        let host = logits.to_f32_vec()?;
-        if first {
-            timing.prefill_s = t0.elapsed().as_secs_f64();
-            first = false;
-        } else {
-            timing.decode_steps += 1;
-        }
-        let v = logits.dim(-1);
-        if host.len() != seqs.len() * v {
+        if logits.rank() != 2 || logits.dim(0) != seqs.len() {
             return Err(Error::Invalid(format!(
                 "the model returned logits {:?} for {} sequences",
                 logits.shape(),
                 seqs.len()
             )));
         }
-        // Each live sequence's next token, sampled in parallel (a row is a whole vocabulary).
-        let picks: Vec<Option<u32>> = seqs
-            .par_iter_mut()
-            .zip(host.par_chunks(v.max(1)))
-            .map(|(s, row)| match s.finish {
-                None => Some(s.sampler.sample(row, &s.ids)),
-                Some(_) => None,
-            })
-            .collect();
+        // Greedy without a penalty on the GPU: the arg-max is taken there and only the ids come
+        // back; otherwise each live sequence samples its row on the host, in parallel.
+        let picks: Vec<Option<u32>> = if device_greedy && logits.device() != Device::Cpu {
+            let ids = ops::argmax_rows(&logits)?.to_vec::<i32>()?;
+            seqs.iter()
+                .zip(ids)
+                .map(|(s, id)| s.finish.is_none().then_some(id as u32))
+                .collect()
+        } else {
+            let host = logits.to_f32_vec()?;
+            let v = logits.dim(1);
+            seqs.par_iter_mut()
+                .zip(host.par_chunks(v.max(1)))
+                .map(|(s, row)| match s.finish {
+                    None => Some(s.sampler.sample(row, &s.ids)),
+                    Some(_) => None,
+                })
+                .collect()
+        };
+        if first {
+            timing.prefill_s = t0.elapsed().as_secs_f64();
+            first = false;
+        } else {
+            timing.decode_steps += 1;
+        }
         for (i, (s, pick)) in seqs.iter_mut().zip(picks).enumerate() {
             feed[i].clear();
             let Some(id) = pick else {

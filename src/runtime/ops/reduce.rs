@@ -215,9 +215,97 @@ pub fn sum_squares_many(xs: &[&Tensor]) -> Result<Tensor> {
     Ok(acc.expect("at least one tensor"))
 }
 
+/// Greedy decoding's choice per row of x [rows, cols] (f32/bf16/f16): [rows] i32, the first index
+/// of the row's largest value; NaN and -inf never win, a row without a finite or +inf value
+/// gives 0 (as `infer::sampler::argmax`). On the GPU the step's logits need not leave the device.
+pub fn argmax_rows(x: &Tensor) -> Result<Tensor> {
+    x.expect_float("argmax_rows")?;
+    let (rows, cols) = x.rows_cols();
+    match x.device() {
+        Device::Cpu => {
+            let v = x.cpu_f32()?;
+            let out: Vec<i32> = (0..rows)
+                .into_par_iter()
+                .map(|r| {
+                    let mut best = (0usize, f32::NEG_INFINITY);
+                    for (i, &e) in v[r * cols..(r + 1) * cols].iter().enumerate() {
+                        if e > best.1 {
+                            best = (i, e);
+                        }
+                    }
+                    best.0 as i32
+                })
+                .collect();
+            Tensor::from_vec(out, &[rows])
+        }
+        Device::Cuda(_) => {
+            let out = Tensor::uninit(&[rows], DType::I32, x.device())?;
+            if rows == 0 {
+                return Ok(out);
+            }
+            let dev = cuda_dev(x)?;
+            // Parts per row: enough blocks to spread one row's read over the SMs at batch 1.
+            let parts = cols.div_ceil(4096).clamp(1, 64);
+            let pv = Tensor::uninit(&[rows, parts], DType::F32, x.device())?;
+            let pi = Tensor::uninit(&[rows, parts], DType::I32, x.device())?;
+            dev.launch(
+                &kernels::REDUCE,
+                &kname("argmax_part", x),
+                (parts as u32, rows as u32, 1),
+                (256, 1, 1),
+                0,
+            )?
+            .ptr(dptr(&pv))
+            .ptr(dptr(&pi))
+            .ptr(dptr(x))
+            .usize_as_i32(cols)?
+            .run()?;
+            dev.launch(
+                &kernels::REDUCE,
+                "argmax_final",
+                (rows as u32, 1, 1),
+                (64, 1, 1),
+                0,
+            )?
+            .ptr(dptr(&out))
+            .ptr(dptr(&pv))
+            .ptr(dptr(&pi))
+            .usize_as_i32(parts)?
+            .run()?;
+            Ok(out)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::runtime::{ops, DType, Device, Tensor};
+
+    /// The CPU arg-max is the sampler's: first index on ties, NaN and -inf never win, 0 when
+    /// nothing can.
+    #[test]
+    fn argmax_rows_follows_the_sampler() {
+        let nan = f32::NAN;
+        let ninf = f32::NEG_INFINITY;
+        let rows: [[f32; 5]; 5] = [
+            [0.5, 2.0, -1.0, 2.0, 1.0],
+            [nan, -3.0, nan, -2.5, -2.5],
+            [ninf, ninf, nan, ninf, nan],
+            [f32::INFINITY, 1.0, f32::INFINITY, nan, 0.0],
+            [-7.0, -8.0, -6.5, -9.0, -6.5],
+        ];
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let got = ops::argmax_rows(&Tensor::from_vec(flat, &[5, 5]).unwrap())
+            .unwrap()
+            .to_vec::<i32>()
+            .unwrap();
+        let want: Vec<i32> = rows
+            .iter()
+            .map(|r| crate::infer::sampler::argmax(r) as i32)
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(got, vec![1, 3, 0, 0, 2]);
+    }
 
     /// Column reductions (bias and norm-weight gradients) give the same bits under any thread
     /// count and schedule: training must be reproducible and resume bit-identically.

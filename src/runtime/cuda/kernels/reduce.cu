@@ -73,3 +73,58 @@ INSTANTIATE_FLOAT_TYPES(BLOCKSUM_V8)
         if (threadIdx.x == 0) out[blockIdx.x] = s;                                                      \
     }
 INSTANTIATE_FLOAT_TYPES(MULTI_SUMSQ_V8)
+
+// Row arg-max (greedy decoding): out[r] = the first index of the row's largest value, counting
+// only values > -inf (NaN never wins; a row with none gives 0), as sampler::argmax does. Two
+// passes: argmax_part with grid (parts, rows) leaves each part's (value, index) in part_v /
+// part_i [rows, parts]; argmax_final (one block per row) reduces them. Bytes: rows·cols·sizeof(T).
+__device__ __forceinline__ void argmax_take(float& bv, int& bi, float v, int i) {
+    if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
+}
+__device__ __forceinline__ void argmax_block(float& bv, int& bi) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int i = __shfl_xor_sync(0xffffffffu, bi, o);
+        argmax_take(bv, bi, v, i);
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    if (lane == 0) sv[warp] = bv, si[warp] = bi;
+    __syncthreads();
+    if (warp == 0) {
+        bv = lane < nw ? sv[lane] : NEG_INF;
+        bi = lane < nw ? si[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float v = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int i = __shfl_xor_sync(0xffffffffu, bi, o);
+            argmax_take(bv, bi, v, i);
+        }
+    }
+}
+#define ARGMAX(SUFFIX, T)                                                                               \
+    extern "C" __global__ void argmax_part_##SUFFIX(float* part_v, int* part_i, const T* x, int cols) { \
+        const int row = blockIdx.y, parts = gridDim.x;                                                  \
+        const int per = (cols + parts - 1) / parts, lo = blockIdx.x * per, hi = min(cols, lo + per);    \
+        const T* xr = x + (int64_t)row * cols;                                                          \
+        float bv = NEG_INF;                                                                             \
+        int bi = 0x7fffffff;                                                                            \
+        for (int c = lo + threadIdx.x; c < hi; c += blockDim.x) {                                       \
+            const float v = to_float(xr[c]);                                                            \
+            if (v > NEG_INF) argmax_take(bv, bi, v, c);                                                 \
+        }                                                                                               \
+        argmax_block(bv, bi);                                                                           \
+        if (threadIdx.x == 0) part_v[row * parts + blockIdx.x] = bv, part_i[row * parts + blockIdx.x] = bi; \
+    }
+INSTANTIATE_FLOAT_TYPES(ARGMAX)
+extern "C" __global__ void argmax_final(int* out, const float* part_v, const int* part_i, int parts) {
+    const int row = blockIdx.x;
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int p = threadIdx.x; p < parts; p += blockDim.x) {
+        const float v = part_v[row * parts + p];
+        if (v > NEG_INF) argmax_take(bv, bi, v, part_i[row * parts + p]);
+    }
+    argmax_block(bv, bi);
+    if (threadIdx.x == 0) out[row] = bi == 0x7fffffff ? 0 : bi;
+}
