@@ -151,6 +151,7 @@ pub fn generate(
     let mut feed: Vec<Vec<u32>> = prompts.to_vec();
     let mut first = true;
     let device_greedy = opts.sampling.is_greedy() && opts.sampling.repetition_penalty == 1.0;
+    let mut host: Vec<f32> = Vec::new(); // the step's logits, reused across steps
     loop {
         let logits = model.forward_infer(&feed, &mut cache, false)?;
         if logits.rank() != 2 || logits.dim(0) != seqs.len() {
@@ -169,7 +170,7 @@ pub fn generate(
                 .map(|(s, id)| s.finish.is_none().then_some(id as u32))
                 .collect()
         } else {
-            let host = logits.to_f32_vec()?;
+            logits.read_f32_into(&mut host)?;
             let v = logits.dim(1);
             seqs.par_iter_mut()
                 .zip(host.par_chunks(v.max(1)))

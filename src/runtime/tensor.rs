@@ -386,6 +386,21 @@ impl Tensor {
         }
     }
 
+    /// `to_f32_vec` into a reused buffer (resized to numel): an f32 tensor on the GPU is copied
+    /// straight into it. The decode loop reads a step's logits this way.
+    pub fn read_f32_into(&self, out: &mut Vec<f32>) -> Result<()> {
+        match &self.storage {
+            Storage::Cuda(s) if self.dtype == DType::F32 => {
+                out.resize(self.numel(), 0.0);
+                s.download_into(bytemuck::cast_slice_mut(out.as_mut_slice()))
+            }
+            _ => {
+                *out = self.to_f32_vec()?;
+                Ok(())
+            }
+        }
+    }
+
     /// A single-element tensor's value as f32.
     pub fn scalar_f32(&self) -> Result<f32> {
         if self.numel() != 1 {

@@ -302,15 +302,28 @@ impl CudaStorage {
     /// Copy to the host; waits for the stream.
     pub(crate) fn download(&self) -> Result<Vec<u8>> {
         let mut out = vec![0u8; self.len];
+        self.download_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Copy to a host buffer of exactly `len` bytes (a caller's reused buffer: no fresh pages to
+    /// fault in per call); waits for the stream.
+    pub(crate) fn download_into(&self, out: &mut [u8]) -> Result<()> {
+        if out.len() != self.len {
+            return Err(Error::Invalid(format!(
+                "download of a {}-byte buffer into {} bytes",
+                self.len,
+                out.len()
+            )));
+        }
         if self.len > 0 {
             let src = self.buf.slice(..self.len);
             self.dev
                 .stream
-                .memcpy_dtoh(&src, &mut out)
+                .memcpy_dtoh(&src, out)
                 .map_err(|e| Error::cuda("download", e))?;
         }
-        self.dev.synchronize()?;
-        Ok(out)
+        self.dev.synchronize()
     }
 
     pub(crate) fn try_clone(&self) -> Result<CudaStorage> {
