@@ -351,9 +351,18 @@ pub fn attention_decode(
                 let splits = l.div_ceil(chunk).max(1);
                 let part = Tensor::uninit(&[b * h * splits * (hd + 2)], DType::F32, q.device())?;
                 let dev = cuda_dev(q)?;
+                // head_dim 128 in a 16-bit type: the variant with one load round per 32 keys.
+                let h128 = hd == 128
+                    && matches!(q.dtype(), DType::BF16 | DType::F16)
+                    && std::env::var("MOE_ATTN_H128").as_deref() != Ok("0");
+                let name = if h128 {
+                    "attention_decode_h128"
+                } else {
+                    "attention_decode"
+                };
                 dev.launch(
                     &kernels::ATTENTION,
-                    &kname("attention_decode", q),
+                    &kname(name, q),
                     ((b * h) as u32, splits as u32, 1),
                     (128, 1, 1),
                     0,

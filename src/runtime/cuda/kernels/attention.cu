@@ -202,3 +202,106 @@ INSTANTIATE_FLOAT_TYPES(ATTN)
     }
 
 INSTANTIATE_FLOAT_TYPES(QK_ROPE_KV)
+
+// attention_decode for head_dim 128 and 16-bit types (the common case), same contract and
+// partials. Every load of a warp's 32 keys is issued before any arithmetic — one memory round
+// trip per 32 keys instead of one per 8-key batch: lane j loads key j's row (16 × 16 bytes) and
+// 16 pieces of V, lane l taking dims 8·(l % 16) .. +8 of the rows whose parity is l / 16; after
+// the online-softmax update each lane accumulates its 8 dims over its 16 rows, and the two row
+// parities are summed with one shuffle.
+template <typename T>
+__device__ __forceinline__ void attention_decode_h128(float* part, const T* q, const T* kc, const T* vc,
+                                                      const int* lens, int H, int hkv, int L, float scale,
+                                                      int window, int chunk) {
+    PDL_ENTRY();
+    constexpr int HD = 128;
+    __shared__ float qs[HD];
+    __shared__ float wm[4], ws[4];
+    __shared__ float wacc[4][HD];
+    const int bh = blockIdx.x, sp = blockIdx.y, b = bh / H, h = bh % H;
+    const int kvh = h / (H / hkv);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    qs[threadIdx.x] = to_float(q[(int64_t)bh * HD + threadIdx.x]);
+    __syncthreads();
+    const int n = min(lens[b], L);
+    const int first = window > 0 ? max(0, n - window) : 0;
+    const int lo = max(first, sp * chunk), hi = min(n, (sp + 1) * chunk);
+    const T* kb = kc + ((int64_t)b * hkv + kvh) * L * HD;
+    const T* vb = vc + ((int64_t)b * hkv + kvh) * L * HD;
+    const int par = lane >> 4, c8 = (lane & 15) * 8;
+    float m = NEG_INF, s = 0.f, acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+    for (int j0 = lo + 32 * warp; j0 < hi; j0 += 128) {
+        const int j = j0 + lane;
+        const bool kok = j < hi;
+        const uint4* kr = reinterpret_cast<const uint4*>(kb + (int64_t)(kok ? j : j0) * HD);
+        uint4 ku[16], vu[16];
+#pragma unroll
+        for (int x = 0; x < 16; ++x) ku[x] = kr[x];
+#pragma unroll
+        for (int i = 0; i < 16; ++i)  // rows past hi read row hi − 1 (written) and get p = 0
+            vu[i] = *reinterpret_cast<const uint4*>(vb + (int64_t)min(j0 + 2 * i + par, hi - 1) * HD + c8);
+        float a = 0.f;
+#pragma unroll
+        for (int x = 0; x < 16; ++x) {
+            const T* kt = reinterpret_cast<const T*>(&ku[x]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) a += qs[8 * x + e] * to_float(kt[e]);
+        }
+        const float d = kok ? a * scale : NEG_INF;
+        const float mn = fmaxf(m, warp_max(d));  // lane 0's key is valid: mn is finite
+        const float corr = expf(m - mn), p = kok ? expf(d - mn) : 0.f;
+        s = s * corr + warp_sum(p);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] *= corr;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const float pj = __shfl_sync(0xffffffffu, p, 2 * i + par);
+            const T* vt = reinterpret_cast<const T*>(&vu[i]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += pj * to_float(vt[e]);
+        }
+        m = mn;
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], 16);
+    if (lane == 0) {
+        wm[warp] = m;
+        ws[warp] = s;
+    }
+    if (lane < 16)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) wacc[warp][c8 + e] = acc[e];
+    __syncthreads();
+    const float gm = fmaxf(fmaxf(wm[0], wm[1]), fmaxf(wm[2], wm[3]));
+    float* o = part + ((int64_t)bh * gridDim.y + sp) * (HD + 2);
+    if (gm == NEG_INF) {
+        if (threadIdx.x == 0) {
+            o[HD] = NEG_INF;
+            o[HD + 1] = 0.f;
+        }
+        return;
+    }
+    float z = 0.f, a = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w)
+        if (wm[w] != NEG_INF) {
+            const float f = expf(wm[w] - gm);
+            z += ws[w] * f;
+            a += wacc[w][threadIdx.x] * f;
+        }
+    o[threadIdx.x] = a;
+    if (threadIdx.x == 0) {
+        o[HD] = gm;
+        o[HD + 1] = z;
+    }
+}
+#define ATTN_H128(SUFFIX, T)                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) attention_decode_h128_##SUFFIX(                   \
+        float* part, const T* q, const T* kc, const T* vc, const int* lens, int H, int hkv, int L,       \
+        int hd, float scale, int window, int chunk) {                                                    \
+        attention_decode_h128<T>(part, q, kc, vc, lens, H, hkv, L, scale, window, chunk);               \
+    }
+ATTN_H128(bf16, bf16_t)
+ATTN_H128(f16, f16_t)
