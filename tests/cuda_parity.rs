@@ -157,7 +157,17 @@ fn matmul_variants() {
         }
         // Decode-sized x·Wᵀ (the GEMV kernel for 16-bit types): 1..=8 rows, same-dtype and f32
         // outputs, N not a multiple of its 32-column blocks.
-        for (m, n, k) in [(1usize, 2048usize, 2048usize), (3, 200, 512), (8, 50, 4096)] {
+        // 2..=64 rows of 16-bit types with K % 32 == 0 take the tensor-core small-M kernel (8,
+        // 16 or 32 rows per pass; 33 rows = two passes), K % 32 != 0 the CUDA-core one.
+        for (m, n, k) in [
+            (1usize, 2048usize, 2048usize),
+            (3, 200, 512),
+            (8, 50, 4096),
+            (5, 64, 40),
+            (13, 100, 96),
+            (33, 2048, 1024),
+            (64, 72, 32),
+        ] {
             let (ac, ag) = pair(&mut r, &[m, k], dt, dev);
             let (bc, bg) = pair(&mut r, &[n, k], dt, dev);
             for out_dtype in [None, Some(DType::F32)] {
@@ -788,6 +798,47 @@ fn grouped_gemm() {
     }
 }
 
+/// Batched decode's experts (a few rows per group, 16-bit types, K % 32 == 0): the tensor-core
+/// small-M kernel with 1, 2 and 4 eight-row tiles per pass, groups larger than one pass, empty
+/// groups, N not a multiple of its 64-column blocks, rows in no group.
+#[test]
+fn small_m_tensor_core_grouped_gemm() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("small_m_tensor_core_grouped_gemm");
+    for dt in [DType::BF16, DType::F16] {
+        for (sizes, k, n) in [
+            (
+                vec![0usize, 5, 3, 8, 1, 4, 0, 7, 2, 6, 4, 4],
+                1024usize,
+                264usize,
+            ),
+            (vec![9, 0, 10, 7], 96, 136),
+            (vec![0, 45, 12], 2048, 200),
+            (vec![2; 64], 768, 2048),
+            // ~10 rows per group (m <= 64): two tiles per pass, one group of 18 in two passes.
+            (vec![10, 12, 9, 11, 0, 18, 1], 256, 96),
+        ] {
+            let e = sizes.len();
+            let mut off = vec![0i32];
+            for s in &sizes {
+                off.push(off.last().unwrap() + *s as i32);
+            }
+            let m = *off.last().unwrap() as usize + 3;
+            let (xc, xg) = pair(&mut r, &[m, k], dt, dev);
+            let (oc, og) = (
+                Tensor::from_vec(off.clone(), &[e + 1]).unwrap(),
+                Tensor::from_slice(&off, &[e + 1], dev).unwrap(),
+            );
+            let (wc, wg) = pair(&mut r, &[e, n, k], dt, dev);
+            close_each(
+                &format!("small-M tensor-core grouped nt {dt} sizes={sizes:?} k={k} n={n}"),
+                &ops::grouped_matmul(&xc, &wc, &oc, true).unwrap(),
+                &ops::grouped_matmul(&xg, &wg, &og, true).unwrap(),
+            );
+        }
+    }
+}
+
 /// The served experts from router slots (decode): CUDA against the CPU twin, with column tails
 /// (F not a multiple of the 4-column blocks, N not of 8), more choices than warps, tokens
 /// sharing an expert, and an id outside [0, E) (no contribution on the GPU: the CPU gets the
@@ -892,6 +943,10 @@ fn kv_cache_write_and_decode_attention() {
             (2, 6, 3, 17, 80),
             // bf16 rows of 36 take the scalar key loads; 300 keys span three 128-key splits.
             (2, 4, 2, 300, 36),
+            // head_dim 128 in 16-bit types: the one-round-per-32-keys kernel, over several
+            // splits with partial 32-key groups and warps with no keys.
+            (2, 4, 2, 600, 128),
+            (1, 2, 1, 257, 128),
         ] {
             let (kc, _) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
             let (vc, _) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
@@ -928,7 +983,7 @@ fn kv_cache_write_and_decode_attention() {
                 Tensor::from_slice(&lens, &[b], dev).unwrap(),
             );
             let (qc, qg) = pair(&mut r, &[b, h, hd], dt, dev);
-            for window in [None, Some(7)] {
+            for window in [None, Some(7), Some(100)] {
                 let scale = 1.0 / (hd as f32).sqrt();
                 close(
                     &format!("attention_decode {dt} b={b} h={h}/{hkv} window={window:?}"),

@@ -35,6 +35,9 @@ pub struct DecodeOpsArgs {
     /// Cached keys the attention reads.
     #[arg(long, default_value_t = 544)]
     context: usize,
+    /// Tokens of the batched rows (dense x·Wᵀ, router and experts at a decode batch).
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
     /// HBM bandwidth for the floor column, GB/s.
     #[arg(long, default_value_t = 4200.0)]
     hbm_gbs: f64,
@@ -200,8 +203,52 @@ pub fn run(a: DecodeOpsArgs) -> anyhow::Result<()> {
         expert_bytes + (a.experts * d * 2) as f64,
         &mut || moe_forward_named(&cfg, &w, &x, Mode::Serve, "moe", false).map(drop),
     )?;
+    // A decode batch of `tokens`: dense x·Wᵀ and router rows, and the experts with the batch's
+    // k·T rows spread evenly over the experts (as uniform routing would).
+    let t = a.tokens.max(1);
+    let xt = random(&[t, d], device, 17)?;
+    time(
+        &format!("x·Wqᵀ, {t} rows"),
+        (h * hd * d * 2) as f64,
+        &mut || ops::linear(&xt, &wq, None).map(drop),
+    )?;
+    time(
+        &format!("router, {t} rows → f32"),
+        (a.experts * d * 2) as f64,
+        &mut || {
+            ops::matmul(
+                &xt,
+                &wr,
+                ops::Matmul {
+                    trans_b: true,
+                    out_dtype: Some(DType::F32),
+                    ..Default::default()
+                },
+            )
+            .map(drop)
+        },
+    )?;
+    let slots = t * a.top_k;
+    let offs: Vec<i32> = (0..=a.experts)
+        .map(|e| (e * slots / a.experts) as i32)
+        .collect();
+    let reached = (0..a.experts).filter(|&e| offs[e + 1] > offs[e]).count();
+    let offsets_t = Tensor::from_slice(&offs, &[a.experts + 1], device)?;
+    let xe_t = random(&[slots, d], device, 18)?;
+    let he_t = random(&[slots, a.ffn_dim], device, 19)?;
+    let per_expert = (3 * d * a.ffn_dim * 2) as f64;
+    time(
+        &format!("experts gate+up, {slots} rows / {reached}"),
+        reached as f64 * per_expert * 2.0 / 3.0,
+        &mut || ops::grouped_matmul(&xe_t, &w.w1, &offsets_t, true).map(drop),
+    )?;
+    time(
+        &format!("experts down, {slots} rows / {reached}"),
+        reached as f64 * per_expert / 3.0,
+        &mut || ops::grouped_matmul(&he_t, &w.w2, &offsets_t, true).map(drop),
+    )?;
     println!(
-        "decode kernels, batch 1, bf16, {} calls per graph (d {d}, {h}/{hkv} heads of {hd}, {} experts top-{} of {}, {} keys)",
+        "decode kernels, batch 1 (and {t} tokens where named), bf16, {} calls per graph (d {d}, {h}/{hkv} heads of {hd}, {} experts top-{} of {}, {} keys)",
         CALLS, a.experts, a.top_k, a.ffn_dim, a.context
     );
     println!(

@@ -1,8 +1,10 @@
 //! `moe bench generate`: prefill and decode throughput of a model directory (a real checkpoint
 //! or a random-weight one saved by scripts/peers/make_checkpoints.py), greedy, EOS ignored,
-//! random prompt ids. Reports batch-1 decode against the HBM roofline: the bytes of the weights
-//! one token reads (attention, router, the k active experts, shared experts, LM head) over the
-//! device's memory bandwidth.
+//! random prompt ids. Reports decode against the HBM roofline: the bytes of the weights one step
+//! reads (attention, router, the experts its tokens route to, shared experts, LM head) over the
+//! device's memory bandwidth. At batch 1 those are the k active experts per layer; at batch b the
+//! distinct experts b tokens are expected to reach under uniform routing, E·(1 − (1 − k/E)^b)
+//! (the KV cache's reads are not counted).
 
 use std::path::PathBuf;
 
@@ -40,8 +42,9 @@ pub struct GenerateBenchArgs {
     hbm_gbs: f64,
 }
 
-/// Bytes of weights one decoded token reads.
-pub fn active_weight_bytes(c: &ModelConfig, dtype: DType) -> f64 {
+/// Bytes of weights one decode step of `batch` tokens reads: per MoE layer the distinct experts
+/// `batch` uniformly routed tokens are expected to reach (exactly top_k at batch 1).
+pub fn active_weight_bytes(c: &ModelConfig, dtype: DType, batch: usize) -> f64 {
     let d = c.d_model as f64;
     let (hq, hk) = (
         (c.n_heads * c.head_dim) as f64,
@@ -62,7 +65,13 @@ pub fn active_weight_bytes(c: &ModelConfig, dtype: DType) -> f64 {
                     .shared
                     .as_ref()
                     .map_or(0.0, |s| 3.0 * d * (s.ffn_dim * s.count) as f64);
-                d * m.n_experts as f64 + m.top_k as f64 * mats * d * m.ffn_dim as f64 + shared
+                let e = m.n_experts as f64;
+                let reached = if batch <= 1 {
+                    m.top_k as f64
+                } else {
+                    e * (1.0 - (1.0 - m.top_k as f64 / e).powi(batch as i32))
+                };
+                d * e + reached * mats * d * m.ffn_dim as f64 + shared
             }
         };
     }
@@ -80,7 +89,7 @@ pub fn run(a: GenerateBenchArgs) -> anyhow::Result<()> {
     };
     let t0 = std::time::Instant::now();
     let model = Model::load_hf(&a.model, device, dtype)?;
-    let bytes = active_weight_bytes(&model.config, model.dtype);
+    let bytes = active_weight_bytes(&model.config, model.dtype, 1);
     let (total, active) = model.param_counts();
     println!(
         "model {} ({:.2}B params, {:.2}B active) on {} in {}, loaded in {:.1}s; {:.2} GB of weights per decoded token",
@@ -144,8 +153,8 @@ pub fn run(a: GenerateBenchArgs) -> anyhow::Result<()> {
             &mut |_, _| {},
         )?;
         let step_ms = 1e3 * t.decode_s / t.decode_steps.max(1) as f64;
-        // Batch b reads the weights once per step (experts: up to min(E, b·k) distinct ones).
-        let roof_ms = 1e3 * bytes / (a.hbm_gbs * 1e9);
+        // Batch b reads the weights once per step (experts: the distinct ones its tokens reach).
+        let roof_ms = 1e3 * active_weight_bytes(&model.config, model.dtype, b) / (a.hbm_gbs * 1e9);
         println!(
             "{:>6} {:>8} {:>12.0} {:>14.1} {:>12.3} {:>12.3} {:>9.1}%",
             b,
@@ -154,11 +163,7 @@ pub fn run(a: GenerateBenchArgs) -> anyhow::Result<()> {
             t.decode_tokens as f64 / t.decode_s,
             step_ms,
             roof_ms,
-            if b == 1 {
-                100.0 * roof_ms / step_ms
-            } else {
-                f64::NAN
-            }
+            100.0 * roof_ms / step_ms
         );
     }
     if crate::runtime::cuda::profile::enabled() {

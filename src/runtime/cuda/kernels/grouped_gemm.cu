@@ -735,6 +735,127 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
 #define GG_SMALL(SUFFIX, T) GG_SMALL_R(SUFFIX, T, 1) GG_SMALL_R(SUFFIX, T, 2) GG_SMALL_R(SUFFIX, T, 4) GG_SMALL_R(SUFFIX, T, 8)
 INSTANTIATE_FLOAT_TYPES(GG_SMALL)
 
+// Small-M on tensor cores (16-bit types; bf16/f16 only): the same contract as gg_small_nt, for a
+// few to a few dozen rows per group (batched decode: ~4 rows per expert at 32 tokens of top-8 over
+// 64 experts). The weights are mma.sync's A operand (16 output columns per warp), up to 8·TT rows
+// of x its B operand (n = 8 per tile), so each weight byte is read once per 8·TT rows and the
+// multiply is free. No shared memory for operands: lane (g, q) loads 16 bytes at k offset 8q of
+// weight rows n0+g and n0+g+8 and of x row g, and those 8 k values serve two m16n8k16 steps — k
+// is permuted the same way for both operands (step 0 takes k 8q..8q+3 as the fragment's logical
+// 2q, 2q+1, 2q+8, 2q+9; step 1 takes 8q+4..8q+7), which leaves the dot products unchanged.
+// Block: 4 warps; KS of them split one 16-column tile's K (32-wide chunks c ≡ warp mod KS, their
+// partial sums added in shared memory), so a block covers 16·4/KS columns: KS = 1 for many groups
+// (each warp streams its 16 rows whole) up to 4 (each warp a quarter of K; fastest measured).
+// (One group — a dense x·Wᵀ of 9..64 rows — ran ~1.8× slower than cuBLAS: not used there.)
+// Grid (ceil(N / (64 / KS)), groups) as gg_small_nt. Requires K % 32 == 0 (the host checks).
+// MMA_U chunks per warp are in flight (8 with one or two row tiles, 4 with four).
+template <int NU, int TT, typename T>
+__device__ __forceinline__ void mma_small_steps(float (&acc)[TT][4], const T* wa, const T* wb,
+                                                const T* const (&xr)[TT], const bool (&xok)[TT], int k0,
+                                                int kstride) {
+    uint4 va[NU], vb[NU], vx[TT][NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+        va[u] = __ldg(reinterpret_cast<const uint4*>(wa + k0 + kstride * u));
+        vb[u] = __ldg(reinterpret_cast<const uint4*>(wb + k0 + kstride * u));
+#pragma unroll
+        for (int t = 0; t < TT; ++t) vx[t][u] = *reinterpret_cast<const uint4*>(xr[t] + k0 + kstride * u);
+    }
+#pragma unroll
+    for (int u = 0; u < NU; ++u)
+#pragma unroll
+        for (int t = 0; t < TT; ++t) {
+            const uint4 xv = xok[t] ? vx[t][u] : make_uint4(0, 0, 0, 0);
+            const uint32_t a0[4] = {va[u].x, vb[u].x, va[u].y, vb[u].y};
+            const uint32_t b0[2] = {xv.x, xv.y};
+            Mma<T>::run(acc[t], a0, b0);
+            const uint32_t a1[4] = {va[u].z, vb[u].z, va[u].w, vb[u].w};
+            const uint32_t b1[2] = {xv.z, xv.w};
+            Mma<T>::run(acc[t], a1, b1);
+        }
+}
+template <int TT, int KS, typename T, typename TO, int MMA_U = (TT >= 4 ? 4 : 8)>
+__device__ __forceinline__ void gg_mma_small(TO* y, const T* x, const T* w, const int* offsets, int E, int M,
+                                             int N, int K) {
+    PDL_ENTRY();
+    __shared__ float red[KS > 1 ? 4 : 1][TT][4][32];
+    const int e = offsets ? nth_nonempty_group(offsets, E, blockIdx.y) : 0;
+    if (e < 0) return;
+    const int r0 = offsets ? offsets[e] : 0, r1 = offsets ? offsets[e + 1] : M;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int kw = warp % KS;  // this warp's share of K
+    const int n0 = blockIdx.x * (64 / KS) + (warp / KS) * 16;
+    // Whole block leaves together (the K split synchronises below).
+    if (r0 >= r1 || blockIdx.x * (64 / KS) >= N) return;
+    const int na = n0 + g, nb = n0 + g + 8;
+    const T* wa = w + ((int64_t)e * N + min(na, N - 1)) * K + 8 * q + 32 * kw;
+    const T* wb = w + ((int64_t)e * N + min(nb, N - 1)) * K + 8 * q + 32 * kw;
+    const int kmine = K - 32 * kw;  // k extent from this warp's first chunk
+    for (int m0 = r0; m0 < r1; m0 += 8 * TT) {
+        float acc[TT][4];
+        const T* xr[TT];
+        bool xok[TT];
+#pragma unroll
+        for (int t = 0; t < TT; ++t) {
+            const int row = m0 + 8 * t + g;
+            xok[t] = row < r1;
+            xr[t] = x + (int64_t)(xok[t] ? row : r0) * K + 8 * q + 32 * kw;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+        }
+        int k0 = 0;
+        for (; k0 + 32 * KS * (MMA_U - 1) < kmine; k0 += 32 * KS * MMA_U)
+            mma_small_steps<MMA_U, TT, T>(acc, wa, wb, xr, xok, k0, 32 * KS);
+        // The rest in at most three rounds (4, 2, 1 chunks).
+        if (MMA_U > 4 && k0 + 32 * KS * 3 < kmine) {
+            mma_small_steps<4, TT, T>(acc, wa, wb, xr, xok, k0, 32 * KS);
+            k0 += 32 * KS * 4;
+        }
+        if (k0 + 32 * KS < kmine) {
+            mma_small_steps<2, TT, T>(acc, wa, wb, xr, xok, k0, 32 * KS);
+            k0 += 32 * KS * 2;
+        }
+        if (k0 < kmine) mma_small_steps<1, TT, T>(acc, wa, wb, xr, xok, k0, 32 * KS);
+        if (KS > 1) {
+            // Partial sums of the KS warps of each column tile added by its first warp.
+#pragma unroll
+            for (int t = 0; t < TT; ++t)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) red[warp][t][i][lane] = acc[t][i];
+            __syncthreads();
+            if (kw == 0)
+#pragma unroll
+                for (int t = 0; t < TT; ++t)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i)
+#pragma unroll
+                        for (int s = 1; s < KS; ++s) acc[t][i] += red[warp + s][t][i][lane];
+            __syncthreads();
+        }
+        // Accumulator (i, j): output column n0 + g + 8·(i / 2), row m0 + 8t + 2q + (i % 2).
+        if (kw == 0)
+#pragma unroll
+            for (int t = 0; t < TT; ++t)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int row = m0 + 8 * t + 2 * q + j;
+                    if (row >= r1) continue;
+                    if (na < N) y[(int64_t)row * N + na] = from_float<TO>(acc[t][j]);
+                    if (nb < N) y[(int64_t)row * N + nb] = from_float<TO>(acc[t][2 + j]);
+                }
+    }
+}
+#define GG_MMA_SMALL_T(SUFFIX, T, TT, KS)                                                               \
+    extern "C" __global__ void __launch_bounds__(128) gg_mma_small_t##TT##_k##KS##_##SUFFIX(            \
+        T* y, const T* x, const T* w, const int* offsets, int E, int N, int K) {                        \
+        gg_mma_small<TT, KS, T, T>(y, x, w, offsets, E, 0, N, K);                                       \
+    }
+#define GG_MMA_SMALL_K(SUFFIX, T, KS) \
+    GG_MMA_SMALL_T(SUFFIX, T, 1, KS) GG_MMA_SMALL_T(SUFFIX, T, 2, KS) GG_MMA_SMALL_T(SUFFIX, T, 4, KS)
+#define GG_MMA_SMALL(SUFFIX, T) GG_MMA_SMALL_K(SUFFIX, T, 1) GG_MMA_SMALL_K(SUFFIX, T, 2) GG_MMA_SMALL_K(SUFFIX, T, 4)
+GG_MMA_SMALL(bf16, bf16_t)
+GG_MMA_SMALL(f16, f16_t)
+
 // ---- Served decode MoE (a few tokens, dropless routing): the experts straight from the router's
 // slots, with no dispatch, gather, activation or combine kernels. Slots are [k, T] (slot j·T + t
 // is token t's j-th choice, expert ids[slot], combine weight wts[slot]). Twin: ops::moe_serve_swiglu
