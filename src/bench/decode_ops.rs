@@ -35,6 +35,9 @@ pub struct DecodeOpsArgs {
     /// Cached keys the attention reads.
     #[arg(long, default_value_t = 544)]
     context: usize,
+    /// LM head rows of the vocabulary GEMV row (its weights do not fit in L2).
+    #[arg(long, default_value_t = 50304)]
+    vocab: usize,
     /// Tokens of the batched rows (dense x·Wᵀ, router and experts at a decode batch).
     #[arg(long, default_value_t = 32)]
     tokens: usize,
@@ -96,6 +99,34 @@ pub fn run(a: DecodeOpsArgs) -> anyhow::Result<()> {
             .map(drop)
         },
     )?;
+    let wv = random(&[a.vocab, d], device, 20)?;
+    time(
+        "LM head x·Wᵀ → f32 (gemv, cold weights)",
+        (a.vocab * d * 2) as f64,
+        &mut || {
+            ops::matmul(
+                &x,
+                &wv,
+                ops::Matmul {
+                    trans_b: true,
+                    out_dtype: Some(DType::F32),
+                    ..Default::default()
+                },
+            )
+            .map(drop)
+        },
+    )?;
+    // The same bytes through the tensor-core small-M kernel (2 rows, one group): its long-lived
+    // warps against the CUDA-core GEMV's one-round blocks on weights that do not fit in L2.
+    let wv3 = wv.reshape(&[1, a.vocab, d])?;
+    let x2 = random(&[2, d], device, 21)?;
+    let off2 = Tensor::from_slice(&[0i32, 2], &[2], device)?;
+    time(
+        "LM head, 2 rows (tensor-core small-M)",
+        (a.vocab * d * 2) as f64,
+        &mut || ops::grouped_matmul(&x2, &wv3, &off2, true).map(drop),
+    )?;
+    drop(wv3);
     let mut xr = random(&[1, d], device, 4)?;
     let ar = random(&[1, d], device, 5)?;
     let nw = random(&[d], device, 6)?;
