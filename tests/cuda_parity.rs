@@ -60,6 +60,18 @@ fn ids_pair(r: &mut ChaCha8Rng, n: usize, hi: i32, dev: Device) -> (Tensor, Tens
     (c, g)
 }
 
+/// Group offsets for these group sizes: the values, and as CPU and `dev` tensors.
+fn offsets_pair(sizes: &[usize], dev: Device) -> (Vec<i32>, Tensor, Tensor) {
+    let mut off = vec![0i32];
+    for s in sizes {
+        off.push(off.last().unwrap() + *s as i32);
+    }
+    let n = off.len();
+    let cpu = Tensor::from_vec(off.clone(), &[n]).unwrap();
+    let gpu = Tensor::from_slice(&off, &[n], dev).unwrap();
+    (off, cpu, gpu)
+}
+
 fn tol(dtype: DType) -> f64 {
     if dtype == DType::F32 {
         1e-5
@@ -688,16 +700,9 @@ fn grouped_gemm() {
             if e == 32 {
                 sizes[1] = 20; // more rows than one chunk of the small-M kernel
             }
-            let mut off = vec![0i32];
-            for s in &sizes {
-                off.push(off.last().unwrap() + *s as i32);
-            }
+            let (off, oc, og) = offsets_pair(&sizes, dev);
             let m = *off.last().unwrap() as usize + 3; // trailing rows in no group
             let (xc, xg) = pair(&mut r, &[m, k], dt, dev);
-            let (oc, og) = (
-                Tensor::from_vec(off.clone(), &[e + 1]).unwrap(),
-                Tensor::from_slice(&off, &[e + 1], dev).unwrap(),
-            );
             let (wc, wg) = pair(&mut r, &[e, n, k], dt, dev);
             close_each(
                 &format!("grouped nt {dt} e={e} k={k} n={n}"),
@@ -819,16 +824,9 @@ fn small_m_tensor_core_grouped_gemm() {
             (vec![10, 12, 9, 11, 0, 18, 1], 256, 96),
         ] {
             let e = sizes.len();
-            let mut off = vec![0i32];
-            for s in &sizes {
-                off.push(off.last().unwrap() + *s as i32);
-            }
-            let m = *off.last().unwrap() as usize + 3;
+            let (off, oc, og) = offsets_pair(&sizes, dev);
+            let m = *off.last().unwrap() as usize + 3; // trailing rows in no group
             let (xc, xg) = pair(&mut r, &[m, k], dt, dev);
-            let (oc, og) = (
-                Tensor::from_vec(off.clone(), &[e + 1]).unwrap(),
-                Tensor::from_slice(&off, &[e + 1], dev).unwrap(),
-            );
             let (wc, wg) = pair(&mut r, &[e, n, k], dt, dev);
             close_each(
                 &format!("small-M tensor-core grouped nt {dt} sizes={sizes:?} k={k} n={n}"),

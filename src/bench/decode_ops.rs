@@ -53,6 +53,16 @@ fn random(shape: &[usize], device: Device, seed: u64) -> anyhow::Result<Tensor> 
     Ok(Tensor::from_f32(&v, shape, DType::BF16, device)?)
 }
 
+/// x·Wᵀ with an f32 result (router and LM head logits).
+fn logits_f32(x: &Tensor, w: &Tensor) -> crate::runtime::Result<()> {
+    let spec = ops::Matmul {
+        trans_b: true,
+        out_dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    ops::matmul(x, w, spec).map(drop)
+}
+
 pub fn run(a: DecodeOpsArgs) -> anyhow::Result<()> {
     let device = Device::parse(&a.device)?;
     let Device::Cuda(ordinal) = device else {
@@ -86,35 +96,13 @@ pub fn run(a: DecodeOpsArgs) -> anyhow::Result<()> {
     time(
         "router x·Wᵀ → f32",
         (a.experts * d * 2) as f64,
-        &mut || {
-            ops::matmul(
-                &x,
-                &wr,
-                ops::Matmul {
-                    trans_b: true,
-                    out_dtype: Some(DType::F32),
-                    ..Default::default()
-                },
-            )
-            .map(drop)
-        },
+        &mut || logits_f32(&x, &wr),
     )?;
     let wv = random(&[a.vocab, d], device, 20)?;
     time(
         "LM head x·Wᵀ → f32 (gemv, cold weights)",
         (a.vocab * d * 2) as f64,
-        &mut || {
-            ops::matmul(
-                &x,
-                &wv,
-                ops::Matmul {
-                    trans_b: true,
-                    out_dtype: Some(DType::F32),
-                    ..Default::default()
-                },
-            )
-            .map(drop)
-        },
+        &mut || logits_f32(&x, &wv),
     )?;
     // The same bytes through the tensor-core small-M kernel (2 rows, one group): its long-lived
     // warps against the CUDA-core GEMV's one-round blocks on weights that do not fit in L2.
@@ -246,18 +234,7 @@ pub fn run(a: DecodeOpsArgs) -> anyhow::Result<()> {
     time(
         &format!("router, {t} rows → f32"),
         (a.experts * d * 2) as f64,
-        &mut || {
-            ops::matmul(
-                &xt,
-                &wr,
-                ops::Matmul {
-                    trans_b: true,
-                    out_dtype: Some(DType::F32),
-                    ..Default::default()
-                },
-            )
-            .map(drop)
-        },
+        &mut || logits_f32(&xt, &wr),
     )?;
     let slots = t * a.top_k;
     let offs: Vec<i32> = (0..=a.experts)
