@@ -150,7 +150,7 @@ pub fn generate(
     let t0 = Instant::now();
     let mut feed: Vec<Vec<u32>> = prompts.to_vec();
     let mut first = true;
-    let device_greedy = opts.sampling.is_greedy() && opts.sampling.repetition_penalty == 1.0;
+    let device_greedy = opts.sampling.is_plain_greedy();
     let mut host: Vec<f32> = Vec::new(); // the step's logits, reused across steps
     loop {
         let logits = model.forward_infer(&feed, &mut cache, false)?;

@@ -62,6 +62,12 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
+
+    /// Greedy with no repetition penalty: the pick is the arg-max of the raw logits (which the
+    /// GPU can take without the logits leaving it).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.is_greedy() && self.repetition_penalty == 1.0
+    }
 }
 
 /// One sequence's sampler: the parameters and its random stream.
@@ -83,7 +89,7 @@ impl Sampler {
     /// and completion) for the repetition penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
-        if p.is_greedy() && p.repetition_penalty == 1.0 {
+        if p.is_plain_greedy() {
             return argmax(logits); // nothing to adjust: no copy of the row
         }
         let mut l: Vec<f32> = logits.to_vec();
@@ -160,15 +166,10 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value (the first one on ties, like torch.argmax); NaN never wins.
+/// Index of the largest value (the first one on ties, like torch.argmax); NaN never wins
+/// (`ops::argmax_row`, which `ops::argmax_rows` applies per row on the CPU).
 pub fn argmax(x: &[f32]) -> u32 {
-    let mut best = (0usize, f32::NEG_INFINITY);
-    for (i, &v) in x.iter().enumerate() {
-        if v > best.1 {
-            best = (i, v);
-        }
-    }
-    best.0 as u32
+    crate::runtime::ops::argmax_row(x) as u32
 }
 
 #[cfg(test)]

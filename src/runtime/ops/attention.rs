@@ -351,10 +351,12 @@ pub fn attention_decode(
                 let splits = l.div_ceil(chunk).max(1);
                 let part = Tensor::uninit(&[b * h * splits * (hd + 2)], DType::F32, q.device())?;
                 let dev = cuda_dev(q)?;
-                // head_dim 128 in a 16-bit type: the variant with one load round per 32 keys.
-                let h128 = hd == 128
-                    && matches!(q.dtype(), DType::BF16 | DType::F16)
-                    && std::env::var("MOE_ATTN_H128").as_deref() != Ok("0");
+                // head_dim 128 in a 16-bit type: the variant with one load round per 32 keys
+                // (`MOE_ATTN_H128=0` keeps the general kernel, A/B comparisons).
+                static H128_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                let off = *H128_OFF
+                    .get_or_init(|| std::env::var("MOE_ATTN_H128").is_ok_and(|v| v == "0"));
+                let h128 = !off && hd == 128 && matches!(q.dtype(), DType::BF16 | DType::F16);
                 let name = if h128 {
                     "attention_decode_h128"
                 } else {

@@ -44,7 +44,7 @@ pub(crate) fn small_rows(rows: usize) -> usize {
 /// 64 / split columns) — the largest that leaves each warp at least one full round of loads
 /// (8 chunks of 32 k; 4 with four row tiles). `MOE_SMALL_MMA_KS` forces one (A/B comparisons).
 /// Returns (split, columns per block).
-pub(crate) fn small_mma_split(k: usize, tiles: usize) -> (usize, usize) {
+fn small_mma_split(k: usize, tiles: usize) -> (usize, usize) {
     static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let forced = *FORCED.get_or_init(|| {
         std::env::var("MOE_SMALL_MMA_KS")
@@ -66,7 +66,7 @@ pub(crate) fn small_mma_split(k: usize, tiles: usize) -> (usize, usize) {
 /// 8-row tiles per pass (1, 2 or 4), or `None` where the CUDA-core kernel is used — f32, K not a
 /// multiple of 32, or single rows (the CUDA-core GEMV reads the same bytes with less work per
 /// byte). `MOE_SMALL_MMA=0` turns them off (A/B comparisons).
-pub(crate) fn small_mma_tiles(dt: DType, k: usize, rows: usize) -> Option<usize> {
+fn small_mma_tiles(dt: DType, k: usize, rows: usize) -> Option<usize> {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("MOE_SMALL_MMA").is_ok_and(|v| v == "0"));
     if off || !matches!(dt, DType::BF16 | DType::F16) || k % 32 != 0 || rows < 2 {

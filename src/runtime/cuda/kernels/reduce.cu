@@ -75,31 +75,31 @@ INSTANTIATE_FLOAT_TYPES(BLOCKSUM_V8)
 INSTANTIATE_FLOAT_TYPES(MULTI_SUMSQ_V8)
 
 // Row arg-max (greedy decoding): out[r] = the first index of the row's largest value, counting
-// only values > -inf (NaN never wins; a row with none gives 0), as sampler::argmax does. Two
+// only values > -inf (NaN never wins; a row with none gives 0), as ops::argmax_row does. Two
 // passes: argmax_part with grid (parts, rows) leaves each part's (value, index) in part_v /
 // part_i [rows, parts]; argmax_final (one block per row) reduces them. Bytes: rows·cols·sizeof(T).
 __device__ __forceinline__ void argmax_take(float& bv, int& bi, float v, int i) {
     if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
 }
-__device__ __forceinline__ void argmax_block(float& bv, int& bi) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
+__device__ __forceinline__ void argmax_warp(float& bv, int& bi) {
     for (int o = 16; o > 0; o >>= 1) {
         const float v = __shfl_xor_sync(0xffffffffu, bv, o);
         const int i = __shfl_xor_sync(0xffffffffu, bi, o);
         argmax_take(bv, bi, v, i);
     }
+}
+// The block's (value, index) ends in thread 0.
+__device__ __forceinline__ void argmax_block(float& bv, int& bi) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    argmax_warp(bv, bi);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     if (lane == 0) sv[warp] = bv, si[warp] = bi;
     __syncthreads();
     if (warp == 0) {
         bv = lane < nw ? sv[lane] : NEG_INF;
         bi = lane < nw ? si[lane] : 0x7fffffff;
-        for (int o = 16; o > 0; o >>= 1) {
-            const float v = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int i = __shfl_xor_sync(0xffffffffu, bi, o);
-            argmax_take(bv, bi, v, i);
-        }
+        argmax_warp(bv, bi);
     }
 }
 #define ARGMAX(SUFFIX, T)                                                                               \
