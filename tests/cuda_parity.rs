@@ -885,6 +885,79 @@ fn moe_serve_swiglu_matches() {
     }
 }
 
+/// The served router in one launch (GEMV blocks, then the last block routes each row in a warp)
+/// against the CPU twin: logits within tolerance, the same experts in slot order, the same combine
+/// weights; ties in the logits (the lower index wins, as in the route kernel), E not a multiple of
+/// 32, up to 8 rows and 256 experts, and calls back to back (the arrival counter must be reset).
+#[test]
+fn router_topk_matches() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("router_topk");
+    for dt in [DType::BF16, DType::F16] {
+        for (t, kd, e, k, normalize) in [
+            (1usize, 2048usize, 64usize, 8usize, false),
+            (1, 2048, 128, 8, true),
+            (3, 64, 33, 2, true),
+            (8, 128, 256, 4, false),
+            (2, 64, 8, 1, true),
+        ] {
+            let (xc, xg) = pair(&mut r, &[t, kd], dt, dev);
+            // Router rows 0 and 5 equal (a tie in every row's logits) when E allows.
+            let mut wv: Vec<f32> = (0..e * kd).map(|_| r.random_range(-0.1f32..0.1)).collect();
+            wv.copy_within(0..kd, 5.min(e - 1) * kd);
+            let wc = Tensor::from_f32(&wv, &[e, kd], dt, Device::Cpu).unwrap();
+            let wg = wc.to_device(dev).unwrap();
+            let rule = ops::SoftmaxTopK {
+                k,
+                normalize,
+                add: 0.0,
+                clamp_min: 0.0,
+                scale: 1.0,
+            };
+            let what = format!("router_topk {dt} t={t} K={kd} E={e} k={k}");
+            let (lc, _, _) = ops::router_topk(&xc, &wc, &rule).unwrap().unwrap();
+            for _ in 0..3 {
+                let (lg, ig, wtg) = ops::router_topk(&xg, &wg, &rule)
+                    .unwrap()
+                    .expect("router_topk applies on the GPU here");
+                close_each(&format!("{what} logits"), &lc, &lg);
+                // The experts and weights the rule gives for the GPU's own logits (f32 sums in
+                // another order may round differently from the CPU's): exact ids, close weights.
+                let gl = lg.to_f32_vec().unwrap();
+                let ic = ig.to_device(Device::Cpu).unwrap();
+                let (gi, gw) = (ic.as_slice::<i32>().unwrap(), wtg.to_f32_vec().unwrap());
+                for ti in 0..t {
+                    let row = &gl[ti * e..(ti + 1) * e];
+                    let mut order: Vec<usize> = (0..e).collect();
+                    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                    let m = row[order[0]];
+                    let lse = m + row.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
+                    let g: Vec<f32> = order[..k].iter().map(|&i| (row[i] - lse).exp()).collect();
+                    let d = if normalize {
+                        g.iter().sum::<f32>()
+                    } else {
+                        1.0
+                    };
+                    for j in 0..k {
+                        assert_eq!(
+                            gi[j * t + ti] as usize,
+                            order[j],
+                            "{what}: row {ti} choice {j}"
+                        );
+                        let want = g[j] / d;
+                        assert!(
+                            (gw[j * t + ti] - want).abs() <= 1e-5 * (1.0 + want),
+                            "{what}: row {ti} weight {j}: {} vs {want}",
+                            gw[j * t + ti]
+                        );
+                    }
+                }
+                assert_eq!(ig.shape(), &[k, t]);
+            }
+        }
+    }
+}
+
 /// Greedy decoding's row arg-max on the GPU (two passes over row parts) against the CPU's, with
 /// ties across parts, NaN, -inf rows and +inf, at vocabulary sizes from tiny to Qwen3's.
 #[test]

@@ -9,7 +9,8 @@ mod common;
 
 use common::{assert_close, fixture_dir, load_safetensors};
 use moe::moe::{
-    moe_backward, moe_forward, moe_forward_named, update_router_bias, Mode, MoeConfig, MoeWeights,
+    moe_backward, moe_forward, moe_forward_named, route, update_router_bias, Mode, MoeConfig,
+    MoeWeights, RouterKind,
 };
 use moe::runtime::ops;
 use moe::runtime::{DType, Device, ParamSet, Tensor};
@@ -79,6 +80,75 @@ fn inference_mode_matches_training_forward() {
         assert!(saved.is_none());
         assert_close(&format!("{name} infer y"), &y, &t["y"], 1e-5);
     }
+}
+
+/// The served router in one op (`ops::router_topk`: on the GPU the router GEMV's last block
+/// routes; this is its CPU twin) against the route kernel's twin: the same experts in the same
+/// slot order and the same combine weights, with and without renormalisation; bad input named.
+#[test]
+fn fused_router_matches_route() {
+    for name in ["softmax_renorm", "softmax_no_renorm"] {
+        let (cfg, w, t) = load_case(name);
+        let RouterKind::Softmax { renormalize } = cfg.router else {
+            panic!("{name}: not a softmax router");
+        };
+        let rule = ops::SoftmaxTopK {
+            k: cfg.top_k,
+            normalize: renormalize,
+            add: 0.0,
+            clamp_min: 0.0,
+            scale: 1.0,
+        };
+        let (logits, ids, wts) = ops::router_topk(&t["x"], &w.router, &rule)
+            .unwrap()
+            .expect("the CPU always computes router_topk");
+        let want = route(&cfg, &logits, None, None).unwrap();
+        assert_eq!(
+            ids.as_slice::<i32>().unwrap(),
+            want.ids.as_slice::<i32>().unwrap(),
+            "{name}: expert ids"
+        );
+        let g = want.gates.as_slice::<f32>().unwrap();
+        let (k, n) = (cfg.top_k, t["x"].dim(0));
+        for ti in 0..n {
+            let d: f32 = if renormalize {
+                (0..k).map(|j| g[j * n + ti]).sum()
+            } else {
+                1.0
+            };
+            for j in 0..k {
+                let (a, b) = (
+                    wts.as_slice::<f32>().unwrap()[j * n + ti],
+                    g[j * n + ti] / d,
+                );
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "{name} weight ({j}, {ti}): {a} vs {b}"
+                );
+            }
+        }
+    }
+    let (cfg, w, t) = load_case("softmax_renorm");
+    let e = cfg.n_experts;
+    let rule = |k| ops::SoftmaxTopK {
+        k,
+        normalize: true,
+        add: 0.0,
+        clamp_min: 0.0,
+        scale: 1.0,
+    };
+    let err = ops::router_topk(&t["x"], &w.router, &rule(e + 1))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("top-{} of {e} experts", e + 1)),
+        "{err}"
+    );
+    let bad = Tensor::zeros(&[e, cfg.d_model - 1], DType::F32, Device::Cpu).unwrap();
+    let err = ops::router_topk(&t["x"], &bad, &rule(1))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("router [E, K]"), "{err}");
 }
 
 /// L = Σ y·dy + aux + z, as the oracle defines it.

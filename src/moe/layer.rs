@@ -326,28 +326,59 @@ pub fn moe_forward_named(
         None => None,
     };
     let rx = router_in.as_ref().unwrap_or(x);
-    let logits = ops::matmul(
-        rx,
-        &w.router,
-        Matmul {
-            trans_b: true,
-            out_dtype: Some(DType::F32),
-            ..Default::default()
-        },
-    )?;
-    if check_finite {
-        router::check_finite(layer, &logits)?;
-    }
-    let routing = router::route(cfg, &logits, w.router_bias.as_ref(), train_seed)?;
-    let served = match &routing.weights {
-        Some(wts) if serve && serve_slotwise(cfg, w, x) => {
-            Some(ops::moe_serve_swiglu(x, &w.w1, &w.w2, &routing.ids, wts)?)
+    // A served step of a plain softmax router: the router GEMV's last block picks the experts
+    // (ops::router_topk), so no route kernel runs.
+    let fused = match cfg.router {
+        RouterKind::Softmax { renormalize }
+            if serve && serve_slotwise(cfg, w, x) && w.router_bias.is_none() && fused_router() =>
+        {
+            let r = router::weight_rule(cfg);
+            let rule = ops::SoftmaxTopK {
+                k: cfg.top_k,
+                normalize: renormalize,
+                add: r.add,
+                clamp_min: r.clamp_min,
+                scale: r.scale,
+            };
+            ops::router_topk(x, &w.router, &rule)?
         }
         _ => None,
+    };
+    let (logits, routing, served) = match fused {
+        Some((logits, ids, wts)) => {
+            if check_finite {
+                router::check_finite(layer, &logits)?;
+            }
+            let y = ops::moe_serve_swiglu(x, &w.w1, &w.w2, &ids, &wts)?;
+            (logits, None, Some(y))
+        }
+        None => {
+            let logits = ops::matmul(
+                rx,
+                &w.router,
+                Matmul {
+                    trans_b: true,
+                    out_dtype: Some(DType::F32),
+                    ..Default::default()
+                },
+            )?;
+            if check_finite {
+                router::check_finite(layer, &logits)?;
+            }
+            let routing = router::route(cfg, &logits, w.router_bias.as_ref(), train_seed)?;
+            let served = match &routing.weights {
+                Some(wts) if serve && serve_slotwise(cfg, w, x) => {
+                    Some(ops::moe_serve_swiglu(x, &w.w1, &w.w2, &routing.ids, wts)?)
+                }
+                _ => None,
+            };
+            (logits, Some(routing), served)
+        }
     };
     let (mut y, routed) = match served {
         Some(y) => (y, None),
         None => {
+            let routing = routing.expect("routing: computed whenever the slots are not served");
             let disp = dispatch::dispatch(cfg, &routing.ids, train_seed.map(|s| s ^ 0x7275_7473))?;
             // The route kernel's dropless weights are used in place; others are computed here.
             let weights = match &routing.weights {
@@ -369,7 +400,7 @@ pub fn moe_forward_named(
                 &disp.pos,
                 weights.as_ref().or(routing.weights.as_ref()),
             )?;
-            (y, Some((disp, weights, y_perm, ex)))
+            (y, Some((routing, disp, weights, y_perm, ex)))
         }
     };
     let save = train_seed.is_some();
@@ -421,10 +452,10 @@ pub fn moe_forward_named(
     // Inference skips what only training reads: the losses (zero) and, for dropless routers,
     // the drop counts (zero); serving skips the statistics altogether.
     let stats = match &routed {
-        Some((disp, ..)) if !serve => {
+        Some((routing, disp, ..)) if !serve => {
             let dev = x.device();
             let (aux_loss, z_loss) = if save {
-                router::losses(cfg, &routing)?
+                router::losses(cfg, routing)?
             } else {
                 (
                     Tensor::zeros(&[1], DType::F32, dev)?,
@@ -446,7 +477,7 @@ pub fn moe_forward_named(
         _ => None,
     };
     let saved = match routed {
-        Some((dispatch, weights, y_perm, experts)) if save => Some(MoeSaved {
+        Some((routing, dispatch, weights, y_perm, experts)) if save => Some(MoeSaved {
             // Training routes never carry the route kernel's weights; copy them if one did.
             weights: match weights {
                 Some(t) => t,
@@ -486,6 +517,13 @@ fn serve_slotwise(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> bool {
         && 2 * cfg.top_k * x.dim(0) <= cfg.n_experts
         && cfg.d_model % vec == 0
         && w.w2.dim(2) % vec == 0
+}
+
+/// Whether a served softmax router runs as one kernel (`ops::router_topk`);
+/// `MOE_FUSED_ROUTER=0` keeps the router GEMV + route kernel (A/B comparisons).
+fn fused_router() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*OFF.get_or_init(|| std::env::var("MOE_FUSED_ROUTER").is_ok_and(|v| v == "0"))
 }
 
 /// z [T] f32 = x·(coef₀ − coef₁)ᵀ + (b₀ − b₁): the 2-way softmax as a sigmoid.

@@ -59,7 +59,11 @@ pub struct CudaDevice {
     blas: Mutex<blas::BlasHandle>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, HashMap<String, CudaFunction>>>,
+    counters: OnceLock<CudaSlice<i32>>,
 }
+
+/// How many arrival counters `CudaDevice::arrival_counters` holds.
+pub(crate) const ARRIVAL_COUNTERS: usize = 1 << 16;
 
 /// The device object for GPU `ordinal`, created on first use.
 pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
@@ -120,6 +124,7 @@ impl CudaDevice {
             blas: Mutex::new(blas),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            counters: OnceLock::new(),
         })
     }
 
@@ -144,6 +149,29 @@ impl CudaDevice {
             .parse::<u32>()
             .map_or(0, |v| v / 10);
         !off && major >= 9
+    }
+    /// The address of `ARRIVAL_COUNTERS` zeroed i32 kept for the device's lifetime, for kernels
+    /// whose blocks count their arrivals (the last block of a group does the group's final step
+    /// and sets its counter back to zero, so the buffer is all zeros between kernels; kernels on
+    /// the one compute stream never overlap their use). None while the stream is being captured
+    /// into a graph and the buffer does not exist yet: creating it would record its memset.
+    pub(crate) fn arrival_counters(&self) -> Result<Option<u64>> {
+        if let Some(c) = self.counters.get() {
+            return Ok(Some(c.device_ptr(&self.stream).0));
+        }
+        let mut status = dsys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        unsafe { dsys::cuStreamIsCapturing(self.stream.cu_stream(), &mut status) }
+            .result()
+            .map_err(|e| Error::cuda("stream capture status", e))?;
+        if status != dsys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Ok(None);
+        }
+        let buf = self
+            .stream
+            .alloc_zeros::<i32>(ARRIVAL_COUNTERS)
+            .map_err(|e| Error::cuda("alloc", e))?;
+        let c = self.counters.get_or_init(|| buf);
+        Ok(Some(c.device_ptr(&self.stream).0))
     }
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

@@ -362,6 +362,18 @@ pub fn attention_decode(
                 } else {
                     "attention_decode"
                 };
+                // The last split block of each head merges the head's partials (no combine
+                // kernel) when the device's arrival counters cover b·h heads;
+                // `MOE_ATTN_COMBINE_KERNEL=1` keeps the separate kernel (A/B comparisons).
+                static SEPARATE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                let separate = *SEPARATE.get_or_init(|| {
+                    std::env::var("MOE_ATTN_COMBINE_KERNEL").is_ok_and(|v| v == "1")
+                });
+                let counters = if separate || b * h > crate::runtime::cuda::ARRIVAL_COUNTERS {
+                    None
+                } else {
+                    dev.arrival_counters()?
+                };
                 dev.launch(
                     &kernels::ATTENTION,
                     &kname(name, q),
@@ -382,20 +394,24 @@ pub fn attention_decode(
                 .f32(scale)
                 .usize_as_i32(win)?
                 .usize_as_i32(chunk)?
-                .run()?;
-                dev.launch(
-                    &kernels::ATTENTION,
-                    &kname("attention_decode_combine", q),
-                    ((b * h) as u32, 1, 1),
-                    (128, 1, 1),
-                    0,
-                )?
-                .pdl()
                 .ptr(dptr(&out))
-                .ptr(dptr(&part))
-                .usize_as_i32(splits)?
-                .usize_as_i32(hd)?
+                .ptr(counters.unwrap_or(0))
                 .run()?;
+                if counters.is_none() {
+                    dev.launch(
+                        &kernels::ATTENTION,
+                        &kname("attention_decode_combine", q),
+                        ((b * h) as u32, 1, 1),
+                        (128, 1, 1),
+                        0,
+                    )?
+                    .pdl()
+                    .ptr(dptr(&out))
+                    .ptr(dptr(&part))
+                    .usize_as_i32(splits)?
+                    .usize_as_i32(hd)?
+                    .run()?;
+                }
             }
             Ok(out)
         }

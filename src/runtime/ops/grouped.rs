@@ -268,6 +268,118 @@ pub fn moe_serve_swiglu(
     }
 }
 
+/// A softmax router's top-k rule as `router_topk` applies it: the k largest logits (ties to the
+/// lower index), gate g = softmax probability, combine weight scale·g / D with
+/// D = max(Σ g + add, clamp_min) when `normalize`, else D = 1.
+#[derive(Clone, Debug)]
+pub struct SoftmaxTopK {
+    pub k: usize,
+    pub normalize: bool,
+    pub add: f32,
+    pub clamp_min: f32,
+    pub scale: f32,
+}
+
+impl SoftmaxTopK {
+    /// Experts the GPU's one-warp routing takes at most (8 logits per lane).
+    pub const MAX_EXPERTS: usize = 256;
+    /// Rows one fused router launch takes at most (one warp each).
+    pub const MAX_ROWS: usize = 8;
+
+    /// One row's (ids, combine weights) by the rule (the CPU twin of the kernel's routing).
+    fn route_row(&self, row: &[f32]) -> (Vec<i32>, Vec<f32>) {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let lse = m + row.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
+        let mut ids: Vec<i32> = Vec::with_capacity(self.k);
+        for _ in 0..self.k {
+            let best = (0..row.len()).filter(|&i| !ids.contains(&(i as i32))).fold(
+                None,
+                |b: Option<usize>, i| match b {
+                    Some(j) if row[j] >= row[i] => Some(j),
+                    _ => Some(i),
+                },
+            );
+            ids.push(best.map_or(-1, |i| i as i32));
+        }
+        let g: Vec<f32> = ids.iter().map(|&i| (row[i as usize] - lse).exp()).collect();
+        let d = if self.normalize {
+            (g.iter().sum::<f32>() + self.add).max(self.clamp_min)
+        } else {
+            1.0
+        };
+        (ids, g.iter().map(|&v| self.scale * v / d).collect())
+    }
+}
+
+/// A served step's router in one launch: logits [T, E] f32 = x·Wᵀ (x [T, K], W [E, K]) and
+/// the softmax top-k by `rule` — expert ids [k, T] i32 and combine weights [k, T] f32, slot-major
+/// as `moe_serve_swiglu` takes them. On the GPU (T <= 8 rows of a 16-bit type, K % 8 == 0,
+/// E <= 256) the GEMV's last block routes, so no route kernel runs; Ok(None) where that kernel
+/// does not apply on the GPU (the caller routes the general way). The CPU computes it always.
+pub fn router_topk(
+    x: &Tensor,
+    w: &Tensor,
+    rule: &SoftmaxTopK,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let op = "router_topk";
+    same_device(op, &[x, w])?;
+    x.expect_float(op)?;
+    if x.rank() != 2 || w.rank() != 2 || w.dim(1) != x.dim(1) || w.dtype() != x.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "x [T, K] {:?} {} and router [E, K] {:?} {}",
+                x.shape(),
+                x.dtype(),
+                w.shape(),
+                w.dtype()
+            ),
+        ));
+    }
+    let (t, kd, e) = (x.dim(0), x.dim(1), w.dim(0));
+    if rule.k == 0 || rule.k > e.min(32) {
+        return Err(Error::Invalid(format!(
+            "{op}: top-{} of {e} experts (needs 1 <= k <= min(E, 32))",
+            rule.k
+        )));
+    }
+    match x.device() {
+        Device::Cpu => {
+            let logits = super::matmul(
+                x,
+                w,
+                super::Matmul {
+                    trans_b: true,
+                    out_dtype: Some(DType::F32),
+                    ..Default::default()
+                },
+            )?;
+            let lv = logits.as_slice::<f32>()?;
+            let (mut ids, mut wts) = (vec![0i32; rule.k * t], vec![0f32; rule.k * t]);
+            for ti in 0..t {
+                let (ri, rw) = rule.route_row(&lv[ti * e..(ti + 1) * e]);
+                for j in 0..rule.k {
+                    ids[j * t + ti] = ri[j];
+                    wts[j * t + ti] = rw[j];
+                }
+            }
+            let ids = Tensor::from_vec(ids, &[rule.k, t])?;
+            let wts = Tensor::from_vec(wts, &[rule.k, t])?;
+            Ok(Some((logits, ids, wts)))
+        }
+        Device::Cuda(_) => {
+            let fits = (1..=SoftmaxTopK::MAX_ROWS).contains(&t)
+                && x.dtype().size_in_bytes() == 2
+                && kd % 8 == 0
+                && e <= SoftmaxTopK::MAX_EXPERTS;
+            if !fits {
+                return Ok(None);
+            }
+            super::grouped_cuda::router_topk(&cuda_dev(x)?, x, w, rule)
+        }
+    }
+}
+
 /// `grouped_matmul_tn_into(out, a, gather_rows(b, b_rows), ..)`: the experts' first weight
 /// gradient, x given with the dispatch permutation. The rows are gathered first on every
 /// device: a wgmma kernel reading B through the permutation was slower than the gather plus

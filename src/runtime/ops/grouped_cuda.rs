@@ -429,5 +429,46 @@ pub(crate) fn moe_serve_swiglu(
     moe_serve_down(dev, &a, w2, ids, weights, (e, t, n))
 }
 
+/// `ops::router_topk` on the GPU (its conditions checked there): Ok(None) when the device's
+/// arrival counters cannot be had (first use inside a graph capture).
+pub(crate) fn router_topk(
+    dev: &Arc<CudaDevice>,
+    x: &Tensor,
+    w: &Tensor,
+    rule: &super::SoftmaxTopK,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let Some(counter) = dev.arrival_counters()? else {
+        return Ok(None);
+    };
+    let (t, kd, e) = (x.dim(0), x.dim(1), w.dim(0));
+    let logits = Tensor::uninit(&[t, e], DType::F32, x.device())?;
+    let ids = Tensor::uninit(&[rule.k, t], DType::I32, x.device())?;
+    let wts = Tensor::uninit(&[rule.k, t], DType::F32, x.device())?;
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        &format!("router_topk_r{}_{}", small_rows(t), x.dtype().name()),
+        (e.div_ceil(SMALL_COLS) as u32, 1, 1),
+        (256, 1, 1),
+        0,
+    )?
+    .pdl()
+    .ptr(dptr(&logits))
+    .ptr(dptr(&ids))
+    .ptr(dptr(&wts))
+    .ptr(dptr(x))
+    .ptr(dptr(w))
+    .usize_as_i32(t)?
+    .usize_as_i32(e)?
+    .usize_as_i32(kd)?
+    .usize_as_i32(rule.k)?
+    .i32(rule.normalize as i32)
+    .f32(rule.add)
+    .f32(rule.clamp_min)
+    .f32(rule.scale)
+    .ptr(counter)
+    .run()?;
+    Ok(Some((logits, ids, wts)))
+}
+
 /// The down kernel's output columns per block (SERVE_DOWN_COLS in the .cu).
 const SERVE_DOWN_COLS: usize = 8;

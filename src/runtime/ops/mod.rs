@@ -31,7 +31,7 @@ pub use embedding::{embedding, embedding_backward};
 pub use flash::{flash_attention, flash_attention_backward, flash_supported, FlashSpec, KvLayout};
 pub use grouped::{
     grouped_matmul, grouped_matmul_gather, grouped_matmul_tn, grouped_matmul_tn_gather_into,
-    grouped_matmul_tn_into, moe_serve_swiglu,
+    grouped_matmul_tn_into, moe_serve_swiglu, router_topk, SoftmaxTopK,
 };
 pub use index::{
     argsort_stable, gather_rows, histogram, scatter_add_rows, slice_rows, topk, transpose_12,

@@ -1,5 +1,45 @@
 // Attention over the KV cache; twins in ops/attention.rs.
 
+// Merge head bh's split partials (pb = its splits × (hd + 2) floats): out = Σ_sp acc_sp ·
+// e^(m_sp − M) / Σ_sp s_sp · e^(m_sp − M). The partials are read through L2 (__ldcg): in the
+// fused path other blocks wrote them during this kernel.
+template <typename T>
+__device__ __forceinline__ void decode_combine(T* out, const float* pb, int splits, int hd, int bh) {
+    float gm = NEG_INF;
+    for (int sp = 0; sp < splits; ++sp) gm = fmaxf(gm, __ldcg(pb + sp * (hd + 2) + hd));
+    float z = 0.f;
+    for (int sp = 0; sp < splits; ++sp) {
+        const float ms = __ldcg(pb + sp * (hd + 2) + hd);
+        if (ms != NEG_INF) z += __ldcg(pb + sp * (hd + 2) + hd + 1) * expf(ms - gm);
+    }
+    for (int c = threadIdx.x; c < hd; c += blockDim.x) {
+        float a = 0.f;
+        for (int sp = 0; sp < splits; ++sp) {
+            const float ms = __ldcg(pb + sp * (hd + 2) + hd);
+            if (ms != NEG_INF) a += __ldcg(pb + sp * (hd + 2) + c) * expf(ms - gm);
+        }
+        out[(int64_t)bh * hd + c] = from_float<T>(z > 0.f ? a / z : 0.f);
+    }
+}
+
+// After a split block wrote its partial: with `counters` (zeroed i32, one per (b, h)), the last of
+// head bh's split blocks to arrive merges all of them into out (no combine kernel) and resets the
+// counter to zero for the next call. Without counters, attention_decode_combine runs after.
+template <typename T>
+__device__ __forceinline__ void decode_finish(T* out, int* counters, const float* part, int splits, int hd,
+                                              int bh) {
+    if (!counters) return;
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counters + bh, 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    decode_combine<T>(out, part + (int64_t)bh * splits * (hd + 2), splits, hd, bh);
+    if (threadIdx.x == 0) counters[bh] = 0;
+}
+
 #define ATTN(SUFFIX, T)                                                                                 \
     extern "C" __global__ void kv_write_##SUFFIX(T* cache, const T* src, const int* batch, const int* pos, int n, \
                                                  int hkv, int L, int hd, int B) {                       \
@@ -18,10 +58,11 @@
        softmax update per group and the V rows accumulated with each lane owning hd/32 dims; the   \
        4 warps merge in shared memory. The block writes its unnormalised partial (acc[hd], max,    \
        sum) to part[(bh*splits + sp)*(hd+2)]; a block with no keys writes max = -inf.              \
-       attention_decode_combine merges the splits. */                                              \
+       attention_decode_combine merges the splits, or with counters the last block (decode_finish). */ \
     extern "C" __global__ void attention_decode_##SUFFIX(float* part, const T* q, const T* kc, const T* vc, \
                                                          const int* lens, int H, int hkv, int L, int hd, \
-                                                         float scale, int window, int chunk) {            \
+                                                         float scale, int window, int chunk, T* out,     \
+                                                         int* counters) {                                \
         PDL_ENTRY();                                                                                    \
         constexpr int VEC = 16 / sizeof(T);                                                             \
         __shared__ float qs[256];                                                                       \
@@ -97,38 +138,23 @@
         float* o = part + ((int64_t)bh * splits + sp) * (hd + 2);                                       \
         if (gm == NEG_INF) {                                                                            \
             if (threadIdx.x == 0) { o[hd] = NEG_INF; o[hd + 1] = 0.f; }                                 \
-            return;                                                                                     \
+        } else {                                                                                        \
+            float z = 0.f;                                                                              \
+            _Pragma("unroll") for (int w = 0; w < 4; ++w) z += wm[w] == NEG_INF ? 0.f : ws[w] * expf(wm[w] - gm); \
+            for (int c = threadIdx.x; c < hd; c += blockDim.x) {                                        \
+                float a = 0.f;                                                                          \
+                _Pragma("unroll") for (int w = 0; w < 4; ++w)                                           \
+                    if (wm[w] != NEG_INF) a += wacc[w][c] * expf(wm[w] - gm);                           \
+                o[c] = a;                                                                               \
+            }                                                                                           \
+            if (threadIdx.x == 0) { o[hd] = gm; o[hd + 1] = z; }                                        \
         }                                                                                               \
-        float z = 0.f;                                                                                  \
-        _Pragma("unroll") for (int w = 0; w < 4; ++w) z += wm[w] == NEG_INF ? 0.f : ws[w] * expf(wm[w] - gm); \
-        for (int c = threadIdx.x; c < hd; c += blockDim.x) {                                            \
-            float a = 0.f;                                                                              \
-            _Pragma("unroll") for (int w = 0; w < 4; ++w)                                               \
-                if (wm[w] != NEG_INF) a += wacc[w][c] * expf(wm[w] - gm);                               \
-            o[c] = a;                                                                                   \
-        }                                                                                               \
-        if (threadIdx.x == 0) { o[hd] = gm; o[hd + 1] = z; }                                            \
+        decode_finish<T>(out, counters, part, splits, hd, bh);                                          \
     }                                                                                                   \
-    /* One block per (b, h): out = Σ_sp acc_sp · e^(m_sp − M) / Σ_sp s_sp · e^(m_sp − M). */         \
+    /* One block per (b, h): decode_combine. */                                                      \
     extern "C" __global__ void attention_decode_combine_##SUFFIX(T* out, const float* part, int splits, int hd) { \
         PDL_ENTRY();                                                                                    \
-        const int bh = blockIdx.x;                                                                      \
-        const float* pb = part + (int64_t)bh * splits * (hd + 2);                                       \
-        float gm = NEG_INF;                                                                             \
-        for (int sp = 0; sp < splits; ++sp) gm = fmaxf(gm, pb[sp * (hd + 2) + hd]);                     \
-        float z = 0.f;                                                                                  \
-        for (int sp = 0; sp < splits; ++sp) {                                                           \
-            float ms = pb[sp * (hd + 2) + hd];                                                          \
-            if (ms != NEG_INF) z += pb[sp * (hd + 2) + hd + 1] * expf(ms - gm);                         \
-        }                                                                                               \
-        for (int c = threadIdx.x; c < hd; c += blockDim.x) {                                            \
-            float a = 0.f;                                                                              \
-            for (int sp = 0; sp < splits; ++sp) {                                                       \
-                float ms = pb[sp * (hd + 2) + hd];                                                      \
-                if (ms != NEG_INF) a += pb[sp * (hd + 2) + c] * expf(ms - gm);                          \
-            }                                                                                           \
-            out[(int64_t)bh * hd + c] = from_float<T>(z > 0.f ? a / z : 0.f);                           \
-        }                                                                                               \
+        decode_combine<T>(out, part + (int64_t)blockIdx.x * splits * (hd + 2), splits, hd, blockIdx.x); \
     }
 
 INSTANTIATE_FLOAT_TYPES(ATTN)
@@ -212,7 +238,7 @@ INSTANTIATE_FLOAT_TYPES(QK_ROPE_KV)
 template <typename T>
 __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, const T* kc, const T* vc,
                                                       const int* lens, int H, int hkv, int L, float scale,
-                                                      int window, int chunk) {
+                                                      int window, int chunk, T* out, int* counters) {
     PDL_ENTRY();
     constexpr int HD = 128;
     __shared__ float qs[HD];
@@ -281,27 +307,28 @@ __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, c
             o[HD] = NEG_INF;
             o[HD + 1] = 0.f;
         }
-        return;
-    }
-    float z = 0.f, a = 0.f;
+    } else {
+        float z = 0.f, a = 0.f;
 #pragma unroll
-    for (int w = 0; w < 4; ++w)
-        if (wm[w] != NEG_INF) {
-            const float f = expf(wm[w] - gm);
-            z += ws[w] * f;
-            a += wacc[w][threadIdx.x] * f;
+        for (int w = 0; w < 4; ++w)
+            if (wm[w] != NEG_INF) {
+                const float f = expf(wm[w] - gm);
+                z += ws[w] * f;
+                a += wacc[w][threadIdx.x] * f;
+            }
+        o[threadIdx.x] = a;
+        if (threadIdx.x == 0) {
+            o[HD] = gm;
+            o[HD + 1] = z;
         }
-    o[threadIdx.x] = a;
-    if (threadIdx.x == 0) {
-        o[HD] = gm;
-        o[HD + 1] = z;
     }
+    decode_finish<T>(out, counters, part, gridDim.y, HD, bh);
 }
 #define ATTN_H128(SUFFIX, T)                                                                            \
     extern "C" __global__ void __launch_bounds__(128) attention_decode_h128_##SUFFIX(                   \
         float* part, const T* q, const T* kc, const T* vc, const int* lens, int H, int hkv, int L,       \
-        int hd, float scale, int window, int chunk) {                                                    \
-        attention_decode_h128<T>(part, q, kc, vc, lens, H, hkv, L, scale, window, chunk);               \
+        int hd, float scale, int window, int chunk, T* out, int* counters) {                             \
+        attention_decode_h128<T>(part, q, kc, vc, lens, H, hkv, L, scale, window, chunk, out, counters); \
     }
 ATTN_H128(bf16, bf16_t)
 ATTN_H128(f16, f16_t)

@@ -735,6 +735,78 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
 #define GG_SMALL(SUFFIX, T) GG_SMALL_R(SUFFIX, T, 1) GG_SMALL_R(SUFFIX, T, 2) GG_SMALL_R(SUFFIX, T, 4) GG_SMALL_R(SUFFIX, T, 8)
 INSTANTIATE_FLOAT_TYPES(GG_SMALL)
 
+// A softmax router's choice for one token by one warp (E <= 256 logits, k <= 32): the route
+// kernel's rule for softmax routers without noise — largest logit first, ties to the lower index,
+// gate exp(l − lse), combine weight scale·g / max(Σg + add, clamp) when normalising, else scale·g.
+// Writes ids[j·stride] and wts[j·stride] for j < k. Logits are read through L2 (other blocks of
+// the calling kernel wrote them).
+#define ROUTE_WARP_MAX_E 256
+__device__ __forceinline__ void warp_softmax_topk(const float* row, int E, int k, int wnorm, float wadd,
+                                                  float wclamp, float wscale, int* ids, float* wts, int stride) {
+    const int lane = threadIdx.x & 31;
+    float v[ROUTE_WARP_MAX_E / 32];
+    float m = NEG_INF;
+#pragma unroll
+    for (int q = 0; q < ROUTE_WARP_MAX_E / 32; ++q) {
+        const int i = lane + 32 * q;
+        v[q] = i < E ? __ldcg(row + i) : NEG_INF;
+        m = fmaxf(m, v[q]);
+    }
+    m = warp_max(m);
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < ROUTE_WARP_MAX_E / 32; ++q)
+        if (lane + 32 * q < E) s += expf(v[q] - m);
+    const float lse = m + logf(warp_sum(s));
+    unsigned taken = 0;
+    float gsum = 0.f, my_g = 0.f;
+    int my_id = -1;
+    for (int j = 0; j < k; ++j) {
+        ValIdx b = {NEG_INF, -1};
+#pragma unroll
+        for (int q = 0; q < ROUTE_WARP_MAX_E / 32; ++q) {
+            const int i = lane + 32 * q;
+            if (i < E && !((taken >> q) & 1u)) b = better(b, ValIdx{v[q], i});
+        }
+        b = warp_best(b);
+        if (b.i >= 0 && (b.i & 31) == lane) taken |= 1u << (b.i >> 5);
+        const float g = b.i >= 0 ? expf(b.v - lse) : 0.f;
+        gsum += g;
+        if (lane == j) my_g = g, my_id = b.i;
+    }
+    const float d = wnorm ? fmaxf(gsum + wadd, wclamp) : 1.f;
+    if (lane < k) {
+        ids[(int64_t)lane * stride] = my_id;
+        wts[(int64_t)lane * stride] = wscale * my_g / d;
+    }
+}
+
+// Router logits and softmax top-k in one launch (decode, M <= 8 rows): the blocks compute logits
+// [M, E] f32 = x·Wᵀ as gemv_nt does; the last block to finish (arrival counter) routes row r with
+// warp r (warp_softmax_topk) into ids / wts [k, M] and resets the counter to zero. Replaces the
+// router GEMV + route kernel pair of a served step. Twin: ops::router_topk (CPU).
+#define ROUTER_TOPK_R(SUFFIX, T, R)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) router_topk_r##R##_##SUFFIX(                      \
+        float* logits, int* ids, float* wts, const T* x, const T* w, int M, int E, int K, int k,         \
+        int wnorm, float wadd, float wclamp, float wscale, int* counter) {                               \
+        gg_small_nt<R, T, float>(logits, x, w, nullptr, 0, M, E, K, blockIdx.x);                        \
+        __shared__ int last;                                                                            \
+        __threadfence();                                                                                \
+        __syncthreads();                                                                                \
+        if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;                       \
+        __syncthreads();                                                                                \
+        if (!last) return;                                                                              \
+        __threadfence();                                                                                \
+        const int warp = threadIdx.x >> 5;                                                              \
+        if (warp < M)                                                                                   \
+            warp_softmax_topk(logits + (int64_t)warp * E, E, k, wnorm, wadd, wclamp, wscale, ids + warp, \
+                              wts + warp, M);                                                           \
+        if (threadIdx.x == 0) *counter = 0;                                                             \
+    }
+#define ROUTER_TOPK(SUFFIX, T) ROUTER_TOPK_R(SUFFIX, T, 1) ROUTER_TOPK_R(SUFFIX, T, 2) ROUTER_TOPK_R(SUFFIX, T, 4) ROUTER_TOPK_R(SUFFIX, T, 8)
+ROUTER_TOPK(bf16, bf16_t)
+ROUTER_TOPK(f16, f16_t)
+
 // Small-M on tensor cores (16-bit types; bf16/f16 only): the same contract as gg_small_nt, for a
 // few to a few dozen rows per group (batched decode: ~4 rows per expert at 32 tokens of top-8 over
 // 64 experts). The weights are mma.sync's A operand (16 output columns per warp), up to 8·TT rows
