@@ -915,14 +915,10 @@ fn router_topk_matches() {
                 scale: 1.0,
             };
             let what = format!("router_topk {dt} t={t} K={kd} E={e} k={k}");
-            let (lc, _, _) = ops::router_topk(&xc, &wc, &rule).unwrap().unwrap();
-            for _ in 0..3 {
-                let (lg, ig, wtg) = ops::router_topk(&xg, &wg, &rule)
-                    .unwrap()
-                    .expect("router_topk applies on the GPU here");
-                close_each(&format!("{what} logits"), &lc, &lg);
-                // The experts and weights the rule gives for the GPU's own logits (f32 sums in
-                // another order may round differently from the CPU's): exact ids, close weights.
+            // The experts and weights the rule gives for the GPU's own logits (f32 sums in
+            // another order may round differently from the CPU's): exact ids, close weights.
+            let check = |what: &str, lg: &Tensor, ig: &Tensor, wtg: &Tensor| {
+                assert_eq!(ig.shape(), &[k, t]);
                 let gl = lg.to_f32_vec().unwrap();
                 let ic = ig.to_device(Device::Cpu).unwrap();
                 let (gi, gw) = (ic.as_slice::<i32>().unwrap(), wtg.to_f32_vec().unwrap());
@@ -952,8 +948,32 @@ fn router_topk_matches() {
                         );
                     }
                 }
-                assert_eq!(ig.shape(), &[k, t]);
+            };
+            let (lc, _, _) = ops::router_topk(&xc, &wc, &rule).unwrap().unwrap();
+            // The residual add + RMSNorm folded in: rows x + a normed by g.
+            let (ac, ag) = pair(&mut r, &[t, kd], dt, dev);
+            let (gc, gg) = pair(&mut r, &[kd], dt, dev);
+            let (xnc, hc, lnc, _, _) =
+                ops::add_rmsnorm_router_topk(&xc, &ac, &gc, 1e-6, &wc, &rule)
+                    .unwrap()
+                    .unwrap();
+            for _ in 0..3 {
+                let (lg, ig, wtg) = ops::router_topk(&xg, &wg, &rule)
+                    .unwrap()
+                    .expect("router_topk applies on the GPU here");
+                close_each(&format!("{what} logits"), &lc, &lg);
+                check(&what, &lg, &ig, &wtg);
+                let (xng, hg, lng, ing, wng) =
+                    ops::add_rmsnorm_router_topk(&xg, &ag, &gg, 1e-6, &wg, &rule)
+                        .unwrap()
+                        .expect("add_rmsnorm_router_topk applies on the GPU here");
+                close_each(&format!("{what} addnorm residual"), &xnc, &xng);
+                close_each(&format!("{what} addnorm rows"), &hc, &hg);
+                close_each(&format!("{what} addnorm logits"), &lnc, &lng);
+                check(&format!("{what} addnorm"), &lng, &ing, &wng);
             }
+            // x itself is left as it was.
+            close(&format!("{what} x untouched"), &xc, &xg);
         }
     }
 }
@@ -1113,6 +1133,51 @@ fn fused_decode_ops() {
             close(&format!("{what}: q"), &oc.0, &og.0);
             close(&format!("{what}: k"), &oc.1, &og.1);
             close(&format!("{what}: v"), &oc.2, &og.2);
+            // With the residual add + RMSNorm folded in (16-bit: one launch; f32: None).
+            let (ac, ag) = pair(&mut r, &[m, kdim], dt, dev);
+            let (gc, gg) = pair(&mut r, &[kdim], dt, dev);
+            let bq = |c: bool| bias.then(|| if c { &bqc } else { &bqg });
+            let bk = |c: bool| bias.then(|| if c { &bkc } else { &bkg });
+            let bv = |c: bool| bias.then(|| if c { &bvc } else { &bvg });
+            let fc = ops::add_rmsnorm_linear_qkv(
+                &xc,
+                &ac,
+                &gc,
+                1e-6,
+                &wqc,
+                bq(true),
+                &wkc,
+                bk(true),
+                &wvc,
+                bv(true),
+            )
+            .unwrap()
+            .expect("the CPU always computes add_rmsnorm_linear_qkv");
+            let fg = ops::add_rmsnorm_linear_qkv(
+                &xg,
+                &ag,
+                &gg,
+                1e-6,
+                &wqg,
+                bq(false),
+                &wkg,
+                bk(false),
+                &wvg,
+                bv(false),
+            )
+            .unwrap();
+            assert_eq!(
+                fg.is_some(),
+                dt != DType::F32,
+                "{what}: addnorm applies to 16-bit rows"
+            );
+            if let Some(fg) = fg {
+                close(&format!("{what} addnorm: residual"), &fc.0, &fg.0);
+                close(&format!("{what} addnorm: q"), &fc.1, &fg.1);
+                close(&format!("{what} addnorm: k"), &fc.2, &fg.2);
+                close(&format!("{what} addnorm: v"), &fc.3, &fg.3);
+                close(&format!("{what} addnorm: x untouched"), &xc, &xg);
+            }
         }
         for (b, h, hkv, hd, rot, l) in [
             (1usize, 16usize, 16usize, 128usize, 128usize, 40usize),

@@ -23,6 +23,33 @@ pub struct Attention {
 }
 param_set!(Attention { t q, t k, t v, t o, opt q_bias, opt k_bias, opt v_bias, opt q_norm, opt k_norm });
 
+/// A block's attention input in inference: rows already normed, or (decode) a residual add +
+/// RMSNorm still to do — x + a normed by g — which the q/k/v projection folds in where it can
+/// (`ops::add_rmsnorm_linear_qkv`).
+pub(crate) enum AttnIn<'a> {
+    Normed(Tensor),
+    AddNorm {
+        x: &'a Tensor,
+        a: Tensor,
+        g: &'a Tensor,
+        eps: f32,
+    },
+}
+
+impl AttnIn<'_> {
+    /// The normed rows, and the new residual when the add was pending (x is not modified).
+    pub(crate) fn resolve(self) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            AttnIn::Normed(h) => Ok((h, None)),
+            AttnIn::AddNorm { x, a, g, eps } => {
+                let mut xn = x.try_clone()?;
+                let h = ops::add_rmsnorm(&mut xn, &a, g, eps)?;
+                Ok((h, Some(xn)))
+            }
+        }
+    }
+}
+
 /// The static shape of a layer's attention.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -476,18 +503,19 @@ impl Attention {
 
     /// One new token per sequence: x [B, d] at positions `pos` [B] (the tokens already cached);
     /// appends K/V and attends over lens = pos + 1. Returns [B, d].
-    pub fn decode(
+    /// One decode step of attention: (output, the new residual when `inp` carried a pending
+    /// residual add).
+    pub(crate) fn decode(
         &self,
         sh: &AttnShape,
-        x: &Tensor,
+        inp: AttnIn<'_>,
         rope: &RopeTable,
         cache_k: &mut Tensor,
         cache_v: &mut Tensor,
         pos: &Tensor,
         lens: &Tensor,
         seqs: &Tensor,
-    ) -> Result<Tensor> {
-        let bsz = x.dim(0);
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (h, hd) = (sh.heads, sh.head_dim);
         // q/k/v in one GEMV launch, then q/k norm + RoPE + both cache writes in one kernel.
         let norm = match (&self.q_norm, &self.k_norm) {
@@ -504,19 +532,31 @@ impl Attention {
                 ))
             }
         };
-        let (q, k, v) = ops::linear_qkv(
-            x,
-            &self.q,
+        let (bq, bk, bv) = (
             self.q_bias.as_ref(),
-            &self.k,
             self.k_bias.as_ref(),
-            &self.v,
             self.v_bias.as_ref(),
-        )?;
+        );
+        let folded = match &inp {
+            AttnIn::AddNorm { x, a, g, eps } => {
+                ops::add_rmsnorm_linear_qkv(x, a, g, *eps, &self.q, bq, &self.k, bk, &self.v, bv)?
+            }
+            AttnIn::Normed(_) => None,
+        };
+        let (q, k, v, xn) = match folded {
+            Some((xn, q, k, v)) => (q, k, v, Some(xn)),
+            None => {
+                let (x, xn) = inp.resolve()?;
+                let (q, k, v) = ops::linear_qkv(&x, &self.q, bq, &self.k, bk, &self.v, bv)?;
+                (q, k, v, xn)
+            }
+        };
+        let bsz = q.dim(0);
         let q = ops::qk_rope_kv_write(
             &q, &k, &v, norm, sh.clip, rope, pos, seqs, cache_k, cache_v, h,
         )?;
         let ctx = ops::attention_decode(&q, cache_k, cache_v, lens, sh.scale(), sh.window)?;
-        ops::linear(&ctx.reshape(&[bsz, h * hd])?, &self.o, None)
+        let out = ops::linear(&ctx.reshape(&[bsz, h * hd])?, &self.o, None)?;
+        Ok((out, xn))
     }
 }

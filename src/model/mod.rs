@@ -16,6 +16,7 @@ pub mod config;
 mod hf;
 mod weights;
 
+use attention::AttnIn;
 pub use attention::{Attention, AttnShape, Span};
 pub use config::{Arch, Ffn, LayerConfig, ModelConfig, NativeMoe, NativeSpec, QkNorm, RopeScaling};
 pub use weights::{save as save_safetensors, Checkpoint};
@@ -926,17 +927,19 @@ impl Model {
             let pos = Tensor::from_slice(&pos, &[n], dev)?;
             let seqs = Tensor::from_slice(&seqs, &[n], dev)?;
             let x = ops::embedding(&ids, &self.params.embed)?;
-            let xf = self.blocks_infer(x, |i, attn, h| {
-                attn.prefill(
+            let xf = self.blocks_infer(x, false, |i, attn, inp| {
+                let (h, xn) = inp.resolve()?;
+                let out = attn.prefill(
                     &self.shape(i),
-                    h,
+                    &h,
                     &self.rope,
                     &mut cache.k[i],
                     &mut cache.v[i],
                     &spans,
                     &pos,
                     &seqs,
-                )
+                )?;
+                Ok((out, xn))
             })?;
             // The rows whose logits are wanted: all of them, or each sequence's last new token.
             let ends: Vec<&Span> = spans
@@ -993,10 +996,14 @@ impl Model {
         cache_v: &mut [Tensor],
     ) -> Result<Tensor> {
         let x = ops::embedding(&inp.ids, &self.params.embed)?;
-        let xf = self.blocks_infer(x, |i, attn, h| {
+        // `MOE_FOLD_NORMS=0` runs the add + RMSNorm kernels instead (A/B comparisons).
+        static UNFOLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let unfold =
+            *UNFOLD.get_or_init(|| std::env::var("MOE_FOLD_NORMS").is_ok_and(|v| v == "0"));
+        let xf = self.blocks_infer(x, !unfold, |i, attn, input| {
             attn.decode(
                 &self.shape(i),
-                h,
+                input,
                 &self.rope,
                 &mut cache_k[i],
                 &mut cache_v[i],
@@ -1010,28 +1017,76 @@ impl Model {
 
     /// The blocks in inference from embedded tokens `x`, each residual add fused with the RMSNorm
     /// that follows it (the next block's, or the final norm after the last block); `attn(i,
-    /// attention, h)` runs block i's attention on its normed input. Returns the final-normed rows.
+    /// attention, input)` runs block i's attention and returns (output, new residual if the input
+    /// carried a pending add). With `fold` (decode) the add + norm before a block's attention is
+    /// handed to it pending (its q/k/v kernel does it), and a served MoE block's router kernel
+    /// does the one before it. Returns the final-normed rows.
     fn blocks_infer(
         &self,
         mut x: Tensor,
-        mut attn: impl FnMut(usize, &Attention, &Tensor) -> crate::runtime::Result<Tensor>,
+        fold: bool,
+        mut attn: impl FnMut(
+            usize,
+            &Attention,
+            AttnIn<'_>,
+        ) -> crate::runtime::Result<(Tensor, Option<Tensor>)>,
     ) -> Result<Tensor> {
         let eps = self.eps();
-        let mut h = match self.params.blocks.first() {
+        let mut h = Some(match self.params.blocks.first() {
             Some(b) => ops::rmsnorm(&x, &b.attn_norm, eps)?.0,
             None => ops::rmsnorm(&x, &self.params.norm, eps)?.0,
-        };
+        });
+        // The previous block's output not yet added to x (fold).
+        let mut pending: Option<Tensor> = None;
+        let n = self.params.blocks.len();
         for (i, blk) in self.params.blocks.iter().enumerate() {
-            let a = attn(i, &blk.attn, &h)?;
-            h = ops::add_rmsnorm(&mut x, &a, &blk.ffn_norm, eps)?;
-            let f = self.ffn_forward(i, &h, moe::Mode::Serve)?.0;
+            let inp = match pending.take() {
+                Some(f) => AttnIn::AddNorm {
+                    x: &x,
+                    a: f,
+                    g: &blk.attn_norm,
+                    eps,
+                },
+                None => AttnIn::Normed(h.take().expect("normed rows when no add is pending")),
+            };
+            let (a, xn) = attn(i, &blk.attn, inp)?;
+            if let Some(xn) = xn {
+                x = xn;
+            }
+            // With `fold`, a served MoE step does the residual add + RMSNorm in its router kernel.
+            let folded = match (&blk.ffn, &self.config.layers[i].ffn) {
+                (FfnWeights::Moe(w), Ffn::Moe(mc)) if fold => moe::moe_forward_served_addnorm(
+                    mc,
+                    w,
+                    &x,
+                    &a,
+                    &blk.ffn_norm,
+                    eps,
+                    &format!("blocks.{i}.ffn"),
+                )?,
+                _ => None,
+            };
+            let f = match folded {
+                Some((xn, f)) => {
+                    x = xn;
+                    f
+                }
+                None => {
+                    let hf = ops::add_rmsnorm(&mut x, &a, &blk.ffn_norm, eps)?;
+                    self.ffn_forward(i, &hf, moe::Mode::Serve)?.0
+                }
+            };
+            if fold && i + 1 < n {
+                pending = Some(f);
+                continue;
+            }
             let next = match self.params.blocks.get(i + 1) {
                 Some(b) => &b.attn_norm,
                 None => &self.params.norm,
             };
-            h = ops::add_rmsnorm(&mut x, &f, next, eps)?;
+            h = Some(ops::add_rmsnorm(&mut x, &f, next, eps)?);
         }
-        Ok(h)
+        Ok(h.expect("the last block's add + norm ran"))
     }
 
     /// f32 logits [rows, V] of final-normed rows.

@@ -287,6 +287,78 @@ pub fn moe_forward_named(
     layer: &str,
     check_finite: bool,
 ) -> Result<(Tensor, Option<MoeSaved>, Option<MoeStats>)> {
+    moe_forward_inner(cfg, w, x, mode, layer, check_finite, None)
+}
+
+/// A served step whose input is still a residual add + RMSNorm (decode): the router GEMV norms
+/// the rows itself and picks the experts in the same launch (`ops::add_rmsnorm_router_topk`).
+/// Returns (new residual x + a, MoE output), or None where that path does not apply (the
+/// caller runs `add_rmsnorm` and `moe_forward_named`); `x` is not modified.
+pub fn moe_forward_served_addnorm(
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    x: &Tensor,
+    a: &Tensor,
+    norm: &Tensor,
+    eps: f32,
+    layer: &str,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(rule) = fused_router_rule(cfg, w, x, true) else {
+        return Ok(None);
+    };
+    let Some((xn, h, logits, ids, wts)) =
+        ops::add_rmsnorm_router_topk(x, a, norm, eps, &w.router, &rule)?
+    else {
+        return Ok(None);
+    };
+    let (y, _, _) = moe_forward_inner(
+        cfg,
+        w,
+        &h,
+        Mode::Serve,
+        layer,
+        false,
+        Some((logits, ids, wts)),
+    )?;
+    Ok(Some((xn, y)))
+}
+
+/// The one-kernel router's rule for a served step of a softmax router without selection bias
+/// whose experts take the slot-wise kernels; None otherwise.
+fn fused_router_rule(
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    x: &Tensor,
+    serve: bool,
+) -> Option<ops::SoftmaxTopK> {
+    match cfg.router {
+        RouterKind::Softmax { renormalize }
+            if serve && serve_slotwise(cfg, w, x) && w.router_bias.is_none() && fused_router() =>
+        {
+            let r = router::weight_rule(cfg);
+            Some(ops::SoftmaxTopK {
+                k: cfg.top_k,
+                normalize: renormalize,
+                add: r.add,
+                clamp_min: r.clamp_min,
+                scale: r.scale,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// `moe_forward_named` with, optionally, the router's (logits, ids, combine weights) already
+/// computed for a served step (they must come from `fused_router_rule`'s kernels).
+fn moe_forward_inner(
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    x: &Tensor,
+    mode: Mode,
+    layer: &str,
+    check_finite: bool,
+    routed_already: Option<(Tensor, Tensor, Tensor)>,
+) -> Result<(Tensor, Option<MoeSaved>, Option<MoeStats>)> {
     if x.rank() != 2 || x.dim(1) != cfg.d_model {
         return Err(Error::shape(
             "moe",
@@ -328,21 +400,10 @@ pub fn moe_forward_named(
     let rx = router_in.as_ref().unwrap_or(x);
     // A served step of a plain softmax router: the router GEMV's last block picks the experts
     // (ops::router_topk), so no route kernel runs.
-    let fused = match cfg.router {
-        RouterKind::Softmax { renormalize }
-            if serve && serve_slotwise(cfg, w, x) && w.router_bias.is_none() && fused_router() =>
-        {
-            let r = router::weight_rule(cfg);
-            let rule = ops::SoftmaxTopK {
-                k: cfg.top_k,
-                normalize: renormalize,
-                add: r.add,
-                clamp_min: r.clamp_min,
-                scale: r.scale,
-            };
-            ops::router_topk(x, &w.router, &rule)?
-        }
-        _ => None,
+    let fused = match (routed_already, fused_router_rule(cfg, w, x, serve)) {
+        (Some(r), _) => Some(r),
+        (None, Some(rule)) => ops::router_topk(x, &w.router, &rule)?,
+        (None, None) => None,
     };
     let (logits, routing, served) = match fused {
         Some((logits, ids, wts)) => {

@@ -22,7 +22,7 @@ pub use config::{ExpertKind, MoeConfig, NoisyGate, ResidualMoe, RouterKind, Shar
 pub use dense::{DenseMlp, DenseMlpGrads, DenseSaved};
 pub use dispatch::{combine, combine_backward, dispatch, Dispatch};
 pub use layer::{
-    moe_backward, moe_backward_into, moe_forward, moe_forward_named, Mode, MoeGrads, MoeSaved,
-    MoeStats, MoeWeights, ResidualWeights, SharedWeights,
+    moe_backward, moe_backward_into, moe_forward, moe_forward_named, moe_forward_served_addnorm,
+    Mode, MoeGrads, MoeSaved, MoeStats, MoeWeights, ResidualWeights, SharedWeights,
 };
 pub use router::{check_finite, route, update_router_bias, Routing};

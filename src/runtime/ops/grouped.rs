@@ -321,28 +321,9 @@ pub fn router_topk(
     w: &Tensor,
     rule: &SoftmaxTopK,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    let op = "router_topk";
-    same_device(op, &[x, w])?;
-    x.expect_float(op)?;
-    if x.rank() != 2 || w.rank() != 2 || w.dim(1) != x.dim(1) || w.dtype() != x.dtype() {
-        return Err(Error::shape(
-            op,
-            format!(
-                "x [T, K] {:?} {} and router [E, K] {:?} {}",
-                x.shape(),
-                x.dtype(),
-                w.shape(),
-                w.dtype()
-            ),
-        ));
-    }
-    let (t, kd, e) = (x.dim(0), x.dim(1), w.dim(0));
-    if rule.k == 0 || rule.k > e.min(32) {
-        return Err(Error::Invalid(format!(
-            "{op}: top-{} of {e} experts (needs 1 <= k <= min(E, 32))",
-            rule.k
-        )));
-    }
+    same_device("router_topk", &[x, w])?;
+    let fits = router_topk_fits(x, w, rule)?;
+    let (t, e) = (x.dim(0), w.dim(0));
     match x.device() {
         Device::Cpu => {
             let logits = super::matmul(
@@ -368,16 +349,86 @@ pub fn router_topk(
             Ok(Some((logits, ids, wts)))
         }
         Device::Cuda(_) => {
-            let fits = (1..=SoftmaxTopK::MAX_ROWS).contains(&t)
-                && x.dtype().size_in_bytes() == 2
-                && kd % 8 == 0
-                && e <= SoftmaxTopK::MAX_EXPERTS;
-            if !fits {
+            if fits.is_none() {
                 return Ok(None);
             }
             super::grouped_cuda::router_topk(&cuda_dev(x)?, x, w, rule)
         }
     }
+}
+
+/// The rows of a residual add + RMSNorm (`add_rmsnorm` on a copy of x: x + a, normed by g),
+/// then `router_topk` on them, in one launch on the GPU (each GEMV block norms the rows itself;
+/// the first writes them out): (new residual x + a, normed rows h, logits, ids, weights). x is
+/// not modified. Ok(None) where the fused kernel does not apply on the GPU.
+#[allow(clippy::type_complexity)]
+pub fn add_rmsnorm_router_topk(
+    x: &Tensor,
+    a: &Tensor,
+    g: &Tensor,
+    eps: f32,
+    w: &Tensor,
+    rule: &SoftmaxTopK,
+) -> Result<Option<(Tensor, Tensor, Tensor, Tensor, Tensor)>> {
+    let op = "add_rmsnorm_router_topk";
+    same_device(op, &[x, a, g, w])?;
+    if a.shape() != x.shape() || a.dtype() != x.dtype() || g.dtype() != x.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "a {:?} {} and norm weight {}: x is {:?} {}",
+                a.shape(),
+                a.dtype(),
+                g.dtype(),
+                x.shape(),
+                x.dtype()
+            ),
+        ));
+    }
+    match x.device() {
+        Device::Cpu => {
+            let mut xn = x.try_clone()?;
+            let h = super::add_rmsnorm(&mut xn, a, g, eps)?;
+            Ok(router_topk(&h, w, rule)?.map(|(l, i, wt)| (xn, h, l, i, wt)))
+        }
+        Device::Cuda(_) => {
+            if g.rank() != 1 || g.dim(0) != x.dim(1) || router_topk_fits(x, w, rule)?.is_none() {
+                return Ok(None);
+            }
+            super::grouped_cuda::add_rmsnorm_router_topk(&cuda_dev(x)?, x, a, g, eps, w, rule)
+        }
+    }
+}
+
+/// `router_topk`'s checks; Some(()) where the GPU kernel applies (T <= 8 rows of a 16-bit
+/// type, K % 8 == 0, E <= 256).
+fn router_topk_fits(x: &Tensor, w: &Tensor, rule: &SoftmaxTopK) -> Result<Option<()>> {
+    let op = "router_topk";
+    x.expect_float(op)?;
+    if x.rank() != 2 || w.rank() != 2 || w.dim(1) != x.dim(1) || w.dtype() != x.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "x [T, K] {:?} {} and router [E, K] {:?} {}",
+                x.shape(),
+                x.dtype(),
+                w.shape(),
+                w.dtype()
+            ),
+        ));
+    }
+    let (t, kd, e) = (x.dim(0), x.dim(1), w.dim(0));
+    if rule.k == 0 || rule.k > e.min(32) {
+        return Err(Error::Invalid(format!(
+            "{op}: top-{} of {e} experts (needs 1 <= k <= min(E, 32))",
+            rule.k
+        )));
+    }
+    let fits = (1..=SoftmaxTopK::MAX_ROWS).contains(&t)
+        && x.dtype().size_in_bytes() == 2
+        && kd % 8 == 0
+        && e <= SoftmaxTopK::MAX_EXPERTS;
+    Ok(fits.then_some(()))
 }
 
 /// `grouped_matmul_tn_into(out, a, gather_rows(b, b_rows), ..)`: the experts' first weight

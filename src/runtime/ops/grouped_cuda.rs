@@ -437,6 +437,55 @@ pub(crate) fn router_topk(
     w: &Tensor,
     rule: &super::SoftmaxTopK,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let Some((logits, ids, wts, launch)) = router_topk_launch(dev, x, w, rule, false)? else {
+        return Ok(None);
+    };
+    launch.run()?;
+    Ok(Some((logits, ids, wts)))
+}
+
+/// `ops::add_rmsnorm_router_topk` on the GPU (its conditions checked there).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub(crate) fn add_rmsnorm_router_topk(
+    dev: &Arc<CudaDevice>,
+    x: &Tensor,
+    a: &Tensor,
+    g: &Tensor,
+    eps: f32,
+    w: &Tensor,
+    rule: &super::SoftmaxTopK,
+) -> Result<Option<(Tensor, Tensor, Tensor, Tensor, Tensor)>> {
+    let Some((logits, ids, wts, launch)) = router_topk_launch(dev, x, w, rule, true)? else {
+        return Ok(None);
+    };
+    let xn = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
+    let h = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
+    launch
+        .ptr(dptr(a))
+        .ptr(dptr(g))
+        .f32(eps)
+        .ptr(dptr(&xn))
+        .ptr(dptr(&h))
+        .run()?;
+    Ok(Some((xn, h, logits, ids, wts)))
+}
+
+/// The router_topk launch with its common arguments pushed (the addnorm variant's follow).
+#[allow(clippy::type_complexity)]
+fn router_topk_launch<'d>(
+    dev: &'d Arc<CudaDevice>,
+    x: &Tensor,
+    w: &Tensor,
+    rule: &super::SoftmaxTopK,
+    addnorm: bool,
+) -> Result<
+    Option<(
+        Tensor,
+        Tensor,
+        Tensor,
+        crate::runtime::cuda::LaunchBuilder<'d>,
+    )>,
+> {
     let Some(counter) = dev.arrival_counters()? else {
         return Ok(None);
     };
@@ -444,30 +493,35 @@ pub(crate) fn router_topk(
     let logits = Tensor::uninit(&[t, e], DType::F32, x.device())?;
     let ids = Tensor::uninit(&[rule.k, t], DType::I32, x.device())?;
     let wts = Tensor::uninit(&[rule.k, t], DType::F32, x.device())?;
-    dev.launch(
-        &kernels::GROUPED_GEMM,
-        &format!("router_topk_r{}_{}", small_rows(t), x.dtype().name()),
-        (e.div_ceil(SMALL_COLS) as u32, 1, 1),
-        (256, 1, 1),
-        0,
-    )?
-    .pdl()
-    .ptr(dptr(&logits))
-    .ptr(dptr(&ids))
-    .ptr(dptr(&wts))
-    .ptr(dptr(x))
-    .ptr(dptr(w))
-    .usize_as_i32(t)?
-    .usize_as_i32(e)?
-    .usize_as_i32(kd)?
-    .usize_as_i32(rule.k)?
-    .i32(rule.normalize as i32)
-    .f32(rule.add)
-    .f32(rule.clamp_min)
-    .f32(rule.scale)
-    .ptr(counter)
-    .run()?;
-    Ok(Some((logits, ids, wts)))
+    let (name, smem) = if addnorm {
+        ("router_topk_addnorm", t * kd * x.dtype().size_in_bytes())
+    } else {
+        ("router_topk", 0)
+    };
+    let launch = dev
+        .launch(
+            &kernels::GROUPED_GEMM,
+            &format!("{name}_r{}_{}", small_rows(t), x.dtype().name()),
+            (e.div_ceil(SMALL_COLS) as u32, 1, 1),
+            (256, 1, 1),
+            smem as u32,
+        )?
+        .pdl()
+        .ptr(dptr(&logits))
+        .ptr(dptr(&ids))
+        .ptr(dptr(&wts))
+        .ptr(dptr(x))
+        .ptr(dptr(w))
+        .usize_as_i32(t)?
+        .usize_as_i32(e)?
+        .usize_as_i32(kd)?
+        .usize_as_i32(rule.k)?
+        .i32(rule.normalize as i32)
+        .f32(rule.add)
+        .f32(rule.clamp_min)
+        .f32(rule.scale)
+        .ptr(counter);
+    Ok(Some((logits, ids, wts, launch)))
 }
 
 /// The down kernel's output columns per block (SERVE_DOWN_COLS in the .cu).

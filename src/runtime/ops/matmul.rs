@@ -167,9 +167,68 @@ pub fn linear_qkv(
     wv: &Tensor,
     bv: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    if !qkv_fused(x, wq, wk, wv) {
+        return Ok((linear(x, wq, bq)?, linear(x, wk, bk)?, linear(x, wv, bv)?));
+    }
+    same_device("linear_qkv", &[x, wq, wk, wv])?;
+    let (yq, yk, yv) = qkv_launch(x, wq, wk, wv, None)?;
+    qkv_bias((yq, yk, yv), bq, bk, bv)
+}
+
+/// The residual add + RMSNorm of the rows (`add_rmsnorm` on a copy of x: x + a, normed by g)
+/// and then `linear_qkv` of them; on CUDA, where the three GEMVs are one launch, each of its
+/// blocks norms the rows itself (the first writes the new residual): no add_rmsnorm kernel.
+/// Returns (new residual, q, k, v); x is not modified. Ok(None) where the fused kernel does not
+/// apply on CUDA (the caller norms, then projects).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn add_rmsnorm_linear_qkv(
+    x: &Tensor,
+    a: &Tensor,
+    g: &Tensor,
+    eps: f32,
+    wq: &Tensor,
+    bq: Option<&Tensor>,
+    wk: &Tensor,
+    bk: Option<&Tensor>,
+    wv: &Tensor,
+    bv: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor, Tensor, Tensor)>> {
+    let op = "add_rmsnorm_linear_qkv";
+    same_device(op, &[x, a, g, wq, wk, wv])?;
+    if a.shape() != x.shape() || a.dtype() != x.dtype() || g.dtype() != x.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "a {:?} {} and norm weight {}: x is {:?} {}",
+                a.shape(),
+                a.dtype(),
+                g.dtype(),
+                x.shape(),
+                x.dtype()
+            ),
+        ));
+    }
+    if !x.device().is_cuda() {
+        let mut xn = x.try_clone()?;
+        let h = super::add_rmsnorm(&mut xn, a, g, eps)?;
+        let (q, k, v) = linear_qkv(&h, wq, bq, wk, bk, wv, bv)?;
+        return Ok(Some((xn, q, k, v)));
+    }
+    if !qkv_fused(x, wq, wk, wv) || g.rank() != 1 || g.dim(0) != x.dim(1) {
+        return Ok(None);
+    }
+    let xn = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
+    let (yq, yk, yv) = qkv_launch(x, wq, wk, wv, Some((a, g, eps, &xn)))?;
+    let (q, k, v) = qkv_bias((yq, yk, yv), bq, bk, bv)?;
+    Ok(Some((xn, q, k, v)))
+}
+
+/// Whether linear_qkv's one-launch GEMV applies: CUDA, 1..=8 rows of a 16-bit type, K % 8 == 0,
+/// Wk and Wv of one shape, all of x's dtype.
+fn qkv_fused(x: &Tensor, wq: &Tensor, wk: &Tensor, wv: &Tensor) -> bool {
     let k = x.dim(-1);
     let m = x.numel() / k.max(1);
-    let fused = x.device().is_cuda()
+    x.device().is_cuda()
         && x.rank() == 2
         && (1..=8).contains(&m)
         && x.dtype().size_in_bytes() == 2
@@ -181,28 +240,41 @@ pub fn linear_qkv(
         && wk.dim(1) == k
         && [wq.dtype(), wk.dtype(), wv.dtype()]
             .iter()
-            .all(|&d| d == x.dtype());
-    if !fused {
-        return Ok((linear(x, wq, bq)?, linear(x, wk, bk)?, linear(x, wv, bv)?));
-    }
-    same_device("linear_qkv", &[x, wq, wk, wv])?;
+            .all(|&d| d == x.dtype())
+}
+
+/// The gemv3 launch (qkv_fused checked); with `addnorm` = (a, g, eps, new residual) the rows
+/// are x + a normed by g (gemv3_addnorm).
+fn qkv_launch(
+    x: &Tensor,
+    wq: &Tensor,
+    wk: &Tensor,
+    wv: &Tensor,
+    addnorm: Option<(&Tensor, &Tensor, f32, &Tensor)>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (m, k) = (x.dim(0), x.dim(1));
     let (nq, nk) = (wq.dim(0), wk.dim(0));
     let yq = Tensor::uninit(&[m, nq], x.dtype(), x.device())?;
     let yk = Tensor::uninit(&[m, nk], x.dtype(), x.device())?;
     let yv = Tensor::uninit(&[m, nk], x.dtype(), x.device())?;
     let cols = super::grouped_cuda::SMALL_COLS;
     let blocks = nq.div_ceil(cols) + 2 * nk.div_ceil(cols);
-    cuda_dev(x)?
+    let (name, smem) = match addnorm {
+        Some(_) => ("gemv3_addnorm", m * k * x.dtype().size_in_bytes()),
+        None => ("gemv3_nt", 0),
+    };
+    let dev = cuda_dev(x)?;
+    let launch = dev
         .launch(
             &kernels::GROUPED_GEMM,
             &format!(
-                "gemv3_nt_r{}_{}",
+                "{name}_r{}_{}",
                 super::grouped_cuda::small_rows(m),
                 x.dtype().name()
             ),
             (blocks as u32, 1, 1),
             (256, 1, 1),
-            0,
+            smem as u32,
         )?
         .pdl()
         .ptr(dptr(&yq))
@@ -215,8 +287,25 @@ pub fn linear_qkv(
         .usize_as_i32(m)?
         .usize_as_i32(nq)?
         .usize_as_i32(nk)?
-        .usize_as_i32(k)?
-        .run()?;
+        .usize_as_i32(k)?;
+    match addnorm {
+        Some((a, g, eps, xn)) => launch
+            .ptr(dptr(a))
+            .ptr(dptr(g))
+            .f32(eps)
+            .ptr(dptr(xn))
+            .run()?,
+        None => launch.run()?,
+    }
+    Ok((yq, yk, yv))
+}
+
+fn qkv_bias(
+    (yq, yk, yv): (Tensor, Tensor, Tensor),
+    bq: Option<&Tensor>,
+    bk: Option<&Tensor>,
+    bv: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let bias = |y: Tensor, b: Option<&Tensor>| match b {
         Some(b) => super::add_bias(&y, b),
         None => Ok(y),

@@ -30,15 +30,16 @@ pub use elementwise::{
 pub use embedding::{embedding, embedding_backward};
 pub use flash::{flash_attention, flash_attention_backward, flash_supported, FlashSpec, KvLayout};
 pub use grouped::{
-    grouped_matmul, grouped_matmul_gather, grouped_matmul_tn, grouped_matmul_tn_gather_into,
-    grouped_matmul_tn_into, moe_serve_swiglu, router_topk, SoftmaxTopK,
+    add_rmsnorm_router_topk, grouped_matmul, grouped_matmul_gather, grouped_matmul_tn,
+    grouped_matmul_tn_gather_into, grouped_matmul_tn_into, moe_serve_swiglu, router_topk,
+    SoftmaxTopK,
 };
 pub use index::{
     argsort_stable, gather_rows, histogram, scatter_add_rows, slice_rows, topk, transpose_12,
     write_rows,
 };
 pub use loss::{cross_entropy, cross_entropy_backward};
-pub use matmul::{linear, linear_qkv, matmul, matmul_into, Matmul};
+pub use matmul::{add_rmsnorm_linear_qkv, linear, linear_qkv, matmul, matmul_into, Matmul};
 pub use norm::{add_rmsnorm, rmsnorm, rmsnorm_backward, rmsnorm_backward_acc};
 pub use reduce::{argmax_row, argmax_rows, sum_all, sum_rows, sum_squares, sum_squares_many};
 pub use rope::{rope, rope_backward, RopeTable};

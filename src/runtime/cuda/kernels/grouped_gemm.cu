@@ -649,9 +649,83 @@ __device__ __forceinline__ int nth_nonempty_group(const int* offsets, int E, int
     return found;
 }
 
-template <int ROWS, typename T, typename TO>
+// The residual add + RMSNorm folded into a decode GEMV's input (the *_addnorm kernels): each
+// block computes s = x + a and h = s · rsqrt(mean(s²) + eps) · g for the M rows itself, each
+// rounded to T as add_rmsnorm writes them, into shared memory (dynamic, M·K·sizeof(T) bytes),
+// and multiplies h. The writer block (blockIdx.x == 0) also stores s to x_out — the new residual,
+// never x itself, which other blocks are still reading — and h to h_out when non-null.
+template <typename T> struct AddNorm {
+    const T* a;
+    const T* g;
+    float eps;
+    T* x_out;
+    T* h_out;
+};
+template <int ROWS, typename T>
+__device__ __forceinline__ void addnorm_rows(T* hs, const T* x, const AddNorm<T>& an, int M, int K) {
+    constexpr int VEC = 16 / sizeof(T);
+    __shared__ float part[8][ROWS];
+    __shared__ float rinv[ROWS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kv = K / VEC;
+    const bool writer = blockIdx.x == 0;
+    float ss[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) ss[r] = 0.f;
+    for (int v = threadIdx.x; v < kv; v += blockDim.x)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            if (r < M) {
+                const int64_t o = (int64_t)r * K + v * VEC;
+                const uint4 xu = *reinterpret_cast<const uint4*>(x + o), au = *reinterpret_cast<const uint4*>(an.a + o);
+                const T* xt = reinterpret_cast<const T*>(&xu);
+                const T* at = reinterpret_cast<const T*>(&au);
+                uint4 su;
+                T* st = reinterpret_cast<T*>(&su);
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) {
+                    st[j] = from_float<T>(to_float(xt[j]) + to_float(at[j]));
+                    const float f = to_float(st[j]);
+                    ss[r] += f * f;
+                }
+                *reinterpret_cast<uint4*>(hs + o) = su;
+                if (writer) *reinterpret_cast<uint4*>(an.x_out + o) = su;
+            }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const float t = warp_sum(ss[r]);
+        if (lane == 0) part[warp][r] = t;
+    }
+    __syncthreads();
+    if (threadIdx.x < ROWS) {
+        float t = 0.f;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) t += part[q][threadIdx.x];
+        rinv[threadIdx.x] = rsqrtf(t / K + an.eps);
+    }
+    __syncthreads();
+    for (int v = threadIdx.x; v < kv; v += blockDim.x) {
+        const uint4 gu = *reinterpret_cast<const uint4*>(an.g + v * VEC);
+        const T* gt = reinterpret_cast<const T*>(&gu);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            if (r < M) {
+                const int64_t o = (int64_t)r * K + v * VEC;
+                uint4 hu = *reinterpret_cast<const uint4*>(hs + o);
+                T* ht = reinterpret_cast<T*>(&hu);
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) ht[j] = from_float<T>(to_float(ht[j]) * rinv[r] * to_float(gt[j]));
+                *reinterpret_cast<uint4*>(hs + o) = hu;
+                if (writer && an.h_out) *reinterpret_cast<uint4*>(an.h_out + o) = hu;
+            }
+    }
+    __syncthreads();
+}
+
+// NORM: the rows are x + an.a, normed (addnorm_rows; dense only, offsets == nullptr). The block's
+// first round of weight loads is issued before the norm, so its latency hides under them.
+template <int ROWS, typename T, typename TO, bool NORM = false>
 __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const int* offsets, int E, int M,
-                                            int N, int K, int bx) {
+                                            int N, int K, int bx, AddNorm<T> an = {}) {
     PDL_ENTRY();
     constexpr int VEC = 16 / sizeof(T);
     __shared__ float red[8][ROWS][SM_COLS];
@@ -662,6 +736,17 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
     const int n0 = bx * SM_COLS, ncols = min(SM_COLS, N - n0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kv = K / VEC;
     const T* wb = w + ((int64_t)e * N + n0) * K;
+    uint4 pre[SM_COLS];
+    if (NORM) {
+        extern __shared__ uint4 gemv_rows[];
+        if ((int)threadIdx.x < kv)
+            _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c)
+                pre[c] = c < ncols ? *reinterpret_cast<const uint4*>(wb + (int64_t)c * K + threadIdx.x * VEC)
+                                   : make_uint4(0, 0, 0, 0);
+        T* hs = reinterpret_cast<T*>(gemv_rows);
+        addnorm_rows<ROWS, T>(hs, x, an, M, K);
+        x = hs;
+    }
     for (int rc = r0; rc < r1; rc += ROWS) {
         const int rows = min(ROWS, r1 - rc);
         float acc[ROWS][SM_COLS];
@@ -669,8 +754,11 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
             _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c) acc[r][c] = 0.f;
         for (int v = threadIdx.x; v < kv; v += blockDim.x) {
             uint4 wr[SM_COLS];
+            const bool first = NORM && rc == r0 && v == (int)threadIdx.x;
             _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c)
-                wr[c] = c < ncols ? *reinterpret_cast<const uint4*>(wb + (int64_t)c * K + v * VEC) : make_uint4(0, 0, 0, 0);
+                wr[c] = first ? pre[c]
+                        : c < ncols ? *reinterpret_cast<const uint4*>(wb + (int64_t)c * K + v * VEC)
+                                    : make_uint4(0, 0, 0, 0);
             _Pragma("unroll") for (int r = 0; r < ROWS; ++r) {
                 if (r < rows) {
                     uint4 xr = *reinterpret_cast<const uint4*>(x + (int64_t)(rc + r) * K + v * VEC);
@@ -731,6 +819,21 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
         } else {                                                                                        \
             gg_small_nt<R, T, T>(yv, x, wv, nullptr, 0, M, Nk, K, bx - bq - bk);                        \
         }                                                                                               \
+    }                                                                                                   \
+    /* The same with the residual add + RMSNorm before it (addnorm_rows; x_out the new residual). */ \
+    extern "C" __global__ void __launch_bounds__(256) gemv3_addnorm_r##R##_##SUFFIX(                    \
+        T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk, const T* wv, int M, int Nq, int Nk,   \
+        int K, const T* a, const T* g, float eps, T* x_out) {                                            \
+        const AddNorm<T> an{a, g, eps, x_out, nullptr};                                                 \
+        const int bq = (Nq + SM_COLS - 1) / SM_COLS, bk = (Nk + SM_COLS - 1) / SM_COLS;                 \
+        int bx = blockIdx.x;                                                                            \
+        if (bx < bq) {                                                                                  \
+            gg_small_nt<R, T, T, true>(yq, x, wq, nullptr, 0, M, Nq, K, bx, an);                        \
+        } else if (bx < bq + bk) {                                                                      \
+            gg_small_nt<R, T, T, true>(yk, x, wk, nullptr, 0, M, Nk, K, bx - bq, an);                   \
+        } else {                                                                                        \
+            gg_small_nt<R, T, T, true>(yv, x, wv, nullptr, 0, M, Nk, K, bx - bq - bk, an);              \
+        }                                                                                               \
     }
 #define GG_SMALL(SUFFIX, T) GG_SMALL_R(SUFFIX, T, 1) GG_SMALL_R(SUFFIX, T, 2) GG_SMALL_R(SUFFIX, T, 4) GG_SMALL_R(SUFFIX, T, 8)
 INSTANTIATE_FLOAT_TYPES(GG_SMALL)
@@ -785,23 +888,38 @@ __device__ __forceinline__ void warp_softmax_topk(const float* row, int E, int k
 // [M, E] f32 = x·Wᵀ as gemv_nt does; the last block to finish (arrival counter) routes row r with
 // warp r (warp_softmax_topk) into ids / wts [k, M] and resets the counter to zero. Replaces the
 // router GEMV + route kernel pair of a served step. Twin: ops::router_topk (CPU).
+// The _addnorm variant takes the rows as residual x + a, RMSNorm weight g (addnorm_rows): it
+// also writes the new residual x_out and the normed rows h_out (the experts' input).
+template <int R, typename T, bool NORM>
+__device__ __forceinline__ void router_topk(float* logits, int* ids, float* wts, const T* x, const T* w, int M,
+                                            int E, int K, int k, int wnorm, float wadd, float wclamp, float wscale,
+                                            int* counter, AddNorm<T> an) {
+    gg_small_nt<R, T, float, NORM>(logits, x, w, nullptr, 0, M, E, K, blockIdx.x, an);
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int warp = threadIdx.x >> 5;
+    if (warp < M)
+        warp_softmax_topk(logits + (int64_t)warp * E, E, k, wnorm, wadd, wclamp, wscale, ids + warp, wts + warp, M);
+    if (threadIdx.x == 0) *counter = 0;
+}
 #define ROUTER_TOPK_R(SUFFIX, T, R)                                                                     \
     extern "C" __global__ void __launch_bounds__(256) router_topk_r##R##_##SUFFIX(                      \
         float* logits, int* ids, float* wts, const T* x, const T* w, int M, int E, int K, int k,         \
         int wnorm, float wadd, float wclamp, float wscale, int* counter) {                               \
-        gg_small_nt<R, T, float>(logits, x, w, nullptr, 0, M, E, K, blockIdx.x);                        \
-        __shared__ int last;                                                                            \
-        __threadfence();                                                                                \
-        __syncthreads();                                                                                \
-        if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;                       \
-        __syncthreads();                                                                                \
-        if (!last) return;                                                                              \
-        __threadfence();                                                                                \
-        const int warp = threadIdx.x >> 5;                                                              \
-        if (warp < M)                                                                                   \
-            warp_softmax_topk(logits + (int64_t)warp * E, E, k, wnorm, wadd, wclamp, wscale, ids + warp, \
-                              wts + warp, M);                                                           \
-        if (threadIdx.x == 0) *counter = 0;                                                             \
+        router_topk<R, T, false>(logits, ids, wts, x, w, M, E, K, k, wnorm, wadd, wclamp, wscale, counter, \
+                                 AddNorm<T>{});                                                         \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) router_topk_addnorm_r##R##_##SUFFIX(              \
+        float* logits, int* ids, float* wts, const T* x, const T* w, int M, int E, int K, int k,         \
+        int wnorm, float wadd, float wclamp, float wscale, int* counter, const T* a, const T* g,         \
+        float eps, T* x_out, T* h_out) {                                                                \
+        router_topk<R, T, true>(logits, ids, wts, x, w, M, E, K, k, wnorm, wadd, wclamp, wscale, counter, \
+                                AddNorm<T>{a, g, eps, x_out, h_out});                                   \
     }
 #define ROUTER_TOPK(SUFFIX, T) ROUTER_TOPK_R(SUFFIX, T, 1) ROUTER_TOPK_R(SUFFIX, T, 2) ROUTER_TOPK_R(SUFFIX, T, 4) ROUTER_TOPK_R(SUFFIX, T, 8)
 ROUTER_TOPK(bf16, bf16_t)
