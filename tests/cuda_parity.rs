@@ -978,6 +978,112 @@ fn router_topk_matches() {
     }
 }
 
+/// A decode step's q/k norm + RoPE + K/V cache writes folded into the attention kernel
+/// (attention_decode_step, head_dim 128, 16-bit) against the CPU's qk_rope_kv_write +
+/// attention_decode: the context and both caches, for each norm mode with clip, partial
+/// rotary, GQA, new positions at and around the 128-key split boundaries and at the cache end,
+/// windows, and a position past lens (written, not read).
+#[test]
+fn fused_decode_attention_step() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("fused_decode_attention_step");
+    for dt in [DType::BF16, DType::F16] {
+        for (h, hkv, rot, l, max_pos, pos) in [
+            (16usize, 16usize, 128usize, 300usize, 300usize, vec![127i32]),
+            (32, 4, 128, 260, 260, vec![128, 0, 259, 200]),
+            (8, 2, 64, 520, 520, vec![450, 383]),
+            (4, 4, 128, 130, 130, vec![129, 5, 64]),
+        ] {
+            let (b, hd) = (pos.len(), 128usize);
+            let table = |d: Device| {
+                let inv: Vec<f32> = (0..rot / 2)
+                    .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rot as f32))
+                    .collect();
+                RopeTable::new(&inv, max_pos, 1.0, d).unwrap()
+            };
+            let (tc, tg) = (table(Device::Cpu), table(dev));
+            let (qc, qg) = pair(&mut r, &[b, h * hd], dt, dev);
+            let (kc, kg) = pair(&mut r, &[b, hkv * hd], dt, dev);
+            let (vc, vg) = pair(&mut r, &[b, hkv * hd], dt, dev);
+            let (qw_h, qw_hg) = pair(&mut r, &[hd], dt, dev);
+            let (kw_h, kw_hg) = pair(&mut r, &[hd], dt, dev);
+            let (qw_f, qw_fg) = pair(&mut r, &[h * hd], dt, dev);
+            let (kw_f, kw_fg) = pair(&mut r, &[hkv * hd], dt, dev);
+            let seqs: Vec<i32> = (0..b as i32).collect();
+            // lens = pos + 1 (the new key visible), except the last sequence of a batch of 4:
+            // its new key lies past lens (written to the cache, not attended).
+            let lens: Vec<i32> = pos
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| if b == 4 && i == 3 { p } else { p + 1 })
+                .collect();
+            let t = |v: &[i32], d: Device| Tensor::from_slice(v, &[v.len()], d).unwrap();
+            let (sc, pc, lc) = (
+                t(&seqs, Device::Cpu),
+                t(&pos, Device::Cpu),
+                t(&lens, Device::Cpu),
+            );
+            let (pg, lg) = (t(&pos, dev), t(&lens, dev));
+            for (mode, window) in [(0, None), (1, Some(100)), (2, None)] {
+                let (mut ckc, mut ckg) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
+                let (mut cvc, mut cvg) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
+                let spec = |q, k, per_head| {
+                    Some(ops::QkNormSpec {
+                        q,
+                        k,
+                        per_head,
+                        eps: 1e-6,
+                    })
+                };
+                let (nc, ng) = match mode {
+                    0 => (None, None),
+                    1 => (spec(&qw_h, &kw_h, true), spec(&qw_hg, &kw_hg, true)),
+                    _ => (spec(&qw_f, &kw_f, false), spec(&qw_fg, &kw_fg, false)),
+                };
+                let clip = match mode {
+                    0 => Some(1.5),
+                    1 => Some(0.8),
+                    _ => None,
+                };
+                let scale = 1.0 / (hd as f32).sqrt();
+                let qr = ops::qk_rope_kv_write(
+                    &qc, &kc, &vc, nc, clip, &tc, &pc, &sc, &mut ckc, &mut cvc, h,
+                )
+                .unwrap();
+                let oc = ops::attention_decode(&qr, &ckc, &cvc, &lc, scale, window).unwrap();
+                assert!(ops::attention_decode_step(
+                    &qc,
+                    &kc,
+                    &vc,
+                    nc,
+                    clip,
+                    &tc,
+                    &pc,
+                    &mut ckc.try_clone().unwrap(),
+                    &mut cvc.try_clone().unwrap(),
+                    &lc,
+                    h,
+                    scale,
+                    window
+                )
+                .unwrap()
+                .is_none());
+                let og = ops::attention_decode_step(
+                    &qg, &kg, &vg, ng, clip, &tg, &pg, &mut ckg, &mut cvg, &lg, h, scale, window,
+                )
+                .unwrap()
+                .expect("attention_decode_step fuses for head_dim 128 in 16-bit types");
+                let what = format!(
+                    "attention_decode_step {dt} b={b} h={h}/{hkv} rot={rot} pos={pos:?} mode={mode} window={window:?}"
+                );
+                close(&format!("{what}: context"), &oc, &og);
+                close(&format!("{what}: k cache"), &ckc, &ckg);
+                close(&format!("{what}: v cache"), &cvc, &cvg);
+            }
+        }
+    }
+}
+
 /// Greedy decoding's row arg-max on the GPU (two passes over row parts) against the CPU's, with
 /// ties across parts, NaN, -inf rows and +inf, at vocabulary sizes from tiny to Qwen3's.
 #[test]

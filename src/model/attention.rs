@@ -552,10 +552,30 @@ impl Attention {
             }
         };
         let bsz = q.dim(0);
-        let q = ops::qk_rope_kv_write(
-            &q, &k, &v, norm, sh.clip, rope, pos, seqs, cache_k, cache_v, h,
-        )?;
-        let ctx = ops::attention_decode(&q, cache_k, cache_v, lens, sh.scale(), sh.window)?;
+        // Row b is sequence b's new token (seqs is 0..B in a decode step).
+        let ctx = match ops::attention_decode_step(
+            &q,
+            &k,
+            &v,
+            norm,
+            sh.clip,
+            rope,
+            pos,
+            cache_k,
+            cache_v,
+            lens,
+            h,
+            sh.scale(),
+            sh.window,
+        )? {
+            Some(ctx) => ctx,
+            None => {
+                let q = ops::qk_rope_kv_write(
+                    &q, &k, &v, norm, sh.clip, rope, pos, seqs, cache_k, cache_v, h,
+                )?;
+                ops::attention_decode(&q, cache_k, cache_v, lens, sh.scale(), sh.window)?
+            }
+        };
         let out = ops::linear(&ctx.reshape(&[bsz, h * hd])?, &self.o, None)?;
         Ok((out, xn))
     }

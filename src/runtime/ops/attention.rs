@@ -99,6 +99,7 @@ pub fn kv_write(cache: &mut Tensor, new: &Tensor, batch: &Tensor, pos: &Tensor) 
 
 /// q/k RMSNorm weights for `qk_rope_kv_write`: per head (weights [hd]) or over the full
 /// projection width (weights [H·hd] and [Hkv·hd]).
+#[derive(Clone, Copy)]
 pub struct QkNormSpec<'a> {
     pub q: &'a Tensor,
     pub k: &'a Tensor,
@@ -127,57 +128,14 @@ pub fn qk_rope_kv_write(
 ) -> Result<Tensor> {
     let op = "qk_rope_kv_write";
     same_device(op, &[q, k, v, pos, seqs, cache_k, cache_v, &table.cos])?;
-    let (bsz, hkv, hd) = (q.dim(0), cache_k.dim(1), cache_k.dim(3));
-    if q.rank() != 2
-        || q.dim(1) != heads * hd
-        || k.shape() != [bsz, hkv * hd]
-        || v.shape() != [bsz, hkv * hd]
-        || cache_v.shape() != cache_k.shape()
-        || pos.numel() != bsz
-        || seqs.numel() != bsz
-        || [k.dtype(), v.dtype(), cache_k.dtype(), cache_v.dtype()]
-            .iter()
-            .any(|&d| d != q.dtype())
-    {
+    if seqs.numel() != q.dim(0) {
         return Err(Error::shape(
             op,
-            format!(
-                "q {:?}, k {:?}, v {:?} ({heads} heads), pos {:?}, seqs {:?} do not fit the cache {:?} {}",
-                q.shape(),
-                k.shape(),
-                v.shape(),
-                pos.shape(),
-                seqs.shape(),
-                cache_k.shape(),
-                cache_k.dtype()
-            ),
+            format!("seqs {:?} for {} rows", seqs.shape(), q.dim(0)),
         ));
     }
+    let (bsz, hkv, hd) = check_rope_step(op, q, k, v, &norm, table, pos, cache_k, cache_v, heads)?;
     let rot = table.rot_dim();
-    if rot > hd || rot == 0 {
-        return Err(Error::shape(
-            op,
-            format!("rotary dim {rot} does not fit head dim {hd}"),
-        ));
-    }
-    if let Some(n) = &norm {
-        let (wq, wk) = if n.per_head {
-            (hd, hd)
-        } else {
-            (heads * hd, hkv * hd)
-        };
-        if n.q.numel() != wq || n.k.numel() != wk || n.q.dtype() != q.dtype() {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "q/k norm weights {:?} / {:?} are not [{wq}] / [{wk}] {}",
-                    n.q.shape(),
-                    n.k.shape(),
-                    q.dtype()
-                ),
-            ));
-        }
-    }
     if q.device() == Device::Cpu || hd > 256 {
         let normed = |x: &Tensor, w: Option<&Tensor>, h: usize| -> Result<Tensor> {
             let x = x.try_clone()?;
@@ -213,10 +171,7 @@ pub fn qk_rope_kv_write(
     if bsz == 0 {
         return Ok(out);
     }
-    let (mode, qw, kw, eps) = match &norm {
-        None => (0, 0, 0, 0.0),
-        Some(n) => (if n.per_head { 1 } else { 2 }, dptr(n.q), dptr(n.k), n.eps),
-    };
+    let (mode, qw, kw, eps) = norm_args(&norm);
     cuda_dev(q)?
         .launch(
             &kernels::ATTENTION,
@@ -250,6 +205,138 @@ pub fn qk_rope_kv_write(
         .usize_as_i32(cache_k.dim(0))?
         .run()?;
     Ok(out)
+}
+
+/// The shape checks shared by qk_rope_kv_write and attention_decode_step: (B, Hkv, hd).
+#[allow(clippy::too_many_arguments)]
+fn check_rope_step(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    norm: &Option<QkNormSpec<'_>>,
+    table: &RopeTable,
+    pos: &Tensor,
+    cache_k: &Tensor,
+    cache_v: &Tensor,
+    heads: usize,
+) -> Result<(usize, usize, usize)> {
+    let (bsz, hkv, hd) = (q.dim(0), cache_k.dim(1), cache_k.dim(3));
+    if q.rank() != 2
+        || q.dim(1) != heads * hd
+        || k.shape() != [bsz, hkv * hd]
+        || v.shape() != [bsz, hkv * hd]
+        || cache_v.shape() != cache_k.shape()
+        || pos.numel() != bsz
+        || [k.dtype(), v.dtype(), cache_k.dtype(), cache_v.dtype()]
+            .iter()
+            .any(|&d| d != q.dtype())
+    {
+        return Err(Error::shape(
+            op,
+            format!(
+                "q {:?}, k {:?}, v {:?} ({heads} heads), pos {:?} do not fit the cache {:?} {}",
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                pos.shape(),
+                cache_k.shape(),
+                cache_k.dtype()
+            ),
+        ));
+    }
+    let rot = table.rot_dim();
+    if rot > hd || rot == 0 {
+        return Err(Error::shape(
+            op,
+            format!("rotary dim {rot} does not fit head dim {hd}"),
+        ));
+    }
+    if let Some(n) = norm {
+        let (wq, wk) = if n.per_head {
+            (hd, hd)
+        } else {
+            (heads * hd, hkv * hd)
+        };
+        if n.q.numel() != wq || n.k.numel() != wk || n.q.dtype() != q.dtype() {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "q/k norm weights {:?} / {:?} are not [{wq}] / [{wk}] {}",
+                    n.q.shape(),
+                    n.k.shape(),
+                    q.dtype()
+                ),
+            ));
+        }
+    }
+    Ok((bsz, hkv, hd))
+}
+
+/// `qk_rope_kv_write` then `attention_decode` for a decode step whose row b is sequence b's
+/// one new token (q [B, H·hd], k, v [B, Hkv·hd] raw projections; caches [B, Hkv, L, hd]): on
+/// CUDA for head_dim 128 in 16-bit types one kernel — each attention block norms, clips and
+/// rotates its head's q itself, and the blocks whose key range holds pos[b] write the new K and
+/// V rows before reading them (no qk_rope_kv kernel). Returns the context [B, H, hd], or
+/// Ok(None) where it does not apply (the caller runs the two ops: the twin).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_step(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    norm: Option<QkNormSpec<'_>>,
+    clip: Option<f32>,
+    table: &RopeTable,
+    pos: &Tensor,
+    cache_k: &mut Tensor,
+    cache_v: &mut Tensor,
+    lens: &Tensor,
+    heads: usize,
+    scale: f32,
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let op = "attention_decode_step";
+    same_device(op, &[q, k, v, pos, cache_k, cache_v, lens, &table.cos])?;
+    let (bsz, hkv, hd) = check_rope_step(op, q, k, v, &norm, table, pos, cache_k, cache_v, heads)?;
+    lens.expect_dtype(op, DType::I32)?;
+    pos.expect_dtype(op, DType::I32)?;
+    let applies = q.device().is_cuda()
+        && h128(q.dtype(), hd)
+        && fused_step()
+        && cache_k.dim(0) == bsz
+        && lens.numel() == bsz
+        && heads % hkv == 0
+        && table.rot_dim() <= hd
+        && table.rot_dim() > 0;
+    if !applies {
+        return Ok(None);
+    }
+    let rope = RopeArgs {
+        k,
+        v,
+        norm,
+        clip,
+        table,
+        pos,
+    };
+    let win = window.unwrap_or(0);
+    Ok(Some(decode_cuda(
+        q,
+        cache_k,
+        cache_v,
+        lens,
+        scale,
+        win,
+        (bsz, heads, hd),
+        Some(rope),
+    )?))
+}
+
+/// Whether `attention_decode_step` fuses; `MOE_ATTN_FUSED_ROPE=0` keeps qk_rope_kv_write +
+/// attention_decode (A/B comparisons).
+fn fused_step() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*OFF.get_or_init(|| std::env::var("MOE_ATTN_FUSED_ROPE").is_ok_and(|v| v == "0"))
 }
 
 /// Keys per block of the CUDA decode kernel (split-KV).
@@ -341,79 +428,137 @@ pub fn attention_decode(
             });
             cpu_from_f32(out, &[b, h, hd], q.dtype())
         }
-        Device::Cuda(_) => {
-            let out = Tensor::uninit(&[b, h, hd], q.dtype(), q.device())?;
-            if b * h > 0 {
-                // Split the cache into chunks of DECODE_CHUNK keys: enough blocks to fill the GPU
-                // at batch 1 (the grid depends only on the cache size, never on lengths held on
-                // the device).
-                let chunk = decode_chunk();
-                let splits = l.div_ceil(chunk).max(1);
-                let part = Tensor::uninit(&[b * h * splits * (hd + 2)], DType::F32, q.device())?;
-                let dev = cuda_dev(q)?;
-                // head_dim 128 in a 16-bit type: the variant with one load round per 32 keys
-                // (`MOE_ATTN_H128=0` keeps the general kernel, A/B comparisons).
-                static H128_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-                let off = *H128_OFF
-                    .get_or_init(|| std::env::var("MOE_ATTN_H128").is_ok_and(|v| v == "0"));
-                let h128 = !off && hd == 128 && matches!(q.dtype(), DType::BF16 | DType::F16);
-                let name = if h128 {
-                    "attention_decode_h128"
-                } else {
-                    "attention_decode"
-                };
-                // The last split block of each head merges the head's partials (no combine
-                // kernel) when the device's arrival counters cover b·h heads;
-                // `MOE_ATTN_COMBINE_KERNEL=1` keeps the separate kernel (A/B comparisons).
-                static SEPARATE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-                let separate = *SEPARATE.get_or_init(|| {
-                    std::env::var("MOE_ATTN_COMBINE_KERNEL").is_ok_and(|v| v == "1")
-                });
-                let counters = if separate || b * h > crate::runtime::cuda::ARRIVAL_COUNTERS {
-                    None
-                } else {
-                    dev.arrival_counters()?
-                };
-                dev.launch(
-                    &kernels::ATTENTION,
-                    &kname(name, q),
-                    ((b * h) as u32, splits as u32, 1),
-                    (128, 1, 1),
-                    0,
-                )?
-                .pdl()
-                .ptr(dptr(&part))
-                .ptr(dptr(q))
-                .ptr(dptr(k_cache))
-                .ptr(dptr(v_cache))
-                .ptr(dptr(lens))
-                .usize_as_i32(h)?
-                .usize_as_i32(hkv)?
-                .usize_as_i32(l)?
-                .usize_as_i32(hd)?
-                .f32(scale)
-                .usize_as_i32(win)?
-                .usize_as_i32(chunk)?
-                .ptr(dptr(&out))
-                .ptr(counters.unwrap_or(0))
-                .run()?;
-                if counters.is_none() {
-                    dev.launch(
-                        &kernels::ATTENTION,
-                        &kname("attention_decode_combine", q),
-                        ((b * h) as u32, 1, 1),
-                        (128, 1, 1),
-                        0,
-                    )?
-                    .pdl()
-                    .ptr(dptr(&out))
-                    .ptr(dptr(&part))
-                    .usize_as_i32(splits)?
-                    .usize_as_i32(hd)?
-                    .run()?;
-                }
-            }
-            Ok(out)
+        Device::Cuda(_) => decode_cuda(q, k_cache, v_cache, lens, scale, win, (b, h, hd), None),
+    }
+}
+
+/// What attention_decode_rope_h128 takes beyond attention_decode's arguments: the raw k, v
+/// projections, the q/k norm, the clip, the RoPE table and the positions.
+struct RopeArgs<'a> {
+    k: &'a Tensor,
+    v: &'a Tensor,
+    norm: Option<QkNormSpec<'a>>,
+    clip: Option<f32>,
+    table: &'a RopeTable,
+    pos: &'a Tensor,
+}
+
+/// attention_decode on CUDA (shapes checked by the caller); with `rope`, q is the raw projection
+/// [B, H·128] and the kernel does qk_rope_kv's work first (attention_decode_step).
+#[allow(clippy::too_many_arguments)]
+fn decode_cuda(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    lens: &Tensor,
+    scale: f32,
+    win: usize,
+    (b, h, hd): (usize, usize, usize),
+    rope: Option<RopeArgs<'_>>,
+) -> Result<Tensor> {
+    let (hkv, l) = (k_cache.dim(1), k_cache.dim(2));
+    let out = Tensor::uninit(&[b, h, hd], q.dtype(), q.device())?;
+    if b * h == 0 {
+        return Ok(out);
+    }
+    // Split the cache into chunks of DECODE_CHUNK keys: enough blocks to fill the GPU at batch
+    // 1 (the grid depends only on the cache size, never on lengths held on the device).
+    let chunk = decode_chunk();
+    let splits = l.div_ceil(chunk).max(1);
+    let part = Tensor::uninit(&[b * h * splits * (hd + 2)], DType::F32, q.device())?;
+    let dev = cuda_dev(q)?;
+    // head_dim 128 in a 16-bit type: the variant with one load round per 32 keys
+    // (`MOE_ATTN_H128=0` keeps the general kernel, A/B comparisons).
+    let name = match (&rope, h128(q.dtype(), hd)) {
+        (Some(_), _) => "attention_decode_rope_h128",
+        (None, true) => "attention_decode_h128",
+        (None, false) => "attention_decode",
+    };
+    // The last split block of each head merges the head's partials (no combine kernel) when
+    // the device's arrival counters cover b·h heads; `MOE_ATTN_COMBINE_KERNEL=1` keeps the
+    // separate kernel (A/B comparisons).
+    static SEPARATE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let separate =
+        *SEPARATE.get_or_init(|| std::env::var("MOE_ATTN_COMBINE_KERNEL").is_ok_and(|v| v == "1"));
+    let counters = if separate || b * h > crate::runtime::cuda::ARRIVAL_COUNTERS {
+        None
+    } else {
+        dev.arrival_counters()?
+    };
+    let launch = dev
+        .launch(
+            &kernels::ATTENTION,
+            &kname(name, q),
+            ((b * h) as u32, splits as u32, 1),
+            (128, 1, 1),
+            0,
+        )?
+        .pdl()
+        .ptr(dptr(&part))
+        .ptr(dptr(q))
+        .ptr(dptr(k_cache))
+        .ptr(dptr(v_cache))
+        .ptr(dptr(lens))
+        .usize_as_i32(h)?
+        .usize_as_i32(hkv)?
+        .usize_as_i32(l)?
+        .usize_as_i32(hd)?
+        .f32(scale)
+        .usize_as_i32(win)?
+        .usize_as_i32(chunk)?
+        .ptr(dptr(&out))
+        .ptr(counters.unwrap_or(0));
+    match rope {
+        Some(r) => {
+            let (mode, qw, kw, eps) = norm_args(&r.norm);
+            launch
+                .ptr(dptr(r.k))
+                .ptr(dptr(r.v))
+                .ptr(qw)
+                .ptr(kw)
+                .i32(mode)
+                .f32(eps)
+                .f32(r.clip.unwrap_or(0.0))
+                .ptr(dptr(&r.table.cos))
+                .ptr(dptr(&r.table.sin))
+                .ptr(dptr(r.pos))
+                .usize_as_i32(r.table.rot_dim() / 2)?
+                .usize_as_i32(r.table.max_positions())?
+                .run()?
         }
+        None => launch.run()?,
+    }
+    if counters.is_none() {
+        dev.launch(
+            &kernels::ATTENTION,
+            &kname("attention_decode_combine", q),
+            ((b * h) as u32, 1, 1),
+            (128, 1, 1),
+            0,
+        )?
+        .pdl()
+        .ptr(dptr(&out))
+        .ptr(dptr(&part))
+        .usize_as_i32(splits)?
+        .usize_as_i32(hd)?
+        .run()?;
+    }
+    Ok(out)
+}
+
+/// Whether decode attention takes the head-dim-128 kernels (16-bit types); `MOE_ATTN_H128=0`
+/// keeps the general kernel (A/B comparisons).
+fn h128(dt: DType, hd: usize) -> bool {
+    static H128_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *H128_OFF.get_or_init(|| std::env::var("MOE_ATTN_H128").is_ok_and(|v| v == "0"));
+    !off && hd == 128 && matches!(dt, DType::BF16 | DType::F16)
+}
+
+/// The q/k norm as kernel arguments: (mode 0 none, 1 per head, 2 full width; q weight; k
+/// weight; eps).
+fn norm_args(norm: &Option<QkNormSpec<'_>>) -> (i32, u64, u64, f32) {
+    match norm {
+        None => (0, 0, 0, 0.0),
+        Some(n) => (if n.per_head { 1 } else { 2 }, dptr(n.q), dptr(n.k), n.eps),
     }
 }

@@ -21,7 +21,9 @@ mod rope;
 mod softmax;
 
 pub use adamw::{adamw_step, AdamW};
-pub use attention::{attention_decode, kv_write, qk_rope_kv_write, QkNormSpec};
+pub use attention::{
+    attention_decode, attention_decode_step, kv_write, qk_rope_kv_write, QkNormSpec,
+};
 pub use cast::cast;
 pub use elementwise::{
     activation, activation_backward, add, add_assign, add_bias, add_scaled, clamp, mul, row_dot,

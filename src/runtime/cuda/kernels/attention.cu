@@ -235,10 +235,68 @@ INSTANTIATE_FLOAT_TYPES(QK_ROPE_KV)
 // 16 pieces of V, lane l taking dims 8·(l % 16) .. +8 of the rows whose parity is l / 16; after
 // the online-softmax update each lane accumulates its 8 dims over its 16 rows, and the two row
 // parities are summed with one shuffle.
+// The decode step's q/k work folded into the attention kernel (attention_decode_rope_h128): q, k,
+// v are the raw projections [B, H·128], [B, hkv·128] of token b = sequence b, normed (mode 0
+// none, 1 per head, 2 over the full q or k width), clipped and rotated as qk_rope_kv does, each
+// value rounded to T alike.
+template <typename T> struct DecodeRope {
+    const T* k;
+    const T* v;
+    const T* qw;
+    const T* kw;
+    int mode;
+    float eps;
+    float clip;
+    const float* cos_t;
+    const float* sin_t;
+    const int* pos;
+    int half;
+    int max_pos;
+};
+// Head `head` of `row` (width values) through the norm, the clip and RoPE at position p: thread
+// c (of 128) returns element c, rounded to T. xs is 128 floats of shared scratch.
 template <typename T>
+__device__ __forceinline__ float head_norm_rope(const T* row, int width, int head, const T* w,
+                                                const DecodeRope<T>& r, int p, float* xs, float* scratch) {
+    constexpr int HD = 128;
+    const int c = threadIdx.x;
+    float x = to_float(row[(int64_t)head * HD + c]);
+    if (r.mode != 0) {
+        float ss = 0.f;
+        if (r.mode == 1) {
+            ss = x * x;
+        } else {
+            for (int i = c; i < width; i += HD) {
+                const float f = to_float(row[i]);
+                ss += f * f;
+            }
+        }
+        ss = block_sum(ss, scratch);
+        const int span = r.mode == 1 ? HD : width;
+        const float rs = rsqrtf(ss / span + r.eps);
+        x = to_float(from_float<T>(x * rs * to_float(w[(r.mode == 1 ? 0 : (int64_t)head * HD) + c])));
+    }
+    if (r.clip > 0.f) x = x > r.clip ? r.clip : (x < -r.clip ? -r.clip : x);
+    __syncthreads();
+    xs[c] = x;
+    __syncthreads();
+    const bool in_table = p >= 0 && p < r.max_pos;
+    float o = x;
+    if (c < 2 * r.half) {
+        const int i = c < r.half ? c : c - r.half;
+        const float a = xs[i], bb = xs[i + r.half];
+        const float cs = in_table ? r.cos_t[(int64_t)p * r.half + i] : 0.f;
+        const float sn = in_table ? r.sin_t[(int64_t)p * r.half + i] : 0.f;
+        o = !in_table ? 0.f : (c < r.half ? a * cs - bb * sn : bb * cs + a * sn);
+    }
+    return to_float(from_float<T>(o));
+}
+
+template <typename T, bool ROPE>
 __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, const T* kc, const T* vc,
                                                       const int* lens, int H, int hkv, int L, float scale,
-                                                      int window, int chunk, T* out, int* counters) {
+                                                      int window, int chunk, T* out, int* counters,
+                                                      DecodeRope<T> rope) {
     PDL_ENTRY();
     constexpr int HD = 128;
     __shared__ float qs[HD];
@@ -247,7 +305,26 @@ __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, c
     const int bh = blockIdx.x, sp = blockIdx.y, b = bh / H, h = bh % H;
     const int kvh = h / (H / hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    qs[threadIdx.x] = to_float(q[(int64_t)bh * HD + threadIdx.x]);
+    if (ROPE) {
+        __shared__ float xs[HD], scratch[32];
+        const int p = rope.pos[b];
+        qs[threadIdx.x] = head_norm_rope<T>(q + (int64_t)b * H * HD, H * HD, h, rope.qw, rope, p, xs, scratch);
+        // The blocks whose key range holds the new position write its K and V rows (the q heads
+        // of one KV head write the same values) before reading them below.
+        if (p >= 0 && p < L && p / chunk == sp) {
+            const float kx =
+                head_norm_rope<T>(rope.k + (int64_t)b * hkv * HD, hkv * HD, kvh, rope.kw, rope, p, xs, scratch);
+            const int64_t o = (((int64_t)b * hkv + kvh) * L + p) * HD + threadIdx.x;
+            const_cast<T*>(kc)[o] = from_float<T>(kx);
+            const T vx = rope.v[((int64_t)b * hkv + kvh) * HD + threadIdx.x];
+            const float f = to_float(vx);
+            const_cast<T*>(vc)[o] = rope.clip > 0.f && (f > rope.clip || f < -rope.clip)
+                                        ? from_float<T>(f > 0.f ? rope.clip : -rope.clip)
+                                        : vx;
+        }
+    } else {
+        qs[threadIdx.x] = to_float(q[(int64_t)bh * HD + threadIdx.x]);
+    }
     __syncthreads();
     const int n = min(lens[b], L);
     const int first = window > 0 ? max(0, n - window) : 0;
@@ -328,7 +405,19 @@ __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, c
     extern "C" __global__ void __launch_bounds__(128) attention_decode_h128_##SUFFIX(                   \
         float* part, const T* q, const T* kc, const T* vc, const int* lens, int H, int hkv, int L,       \
         int hd, float scale, int window, int chunk, T* out, int* counters) {                             \
-        attention_decode_h128<T>(part, q, kc, vc, lens, H, hkv, L, scale, window, chunk, out, counters); \
+        attention_decode_h128<T, false>(part, q, kc, vc, lens, H, hkv, L, scale, window, chunk, out,     \
+                                        counters, DecodeRope<T>{});                                     \
+    }                                                                                                   \
+    /* q [B, H·128] raw, k/v raw projections; K/V of the new token written into kc/vc at pos[b]. */    \
+    extern "C" __global__ void __launch_bounds__(128) attention_decode_rope_h128_##SUFFIX(              \
+        float* part, const T* q, T* kc, T* vc, const int* lens, int H, int hkv, int L, int hd,           \
+        float scale, int window, int chunk, T* out, int* counters, const T* k, const T* v, const T* qw,  \
+        const T* kw, int mode, float eps, float clip, const float* cos_t, const float* sin_t,            \
+        const int* pos, int half, int max_pos) {                                                         \
+        attention_decode_h128<T, true>(part, q, kc, vc, lens, H, hkv, L, scale, window, chunk, out,      \
+                                       counters,                                                        \
+                                       DecodeRope<T>{k, v, qw, kw, mode, eps, clip, cos_t, sin_t, pos,   \
+                                                     half, max_pos});                                   \
     }
 ATTN_H128(bf16, bf16_t)
 ATTN_H128(f16, f16_t)
