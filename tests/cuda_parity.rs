@@ -1242,9 +1242,9 @@ fn fused_decode_ops() {
             // With the residual add + RMSNorm folded in (16-bit: one launch; f32: None).
             let (ac, ag) = pair(&mut r, &[m, kdim], dt, dev);
             let (gc, gg) = pair(&mut r, &[kdim], dt, dev);
-            let bq = |c: bool| bias.then(|| if c { &bqc } else { &bqg });
-            let bk = |c: bool| bias.then(|| if c { &bkc } else { &bkg });
-            let bv = |c: bool| bias.then(|| if c { &bvc } else { &bvg });
+            let bq = |c: bool| bias.then_some(if c { &bqc } else { &bqg });
+            let bk = |c: bool| bias.then_some(if c { &bkc } else { &bkg });
+            let bv = |c: bool| bias.then_some(if c { &bvc } else { &bvg });
             let fc = ops::add_rmsnorm_linear_qkv(
                 &xc,
                 &ac,

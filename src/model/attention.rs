@@ -501,10 +501,9 @@ impl Attention {
         ops::linear(&ctx_all, &self.o, None)
     }
 
-    /// One new token per sequence: x [B, d] at positions `pos` [B] (the tokens already cached);
-    /// appends K/V and attends over lens = pos + 1. Returns [B, d].
-    /// One decode step of attention: (output, the new residual when `inp` carried a pending
-    /// residual add).
+    /// One new token per sequence (row b of the input is sequence b's) at positions `pos` [B]
+    /// (the tokens already cached): appends K/V and attends over `lens`. Returns (output [B, d],
+    /// the new residual when `inp` carried a pending residual add).
     pub(crate) fn decode(
         &self,
         sh: &AttnShape,

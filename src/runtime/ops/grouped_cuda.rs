@@ -323,12 +323,14 @@ pub(crate) fn grouped_matmul_gather(
 }
 
 /// The served-decode kernels' shape choices: (gate/up columns per block, vectors per lane and
-/// row in flight in the down kernel), 8 and 2 unless `MOE_SERVE_KERNELS=c{4|8}u{1|2}` (A/B).
+/// row in flight in the down kernel), 4 and 2 unless `MOE_SERVE_KERNELS=c{4|8}u{1|2}` (A/B;
+/// 4 columns measured 1.5-2.5% faster per batch-1 step than 8 once the router, norms and
+/// attention kernels around them were fused, BENCHMARKS 2026-11-30 fourth session).
 fn serve_variant() -> (usize, usize) {
     static V: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
         let v = std::env::var("MOE_SERVE_KERNELS").unwrap_or_default();
-        let cols = if v.starts_with("c4") { 4 } else { 8 };
+        let cols = if v.starts_with("c8") { 8 } else { 4 };
         let unroll = if v.ends_with("u1") { 1 } else { 2 };
         (cols, unroll)
     })
