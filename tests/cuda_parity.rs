@@ -978,6 +978,67 @@ fn router_topk_matches() {
     }
 }
 
+/// RoPE tables (CPU, device) for `rot` rotary dims over `max_pos` positions, base 10000.
+fn rope_tables(rot: usize, max_pos: usize, dev: Device) -> (RopeTable, RopeTable) {
+    let inv: Vec<f32> = (0..rot / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rot as f32))
+        .collect();
+    let table = |d: Device| RopeTable::new(&inv, max_pos, 1.0, d).unwrap();
+    (table(Device::Cpu), table(dev))
+}
+
+/// A decode step's random (CPU, device) inputs: raw q [B, H·hd], k, v [B, Hkv·hd], and q/k norm
+/// weights per head [hd] and over the full width.
+struct StepInputs {
+    q: (Tensor, Tensor),
+    k: (Tensor, Tensor),
+    v: (Tensor, Tensor),
+    qw_head: (Tensor, Tensor),
+    kw_head: (Tensor, Tensor),
+    qw_full: (Tensor, Tensor),
+    kw_full: (Tensor, Tensor),
+}
+
+fn step_inputs(
+    r: &mut ChaCha8Rng,
+    (b, h, hkv, hd): (usize, usize, usize, usize),
+    dt: DType,
+    dev: Device,
+) -> StepInputs {
+    StepInputs {
+        q: pair(r, &[b, h * hd], dt, dev),
+        k: pair(r, &[b, hkv * hd], dt, dev),
+        v: pair(r, &[b, hkv * hd], dt, dev),
+        qw_head: pair(r, &[hd], dt, dev),
+        kw_head: pair(r, &[hd], dt, dev),
+        qw_full: pair(r, &[h * hd], dt, dev),
+        kw_full: pair(r, &[hkv * hd], dt, dev),
+    }
+}
+
+/// The q/k norm and clip of a decode-step test case: mode 0 none (clip 1.5 on the raw
+/// projections, inputs in ±2), 1 per head (clip 0.8 after the norm: normed values are ~±1..3,
+/// as OLMoE's clip_qkv), 2 over the full width (no clip). Weights (q, k) per head and full width.
+fn qk_norm_case<'a>(
+    mode: usize,
+    per_head: (&'a Tensor, &'a Tensor),
+    full: (&'a Tensor, &'a Tensor),
+) -> (Option<ops::QkNormSpec<'a>>, Option<f32>) {
+    let spec = |(q, k): (&'a Tensor, &'a Tensor), per_head| {
+        Some(ops::QkNormSpec {
+            q,
+            k,
+            per_head,
+            eps: 1e-6,
+        })
+    };
+    match mode {
+        0 => (None, Some(1.5)),
+        1 => (spec(per_head, true), Some(0.8)),
+        _ => (spec(full, false), None),
+    }
+}
+
 /// A decode step's q/k norm + RoPE + K/V cache writes folded into the attention kernel
 /// (attention_decode_step, head_dim 128, 16-bit) against the CPU's qk_rope_kv_write +
 /// attention_decode: the context and both caches, for each norm mode with clip, partial
@@ -995,20 +1056,16 @@ fn fused_decode_attention_step() {
             (4, 4, 128, 130, 130, vec![129, 5, 64]),
         ] {
             let (b, hd) = (pos.len(), 128usize);
-            let table = |d: Device| {
-                let inv: Vec<f32> = (0..rot / 2)
-                    .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rot as f32))
-                    .collect();
-                RopeTable::new(&inv, max_pos, 1.0, d).unwrap()
-            };
-            let (tc, tg) = (table(Device::Cpu), table(dev));
-            let (qc, qg) = pair(&mut r, &[b, h * hd], dt, dev);
-            let (kc, kg) = pair(&mut r, &[b, hkv * hd], dt, dev);
-            let (vc, vg) = pair(&mut r, &[b, hkv * hd], dt, dev);
-            let (qw_h, qw_hg) = pair(&mut r, &[hd], dt, dev);
-            let (kw_h, kw_hg) = pair(&mut r, &[hd], dt, dev);
-            let (qw_f, qw_fg) = pair(&mut r, &[h * hd], dt, dev);
-            let (kw_f, kw_fg) = pair(&mut r, &[hkv * hd], dt, dev);
+            let (tc, tg) = rope_tables(rot, max_pos, dev);
+            let StepInputs {
+                q: (qc, qg),
+                k: (kc, kg),
+                v: (vc, vg),
+                qw_head: (qw_h, qw_hg),
+                kw_head: (kw_h, kw_hg),
+                qw_full: (qw_f, qw_fg),
+                kw_full: (kw_f, kw_fg),
+            } = step_inputs(&mut r, (b, h, hkv, hd), dt, dev);
             let seqs: Vec<i32> = (0..b as i32).collect();
             // lens = pos + 1 (the new key visible), except the last sequence of a batch of 4:
             // its new key lies past lens (written to the cache, not attended).
@@ -1027,24 +1084,8 @@ fn fused_decode_attention_step() {
             for (mode, window) in [(0, None), (1, Some(100)), (2, None)] {
                 let (mut ckc, mut ckg) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
                 let (mut cvc, mut cvg) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
-                let spec = |q, k, per_head| {
-                    Some(ops::QkNormSpec {
-                        q,
-                        k,
-                        per_head,
-                        eps: 1e-6,
-                    })
-                };
-                let (nc, ng) = match mode {
-                    0 => (None, None),
-                    1 => (spec(&qw_h, &kw_h, true), spec(&qw_hg, &kw_hg, true)),
-                    _ => (spec(&qw_f, &kw_f, false), spec(&qw_fg, &kw_fg, false)),
-                };
-                let clip = match mode {
-                    0 => Some(1.5),
-                    1 => Some(0.8),
-                    _ => None,
-                };
+                let (nc, clip) = qk_norm_case(mode, (&qw_h, &kw_h), (&qw_f, &kw_f));
+                let (ng, _) = qk_norm_case(mode, (&qw_hg, &kw_hg), (&qw_fg, &kw_fg));
                 let scale = 1.0 / (hd as f32).sqrt();
                 let qr = ops::qk_rope_kv_write(
                     &qc, &kc, &vc, nc, clip, &tc, &pc, &sc, &mut ckc, &mut cvc, h,
@@ -1290,20 +1331,16 @@ fn fused_decode_ops() {
             (4, 32, 4, 128, 128, 64),
             (3, 6, 2, 80, 40, 20),
         ] {
-            let table = |d: Device| {
-                let inv: Vec<f32> = (0..rot / 2)
-                    .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rot as f32))
-                    .collect();
-                RopeTable::new(&inv, l, 1.0, d).unwrap()
-            };
-            let (tc, tg) = (table(Device::Cpu), table(dev));
-            let (qc, qg) = pair(&mut r, &[b, h * hd], dt, dev);
-            let (kc, kg) = pair(&mut r, &[b, hkv * hd], dt, dev);
-            let (vc, vg) = pair(&mut r, &[b, hkv * hd], dt, dev);
-            let (qw_h, qw_hg) = pair(&mut r, &[hd], dt, dev);
-            let (kw_h, kw_hg) = pair(&mut r, &[hd], dt, dev);
-            let (qw_f, qw_fg) = pair(&mut r, &[h * hd], dt, dev);
-            let (kw_f, kw_fg) = pair(&mut r, &[hkv * hd], dt, dev);
+            let (tc, tg) = rope_tables(rot, l, dev);
+            let StepInputs {
+                q: (qc, qg),
+                k: (kc, kg),
+                v: (vc, vg),
+                qw_head: (qw_h, qw_hg),
+                kw_head: (kw_h, kw_hg),
+                qw_full: (qw_f, qw_fg),
+                kw_full: (kw_f, kw_fg),
+            } = step_inputs(&mut r, (b, h, hkv, hd), dt, dev);
             // Cache rows b+1 (one more than the batch) with random contents; each sequence i
             // writes cache row seqs[i] at a random position.
             let seqs: Vec<i32> = (0..b as i32).rev().collect();
@@ -1319,26 +1356,8 @@ fn fused_decode_ops() {
             for mode in 0..3 {
                 let (mut ckc, mut ckg) = pair(&mut r, &[b + 1, hkv, l, hd], dt, dev);
                 let (mut cvc, mut cvg) = pair(&mut r, &[b + 1, hkv, l, hd], dt, dev);
-                let spec = |q, k, per_head| {
-                    Some(ops::QkNormSpec {
-                        q,
-                        k,
-                        per_head,
-                        eps: 1e-6,
-                    })
-                };
-                let (nc, ng) = match mode {
-                    0 => (None, None),
-                    1 => (spec(&qw_h, &kw_h, true), spec(&qw_hg, &kw_hg, true)),
-                    _ => (spec(&qw_f, &kw_f, false), spec(&qw_fg, &kw_fg, false)),
-                };
-                // OLMoE's clip_qkv: after the norm (mode 1: normed values are ~±1..3) and on
-                // the raw projections (mode 0: inputs in ±2).
-                let clip = match mode {
-                    0 => Some(1.5),
-                    1 => Some(0.8),
-                    _ => None,
-                };
+                let (nc, clip) = qk_norm_case(mode, (&qw_h, &kw_h), (&qw_f, &kw_f));
+                let (ng, _) = qk_norm_case(mode, (&qw_hg, &kw_hg), (&qw_fg, &kw_fg));
                 let oc = ops::qk_rope_kv_write(
                     &qc, &kc, &vc, nc, clip, &tc, &pc, &sc, &mut ckc, &mut cvc, h,
                 )

@@ -372,19 +372,7 @@ pub fn add_rmsnorm_router_topk(
 ) -> Result<Option<(Tensor, Tensor, Tensor, Tensor, Tensor)>> {
     let op = "add_rmsnorm_router_topk";
     same_device(op, &[x, a, g, w])?;
-    if a.shape() != x.shape() || a.dtype() != x.dtype() || g.dtype() != x.dtype() {
-        return Err(Error::shape(
-            op,
-            format!(
-                "a {:?} {} and norm weight {}: x is {:?} {}",
-                a.shape(),
-                a.dtype(),
-                g.dtype(),
-                x.shape(),
-                x.dtype()
-            ),
-        ));
-    }
+    super::norm::check_folded_addnorm(op, x, a, g)?;
     match x.device() {
         Device::Cpu => {
             let mut xn = x.try_clone()?;

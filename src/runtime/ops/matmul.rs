@@ -195,19 +195,7 @@ pub fn add_rmsnorm_linear_qkv(
 ) -> Result<Option<(Tensor, Tensor, Tensor, Tensor)>> {
     let op = "add_rmsnorm_linear_qkv";
     same_device(op, &[x, a, g, wq, wk, wv])?;
-    if a.shape() != x.shape() || a.dtype() != x.dtype() || g.dtype() != x.dtype() {
-        return Err(Error::shape(
-            op,
-            format!(
-                "a {:?} {} and norm weight {}: x is {:?} {}",
-                a.shape(),
-                a.dtype(),
-                g.dtype(),
-                x.shape(),
-                x.dtype()
-            ),
-        ));
-    }
+    super::norm::check_folded_addnorm(op, x, a, g)?;
     if !x.device().is_cuda() {
         let mut xn = x.try_clone()?;
         let h = super::add_rmsnorm(&mut xn, a, g, eps)?;

@@ -159,6 +159,30 @@ pub fn add_rmsnorm(x: &mut Tensor, a: &Tensor, w: &Tensor, eps: f32) -> Result<T
     }
 }
 
+/// The shape checks of a residual add + RMSNorm folded into another op (the `add_rmsnorm_*`
+/// ops): a like x, the norm weight of x's dtype.
+pub(crate) fn check_folded_addnorm(
+    op: &'static str,
+    x: &Tensor,
+    a: &Tensor,
+    g: &Tensor,
+) -> Result<()> {
+    if a.shape() != x.shape() || a.dtype() != x.dtype() || g.dtype() != x.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "a {:?} {} and norm weight {}: x is {:?} {}",
+                a.shape(),
+                a.dtype(),
+                g.dtype(),
+                x.shape(),
+                x.dtype()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// (dx like x, dw [cols] f32) given dy and the forward's x, w, rstd.
 pub fn rmsnorm_backward(
     x: &Tensor,
