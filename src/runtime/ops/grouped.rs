@@ -349,7 +349,7 @@ pub fn router_topk(
             Ok(Some((logits, ids, wts)))
         }
         Device::Cuda(_) => {
-            if fits.is_none() {
+            if !fits {
                 return Ok(None);
             }
             super::grouped_cuda::router_topk(&cuda_dev(x)?, x, w, rule)
@@ -380,7 +380,7 @@ pub fn add_rmsnorm_router_topk(
             Ok(router_topk(&h, w, rule)?.map(|(l, i, wt)| (xn, h, l, i, wt)))
         }
         Device::Cuda(_) => {
-            if g.rank() != 1 || g.dim(0) != x.dim(1) || router_topk_fits(x, w, rule)?.is_none() {
+            if g.rank() != 1 || g.dim(0) != x.dim(1) || !router_topk_fits(x, w, rule)? {
                 return Ok(None);
             }
             super::grouped_cuda::add_rmsnorm_router_topk(&cuda_dev(x)?, x, a, g, eps, w, rule)
@@ -388,9 +388,9 @@ pub fn add_rmsnorm_router_topk(
     }
 }
 
-/// `router_topk`'s checks; Some(()) where the GPU kernel applies (T <= 8 rows of a 16-bit
-/// type, K % 8 == 0, E <= 256).
-fn router_topk_fits(x: &Tensor, w: &Tensor, rule: &SoftmaxTopK) -> Result<Option<()>> {
+/// `router_topk`'s checks; true where the GPU kernel applies (T <= 8 rows of a 16-bit type,
+/// K % 8 == 0, E <= 256).
+fn router_topk_fits(x: &Tensor, w: &Tensor, rule: &SoftmaxTopK) -> Result<bool> {
     let op = "router_topk";
     x.expect_float(op)?;
     if x.rank() != 2 || w.rank() != 2 || w.dim(1) != x.dim(1) || w.dtype() != x.dtype() {
@@ -412,11 +412,10 @@ fn router_topk_fits(x: &Tensor, w: &Tensor, rule: &SoftmaxTopK) -> Result<Option
             rule.k
         )));
     }
-    let fits = (1..=SoftmaxTopK::MAX_ROWS).contains(&t)
+    Ok((1..=SoftmaxTopK::MAX_ROWS).contains(&t)
         && x.dtype().size_in_bytes() == 2
         && kd % 8 == 0
-        && e <= SoftmaxTopK::MAX_EXPERTS;
-    Ok(fits.then_some(()))
+        && e <= SoftmaxTopK::MAX_EXPERTS)
 }
 
 /// `grouped_matmul_tn_into(out, a, gather_rows(b, b_rows), ..)`: the experts' first weight
