@@ -24,12 +24,12 @@ pub struct Attention {
 param_set!(Attention { t q, t k, t v, t o, opt q_bias, opt k_bias, opt v_bias, opt q_norm, opt k_norm });
 
 /// A block's attention input in inference: rows already normed, or (decode) a residual add +
-/// RMSNorm still to do — x + a normed by g — which the q/k/v projection folds in where it can
-/// (`ops::add_rmsnorm_linear_qkv`).
+/// RMSNorm still to do — x += a, normed by g — which the q/k/v projection folds in where it can
+/// (`ops::add_rmsnorm_linear_qkv`). Either way x holds the new residual afterwards.
 pub(crate) enum AttnIn<'a> {
     Normed(Tensor),
     AddNorm {
-        x: &'a Tensor,
+        x: &'a mut Tensor,
         a: Tensor,
         g: &'a Tensor,
         eps: f32,
@@ -37,15 +37,11 @@ pub(crate) enum AttnIn<'a> {
 }
 
 impl AttnIn<'_> {
-    /// The normed rows, and the new residual when the add was pending (x is not modified).
-    pub(crate) fn resolve(self) -> Result<(Tensor, Option<Tensor>)> {
+    /// The normed rows (a pending add is done here, in place).
+    pub(crate) fn resolve(self) -> Result<Tensor> {
         match self {
-            AttnIn::Normed(h) => Ok((h, None)),
-            AttnIn::AddNorm { x, a, g, eps } => {
-                let mut xn = x.try_clone()?;
-                let h = ops::add_rmsnorm(&mut xn, &a, g, eps)?;
-                Ok((h, Some(xn)))
-            }
+            AttnIn::Normed(h) => Ok(h),
+            AttnIn::AddNorm { x, a, g, eps } => ops::add_rmsnorm(x, &a, g, eps),
         }
     }
 }
@@ -502,8 +498,7 @@ impl Attention {
     }
 
     /// One new token per sequence (row b of the input is sequence b's) at positions `pos` [B]
-    /// (the tokens already cached): appends K/V and attends over `lens`. Returns (output [B, d],
-    /// the new residual when `inp` carried a pending residual add).
+    /// (the tokens already cached): appends K/V and attends over `lens`. Returns [B, d].
     pub(crate) fn decode(
         &self,
         sh: &AttnShape,
@@ -514,7 +509,7 @@ impl Attention {
         pos: &Tensor,
         lens: &Tensor,
         seqs: &Tensor,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<Tensor> {
         let (h, hd) = (sh.heads, sh.head_dim);
         // q/k/v in one GEMV launch, then q/k norm + RoPE + both cache writes in one kernel.
         let norm = match (&self.q_norm, &self.k_norm) {
@@ -536,19 +531,22 @@ impl Attention {
             self.k_bias.as_ref(),
             self.v_bias.as_ref(),
         );
-        let folded = match &inp {
+        let (q, k, v) = match inp {
             AttnIn::AddNorm { x, a, g, eps } => {
-                ops::add_rmsnorm_linear_qkv(x, a, g, *eps, &self.q, bq, &self.k, bk, &self.v, bv)?
+                match ops::add_rmsnorm_linear_qkv(
+                    x, &a, g, eps, &self.q, bq, &self.k, bk, &self.v, bv,
+                )? {
+                    Some((xn, q, k, v)) => {
+                        *x = xn;
+                        (q, k, v)
+                    }
+                    None => {
+                        let h = ops::add_rmsnorm(x, &a, g, eps)?;
+                        ops::linear_qkv(&h, &self.q, bq, &self.k, bk, &self.v, bv)?
+                    }
+                }
             }
-            AttnIn::Normed(_) => None,
-        };
-        let (q, k, v, xn) = match folded {
-            Some((xn, q, k, v)) => (q, k, v, Some(xn)),
-            None => {
-                let (x, xn) = inp.resolve()?;
-                let (q, k, v) = ops::linear_qkv(&x, &self.q, bq, &self.k, bk, &self.v, bv)?;
-                (q, k, v, xn)
-            }
+            AttnIn::Normed(h) => ops::linear_qkv(&h, &self.q, bq, &self.k, bk, &self.v, bv)?,
         };
         let bsz = q.dim(0);
         // Row b is sequence b's new token (seqs is 0..B in a decode step).
@@ -575,7 +573,6 @@ impl Attention {
                 ops::attention_decode(&q, cache_k, cache_v, lens, sh.scale(), sh.window)?
             }
         };
-        let out = ops::linear(&ctx.reshape(&[bsz, h * hd])?, &self.o, None)?;
-        Ok((out, xn))
+        ops::linear(&ctx.reshape(&[bsz, h * hd])?, &self.o, None)
     }
 }

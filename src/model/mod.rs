@@ -928,18 +928,16 @@ impl Model {
             let seqs = Tensor::from_slice(&seqs, &[n], dev)?;
             let x = ops::embedding(&ids, &self.params.embed)?;
             let xf = self.blocks_infer(x, false, |i, attn, inp| {
-                let (h, xn) = inp.resolve()?;
-                let out = attn.prefill(
+                attn.prefill(
                     &self.shape(i),
-                    &h,
+                    &inp.resolve()?,
                     &self.rope,
                     &mut cache.k[i],
                     &mut cache.v[i],
                     &spans,
                     &pos,
                     &seqs,
-                )?;
-                Ok((out, xn))
+                )
             })?;
             // The rows whose logits are wanted: all of them, or each sequence's last new token.
             let ends: Vec<&Span> = spans
@@ -1017,42 +1015,38 @@ impl Model {
 
     /// The blocks in inference from embedded tokens `x`, each residual add fused with the RMSNorm
     /// that follows it (the next block's, or the final norm after the last block); `attn(i,
-    /// attention, input)` runs block i's attention and returns (output, new residual if the input
-    /// carried a pending add). With `fold` (decode) the add + norm before a block's attention is
-    /// handed to it pending (its q/k/v kernel does it), and a served MoE block's router kernel
-    /// does the one before it. Returns the final-normed rows.
+    /// attention, input)` runs block i's attention. With `fold` (decode) the add + norm before a
+    /// block's attention is handed to it pending (its q/k/v kernel does it), and a served MoE
+    /// block's router kernel does the one before it. Returns the final-normed rows.
     fn blocks_infer(
         &self,
         mut x: Tensor,
         fold: bool,
-        mut attn: impl FnMut(
-            usize,
-            &Attention,
-            AttnIn<'_>,
-        ) -> crate::runtime::Result<(Tensor, Option<Tensor>)>,
+        mut attn: impl FnMut(usize, &Attention, AttnIn<'_>) -> crate::runtime::Result<Tensor>,
     ) -> Result<Tensor> {
+        /// What the next block's attention starts from.
+        enum Next {
+            Normed(Tensor),
+            /// The previous block's output, not yet added to x (fold).
+            Pending(Tensor),
+        }
         let eps = self.eps();
-        let mut h = Some(match self.params.blocks.first() {
+        let mut next = Next::Normed(match self.params.blocks.first() {
             Some(b) => ops::rmsnorm(&x, &b.attn_norm, eps)?.0,
             None => ops::rmsnorm(&x, &self.params.norm, eps)?.0,
         });
-        // The previous block's output not yet added to x (fold).
-        let mut pending: Option<Tensor> = None;
         let n = self.params.blocks.len();
         for (i, blk) in self.params.blocks.iter().enumerate() {
-            let inp = match pending.take() {
-                Some(f) => AttnIn::AddNorm {
-                    x: &x,
+            let inp = match next {
+                Next::Normed(h) => AttnIn::Normed(h),
+                Next::Pending(f) => AttnIn::AddNorm {
+                    x: &mut x,
                     a: f,
                     g: &blk.attn_norm,
                     eps,
                 },
-                None => AttnIn::Normed(h.take().expect("normed rows when no add is pending")),
             };
-            let (a, xn) = attn(i, &blk.attn, inp)?;
-            if let Some(xn) = xn {
-                x = xn;
-            }
+            let a = attn(i, &blk.attn, inp)?;
             // With `fold`, a served MoE step does the residual add + RMSNorm in its router kernel.
             let folded = match (&blk.ffn, &self.config.layers[i].ffn) {
                 (FfnWeights::Moe(w), Ffn::Moe(mc)) if fold => moe::moe_forward_served_addnorm(
@@ -1076,17 +1070,20 @@ impl Model {
                     self.ffn_forward(i, &hf, moe::Mode::Serve)?.0
                 }
             };
-            if fold && i + 1 < n {
-                pending = Some(f);
-                continue;
-            }
-            let next = match self.params.blocks.get(i + 1) {
-                Some(b) => &b.attn_norm,
-                None => &self.params.norm,
+            next = if fold && i + 1 < n {
+                Next::Pending(f)
+            } else {
+                let norm = match self.params.blocks.get(i + 1) {
+                    Some(b) => &b.attn_norm,
+                    None => &self.params.norm,
+                };
+                Next::Normed(ops::add_rmsnorm(&mut x, &f, norm, eps)?)
             };
-            h = Some(ops::add_rmsnorm(&mut x, &f, next, eps)?);
         }
-        Ok(h.expect("the last block's add + norm ran"))
+        match next {
+            Next::Normed(h) => Ok(h),
+            Next::Pending(_) => unreachable!("the last block's output is always added and normed"),
+        }
     }
 
     /// f32 logits [rows, V] of final-normed rows.

@@ -303,7 +303,7 @@ pub fn moe_forward_served_addnorm(
     eps: f32,
     layer: &str,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    let Some(rule) = fused_router_rule(cfg, w, x, true) else {
+    let Some(rule) = fused_router_rule(cfg, w, x) else {
         return Ok(None);
     };
     let Some((xn, h, logits, ids, wts)) =
@@ -323,17 +323,12 @@ pub fn moe_forward_served_addnorm(
     Ok(Some((xn, y)))
 }
 
-/// The one-kernel router's rule for a served step of a softmax router without selection bias
-/// whose experts take the slot-wise kernels; None otherwise.
-fn fused_router_rule(
-    cfg: &MoeConfig,
-    w: &MoeWeights,
-    x: &Tensor,
-    serve: bool,
-) -> Option<ops::SoftmaxTopK> {
+/// The one-kernel router's rule for a served step (the caller's to know) of a softmax router
+/// without selection bias whose experts take the slot-wise kernels; None otherwise.
+fn fused_router_rule(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> Option<ops::SoftmaxTopK> {
     match cfg.router {
         RouterKind::Softmax { renormalize }
-            if serve && serve_slotwise(cfg, w, x) && w.router_bias.is_none() && fused_router() =>
+            if serve_slotwise(cfg, w, x) && w.router_bias.is_none() && fused_router() =>
         {
             let r = router::weight_rule(cfg);
             Some(ops::SoftmaxTopK {
@@ -400,10 +395,12 @@ fn moe_forward_inner(
     let rx = router_in.as_ref().unwrap_or(x);
     // A served step of a plain softmax router: the router GEMV's last block picks the experts
     // (ops::router_topk), so no route kernel runs.
-    let fused = match (routed_already, fused_router_rule(cfg, w, x, serve)) {
-        (Some(r), _) => Some(r),
-        (None, Some(rule)) => ops::router_topk(x, &w.router, &rule)?,
-        (None, None) => None,
+    let fused = match routed_already {
+        Some(r) => Some(r),
+        None => match fused_router_rule(cfg, w, x) {
+            Some(rule) if serve => ops::router_topk(x, &w.router, &rule)?,
+            _ => None,
+        },
     };
     let (logits, routing, served) = match fused {
         Some((logits, ids, wts)) => {

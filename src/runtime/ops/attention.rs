@@ -305,9 +305,7 @@ pub fn attention_decode_step(
         && fused_step()
         && cache_k.dim(0) == bsz
         && lens.numel() == bsz
-        && heads % hkv == 0
-        && table.rot_dim() <= hd
-        && table.rot_dim() > 0;
+        && heads % hkv == 0;
     if !applies {
         return Ok(None);
     }

@@ -229,12 +229,6 @@ INSTANTIATE_FLOAT_TYPES(ATTN)
 
 INSTANTIATE_FLOAT_TYPES(QK_ROPE_KV)
 
-// attention_decode for head_dim 128 and 16-bit types (the common case), same contract and
-// partials. Every load of a warp's 32 keys is issued before any arithmetic — one memory round
-// trip per 32 keys instead of one per 8-key batch: lane j loads key j's row (16 × 16 bytes) and
-// 16 pieces of V, lane l taking dims 8·(l % 16) .. +8 of the rows whose parity is l / 16; after
-// the online-softmax update each lane accumulates its 8 dims over its 16 rows, and the two row
-// parities are summed with one shuffle.
 // The decode step's q/k work folded into the attention kernel (attention_decode_rope_h128): q, k,
 // v are the raw projections [B, H·128], [B, hkv·128] of token b = sequence b, normed (mode 0
 // none, 1 per head, 2 over the full q or k width), clipped and rotated as qk_rope_kv does, each
@@ -292,6 +286,13 @@ __device__ __forceinline__ float head_norm_rope(const T* row, int width, int hea
     return to_float(from_float<T>(o));
 }
 
+// attention_decode for head_dim 128 and 16-bit types (the common case), same contract and
+// partials. Every load of a warp's 32 keys is issued before any arithmetic — one memory round
+// trip per 32 keys instead of one per 8-key batch: lane j loads key j's row (16 × 16 bytes) and
+// 16 pieces of V, lane l taking dims 8·(l % 16) .. +8 of the rows whose parity is l / 16; after
+// the online-softmax update each lane accumulates its 8 dims over its 16 rows, and the two row
+// parities are summed with one shuffle.
+// ROPE: q is the raw projection and the block does qk_rope_kv's work first (DecodeRope).
 template <typename T, bool ROPE>
 __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, const T* kc, const T* vc,
                                                       const int* lens, int H, int hkv, int L, float scale,
