@@ -342,10 +342,10 @@ __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, c
         const uint4* kr = reinterpret_cast<const uint4*>(kb + (int64_t)(kok ? j : j0) * HD);
         uint4 ku[16], vu[16];
 #pragma unroll
-        for (int x = 0; x < 16; ++x) ku[x] = kr[x];
+        for (int x = 0; x < 16; ++x) ku[x] = ld_stream(kr + x);
 #pragma unroll
         for (int i = 0; i < 16; ++i)  // rows past hi read row hi − 1 (written) and get p = 0
-            vu[i] = *reinterpret_cast<const uint4*>(vb + (int64_t)min(j0 + 2 * i + par, hi - 1) * HD + c8);
+            vu[i] = ld_stream(reinterpret_cast<const uint4*>(vb + (int64_t)min(j0 + 2 * i + par, hi - 1) * HD + c8));
         float a = 0.f;
 #pragma unroll
         for (int x = 0; x < 16; ++x) {

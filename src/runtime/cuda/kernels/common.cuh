@@ -27,6 +27,11 @@ typedef long long int64_t;
     } while (0)
 #endif
 
+// Data a decode step streams once per step (weights, the KV cache rows it attends over): read
+// evict-first (ld.global.cs), so that hundreds of MB per step do not push the step's small hot
+// data — activations, router ids and weights, norm weights, arrival counters — out of L2.
+template <typename V> __device__ __forceinline__ V ld_stream(const V* p) { return __ldcs(p); }
+
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
 

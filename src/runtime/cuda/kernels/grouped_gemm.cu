@@ -741,7 +741,7 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
         extern __shared__ uint4 gemv_rows[];
         if ((int)threadIdx.x < kv)
             _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c)
-                pre[c] = c < ncols ? *reinterpret_cast<const uint4*>(wb + (int64_t)c * K + threadIdx.x * VEC)
+                pre[c] = c < ncols ? ld_stream(reinterpret_cast<const uint4*>(wb + (int64_t)c * K + threadIdx.x * VEC))
                                    : make_uint4(0, 0, 0, 0);
         T* hs = reinterpret_cast<T*>(gemv_rows);
         addnorm_rows<ROWS, T>(hs, x, an, M, K);
@@ -757,7 +757,7 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
             const bool first = NORM && rc == r0 && v == (int)threadIdx.x;
             _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c)
                 wr[c] = first ? pre[c]
-                        : c < ncols ? *reinterpret_cast<const uint4*>(wb + (int64_t)c * K + v * VEC)
+                        : c < ncols ? ld_stream(reinterpret_cast<const uint4*>(wb + (int64_t)c * K + v * VEC))
                                     : make_uint4(0, 0, 0, 0);
             _Pragma("unroll") for (int r = 0; r < ROWS; ++r) {
                 if (r < rows) {
@@ -1057,7 +1057,8 @@ GG_MMA_SMALL(f16, f16_t)
 //                      grid (ceil(N / 8), T): warps take (choice, part of F) items, lanes split
 //                      the part, U vectors per lane and row in flight.
 // g and u are rounded to T before the activation, as the unfused path stores them. An expert id
-// outside [0, E) contributes nothing (its a row is zero).
+// outside [0, E) contributes nothing (its a row is zero). Weights are read evict-first
+// (ld_stream).
 #define SERVE_DOWN_COLS 8
 template <typename T>
 __device__ __forceinline__ void dot16(float* acc, const uint4& w, const float* xf) {
@@ -1098,7 +1099,7 @@ __device__ __forceinline__ void moe_serve_up(T* a, const T* x, const T* w1, cons
         for (int c = 0; c < R; ++c) {
             const int col = c % COLS;
             const int64_t row = (c < COLS ? 0 : F) + col;
-            wr[c] = col < nc ? *reinterpret_cast<const uint4*>(wg + row * K + v * VEC) : make_uint4(0, 0, 0, 0);
+            wr[c] = col < nc ? ld_stream(reinterpret_cast<const uint4*>(wg + row * K + v * VEC)) : make_uint4(0, 0, 0, 0);
         }
         float xf[VEC];
         unpack16<T>(*reinterpret_cast<const uint4*>(xr + v * VEC), xf);
@@ -1154,7 +1155,7 @@ __device__ __forceinline__ void moe_serve_down(T* y, const T* a, const T* w2, co
                 const bool in = v < vhi;
 #pragma unroll
                 for (int c = 0; c < C; ++c)
-                    wr[u][c] = in && c < nc ? *reinterpret_cast<const uint4*>(wb + (int64_t)c * F + v * VEC)
+                    wr[u][c] = in && c < nc ? ld_stream(reinterpret_cast<const uint4*>(wb + (int64_t)c * F + v * VEC))
                                             : make_uint4(0, 0, 0, 0);
                 av[u] = in ? *reinterpret_cast<const uint4*>(ar + v * VEC) : make_uint4(0, 0, 0, 0);
             }
