@@ -322,17 +322,42 @@ pub(crate) fn grouped_matmul_gather(
     Ok(Some(y))
 }
 
-/// The served-decode kernels' shape choices: (gate/up columns per block, vectors per lane and
-/// row in flight in the down kernel), 4 and 2 unless `MOE_SERVE_KERNELS=c{4|8}u{1|2}` (A/B;
-/// 4 columns measured 1.5-2.5% faster per batch-1 step than 8 once the router, norms and
-/// attention kernels around them were fused, BENCHMARKS 2026-11-30 fourth session).
-fn serve_variant() -> (usize, usize) {
-    static V: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+/// The served-decode kernels' shapes: gate/up columns per block; the down kernel's vectors per
+/// lane and row in flight, and its output columns per block. `MOE_SERVE_KERNELS=cCuUdD` picks
+/// them (A/B comparisons): C in {2, 4, 8}, (U, D) in {(1, 8), (2, 8), (2, 4), (4, 4)}; default
+/// c4u4d4 (BENCHMARKS, 2026-11-30 fifth session: per batch-1 step, 4 gate/up columns 1.5-2.5%
+/// faster than 8 and 5% faster than 2; 4 down columns with 4 vectors in flight 1.3% faster than
+/// 8 columns with 2).
+#[derive(Clone, Copy)]
+struct ServeVariant {
+    up_cols: usize,
+    unroll: usize,
+    down_cols: usize,
+}
+
+fn serve_variant() -> ServeVariant {
+    static V: std::sync::OnceLock<ServeVariant> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
         let v = std::env::var("MOE_SERVE_KERNELS").unwrap_or_default();
-        let cols = if v.starts_with("c8") { 8 } else { 4 };
-        let unroll = if v.ends_with("u1") { 1 } else { 2 };
-        (cols, unroll)
+        let digit = |key: char, allowed: &[usize], default: usize| {
+            v.find(key)
+                .and_then(|i| v[i + 1..].chars().next())
+                .and_then(|c| c.to_digit(10))
+                .map(|d| d as usize)
+                .filter(|d| allowed.contains(d))
+                .unwrap_or(default)
+        };
+        let up_cols = digit('c', &[2, 4, 8], 4);
+        let (unroll, down_cols) = match (digit('u', &[1, 2, 4], 4), digit('d', &[4, 8], 4)) {
+            (u @ (1 | 2), 8) => (u, 8),
+            (u @ (2 | 4), 4) => (u, 4),
+            _ => (4, 4),
+        };
+        ServeVariant {
+            up_cols,
+            unroll,
+            down_cols,
+        }
     })
 }
 
@@ -349,7 +374,7 @@ pub(crate) fn moe_serve_up(
     if f * k * t == 0 {
         return Ok(a);
     }
-    let cols = serve_variant().0;
+    let cols = serve_variant().up_cols;
     dev.launch(
         &kernels::GROUPED_GEMM,
         &format!("moe_serve_up_c{cols}_{}", x.dtype().name()),
@@ -384,11 +409,13 @@ pub(crate) fn moe_serve_down(
     if t * n == 0 {
         return Ok(y);
     }
-    let unroll = serve_variant().1;
+    let ServeVariant {
+        unroll, down_cols, ..
+    } = serve_variant();
     dev.launch(
         &kernels::GROUPED_GEMM,
-        &format!("moe_serve_down_u{unroll}_{}", a.dtype().name()),
-        (n.div_ceil(SERVE_DOWN_COLS) as u32, t as u32, 1),
+        &format!("moe_serve_down_u{unroll}d{down_cols}_{}", a.dtype().name()),
+        (n.div_ceil(down_cols) as u32, t as u32, 1),
         (256, 1, 1),
         0,
     )?
@@ -525,6 +552,3 @@ fn router_topk_launch<'d>(
         .ptr(counter);
     Ok(Some((logits, ids, wts, launch)))
 }
-
-/// The down kernel's output columns per block (SERVE_DOWN_COLS in the .cu).
-const SERVE_DOWN_COLS: usize = 8;

@@ -1053,13 +1053,12 @@ GG_MMA_SMALL(f16, f16_t)
 //   moe_serve_up_cC:   a [k·T, F] = silu(x[t]·W1[e][f]ᵀ) · (x[t]·W1[e][F + f]ᵀ), W1 [E, 2F, K];
 //                      grid (ceil(F / C), k·T): C gate and C up rows per block, K split across
 //                      the block's threads (16-byte vectors).
-//   moe_serve_down_uU: y [T, N] = Σ_j wts[j·T + t] · a[j·T + t]·W2[e]ᵀ, W2 [E, N, F];
-//                      grid (ceil(N / 8), T): warps take (choice, part of F) items, lanes split
+//   moe_serve_down_uUdD: y [T, N] = Σ_j wts[j·T + t] · a[j·T + t]·W2[e]ᵀ, W2 [E, N, F];
+//                      grid (ceil(N / D), T): warps take (choice, part of F) items, lanes split
 //                      the part, U vectors per lane and row in flight.
 // g and u are rounded to T before the activation, as the unfused path stores them. An expert id
 // outside [0, E) contributes nothing (its a row is zero). Weights are read evict-first
 // (ld_stream).
-#define SERVE_DOWN_COLS 8
 template <typename T>
 __device__ __forceinline__ void dot16(float* acc, const uint4& w, const float* xf) {
     const T* wt = reinterpret_cast<const T*>(&w);
@@ -1122,11 +1121,11 @@ __device__ __forceinline__ void moe_serve_up(T* a, const T* x, const T* w1, cons
     }
 }
 
-template <int U, typename T>
+template <int U, int C, typename T>
 __device__ __forceinline__ void moe_serve_down(T* y, const T* a, const T* w2, const int* ids, const float* wts,
                                                int E, int ntok, int k, int N, int F) {
     PDL_ENTRY();
-    constexpr int VEC = 16 / sizeof(T), C = SERVE_DOWN_COLS;
+    constexpr int VEC = 16 / sizeof(T);
     __shared__ float red[8][C];
     const int t = blockIdx.y, n0 = blockIdx.x * C, nc = min(C, N - n0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, fv = F / VEC;
@@ -1188,11 +1187,13 @@ __device__ __forceinline__ void moe_serve_down(T* y, const T* a, const T* w2, co
         T* a, const T* x, const T* w1, const int* ids, int E, int ntok, int F, int K) {                 \
         moe_serve_up<C, T>(a, x, w1, ids, E, ntok, F, K);                                               \
     }
-#define MOE_SERVE_DOWN(SUFFIX, T, U)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) moe_serve_down_u##U##_##SUFFIX(                   \
+#define MOE_SERVE_DOWN(SUFFIX, T, U, D)                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) moe_serve_down_u##U##d##D##_##SUFFIX(             \
         T* y, const T* a, const T* w2, const int* ids, const float* wts, int E, int ntok, int k, int N, int F) { \
-        moe_serve_down<U, T>(y, a, w2, ids, wts, E, ntok, k, N, F);                                     \
+        moe_serve_down<U, D, T>(y, a, w2, ids, wts, E, ntok, k, N, F);                                  \
     }
 #define MOE_SERVE(SUFFIX, T)                                                                            \
-    MOE_SERVE_UP(SUFFIX, T, 4) MOE_SERVE_UP(SUFFIX, T, 8) MOE_SERVE_DOWN(SUFFIX, T, 1) MOE_SERVE_DOWN(SUFFIX, T, 2)
+    MOE_SERVE_UP(SUFFIX, T, 2) MOE_SERVE_UP(SUFFIX, T, 4) MOE_SERVE_UP(SUFFIX, T, 8)                    \
+    MOE_SERVE_DOWN(SUFFIX, T, 1, 8) MOE_SERVE_DOWN(SUFFIX, T, 2, 8) MOE_SERVE_DOWN(SUFFIX, T, 2, 4)     \
+    MOE_SERVE_DOWN(SUFFIX, T, 4, 4)
 INSTANTIATE_FLOAT_TYPES(MOE_SERVE)
