@@ -324,40 +324,61 @@ pub(crate) fn grouped_matmul_gather(
 
 /// The served-decode kernels' shapes: gate/up columns per block; the down kernel's vectors per
 /// lane and row in flight, and its output columns per block. `MOE_SERVE_KERNELS=cCuUdD` picks
-/// them (A/B comparisons): C in {2, 4, 8}, (U, D) in {(1, 8), (2, 8), (2, 4), (4, 4)}; default
-/// c4u4d4 (BENCHMARKS, 2026-11-30 fifth session: per batch-1 step, 4 gate/up columns 1.5-2.5%
-/// faster than 8 and 5% faster than 2; 4 down columns with 4 vectors in flight 1.3% faster than
-/// 8 columns with 2).
-#[derive(Clone, Copy)]
+/// them (A/B comparisons): C in {2, 4, 8}, (U, D) in {(1, 8), (2, 8), (2, 4), (4, 4)}, each part
+/// optional; default c4u4d4 (BENCHMARKS, 2026-11-30 fifth session: per batch-1 step, 4 gate/up
+/// columns 1.5-2.5% faster than 8 and 5% faster than 2; 4 down columns with 4 vectors in flight
+/// 1.3% faster than 8 columns with 2).
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct ServeVariant {
     up_cols: usize,
     unroll: usize,
     down_cols: usize,
 }
 
-fn serve_variant() -> ServeVariant {
-    static V: std::sync::OnceLock<ServeVariant> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        let v = std::env::var("MOE_SERVE_KERNELS").unwrap_or_default();
-        let digit = |key: char, allowed: &[usize], default: usize| {
-            v.find(key)
-                .and_then(|i| v[i + 1..].chars().next())
-                .and_then(|c| c.to_digit(10))
-                .map(|d| d as usize)
-                .filter(|d| allowed.contains(d))
-                .unwrap_or(default)
-        };
-        let up_cols = digit('c', &[2, 4, 8], 4);
-        let (unroll, down_cols) = match (digit('u', &[1, 2, 4], 4), digit('d', &[4, 8], 4)) {
-            (u @ (1 | 2), 8) => (u, 8),
-            (u @ (2 | 4), 4) => (u, 4),
-            _ => (4, 4),
-        };
-        ServeVariant {
+impl ServeVariant {
+    const DEFAULT: ServeVariant = ServeVariant {
+        up_cols: 4,
+        unroll: 4,
+        down_cols: 4,
+    };
+
+    /// Parse `cCuUdD` (any part may be left out: C 4; U 4; D 4 with U = 4, else 8, which keeps
+    /// the meaning of the older `c8u2`-style values). None for anything else.
+    fn parse(v: &str) -> Option<ServeVariant> {
+        let mut parts = [None; 3];
+        let mut rest = v.trim();
+        while let Some(key) = rest.chars().next() {
+            let slot = ['c', 'u', 'd'].iter().position(|&k| k == key)?;
+            let digit = rest[1..].chars().next()?.to_digit(10)? as usize;
+            if parts[slot].replace(digit).is_some() {
+                return None;
+            }
+            rest = &rest[2..];
+        }
+        let up_cols = parts[0].unwrap_or(4);
+        let unroll = parts[1].unwrap_or(4);
+        let down_cols = parts[2].unwrap_or(if unroll == 4 { 4 } else { 8 });
+        let ok =
+            [2, 4, 8].contains(&up_cols) && matches!((unroll, down_cols), (1 | 2, 8) | (2 | 4, 4));
+        ok.then_some(ServeVariant {
             up_cols,
             unroll,
             down_cols,
-        }
+        })
+    }
+}
+
+fn serve_variant() -> ServeVariant {
+    static V: std::sync::OnceLock<ServeVariant> = std::sync::OnceLock::new();
+    *V.get_or_init(|| match std::env::var("MOE_SERVE_KERNELS") {
+        Err(_) => ServeVariant::DEFAULT,
+        Ok(v) => ServeVariant::parse(&v).unwrap_or_else(|| {
+            tracing::warn!(
+                "MOE_SERVE_KERNELS={v:?} is not cCuUdD with C in 2/4/8 and (U, D) in \
+                 (1, 8) (2, 8) (2, 4) (4, 4); using c4u4d4"
+            );
+            ServeVariant::DEFAULT
+        }),
     })
 }
 
@@ -551,4 +572,29 @@ fn router_topk_launch<'d>(
         .f32(rule.scale)
         .ptr(counter);
     Ok(Some((logits, ids, wts, launch)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServeVariant;
+
+    #[test]
+    fn serve_variants_parse() {
+        let v = |c, u, d| {
+            Some(ServeVariant {
+                up_cols: c,
+                unroll: u,
+                down_cols: d,
+            })
+        };
+        assert_eq!(ServeVariant::parse(""), Some(ServeVariant::DEFAULT));
+        assert_eq!(ServeVariant::parse("c4u4d4"), Some(ServeVariant::DEFAULT));
+        assert_eq!(ServeVariant::parse("c8u2"), v(8, 2, 8));
+        assert_eq!(ServeVariant::parse("c4u1"), v(4, 1, 8));
+        assert_eq!(ServeVariant::parse("c2u2d4"), v(2, 2, 4));
+        assert_eq!(ServeVariant::parse("d8u1"), v(4, 1, 8));
+        for bad in ["c3", "u4d8", "u1d4", "c4c8", "x4", "c", "c4u", "c44"] {
+            assert_eq!(ServeVariant::parse(bad), None, "{bad}");
+        }
+    }
 }
