@@ -953,10 +953,9 @@ fn router_topk_matches() {
             // The residual add + RMSNorm folded in: rows x + a normed by g.
             let (ac, ag) = pair(&mut r, &[t, kd], dt, dev);
             let (gc, gg) = pair(&mut r, &[kd], dt, dev);
-            let (xnc, hc, _, _, _) =
-                ops::add_rmsnorm_router_topk(&xc, &ac, &gc, 1e-6, &wc, &rule)
-                    .unwrap()
-                    .unwrap();
+            let (xnc, hc, _, _, _) = ops::add_rmsnorm_router_topk(&xc, &ac, &gc, 1e-6, &wc, &rule)
+                .unwrap()
+                .unwrap();
             for _ in 0..3 {
                 let (lg, ig, wtg) = ops::router_topk(&xg, &wg, &rule)
                     .unwrap()
@@ -974,7 +973,11 @@ fn router_topk_matches() {
                 // neighbour moves logits of the CPU's own rows past the f32 tolerance.
                 let hgc = hg.to_device(Device::Cpu).unwrap();
                 let (lhc, _, _) = ops::router_topk(&hgc, &wc, &rule).unwrap().unwrap();
-                close_each(&format!("{what} addnorm logits of the GPU rows"), &lhc, &lng);
+                close_each(
+                    &format!("{what} addnorm logits of the GPU rows"),
+                    &lhc,
+                    &lng,
+                );
                 check(&format!("{what} addnorm"), &lng, &ing, &wng);
             }
             // x itself is left as it was.
