@@ -677,10 +677,11 @@ fn grouped_gemm() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("grouped_gemm");
     for dt in FLOATS {
-        // (groups, K, N, largest group): the first seven take the tiled tensor-core kernels (on
+        // (groups, K, N, largest group): the first eight take the tiled tensor-core kernels (on
         // Hopper the 128×256×64 wgmma ones: the fifth and sixth have K and N tails, several
         // 128-row tiles per group and, in wgrad, group sizes that are not multiples of 64; the
-        // seventh has more groups than the tile-prefix scan's 256-thread block), the last three
+        // seventh has more groups than the tile-prefix scan's 256-thread block; the eighth has
+        // several tiles per CTA of the persistent TMA kernels), the last three
         // the small-M (decode) kernel, one of them with groups larger than its 8-row chunk and
         // N not a multiple of 32.
         for (e, k, n, most) in [
@@ -691,6 +692,7 @@ fn grouped_gemm() {
             (4, 200, 520, 400),
             (3, 1024, 776, 700),
             (300, 64, 32, 40),
+            (8, 512, 1536, 1000),
             (16, 2048, 1536, 3),
             (32, 512, 200, 3),
             (128, 256, 64, 2),

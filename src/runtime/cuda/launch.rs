@@ -8,6 +8,16 @@ use cudarc::driver::sys as dsys;
 use super::{CudaDevice, KernelSource};
 use crate::runtime::{Error, Result};
 
+/// A kernel parameter's bytes: a scalar or address in 8 bytes, or a TMA tensor map (128 bytes,
+/// passed by value as a `__grid_constant__` parameter).
+enum Slot {
+    Word(u64),
+    Map(Box<TensorMap>),
+}
+
+/// A TMA tensor map (`CUtensorMap`) encoded on the host.
+pub(crate) type TensorMap = dsys::CUtensorMap;
+
 pub(crate) struct LaunchBuilder<'a> {
     dev: &'a CudaDevice,
     func: cudarc::driver::CudaFunction,
@@ -15,8 +25,8 @@ pub(crate) struct LaunchBuilder<'a> {
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
     smem: u32,
-    // One 8-byte slot per parameter; the driver reads sizeof(param) bytes from each.
-    slots: Vec<u64>,
+    // One slot per parameter; the driver reads sizeof(param) bytes from each.
+    slots: Vec<Slot>,
     pdl: bool,
 }
 
@@ -58,11 +68,11 @@ impl LaunchBuilder<'_> {
         self
     }
     pub fn ptr(mut self, p: u64) -> Self {
-        self.slots.push(p);
+        self.slots.push(Slot::Word(p));
         self
     }
     pub fn i32(mut self, v: i32) -> Self {
-        self.slots.push(v as u32 as u64);
+        self.slots.push(Slot::Word(v as u32 as u64));
         self
     }
     pub fn usize_as_i32(self, v: usize) -> Result<Self> {
@@ -75,11 +85,16 @@ impl LaunchBuilder<'_> {
         Ok(self.i32(v))
     }
     pub fn i64(mut self, v: i64) -> Self {
-        self.slots.push(v as u64);
+        self.slots.push(Slot::Word(v as u64));
+        self
+    }
+    /// A tensor map by value (a `const __grid_constant__ TmaMap` parameter).
+    pub fn map(mut self, m: TensorMap) -> Self {
+        self.slots.push(Slot::Map(Box::new(m)));
         self
     }
     pub fn f32(mut self, v: f32) -> Self {
-        self.slots.push(v.to_bits() as u64);
+        self.slots.push(Slot::Word(v.to_bits() as u64));
         self
     }
 
@@ -109,7 +124,10 @@ impl LaunchBuilder<'_> {
         let mut params: Vec<*mut c_void> = self
             .slots
             .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
+            .map(|s| match s {
+                Slot::Word(w) => w as *mut u64 as *mut c_void,
+                Slot::Map(m) => &mut **m as *mut TensorMap as *mut c_void,
+            })
             .collect();
         self.dev
             .ctx
@@ -158,4 +176,54 @@ impl LaunchBuilder<'_> {
             ),
         })
     }
+}
+
+/// A 2-D tensor map over a row-major 16-bit matrix [rows, inner] at device address `ptr`, read
+/// in boxes of `box_rows` × `box_inner` elements into 128-byte-swizzled shared memory
+/// (`box_inner` · 2 must be 128: one swizzle line per box row). Elements outside the matrix read
+/// as zeros.
+pub(crate) fn tensor_map_2d(
+    ptr: u64,
+    bf16: bool,
+    inner: usize,
+    rows: usize,
+    box_inner: u32,
+    box_rows: u32,
+) -> Result<TensorMap> {
+    let bad = |what: &str| Error::Invalid(format!("tensor map [{rows}, {inner}]: {what}"));
+    if box_inner * 2 != 128 || !(1..=256).contains(&box_rows) {
+        return Err(bad("box must be 64 elements wide and 1..=256 rows"));
+    }
+    if inner % 8 != 0 || ptr % 16 != 0 || inner >= 1 << 32 || rows >= 1 << 32 {
+        return Err(bad("rows must be 16-byte aligned and dims below 2^32"));
+    }
+    let mut map: TensorMap = unsafe { std::mem::zeroed() };
+    let dims = [inner as u64, rows.max(1) as u64];
+    let strides = [(inner * 2) as u64];
+    let boxes = [box_inner, box_rows];
+    let elem = [1u32, 1];
+    let dt = if bf16 {
+        dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    } else {
+        dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    };
+    unsafe {
+        dsys::cuTensorMapEncodeTiled(
+            &mut map,
+            dt,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            dsys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            dsys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            dsys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+    }
+    .map_err(|e| Error::cuda("cuTensorMapEncodeTiled", e))?;
+    Ok(map)
 }

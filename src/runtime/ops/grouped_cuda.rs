@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::dptr;
-use crate::runtime::cuda::{grid_1d, kernels, CudaDevice};
+use crate::runtime::cuda::{grid_1d, kernels, tensor_map_2d, CudaDevice};
 use crate::runtime::{DType, Error, Result, Tensor};
 
 const BM: usize = 128;
@@ -141,6 +141,9 @@ pub(crate) fn grouped_matmul(
     if m == 0 || n == 0 {
         return Ok(y);
     }
+    if tensor_cores(x.dtype(), &[k, n]) && tma_varm(dev, &y, x, w, offsets, trans_w, n)? {
+        return Ok(y);
+    }
     if tensor_cores(x.dtype(), &[k, n]) {
         let prefix_name = tiled_family(dev).0;
         let name = format!("{prefix_name}_{}_{dt}", if trans_w { "nt" } else { "nn" });
@@ -237,6 +240,91 @@ pub(crate) fn grouped_matmul_tn_into(
     Ok(())
 }
 
+/// tile_prefix[e] = Σ_{e' < e} ceil(rows_e' / 128) over the device offsets (the tiled VARM
+/// kernels' schedule).
+fn tile_prefix(dev: &Arc<CudaDevice>, offsets: &Tensor) -> Result<Tensor> {
+    let e = offsets.numel() - 1;
+    let prefix = Tensor::uninit(&[e + 1], DType::I32, offsets.device())?;
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        "gg_tile_prefix",
+        (1, 1, 1),
+        (256, 1, 1),
+        0,
+    )?
+    .ptr(dptr(&prefix))
+    .ptr(dptr(offsets))
+    .usize_as_i32(e)?
+    .run()?;
+    Ok(prefix)
+}
+
+/// Shared memory of the TMA kernels: the wgmma stage ring, 2 × 4 mbarriers, 1 KB of alignment.
+const TT_SMEM: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 64 + 1024;
+
+/// Whether the TMA warp-specialised VARM kernels (`tt_*`) apply: Hopper, the wgmma family,
+/// 16-bit types, and for W as [K, N] a K that is a multiple of 64 (a box of 64 k rows must not
+/// reach into the next expert). `MOE_GG_TMA=0` keeps the cp.async kernels (A/B comparisons).
+fn tma_applies(dev: &CudaDevice, dt: DType, k: usize, trans_w: bool) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("MOE_GG_TMA").is_ok_and(|v| v == "0"));
+    !off && tiled_family(dev).0 == "wg"
+        && matches!(dt, DType::BF16 | DType::F16)
+        && (trans_w || k % 64 == 0)
+}
+
+/// y = per group x[rows of e] · op(w[e]) with the TMA kernels, when they apply (false: the
+/// caller takes another kernel). A persistent grid of one CTA per SM walks the tiles.
+#[allow(clippy::too_many_arguments)]
+fn tma_varm(
+    dev: &Arc<CudaDevice>,
+    y: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    offsets: &Tensor,
+    trans_w: bool,
+    n: usize,
+) -> Result<bool> {
+    let (m, k) = (y.dim(0), x.dim(1));
+    let e = offsets.numel() - 1;
+    if !tma_applies(dev, x.dtype(), k, trans_w) {
+        return Ok(false);
+    }
+    let bf16 = x.dtype() == DType::BF16;
+    let ta = tensor_map_2d(dptr(x), bf16, k, x.dim(0), 64, 128)?;
+    let tb = if trans_w {
+        tensor_map_2d(dptr(w), bf16, k, e * n, 64, 256)?
+    } else {
+        tensor_map_2d(dptr(w), bf16, n, e * k, 64, 64)?
+    };
+    let prefix = tile_prefix(dev, offsets)?;
+    let tiles = (m.div_ceil(BM) + e) * n.div_ceil(WG_BN);
+    let grid = tiles.min(dev.sm_count()).max(1) as u32;
+    let name = format!(
+        "tt_{}_{}",
+        if trans_w { "nt" } else { "nn" },
+        x.dtype().name()
+    );
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        &name,
+        (grid, 1, 1),
+        (288, 1, 1),
+        TT_SMEM,
+    )?
+    .ptr(dptr(y))
+    .map(ta)
+    .map(tb)
+    .ptr(dptr(offsets))
+    .ptr(dptr(&prefix))
+    .usize_as_i32(e)?
+    .usize_as_i32(m)?
+    .usize_as_i32(n)?
+    .usize_as_i32(k)?
+    .run()?;
+    Ok(true)
+}
+
 /// The tiled VARM kernels: tile prefix, then one CTA per 128-row tile and column block plus E
 /// spare ones that zero the rows past offsets[E]. `name` is the kernel; with `rows` (gathered
 /// A: y = x[rows]·W[e]ᵀ) it also takes the permutation and x's row count.
@@ -253,18 +341,7 @@ fn launch_tiled_varm(
 ) -> Result<()> {
     let (m, k) = (y.dim(0), x.dim(1));
     let e = offsets.numel() - 1;
-    let prefix = Tensor::uninit(&[e + 1], DType::I32, x.device())?;
-    dev.launch(
-        &kernels::GROUPED_GEMM,
-        "gg_tile_prefix",
-        (1, 1, 1),
-        (256, 1, 1),
-        0,
-    )?
-    .ptr(dptr(&prefix))
-    .ptr(dptr(offsets))
-    .usize_as_i32(e)?
-    .run()?;
+    let prefix = tile_prefix(dev, offsets)?;
     let (_, bn, smem) = tiled_family(dev);
     let blocks = (m.div_ceil(BM) + e) * n.div_ceil(bn);
     let grid = u32::try_from(blocks).map_err(|_| {
@@ -308,7 +385,13 @@ pub(crate) fn grouped_matmul_gather(
 ) -> Result<Option<Tensor>> {
     let (m, k) = (rows.numel(), x.dim(1));
     let e = offsets.numel() - 1;
+    // With the TMA kernels, gathering first and running them is the default; `MOE_GG_GATHERED=1`
+    // keeps the cp.async kernel reading through the permutation (A/B comparisons).
+    static GATHERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let gathered =
+        *GATHERED.get_or_init(|| std::env::var("MOE_GG_GATHERED").is_ok_and(|v| v == "1"));
     if tiled_family(dev).0 != "wg"
+        || (!gathered && tma_applies(dev, x.dtype(), k, true))
         || !tensor_cores(x.dtype(), &[k, n])
         || small_m(x.dtype(), m, n, k, e)
     {

@@ -573,6 +573,173 @@ __device__ __forceinline__ void wg_varm(T* y, const T* x, const T* w, const int*
     WG_VARM_G(P##_ntg_f16, f16_t, NTHREADS)
 WG_FAMILY(wg, wg_tile, WTHREADS)
 
+// ---- Hopper TMA + warp-specialised persistent VARM (forward and dgrad, un-gathered A).
+// 288 threads: warps 0-7 are two consumer warpgroups (64×256 of the 128×256 tile each, as
+// wg_tile), warp 8 the producer whose lane 0 issues the TMA loads (cp.async.bulk.tensor into the
+// same 128-byte-swizzled stage layout wg_tile's cp.async writes). Stage s has a full barrier (the
+// producer's expect_tx; the TMA completes it) and an empty barrier (one arrive per consumer warp
+// once its wgmma stopped reading the stage). CTAs loop over tiles (grid = SMs), so the producer
+// loads the next tile's stages while the consumers run the epilogue (registers straight to
+// global: no smem staging, the ring belongs to the producer).
+// Tensor maps (host: grouped_cuda.rs): A = x [Mx, K] box {64, 128}; B K-major = w as [E·N, K]
+// box {64, 256}; B N-major = w as [E·K, N] box {64, 64} (4 per stage; needs K % 64 == 0 so a
+// k slice never crosses into the next expert). Out-of-range rows and k read as zeros.
+#define TT_THREADS 288
+#define TT_CONSUMERS 256
+struct __align__(64) TmaMap {
+    unsigned long long v[16];
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT;\n"
+        "}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaMap* map, int c0, int c1, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+            dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+
+// Tile t of the VARM schedule (as wg_varm: column strips W_SWIZZLE m-tiles tall).
+struct TtTile {
+    int e, row0, rws, m0, n0;
+};
+__device__ __forceinline__ TtTile tt_tile(int t, int total, int ntn, const int* offsets, const int* tile_prefix, int E) {
+    const int strip = t / (W_SWIZZLE * ntn), in = t - strip * (W_SWIZZLE * ntn);
+    const int h = min(W_SWIZZLE, total - strip * W_SWIZZLE);
+    const int nt = in / h, mt = strip * W_SWIZZLE + (in - nt * h);
+    TtTile r;
+    r.e = find_group(tile_prefix, E, mt);
+    r.row0 = offsets[r.e];
+    r.rws = offsets[r.e + 1] - r.row0;
+    r.m0 = (mt - tile_prefix[r.e]) * WBM;
+    r.n0 = nt * WBN;
+    return r;
+}
+
+template <typename T, bool B_KMAJ>
+__device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb, const int* offsets,
+                                        const int* tile_prefix, int E, int M, int N, int K, uint32_t smem) {
+    const int ntn = (N + WBN - 1) / WBN, total = tile_prefix[E], ntiles = total * ntn;
+    const int nk = (K + WBK - 1) / WBK;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    // Barriers after the stage ring: full[s] at bars + 8s, empty[s] at bars + 8(WSTAGES + s).
+    const uint32_t bars = smem + WSTAGES * W_STAGE_BYTES;
+    if (tid == 0) {
+        for (int s = 0; s < WSTAGES; ++s) {
+            mbar_init(bars + 8 * s, 1);
+            mbar_init(bars + 8 * (WSTAGES + s), TT_CONSUMERS / 32);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if (warp == TT_CONSUMERS / 32) {
+        if (lane == 0) {
+            int it = 0;
+            for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+                const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E);
+                for (int kt = 0; kt < nk; ++kt, ++it) {
+                    const int s = it % WSTAGES;
+                    const uint32_t full = bars + 8 * s, st = smem + s * W_STAGE_BYTES;
+                    mbar_wait(bars + 8 * (WSTAGES + s), ((it / WSTAGES) & 1) ^ 1);
+                    mbar_expect_tx(full, W_STAGE_BYTES);
+                    tma_load_2d(st, ta, kt * WBK, tl.row0 + tl.m0, full);
+                    if (B_KMAJ) {
+                        tma_load_2d(st + W_A_BYTES, tb, kt * WBK, tl.e * N + tl.n0, full);
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < WBN / 64; ++j)
+                            tma_load_2d(st + W_A_BYTES + j * (WBK * 128), tb, tl.n0 + j * 64, tl.e * K + kt * WBK,
+                                        full);
+                    }
+                }
+            }
+        }
+    } else {
+        const int wg = warp >> 2;
+        int it = 0;
+        for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+            const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E);
+            float acc[128];
+#pragma unroll
+            for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+            for (int kt = 0; kt < nk; ++kt, ++it) {
+                const int s = it % WSTAGES;
+                mbar_wait(bars + 8 * s, (it / WSTAGES) & 1);
+                const uint32_t sa = smem + s * W_STAGE_BYTES, sb = sa + W_A_BYTES;
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < WBK / 16; ++ks) {
+                    const uint64_t da = wg_desc(sa + wg * 64 * 128 + ks * 32, 16, 1024);
+                    const uint64_t db =
+                        B_KMAJ ? wg_desc(sb + ks * 32, 16, 1024) : wg_desc(sb + ks * 2048, WBK * 128, 1024);
+                    wgmma_n256<0, B_KMAJ ? 0 : 1>(acc, da, db, T{});
+                }
+                wgmma_commit();
+                wgmma_wait<1>();  // the previous stage's wgmma are done: release it
+                if (kt > 0 && lane == 0) mbar_arrive(bars + 8 * (WSTAGES + (it - 1) % WSTAGES));
+            }
+            wgmma_wait<0>();
+            if (nk > 0 && lane == 0) mbar_arrive(bars + 8 * (WSTAGES + (it - 1) % WSTAGES));
+            // Epilogue: fragment d[4i + 2h + j] at row 16·warp + lane/4 + 8h, column 8i + 2·(lane%4) + j
+            // of the warpgroup's 64×256 block; pairs of columns stored as one 4-byte word.
+            const int r = wg * 64 + (warp & 3) * 16 + (lane >> 2);
+            T* yb = y + (int64_t)(tl.row0 + tl.m0) * N + tl.n0 + 2 * (lane & 3);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int rr = r + 8 * h;
+                if (tl.m0 + rr >= tl.rws) continue;
+                T* yr = yb + (int64_t)rr * N;
+#pragma unroll
+                for (int i = 0; i < 32; ++i) {
+                    const int c = tl.n0 + 8 * i + 2 * (lane & 3);
+                    if (c < N) {
+                        const uint32_t wv = (uint32_t)from_float<T>(acc[4 * i + 2 * h]).v |
+                                            ((uint32_t)from_float<T>(acc[4 * i + 2 * h + 1]).v << 16);
+                        *reinterpret_cast<uint32_t*>(yr + 8 * i) = wv;
+                    }
+                }
+            }
+        }
+    }
+    zero_tail<T>(y, offsets, E, M, N, blockIdx.x, gridDim.x);
+}
+#define TT_VARM(NAME, T, B_KMAJ)                                                                        \
+    extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
+        NAME(T* y, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb, const int* offsets, \
+             const int* tile_prefix, int E, int M, int N, int K) {                                      \
+        extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
+        tt_varm<T, B_KMAJ>(y, &ta, &tb, offsets, tile_prefix, E, M, N, K, wg_smem_base(wsmem));         \
+    }
+#else
+#define TT_VARM(NAME, T, B_KMAJ)                                                                        \
+    extern "C" __global__ void NAME(T*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
+                                    const int*, const int*, int, int, int, int) { __trap(); }
+#endif
+TT_VARM(tt_nt_bf16, bf16_t, true)
+TT_VARM(tt_nn_bf16, bf16_t, false)
+TT_VARM(tt_nt_f16, f16_t, true)
+TT_VARM(tt_nn_f16, f16_t, false)
+
 // ---- SIMT fallback: one thread per output element (f32 inputs or unaligned shapes).
 template <typename T>
 __device__ __forceinline__ void simt_varm(T* y, const T* x, const T* w, const int* offsets, int E, int M, int N,
