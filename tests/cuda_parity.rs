@@ -677,27 +677,29 @@ fn grouped_gemm() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("grouped_gemm");
     for dt in FLOATS {
-        // (groups, K, N, largest group): the first eight take the tiled tensor-core kernels (on
-        // Hopper the 128×256×64 wgmma ones: the fifth and sixth have K and N tails, several
-        // 128-row tiles per group and, in wgrad, group sizes that are not multiples of 64; the
-        // seventh has more groups than the tile-prefix scan's 256-thread block; the eighth has
-        // several tiles per CTA of the persistent TMA kernels), the last three
-        // the small-M (decode) kernel, one of them with groups larger than its 8-row chunk and
-        // N not a multiple of 32.
-        for (e, k, n, most) in [
-            (1usize, 64usize, 32usize, 200usize),
-            (8, 256, 384, 200),
-            (64, 128, 96, 200),
-            (5, 72, 40, 200),
-            (4, 200, 520, 400),
-            (3, 1024, 776, 700),
-            (300, 64, 32, 40),
-            (8, 512, 1536, 1000),
-            (16, 2048, 1536, 3),
-            (32, 512, 200, 3),
-            (128, 256, 64, 2),
+        // (groups, K, N, fewest and most rows per group): the first nine take the tiled
+        // tensor-core kernels (on Hopper the 128×256×64 wgmma ones: the fifth and sixth have K
+        // and N tails, several 128-row tiles per group and, in wgrad, group sizes that are not
+        // multiples of 64; the seventh has more groups than the tile-prefix scan's 256-thread
+        // block; the eighth and ninth take the persistent TMA kernels with several tiles per
+        // CTA, the weight gradient's too (>= 256 rows per group on average), the ninth with K
+        // and N tails), the last three the small-M (decode) kernel, one of them with groups
+        // larger than its 8-row chunk and N not a multiple of 32.
+        for (e, k, n, least, most) in [
+            (1usize, 64usize, 32usize, 0usize, 200usize),
+            (8, 256, 384, 0, 200),
+            (64, 128, 96, 0, 200),
+            (5, 72, 40, 0, 200),
+            (4, 200, 520, 0, 400),
+            (3, 1024, 776, 0, 700),
+            (300, 64, 32, 0, 40),
+            (8, 512, 1536, 300, 1000),
+            (3, 200, 776, 500, 900),
+            (16, 2048, 1536, 0, 3),
+            (32, 512, 200, 0, 3),
+            (128, 256, 64, 0, 2),
         ] {
-            let mut sizes: Vec<usize> = (0..e).map(|_| r.random_range(0..most)).collect();
+            let mut sizes: Vec<usize> = (0..e).map(|_| r.random_range(least..most)).collect();
             sizes[0] = 0; // an empty group
             if e == 32 {
                 sizes[1] = 20; // more rows than one chunk of the small-M kernel

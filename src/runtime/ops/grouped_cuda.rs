@@ -196,7 +196,37 @@ pub(crate) fn grouped_matmul_tn_into(
     }
     let dt = a.dtype().name();
     let acc = if accumulate { "_acc" } else { "" };
-    if tensor_cores(a.dtype(), &[p, q]) {
+    // TMA kernels where groups average at least 256 rows: with fewer, each tile's main loop is a
+    // step or two and the f32 epilogue is the work, which the cp.async kernel streams better
+    // (BENCHMARKS 2026-11-30, sixth session: GPT-MoE shape, 64 rows per group, 22.7 -> 24.4 ms).
+    if tensor_cores(a.dtype(), &[p, q])
+        && tma_applies(dev, a.dtype(), 64, true)
+        && a.dim(0) >= 256 * e
+    {
+        // A persistent grid walks the E · tiles (e, p-tile, q-tile).
+        let bf16 = a.dtype() == DType::BF16;
+        let m = a.dim(0);
+        let ta = tensor_map_2d(dptr(a), bf16, p, m, 64, 64)?;
+        let tb = tensor_map_2d(dptr(b), bf16, q, m, 64, 64)?;
+        let tiles = e * p.div_ceil(BM) * q.div_ceil(WG_BN);
+        let grid = tiles.min(dev.sm_count()).max(1) as u32;
+        dev.launch(
+            &kernels::GROUPED_GEMM,
+            &format!("tt_tn_{dt}_{}{acc}", out_dtype.name()),
+            (grid, 1, 1),
+            (384, 1, 1),
+            TT_SMEM_K,
+        )?
+        .ptr(dptr(out))
+        .map(ta)
+        .map(tb)
+        .ptr(dptr(offsets))
+        .usize_as_i32(e)?
+        .usize_as_i32(p)?
+        .usize_as_i32(q)?
+        .ptr(sumsq.as_deref().map_or(0, dptr))
+        .run()?;
+    } else if tensor_cores(a.dtype(), &[p, q]) {
         let (prefix_name, bn, smem) = tiled_family(dev);
         let tiles = p.div_ceil(BM) * q.div_ceil(bn);
         let name = format!("{prefix_name}_tn_{dt}_{}{acc}", out_dtype.name());
@@ -261,6 +291,9 @@ fn tile_prefix(dev: &Arc<CudaDevice>, offsets: &Tensor) -> Result<Tensor> {
 
 /// Shared memory of the TMA kernels: the wgmma stage ring, 2 × 4 mbarriers, 1 KB of alignment.
 const TT_SMEM: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 64 + 1024;
+/// The weight-gradient TMA kernels add their epilogue's staging: 32 rows of 264 f32 after 128
+/// bytes of barriers (231 552 bytes in all, of the 232 448 an sm_90 block may have).
+const TT_SMEM_K: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 128 + 32 * 264 * 4 + 1024;
 
 /// Whether the TMA warp-specialised VARM kernels (`tt_*`) apply: Hopper, the wgmma family,
 /// 16-bit types, and for W as [K, N] a K that is a multiple of 64 (a box of 64 k rows must not
@@ -309,7 +342,7 @@ fn tma_varm(
         &kernels::GROUPED_GEMM,
         &name,
         (grid, 1, 1),
-        (288, 1, 1),
+        (384, 1, 1),
         TT_SMEM,
     )?
     .ptr(dptr(y))

@@ -574,8 +574,9 @@ __device__ __forceinline__ void wg_varm(T* y, const T* x, const T* w, const int*
 WG_FAMILY(wg, wg_tile, WTHREADS)
 
 // ---- Hopper TMA + warp-specialised persistent VARM (forward and dgrad, un-gathered A).
-// 288 threads: warps 0-7 are two consumer warpgroups (64×256 of the 128×256 tile each, as
-// wg_tile), warp 8 the producer whose lane 0 issues the TMA loads (cp.async.bulk.tensor into the
+// 384 threads: warps 0-7 are two consumer warpgroups (64×256 of the 128×256 tile each, as
+// wg_tile; setmaxnreg gives them 232 registers), warps 8-11 the producer warpgroup (40
+// registers) whose first lane issues the TMA loads (cp.async.bulk.tensor into the
 // same 128-byte-swizzled stage layout wg_tile's cp.async writes). Stage s has a full barrier (the
 // producer's expect_tx; the TMA completes it) and an empty barrier (one arrive per consumer warp
 // once its wgmma stopped reading the stage). CTAs loop over tiles (grid = SMs), so the producer
@@ -584,7 +585,7 @@ WG_FAMILY(wg, wg_tile, WTHREADS)
 // Tensor maps (host: grouped_cuda.rs): A = x [Mx, K] box {64, 128}; B K-major = w as [E·N, K]
 // box {64, 256}; B N-major = w as [E·K, N] box {64, 64} (4 per stage; needs K % 64 == 0 so a
 // k slice never crosses into the next expert). Out-of-range rows and k read as zeros.
-#define TT_THREADS 288
+#define TT_THREADS 384
 #define TT_CONSUMERS 256
 struct __align__(64) TmaMap {
     unsigned long long v[16];
@@ -652,8 +653,9 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    if (warp == TT_CONSUMERS / 32) {
-        if (lane == 0) {
+    if (warp >= TT_CONSUMERS / 32) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (warp == TT_CONSUMERS / 32 && lane == 0) {
             int it = 0;
             for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
                 const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E);
@@ -675,6 +677,7 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
             }
         }
     } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
         const int wg = warp >> 2;
         int it = 0;
         for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
@@ -723,6 +726,165 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
     }
     zero_tail<T>(y, offsets, E, M, N, blockIdx.x, gridDim.x);
 }
+// VARK (weight gradients) with TMA: out[e] (P × Q) = a[rows of e]ᵀ · b[rows of e], a [M, P] and
+// b [M, Q] read as MN-major boxes of {64 p|q, 64 rows} (2 for A, 4 for B per stage). A group's
+// rows start anywhere, so its last k slice may hold the next group's rows: the consumers zero
+// those lines of every sub-tile (a line is one row's 64 values, so the swizzle does not matter)
+// before their wgmma. Persistent: tiles (e, p-tile, q-tile) walked e by e in strips as VARM.
+// ACC adds into out; with `sumsq` the squares of the values written are summed into it.
+template <typename T, typename TO, bool ACC>
+__device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap* tb, const int* offsets, int E, int P,
+                                        int Q, float* sumsq, uint32_t smem) {
+    const int ntp = (P + WBM - 1) / WBM, ntq = (Q + WBN - 1) / WBN, per = ntp * ntq, ntiles = E * per;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const uint32_t bars = smem + WSTAGES * W_STAGE_BYTES;
+    if (tid == 0) {
+        for (int s = 0; s < WSTAGES; ++s) {
+            mbar_init(bars + 8 * s, 1);
+            mbar_init(bars + 8 * (WSTAGES + s), TT_CONSUMERS / 32);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    auto tile = [&](int t, int& e, int& p0, int& q0) {
+        e = t / per;
+        const int in = t - e * per;
+        const int strip = in / (W_SWIZZLE * ntq), r = in - strip * (W_SWIZZLE * ntq);
+        const int h = min(W_SWIZZLE, ntp - strip * W_SWIZZLE);
+        const int qt = r / h, pt = strip * W_SWIZZLE + (r - qt * h);
+        p0 = pt * WBM, q0 = qt * WBN;
+    };
+    if (warp >= TT_CONSUMERS / 32) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (warp == TT_CONSUMERS / 32 && lane == 0) {
+            int it = 0;
+            for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+                int e, p0, q0;
+                tile(t, e, p0, q0);
+                const int row0 = offsets[e], nk = (offsets[e + 1] - row0 + WBK - 1) / WBK;
+                for (int kt = 0; kt < nk; ++kt, ++it) {
+                    const int s = it % WSTAGES;
+                    const uint32_t full = bars + 8 * s, st = smem + s * W_STAGE_BYTES;
+                    mbar_wait(bars + 8 * (WSTAGES + s), ((it / WSTAGES) & 1) ^ 1);
+                    mbar_expect_tx(full, W_STAGE_BYTES);
+                    const int k0 = row0 + kt * WBK;
+#pragma unroll
+                    for (int j = 0; j < WBM / 64; ++j) tma_load_2d(st + j * (WBK * 128), ta, p0 + j * 64, k0, full);
+#pragma unroll
+                    for (int j = 0; j < WBN / 64; ++j)
+                        tma_load_2d(st + W_A_BYTES + j * (WBK * 128), tb, q0 + j * 64, k0, full);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+        const int wg = warp >> 2;
+        int it = 0;
+        float ss = 0.f;
+        for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+            int e, p0, q0;
+            tile(t, e, p0, q0);
+            const int row0 = offsets[e], rws = offsets[e + 1] - row0, nk = (rws + WBK - 1) / WBK;
+            float acc[128];
+#pragma unroll
+            for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+            for (int kt = 0; kt < nk; ++kt, ++it) {
+                const int s = it % WSTAGES;
+                mbar_wait(bars + 8 * s, (it / WSTAGES) & 1);
+                const uint32_t sa = smem + s * W_STAGE_BYTES, sb = sa + W_A_BYTES;
+                const int valid = rws - kt * WBK;
+                if (valid < WBK) {
+                    // Lines valid..63 of the 6 sub-tiles (A's 2, B's 4; contiguous) read as zeros.
+                    const int lines = WBK - valid, per_tile = lines * 8;
+                    for (int c = tid; c < (W_STAGE_BYTES / (WBK * 128)) * per_tile; c += TT_CONSUMERS) {
+                        const int sub = c / per_tile, rest = c - sub * per_tile;
+                        const uint32_t addr = sa + sub * (WBK * 128) + (valid + (rest >> 3)) * 128 + (rest & 7) * 16;
+                        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(addr), "r"(0) : "memory");
+                    }
+                    fence_proxy_async();
+                    asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
+                }
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < WBK / 16; ++ks) {
+                    const uint64_t da = wg_desc(sa + wg * WBK * 128 + ks * 2048, WBK * 128, 1024);
+                    const uint64_t db = wg_desc(sb + ks * 2048, WBK * 128, 1024);
+                    wgmma_n256<1, 1>(acc, da, db, T{});
+                }
+                wgmma_commit();
+                wgmma_wait<1>();
+                if (kt > 0 && lane == 0) mbar_arrive(bars + 8 * (WSTAGES + (it - 1) % WSTAGES));
+            }
+            wgmma_wait<0>();
+            if (nk > 0 && lane == 0) mbar_arrive(bars + 8 * (WSTAGES + (it - 1) % WSTAGES));
+            // Epilogue staged through shared memory past the barriers (the ring is the producer's,
+            // already filling for the next tile): 4 passes of 32 rows (warp j of each warpgroup
+            // in pass j, fragment layout as wg_tile's), each moved as coalesced 16-byte row chunks
+            // with all of a thread's loads (and ACC's global reads) issued before its stores.
+            constexpr int LDS = WBN + 8, V = Vec16<TO>::V, CPR = WBN / V, EB = 32 * CPR / TT_CONSUMERS;
+            const uint32_t stg = bars + 128;
+#pragma unroll 1
+            for (int pass = 0; pass < 4; ++pass) {
+                if ((warp & 3) == pass) {
+                    const uint32_t base = stg + ((wg * 16 + (lane >> 2)) * LDS + 2 * (lane & 3)) * 4;
+#pragma unroll
+                    for (int i = 0; i < 32; ++i)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+                            asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(base + (8 * h * LDS + 8 * i) * 4),
+                                         "f"(acc[4 * i + 2 * h]), "f"(acc[4 * i + 2 * h + 1])
+                                         : "memory");
+                }
+                asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
+                float v[EB][V];
+                // Chunk b of this thread: staged row sr = tid / CPR + b · (256 / CPR), column col.
+                const int sr0 = tid / CPR, col = (tid - sr0 * CPR) * V, q = q0 + col;
+                TO* const dst0 = out + ((int64_t)e * P + p0 + pass * 16) * Q + q;
+                auto prow = [&](int b) {
+                    const int sr = sr0 + b * (TT_CONSUMERS / CPR);
+                    return (sr >> 4) * 64 + (sr & 15);
+                };
+#pragma unroll
+                for (int b = 0; b < EB; ++b) {
+                    const int sr = sr0 + b * (TT_CONSUMERS / CPR), pr = prow(b);
+                    if (p0 + pass * 16 + pr >= P || q >= Q) continue;
+                    TO* const d = dst0 + (int64_t)pr * Q;
+#pragma unroll
+                    for (int u = 0; u < V; u += 4)
+                        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                                     : "=f"(v[b][u]), "=f"(v[b][u + 1]), "=f"(v[b][u + 2]), "=f"(v[b][u + 3])
+                                     : "r"(stg + (sr * LDS + col + u) * 4)
+                                     : "memory");
+                    if (ACC) {
+                        float old[V];
+                        Vec16<TO>::load(d, old);
+#pragma unroll
+                        for (int u = 0; u < V; ++u) v[b][u] += old[u];
+                    }
+                }
+#pragma unroll
+                for (int b = 0; b < EB; ++b)
+                    if (p0 + pass * 16 + prow(b) < P && q < Q) {
+                        Vec16<TO>::store(dst0 + (int64_t)prow(b) * Q, v[b]);
+#pragma unroll
+                        for (int u = 0; u < V; ++u) ss += v[b][u] * v[b][u];
+                    }
+                asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
+            }
+        }
+        if (sumsq) {
+            ss = warp_sum(ss);
+            if (lane == 0) atomicAdd(sumsq, ss);
+        }
+    }
+}
+#define TT_VARK(NAME, T, TO, ACC)                                                                       \
+    extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
+        NAME(TO* out, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb, const int* offsets, \
+             int E, int P, int Q, float* sumsq) {                                                       \
+        extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
+        tt_vark<T, TO, ACC>(out, &ta, &tb, offsets, E, P, Q, sumsq, wg_smem_base(wsmem));               \
+    }
 #define TT_VARM(NAME, T, B_KMAJ)                                                                        \
     extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
         NAME(T* y, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb, const int* offsets, \
@@ -734,7 +896,18 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
 #define TT_VARM(NAME, T, B_KMAJ)                                                                        \
     extern "C" __global__ void NAME(T*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
                                     const int*, const int*, int, int, int, int) { __trap(); }
+#define TT_VARK(NAME, T, TO, ACC)                                                                       \
+    extern "C" __global__ void NAME(TO*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
+                                    const int*, int, int, int, float*) { __trap(); }
 #endif
+TT_VARK(tt_tn_bf16_f32, bf16_t, float, false)
+TT_VARK(tt_tn_bf16_bf16, bf16_t, bf16_t, false)
+TT_VARK(tt_tn_f16_f32, f16_t, float, false)
+TT_VARK(tt_tn_f16_f16, f16_t, f16_t, false)
+TT_VARK(tt_tn_bf16_f32_acc, bf16_t, float, true)
+TT_VARK(tt_tn_bf16_bf16_acc, bf16_t, bf16_t, true)
+TT_VARK(tt_tn_f16_f32_acc, f16_t, float, true)
+TT_VARK(tt_tn_f16_f16_acc, f16_t, f16_t, true)
 TT_VARM(tt_nt_bf16, bf16_t, true)
 TT_VARM(tt_nn_bf16, bf16_t, false)
 TT_VARM(tt_nt_f16, f16_t, true)
