@@ -202,6 +202,7 @@ pub(crate) fn grouped_matmul_tn_into(
     if tensor_cores(a.dtype(), &[p, q])
         && tma_applies(dev, a.dtype(), 64, true)
         && a.dim(0) >= 256 * e
+        && (dptr(a) | dptr(b)) % 16 == 0
     {
         // A persistent grid walks the E · tiles (e, p-tile, q-tile).
         let bf16 = a.dtype() == DType::BF16;
@@ -320,7 +321,8 @@ fn tma_varm(
 ) -> Result<bool> {
     let (m, k) = (y.dim(0), x.dim(1));
     let e = offsets.numel() - 1;
-    if !tma_applies(dev, x.dtype(), k, trans_w) {
+    // Tensor maps need 16-byte aligned bases (the cp.async kernels take anything else).
+    if !tma_applies(dev, x.dtype(), k, trans_w) || (dptr(x) | dptr(w)) % 16 != 0 {
         return Ok(false);
     }
     let bf16 = x.dtype() == DType::BF16;
