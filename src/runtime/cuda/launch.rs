@@ -6,7 +6,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys as dsys;
 
 use super::{CudaDevice, KernelSource};
-use crate::runtime::{Error, Result};
+use crate::runtime::{DType, Error, Result};
 
 /// A kernel parameter's bytes: a scalar or address in 8 bytes, or a TMA tensor map (128 bytes,
 /// passed by value as a `__grid_constant__` parameter).
@@ -178,13 +178,13 @@ impl LaunchBuilder<'_> {
     }
 }
 
-/// A 2-D tensor map over a row-major 16-bit matrix [rows, inner] at device address `ptr`, read
-/// in boxes of `box_rows` × `box_inner` elements into 128-byte-swizzled shared memory
+/// A 2-D tensor map over a row-major bf16 or f16 matrix [rows, inner] at device address `ptr`,
+/// read in boxes of `box_rows` × `box_inner` elements into 128-byte-swizzled shared memory
 /// (`box_inner` · 2 must be 128: one swizzle line per box row). Elements outside the matrix read
 /// as zeros.
 pub(crate) fn tensor_map_2d(
     ptr: u64,
-    bf16: bool,
+    dt: DType,
     inner: usize,
     rows: usize,
     box_inner: u32,
@@ -202,15 +202,15 @@ pub(crate) fn tensor_map_2d(
     let strides = [(inner * 2) as u64];
     let boxes = [box_inner, box_rows];
     let elem = [1u32, 1];
-    let dt = if bf16 {
-        dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-    } else {
-        dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    let cu_dt = match dt {
+        DType::BF16 => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        DType::F16 => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        _ => return Err(bad("only bf16 and f16")),
     };
     unsafe {
         dsys::cuTensorMapEncodeTiled(
             &mut map,
-            dt,
+            cu_dt,
             2,
             ptr as *mut c_void,
             dims.as_ptr(),

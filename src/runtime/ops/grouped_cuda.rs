@@ -141,13 +141,12 @@ pub(crate) fn grouped_matmul(
     if m == 0 || n == 0 {
         return Ok(y);
     }
-    if tensor_cores(x.dtype(), &[k, n]) && tma_varm(dev, &y, x, w, offsets, trans_w, n)? {
-        return Ok(y);
-    }
     if tensor_cores(x.dtype(), &[k, n]) {
-        let prefix_name = tiled_family(dev).0;
-        let name = format!("{prefix_name}_{}_{dt}", if trans_w { "nt" } else { "nn" });
-        launch_tiled_varm(dev, &name, &y, x, None, w, offsets, n)?;
+        if !tma_varm(dev, &y, x, w, offsets, trans_w)? {
+            let prefix_name = tiled_family(dev).0;
+            let name = format!("{prefix_name}_{}_{dt}", if trans_w { "nt" } else { "nn" });
+            launch_tiled_varm(dev, &name, &y, x, None, w, offsets, n)?;
+        }
     } else {
         dev.launch(
             &kernels::GROUPED_GEMM,
@@ -196,44 +195,17 @@ pub(crate) fn grouped_matmul_tn_into(
     }
     let dt = a.dtype().name();
     let acc = if accumulate { "_acc" } else { "" };
-    // TMA kernels where groups average at least 256 rows: with fewer, each tile's main loop is a
-    // step or two and the f32 epilogue is the work, which the cp.async kernel streams better
-    // (BENCHMARKS 2026-11-30, sixth session: GPT-MoE shape, 64 rows per group, 22.7 -> 24.4 ms).
-    if tensor_cores(a.dtype(), &[p, q])
-        && tma_applies(dev, a.dtype(), 64, true)
-        && a.dim(0) >= 256 * e
-        && (dptr(a) | dptr(b)) % 16 == 0
-    {
-        // A persistent grid walks the E · tiles (e, p-tile, q-tile).
-        let bf16 = a.dtype() == DType::BF16;
-        let m = a.dim(0);
-        let ta = tensor_map_2d(dptr(a), bf16, p, m, 64, 64)?;
-        let tb = tensor_map_2d(dptr(b), bf16, q, m, 64, 64)?;
-        let tiles = e * p.div_ceil(BM) * q.div_ceil(WG_BN);
-        let grid = tiles.min(dev.sm_count()).max(1) as u32;
-        dev.launch(
-            &kernels::GROUPED_GEMM,
-            &format!("tt_tn_{dt}_{}{acc}", out_dtype.name()),
-            (grid, 1, 1),
-            (384, 1, 1),
-            TT_SMEM_K,
-        )?
-        .ptr(dptr(out))
-        .map(ta)
-        .map(tb)
-        .ptr(dptr(offsets))
-        .usize_as_i32(e)?
-        .usize_as_i32(p)?
-        .usize_as_i32(q)?
-        .ptr(sumsq.as_deref().map_or(0, dptr))
-        .run()?;
-    } else if tensor_cores(a.dtype(), &[p, q]) {
+    let name = format!("tn_{dt}_{}{acc}", out_dtype.name());
+    if tensor_cores(a.dtype(), &[p, q]) {
+        let sums = sumsq.as_deref().map_or(0, dptr);
+        if tma_vark(dev, out, a, b, offsets, &name, sums)? {
+            return Ok(());
+        }
         let (prefix_name, bn, smem) = tiled_family(dev);
         let tiles = p.div_ceil(BM) * q.div_ceil(bn);
-        let name = format!("{prefix_name}_tn_{dt}_{}{acc}", out_dtype.name());
         dev.launch(
             &kernels::GROUPED_GEMM,
-            &name,
+            &format!("{prefix_name}_{name}"),
             (tiles as u32, e as u32, 1),
             (256, 1, 1),
             smem,
@@ -244,7 +216,7 @@ pub(crate) fn grouped_matmul_tn_into(
         .ptr(dptr(offsets))
         .usize_as_i32(p)?
         .usize_as_i32(q)?
-        .ptr(sumsq.as_deref().map_or(0, dptr))
+        .ptr(sums)
         .run()?;
     } else {
         let name = format!("gg_simt_vark_{dt}_{}", if same { "same" } else { "f32" });
@@ -296,20 +268,26 @@ const TT_SMEM: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 64 + 1024;
 /// bytes of barriers (231 552 bytes in all, of the 232 448 an sm_90 block may have).
 const TT_SMEM_K: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 128 + 32 * 264 * 4 + 1024;
 
-/// Whether the TMA warp-specialised VARM kernels (`tt_*`) apply: Hopper, the wgmma family,
-/// 16-bit types, and for W as [K, N] a K that is a multiple of 64 (a box of 64 k rows must not
-/// reach into the next expert). `MOE_GG_TMA=0` keeps the cp.async kernels (A/B comparisons).
-fn tma_applies(dev: &CudaDevice, dt: DType, k: usize, trans_w: bool) -> bool {
+/// Whether the TMA warp-specialised kernels (`tt_*`) take 16-bit operands at device addresses
+/// `bases`: Hopper, the wgmma family, and 16-byte aligned bases (tensor maps need them; the
+/// cp.async kernels take anything else). `MOE_GG_TMA=0` keeps the cp.async kernels (A/B
+/// comparisons).
+fn tma_applies(dev: &CudaDevice, dt: DType, bases: &[u64]) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("MOE_GG_TMA").is_ok_and(|v| v == "0"));
     !off && tiled_family(dev).0 == "wg"
         && matches!(dt, DType::BF16 | DType::F16)
-        && (trans_w || k % 64 == 0)
+        && bases.iter().all(|b| b % 16 == 0)
+}
+
+/// The TMA kernels' persistent grid: one CTA per SM, at most one per tile.
+fn tma_grid(dev: &CudaDevice, tiles: usize) -> u32 {
+    tiles.min(dev.sm_count()).max(1) as u32
 }
 
 /// y = per group x[rows of e] · op(w[e]) with the TMA kernels, when they apply (false: the
-/// caller takes another kernel). A persistent grid of one CTA per SM walks the tiles.
-#[allow(clippy::too_many_arguments)]
+/// caller takes another kernel). For W as [K, N], K must be a multiple of 64: a box of 64 k
+/// rows must not reach into the next expert.
 fn tma_varm(
     dev: &Arc<CudaDevice>,
     y: &Tensor,
@@ -317,33 +295,26 @@ fn tma_varm(
     w: &Tensor,
     offsets: &Tensor,
     trans_w: bool,
-    n: usize,
 ) -> Result<bool> {
-    let (m, k) = (y.dim(0), x.dim(1));
+    let (m, n, k) = (y.dim(0), y.dim(1), x.dim(1));
     let e = offsets.numel() - 1;
-    // Tensor maps need 16-byte aligned bases (the cp.async kernels take anything else).
-    if !tma_applies(dev, x.dtype(), k, trans_w) || (dptr(x) | dptr(w)) % 16 != 0 {
+    let dt = x.dtype();
+    if !tma_applies(dev, dt, &[dptr(x), dptr(w)]) || !(trans_w || k % 64 == 0) {
         return Ok(false);
     }
-    let bf16 = x.dtype() == DType::BF16;
-    let ta = tensor_map_2d(dptr(x), bf16, k, x.dim(0), 64, 128)?;
+    let ta = tensor_map_2d(dptr(x), dt, k, x.dim(0), 64, 128)?;
     let tb = if trans_w {
-        tensor_map_2d(dptr(w), bf16, k, e * n, 64, 256)?
+        tensor_map_2d(dptr(w), dt, k, e * n, 64, 256)?
     } else {
-        tensor_map_2d(dptr(w), bf16, n, e * k, 64, 64)?
+        tensor_map_2d(dptr(w), dt, n, e * k, 64, 64)?
     };
     let prefix = tile_prefix(dev, offsets)?;
     let tiles = (m.div_ceil(BM) + e) * n.div_ceil(WG_BN);
-    let grid = tiles.min(dev.sm_count()).max(1) as u32;
-    let name = format!(
-        "tt_{}_{}",
-        if trans_w { "nt" } else { "nn" },
-        x.dtype().name()
-    );
+    let name = format!("tt_{}_{}", if trans_w { "nt" } else { "nn" }, dt.name());
     dev.launch(
         &kernels::GROUPED_GEMM,
         &name,
-        (grid, 1, 1),
+        (tma_grid(dev, tiles), 1, 1),
         (384, 1, 1),
         TT_SMEM,
     )?
@@ -356,6 +327,48 @@ fn tma_varm(
     .usize_as_i32(m)?
     .usize_as_i32(n)?
     .usize_as_i32(k)?
+    .run()?;
+    Ok(true)
+}
+
+/// The weight gradient `tn_{..}` (kernel name past its family prefix) with the TMA kernels, when
+/// they apply (false: the caller takes another kernel): where groups average at least 256 rows.
+/// With fewer, each tile's main loop is a step or two and the f32 epilogue is the work, which
+/// the cp.async kernel streams better (BENCHMARKS 2026-11-30, sixth session: GPT-MoE shape, 64
+/// rows per group, 22.7 -> 24.4 ms). A persistent grid walks the E · tiles (e, p-tile, q-tile).
+fn tma_vark(
+    dev: &Arc<CudaDevice>,
+    out: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    offsets: &Tensor,
+    name: &str,
+    sumsq: u64,
+) -> Result<bool> {
+    let (m, p, q) = (a.dim(0), a.dim(1), b.dim(1));
+    let e = offsets.numel() - 1;
+    let dt = a.dtype();
+    if !tma_applies(dev, dt, &[dptr(a), dptr(b)]) || m < 256 * e {
+        return Ok(false);
+    }
+    let ta = tensor_map_2d(dptr(a), dt, p, m, 64, 64)?;
+    let tb = tensor_map_2d(dptr(b), dt, q, m, 64, 64)?;
+    let tiles = e * p.div_ceil(BM) * q.div_ceil(WG_BN);
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        &format!("tt_{name}"),
+        (tma_grid(dev, tiles), 1, 1),
+        (384, 1, 1),
+        TT_SMEM_K,
+    )?
+    .ptr(dptr(out))
+    .map(ta)
+    .map(tb)
+    .ptr(dptr(offsets))
+    .usize_as_i32(e)?
+    .usize_as_i32(p)?
+    .usize_as_i32(q)?
+    .ptr(sumsq)
     .run()?;
     Ok(true)
 }
@@ -420,13 +433,14 @@ pub(crate) fn grouped_matmul_gather(
 ) -> Result<Option<Tensor>> {
     let (m, k) = (rows.numel(), x.dim(1));
     let e = offsets.numel() - 1;
-    // With the TMA kernels, gathering first and running them is the default; `MOE_GG_GATHERED=1`
-    // keeps the cp.async kernel reading through the permutation (A/B comparisons).
+    // With the TMA kernels, gathering first and running them is the default (the gathered copy
+    // is aligned; w decides); `MOE_GG_GATHERED=1` keeps the cp.async kernel reading through the
+    // permutation (A/B comparisons).
     static GATHERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let gathered =
         *GATHERED.get_or_init(|| std::env::var("MOE_GG_GATHERED").is_ok_and(|v| v == "1"));
     if tiled_family(dev).0 != "wg"
-        || (!gathered && tma_applies(dev, x.dtype(), k, true))
+        || (!gathered && tma_applies(dev, x.dtype(), &[dptr(w)]))
         || !tensor_cores(x.dtype(), &[k, n])
         || small_m(x.dtype(), m, n, k, e)
     {
