@@ -725,24 +725,33 @@ fn grouped_gemm() {
                 &ops::grouped_matmul_tn(&dyc, &xc, &oc, DType::F32).unwrap(),
                 &ops::grouped_matmul_tn(&dyg, &xg, &og, DType::F32).unwrap(),
             );
-            // Accumulating into an existing f32 (and same-dtype) gradient.
-            for acc_dt in [DType::F32, dt] {
+            // Writing (accumulate false) and accumulating into an existing f32 (and same-dtype)
+            // gradient, with and without the squares of the values summed onto 0.25 (on Hopper
+            // f32 gradients leave through TMA stores, or TMA reduce-adds when accumulating
+            // without sums; accumulating with sums reads them back).
+            for (acc_dt, accumulate, sums) in [
+                (DType::F32, true, true),
+                (DType::F32, true, false),
+                (DType::F32, false, true),
+                (dt, true, true),
+            ] {
                 let (mut gc, mut gg) = pair(&mut r, &[e, n, k], acc_dt, dev);
-                // ... with the squares of the new values summed onto 0.25.
                 let mut sc = Tensor::from_vec(vec![0.25f32], &[1]).unwrap();
                 let mut sg = sc.to_device(dev).unwrap();
-                ops::grouped_matmul_tn_into(&mut gc, &dyc, &xc, &oc, true, Some(&mut sc)).unwrap();
-                ops::grouped_matmul_tn_into(&mut gg, &dyg, &xg, &og, true, Some(&mut sg)).unwrap();
-                close_each(
-                    &format!("grouped tn += {dt}->{acc_dt} e={e} k={k} n={n}"),
-                    &gc,
-                    &gg,
+                let (scm, sgm) = if sums {
+                    (Some(&mut sc), Some(&mut sg))
+                } else {
+                    (None, None)
+                };
+                ops::grouped_matmul_tn_into(&mut gc, &dyc, &xc, &oc, accumulate, scm).unwrap();
+                ops::grouped_matmul_tn_into(&mut gg, &dyg, &xg, &og, accumulate, sgm).unwrap();
+                let what = format!(
+                    "grouped tn {} {dt}->{acc_dt} (sums {sums}) e={e} k={k} n={n}",
+                    if accumulate { "+=" } else { "=" }
                 );
+                close_each(&what, &gc, &gg);
                 let (a, g) = (sc.scalar_f32().unwrap(), sg.scalar_f32().unwrap());
-                assert!(
-                    ((a - g) / a).abs() < 1e-4,
-                    "grouped tn sumsq {dt}->{acc_dt} e={e} k={k} n={n}: CPU {a} GPU {g}"
-                );
+                assert!(((a - g) / a).abs() < 1e-4, "{what}: sumsq CPU {a} GPU {g}");
             }
             if dt != DType::F32 {
                 close_each(

@@ -190,30 +190,46 @@ pub(crate) fn tensor_map_2d(
     box_inner: u32,
     box_rows: u32,
 ) -> Result<TensorMap> {
-    let bad = |what: &str| Error::Invalid(format!("tensor map [{rows}, {inner}]: {what}"));
-    if box_inner * 2 != 128 || !(1..=256).contains(&box_rows) {
-        return Err(bad("box must be 64 elements wide and 1..=256 rows"));
-    }
-    if inner % 8 != 0 || ptr % 16 != 0 || inner >= 1 << 32 || rows >= 1 << 32 {
-        return Err(bad("rows must be 16-byte aligned and dims below 2^32"));
-    }
-    let mut map: TensorMap = unsafe { std::mem::zeroed() };
-    let dims = [inner as u64, rows.max(1) as u64];
-    let strides = [(inner * 2) as u64];
-    let boxes = [box_inner, box_rows];
-    let elem = [1u32, 1];
+    tensor_map(ptr, dt, &[inner, rows], &[box_inner, box_rows])
+}
+
+/// A tensor map over a row-major tensor at `ptr` whose dims are given innermost first, moved in
+/// boxes `boxes` (innermost first) to or from 128-byte-swizzled shared memory: the innermost box
+/// extent must span 128 bytes. Reads outside the tensor give zeros; writes outside are dropped.
+pub(crate) fn tensor_map(ptr: u64, dt: DType, dims: &[usize], boxes: &[u32]) -> Result<TensorMap> {
+    let bad = |what: &str| Error::Invalid(format!("tensor map {dims:?} of {dt}: {what}"));
+    let es = dt.size_in_bytes();
     let cu_dt = match dt {
         DType::BF16 => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         DType::F16 => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-        _ => return Err(bad("only bf16 and f16")),
+        DType::F32 => dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+        _ => return Err(bad("only bf16, f16 and f32")),
     };
+    if dims.is_empty() || dims.len() > 5 || boxes.len() != dims.len() {
+        return Err(bad("1 to 5 dims, one box extent each"));
+    }
+    if boxes[0] as usize * es != 128 || boxes.iter().any(|&b| !(1..=256).contains(&b)) {
+        return Err(bad(
+            "the inner box extent must span 128 bytes, every extent 1..=256",
+        ));
+    }
+    if (dims[0] * es) % 16 != 0 || ptr % 16 != 0 || dims.iter().any(|&d| d >= 1 << 32) {
+        return Err(bad("rows must be 16-byte aligned and dims below 2^32"));
+    }
+    let mut map: TensorMap = unsafe { std::mem::zeroed() };
+    let gdims: Vec<u64> = dims.iter().map(|&d| d.max(1) as u64).collect();
+    // Byte strides of dims 1.. (dim 0 is contiguous).
+    let strides: Vec<u64> = (1..dims.len())
+        .map(|i| (dims[..i].iter().product::<usize>() * es) as u64)
+        .collect();
+    let elem = vec![1u32; dims.len()];
     unsafe {
         dsys::cuTensorMapEncodeTiled(
             &mut map,
             cu_dt,
-            2,
+            dims.len() as u32,
             ptr as *mut c_void,
-            dims.as_ptr(),
+            gdims.as_ptr(),
             strides.as_ptr(),
             boxes.as_ptr(),
             elem.as_ptr(),

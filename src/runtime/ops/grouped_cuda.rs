@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::dptr;
-use crate::runtime::cuda::{grid_1d, kernels, tensor_map_2d, CudaDevice};
+use crate::runtime::cuda::{grid_1d, kernels, tensor_map, tensor_map_2d, CudaDevice};
 use crate::runtime::{DType, Error, Result, Tensor};
 
 const BM: usize = 128;
@@ -264,7 +264,7 @@ fn tile_prefix(dev: &Arc<CudaDevice>, offsets: &Tensor) -> Result<Tensor> {
 
 /// Shared memory of the TMA kernels: the wgmma stage ring, 2 × 4 mbarriers, 1 KB of alignment.
 const TT_SMEM: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 64 + 1024;
-/// The weight-gradient TMA kernels add their epilogue's staging: 32 rows of 264 f32 after 128
+/// The weight-gradient TMA kernels add their epilogue's staging: 32 rows of 264 f32 before 128
 /// bytes of barriers (231 552 bytes in all, of the 232 448 an sm_90 block may have).
 const TT_SMEM_K: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 128 + 32 * 264 * 4 + 1024;
 
@@ -345,14 +345,29 @@ fn tma_vark(
     name: &str,
     sumsq: u64,
 ) -> Result<bool> {
+    // `MOE_GG_TMA_WGRAD_ROWS=n` moves the 256-row threshold (A/B comparisons).
+    static WGRAD_ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let wgrad_rows = *WGRAD_ROWS.get_or_init(|| {
+        std::env::var("MOE_GG_TMA_WGRAD_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+    });
     let (m, p, q) = (a.dim(0), a.dim(1), b.dim(1));
     let e = offsets.numel() - 1;
     let dt = a.dtype();
-    if !tma_applies(dev, dt, &[dptr(a), dptr(b)]) || m < 256 * e {
+    if !tma_applies(dev, dt, &[dptr(a), dptr(b), dptr(out)]) || m < wgrad_rows * e {
         return Ok(false);
     }
     let ta = tensor_map_2d(dptr(a), dt, p, m, 64, 64)?;
     let tb = tensor_map_2d(dptr(b), dt, q, m, 64, 64)?;
+    // f32 gradients leave through TMA (boxes of 32 rows × 32 columns); others are written by the
+    // threads and take no map.
+    let to = if out.dtype() == DType::F32 {
+        tensor_map(dptr(out), DType::F32, &[q, p, e], &[32, 32, 1])?
+    } else {
+        unsafe { std::mem::zeroed() }
+    };
     let tiles = e * p.div_ceil(BM) * q.div_ceil(WG_BN);
     dev.launch(
         &kernels::GROUPED_GEMM,
@@ -364,6 +379,7 @@ fn tma_vark(
     .ptr(dptr(out))
     .map(ta)
     .map(tb)
+    .map(to)
     .ptr(dptr(offsets))
     .usize_as_i32(e)?
     .usize_as_i32(p)?

@@ -620,6 +620,19 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaMap* map, int
         : "memory");
 }
 
+// The stage ring's barriers at `bars`: full[s] at bars + 8s (one arrive: the producer's
+// expect_tx), empty[s] at bars + 8(WSTAGES + s) (one arrive per consumer warp).
+__device__ __forceinline__ void tt_init_barriers(uint32_t bars) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < WSTAGES; ++s) {
+            mbar_init(bars + 8 * s, 1);
+            mbar_init(bars + 8 * (WSTAGES + s), TT_CONSUMERS / 32);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+}
+
 // Tile t of the VARM schedule (as wg_varm: column strips W_SWIZZLE m-tiles tall).
 struct TtTile {
     int e, row0, rws, m0, n0;
@@ -643,16 +656,8 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
     const int ntn = (N + WBN - 1) / WBN, total = tile_prefix[E], ntiles = total * ntn;
     const int nk = (K + WBK - 1) / WBK;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    // Barriers after the stage ring: full[s] at bars + 8s, empty[s] at bars + 8(WSTAGES + s).
     const uint32_t bars = smem + WSTAGES * W_STAGE_BYTES;
-    if (tid == 0) {
-        for (int s = 0; s < WSTAGES; ++s) {
-            mbar_init(bars + 8 * s, 1);
-            mbar_init(bars + 8 * (WSTAGES + s), TT_CONSUMERS / 32);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
+    tt_init_barriers(bars);
     if (warp >= TT_CONSUMERS / 32) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         if (warp == TT_CONSUMERS / 32 && lane == 0) {
@@ -726,6 +731,57 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
     }
     zero_tail<T>(y, offsets, E, M, N, blockIdx.x, gridDim.x);
 }
+// The weight gradient's f32 tile out through TMA: 4 passes of 32 rows (tile rows 32j..32j+31:
+// warps 2(j%2), 2(j%2)+1 of warpgroup j/2 write their fragments into the staging as 8 boxes of
+// 32 rows × 32 columns, 128-byte lines swizzled as SWIZZLE_128B reads them), then one thread
+// stores the boxes (ACC: adds them in L2, cp.reduce.async.bulk .add) through `to`, a 3-D map
+// over out [E, P, Q] (rows past P and columns past Q are clipped by the TMA unit), and waits
+// only until the staging has been read. Without ACC the squares of the values go to `ss`.
+template <bool ACC>
+__device__ __forceinline__ void tt_store_tma(const float (&acc)[128], const TmaMap* to, uint32_t stg, int e, int p0,
+                                             int q0, int P, int Q, float& ss) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+#pragma unroll 1
+    for (int pass = 0; pass < 4; ++pass) {
+        if (wg == (pass >> 1) && ((warp & 3) >> 1) == (pass & 1)) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int R = (warp & 1) * 16 + (lane >> 2) + 8 * h;  // staging row
+                const bool prow = p0 + pass * 32 + R < P;
+#pragma unroll
+                for (int i = 0; i < 32; ++i) {
+                    const int chunk = 2 * (i & 3) + ((lane & 3) >> 1);
+                    const uint32_t addr = stg + (i >> 2) * 4096 + R * 128 + ((chunk ^ (R & 7)) << 4) + (lane & 1) * 8;
+                    const float a = acc[4 * i + 2 * h], b = acc[4 * i + 2 * h + 1];
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(a), "f"(b) : "memory");
+                    if (!ACC && prow && q0 + 8 * i + 2 * (lane & 3) < Q) ss += a * a + b * b;
+                }
+            }
+            fence_proxy_async();  // generic-proxy writes, read by the TMA unit
+        }
+        asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
+        if (tid == 0) {
+#pragma unroll 1
+            for (int b = 0; b < WBN / 32 && q0 + 32 * b < Q; ++b) {
+                if (ACC)
+                    asm volatile(
+                        "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(
+                            reinterpret_cast<uint64_t>(to)),
+                        "r"(q0 + 32 * b), "r"(p0 + pass * 32), "r"(e), "r"(stg + b * 4096)
+                        : "memory");
+                else
+                    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(
+                                     reinterpret_cast<uint64_t>(to)),
+                                 "r"(q0 + 32 * b), "r"(p0 + pass * 32), "r"(e), "r"(stg + b * 4096)
+                                 : "memory");
+            }
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+            asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        }
+        asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
+    }
+}
+
 // VARK (weight gradients) with TMA: out[e] (P × Q) = a[rows of e]ᵀ · b[rows of e], a [M, P] and
 // b [M, Q] read as MN-major boxes of {64 p|q, 64 rows} (2 for A, 4 for B per stage). A group's
 // rows start anywhere, so its last k slice may hold the next group's rows: the consumers zero
@@ -733,19 +789,18 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
 // before their wgmma. Persistent: tiles (e, p-tile, q-tile) walked e by e in strips as VARM.
 // ACC adds into out; with `sumsq` the squares of the values written are summed into it.
 template <typename T, typename TO, bool ACC>
-__device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap* tb, const int* offsets, int E, int P,
-                                        int Q, float* sumsq, uint32_t smem) {
+__device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap* tb, const TmaMap* to,
+                                        const int* offsets, int E, int P, int Q, float* sumsq, uint32_t smem) {
     const int ntp = (P + WBM - 1) / WBM, ntq = (Q + WBN - 1) / WBN, per = ntp * ntq, ntiles = E * per;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const uint32_t bars = smem + WSTAGES * W_STAGE_BYTES;
-    if (tid == 0) {
-        for (int s = 0; s < WSTAGES; ++s) {
-            mbar_init(bars + 8 * s, 1);
-            mbar_init(bars + 8 * (WSTAGES + s), TT_CONSUMERS / 32);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
+    // Shared memory: the stage ring, the epilogue's staging (1024-aligned for the TMA store's
+    // swizzle), the barriers.
+    constexpr int STAGING = 32 * (WBN + 8) * 4;
+    const uint32_t stg = smem + WSTAGES * W_STAGE_BYTES, bars = stg + STAGING;
+    // f32 gradients leave through TMA: stored, or added in L2 with ACC (cp.reduce.async.bulk), so
+    // the consumers never wait on global memory; ACC with `sumsq` needs the sums, so it reads.
+    const bool tma_out = sizeof(TO) == 4 && !(ACC && sumsq);
+    tt_init_barriers(bars);
     auto tile = [&](int t, int& e, int& p0, int& q0) {
         e = t / per;
         const int in = t - e * per;
@@ -817,12 +872,15 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
             }
             wgmma_wait<0>();
             if (nk > 0 && lane == 0) mbar_arrive(bars + 8 * (WSTAGES + (it - 1) % WSTAGES));
-            // Epilogue staged through shared memory past the barriers (the ring is the producer's,
+            if (tma_out) {
+                if (!(ACC && nk == 0)) tt_store_tma<ACC>(acc, to, stg, e, p0, q0, P, Q, ss);
+                continue;
+            }
+            // Epilogue staged through shared memory past the ring (the ring is the producer's,
             // already filling for the next tile): 4 passes of 32 rows (warp j of each warpgroup
             // in pass j, fragment layout as wg_tile's), each moved as coalesced 16-byte row chunks
             // with all of a thread's loads (and ACC's global reads) issued before its stores.
             constexpr int LDS = WBN + 8, V = Vec16<TO>::V, CPR = WBN / V, EB = 32 * CPR / TT_CONSUMERS;
-            const uint32_t stg = bars + 128;
 #pragma unroll 1
             for (int pass = 0; pass < 4; ++pass) {
                 if ((warp & 3) == pass) {
@@ -876,14 +934,15 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
             ss = warp_sum(ss);
             if (lane == 0) atomicAdd(sumsq, ss);
         }
+        if (tma_out && tid == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     }
 }
 #define TT_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
-        NAME(TO* out, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb, const int* offsets, \
-             int E, int P, int Q, float* sumsq) {                                                       \
+        NAME(TO* out, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,              \
+             const __grid_constant__ TmaMap to, const int* offsets, int E, int P, int Q, float* sumsq) {  \
         extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
-        tt_vark<T, TO, ACC>(out, &ta, &tb, offsets, E, P, Q, sumsq, wg_smem_base(wsmem));               \
+        tt_vark<T, TO, ACC>(out, &ta, &tb, &to, offsets, E, P, Q, sumsq, wg_smem_base(wsmem));          \
     }
 #define TT_VARM(NAME, T, B_KMAJ)                                                                        \
     extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
@@ -898,7 +957,7 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
                                     const int*, const int*, int, int, int, int) { __trap(); }
 #define TT_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void NAME(TO*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
-                                    const int*, int, int, int, float*) { __trap(); }
+                                    const __grid_constant__ TmaMap, const int*, int, int, int, float*) { __trap(); }
 #endif
 TT_VARK(tt_tn_bf16_f32, bf16_t, float, false)
 TT_VARK(tt_tn_bf16_bf16, bf16_t, bf16_t, false)
