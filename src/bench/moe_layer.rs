@@ -94,7 +94,7 @@ pub fn run(a: MoeLayerArgs) -> anyhow::Result<()> {
         let fwd = median_ms(device, 2, a.reps, || {
             moe_forward(&cfg, &w, &x, Mode::Train { seed: 0 }).map(drop)
         })?;
-        let fb = median_ms(device, 2, a.reps, || {
+        let mut fwd_bwd = || {
             let (_, saved, _) = moe_forward(&cfg, &w, &x, Mode::Train { seed: 0 })?;
             moe_backward(
                 &cfg,
@@ -106,7 +106,18 @@ pub fn run(a: MoeLayerArgs) -> anyhow::Result<()> {
                 &mut g,
             )
             .map(drop)
-        })?;
+        };
+        let fb = median_ms(device, 2, a.reps, &mut fwd_bwd)?;
+        let profile = if crate::runtime::cuda::profile::enabled() {
+            // MOE_PROFILE=1: per kernel over 3 more fwd+bwd runs (synchronised per launch).
+            crate::runtime::cuda::profile::reset();
+            for _ in 0..3 {
+                fwd_bwd()?;
+            }
+            crate::runtime::cuda::profile::report()
+        } else {
+            None
+        };
         let h1 = 2 * f;
         let flops = 2.0 * (t * k * d * (h1 + f)) as f64 + 2.0 * (t * d * e) as f64;
         // Experts that receive tokens: all of them unless T·k < E.
@@ -124,6 +135,9 @@ pub fn run(a: MoeLayerArgs) -> anyhow::Result<()> {
             floor_fb,
             fb / floor_fb
         );
+        if let Some(report) = profile {
+            println!("profile of {s} (MOE_PROFILE=1, 3 fwd+bwd, synchronised):\n{report}");
+        }
     }
     Ok(())
 }
