@@ -451,6 +451,29 @@ pub fn combine_backward(
         Device::Cuda(_) => {
             let dev = cuda_dev(dy)?;
             let dyp = Tensor::uninit(&[n, dm], dy.dtype(), dy.device())?;
+            if n * dm > 0 && rows_v8(dm, &[&dyp, dy, y_perm]) {
+                // One pass: dy read once for both outputs; dropped slots have no row, so dw
+                // starts zeroed.
+                let dw = Tensor::zeros(&[k, t], DType::F32, dy.device())?;
+                dev.launch(
+                    &kernels::MOE_DISPATCH,
+                    &kname("uncombine_dw_v8", dy),
+                    (grid_1d(n * 32, 256), 1, 1),
+                    (256, 1, 1),
+                    0,
+                )?
+                .ptr(dptr(&dyp))
+                .ptr(dptr(&dw))
+                .ptr(dptr(dy))
+                .ptr(dptr(y_perm))
+                .ptr(dptr(&d.perm))
+                .ptr(dptr(&d.tok))
+                .ptr(dptr(w))
+                .usize_as_i32(n)?
+                .usize_as_i32(dm)?
+                .run()?;
+                return Ok((dyp, dw));
+            }
             let dw = Tensor::uninit(&[k, t], DType::F32, dy.device())?;
             if n * dm > 0 {
                 let (name, units) = if rows_v8(dm, &[&dyp, dy]) {

@@ -170,6 +170,35 @@ __device__ __forceinline__ int group_of(const int* offsets, int E, int r) {
             }                                                                                           \
         s = warp_sum(s);                                                                                \
         if (lane == 0) dw[f] = s;                                                                       \
+    }                                                                                                   \
+    /* uncombine_v8 and combine_dw_v8 in one pass over the expert-order rows (dy read once): one    \
+       warp per row p; dw of dropped slots (no row) is left as it was (zeroed by the caller). */    \
+    extern "C" __global__ void uncombine_dw_v8_##SUFFIX(T_* dyp, float* dw, const T_* dy, const T_* yp,   \
+                                                        const int* perm, const int* tok, const float* w, \
+                                                        int n, int d) {                                 \
+        const int64_t p = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;                        \
+        const int lane = threadIdx.x & 31;                                                              \
+        if (p >= n) return;                                                                             \
+        const int t = tok[p];                                                                           \
+        if (t < 0) {                                                                                    \
+            for (int c = lane * 8; c < d; c += 256) zero8(dyp + p * d + c);                             \
+            return;                                                                                     \
+        }                                                                                               \
+        const int f = perm[p];                                                                          \
+        const float sc = w[f];                                                                          \
+        float s = 0.f;                                                                                  \
+        for (int c = lane * 8; c < d; c += 256) {                                                       \
+            float a[8], b[8];                                                                           \
+            load8(dy + (int64_t)t * d + c, a);                                                          \
+            load8(yp + p * d + c, b);                                                                   \
+            _Pragma("unroll") for (int q = 0; q < 8; ++q) {                                             \
+                s += a[q] * b[q];                                                                       \
+                a[q] *= sc;                                                                             \
+            }                                                                                           \
+            store8(dyp + p * d + c, a);                                                                 \
+        }                                                                                               \
+        s = warp_sum(s);                                                                                \
+        if (lane == 0) dw[f] = s;                                                                       \
     }
 INSTANTIATE_FLOAT_TYPES(DISPATCH_V8)
 
