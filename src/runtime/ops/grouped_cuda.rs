@@ -268,6 +268,18 @@ const TT_SMEM: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 64 + 1024;
 /// bytes of barriers (231 552 bytes in all, of the 232 448 an sm_90 block may have).
 const TT_SMEM_K: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 128 + 32 * 264 * 4 + 1024;
 
+/// Strip height of the TMA VARM schedule in m-tiles (`MOE_GG_SWIZZLE`, default 8: A/B).
+fn tt_swizzle() -> i32 {
+    static SW: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *SW.get_or_init(|| {
+        std::env::var("MOE_GG_SWIZZLE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v: &i32| v > 0)
+            .unwrap_or(8)
+    })
+}
+
 /// Whether the TMA warp-specialised kernels (`tt_*`) take 16-bit operands at device addresses
 /// `bases`: Hopper, the wgmma family, and 16-byte aligned bases (tensor maps need them; the
 /// cp.async kernels take anything else). `MOE_GG_TMA=0` keeps the cp.async kernels (A/B
@@ -327,6 +339,7 @@ fn tma_varm(
     .usize_as_i32(m)?
     .usize_as_i32(n)?
     .usize_as_i32(k)?
+    .i32(tt_swizzle())
     .run()?;
     Ok(true)
 }

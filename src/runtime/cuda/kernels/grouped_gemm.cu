@@ -633,14 +633,15 @@ __device__ __forceinline__ void tt_init_barriers(uint32_t bars) {
     __syncthreads();
 }
 
-// Tile t of the VARM schedule (as wg_varm: column strips W_SWIZZLE m-tiles tall).
+// Tile t of the VARM schedule (as wg_varm: column strips `sw` m-tiles tall).
 struct TtTile {
     int e, row0, rws, m0, n0;
 };
-__device__ __forceinline__ TtTile tt_tile(int t, int total, int ntn, const int* offsets, const int* tile_prefix, int E) {
-    const int strip = t / (W_SWIZZLE * ntn), in = t - strip * (W_SWIZZLE * ntn);
-    const int h = min(W_SWIZZLE, total - strip * W_SWIZZLE);
-    const int nt = in / h, mt = strip * W_SWIZZLE + (in - nt * h);
+__device__ __forceinline__ TtTile tt_tile(int t, int total, int ntn, const int* offsets, const int* tile_prefix, int E,
+                                          int sw) {
+    const int strip = t / (sw * ntn), in = t - strip * (sw * ntn);
+    const int h = min(sw, total - strip * sw);
+    const int nt = in / h, mt = strip * sw + (in - nt * h);
     TtTile r;
     r.e = find_group(tile_prefix, E, mt);
     r.row0 = offsets[r.e];
@@ -652,7 +653,7 @@ __device__ __forceinline__ TtTile tt_tile(int t, int total, int ntn, const int* 
 
 template <typename T, bool B_KMAJ>
 __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb, const int* offsets,
-                                        const int* tile_prefix, int E, int M, int N, int K, uint32_t smem) {
+                                        const int* tile_prefix, int E, int M, int N, int K, int sw, uint32_t smem) {
     const int ntn = (N + WBN - 1) / WBN, total = tile_prefix[E], ntiles = total * ntn;
     const int nk = (K + WBK - 1) / WBK;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -663,7 +664,7 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
         if (warp == TT_CONSUMERS / 32 && lane == 0) {
             int it = 0;
             for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
-                const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E);
+                const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E, sw);
                 for (int kt = 0; kt < nk; ++kt, ++it) {
                     const int s = it % WSTAGES;
                     const uint32_t full = bars + 8 * s, st = smem + s * W_STAGE_BYTES;
@@ -686,7 +687,7 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
         const int wg = warp >> 2;
         int it = 0;
         for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
-            const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E);
+            const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E, sw);
             float acc[128];
 #pragma unroll
             for (int i = 0; i < 128; ++i) acc[i] = 0.f;
@@ -732,18 +733,23 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
     zero_tail<T>(y, offsets, E, M, N, blockIdx.x, gridDim.x);
 }
 // The weight gradient's f32 tile out through TMA: 4 passes of 32 rows (tile rows 32j..32j+31:
-// warps 2(j%2), 2(j%2)+1 of warpgroup j/2 write their fragments into the staging as 8 boxes of
-// 32 rows × 32 columns, 128-byte lines swizzled as SWIZZLE_128B reads them), then one thread
+// warps 2(j%2), 2(j%2)+1 of warpgroup j/2 write their fragments into a staging buffer as 8 boxes
+// of 32 rows × 32 columns, 128-byte lines swizzled as SWIZZLE_128B reads them), then one thread
 // stores the boxes (ACC: adds them in L2, cp.reduce.async.bulk .add) through `to`, a 3-D map
-// over out [E, P, Q] (rows past P and columns past Q are clipped by the TMA unit), and waits
-// only until the staging has been read. Without ACC the squares of the values go to `ss`.
+// over out [E, P, Q] (rows past P and columns past Q are clipped by the TMA unit). The staging
+// is only waited for (read by the TMA unit) when it is about to be written again, so the last
+// pass drains while the next tile's main loop runs. Without ACC the squares of the values go
+// to `ss`. (Staging 2 or 4 passes at once with a ring of 3 or 2 stages was slower: NOTES.)
 template <bool ACC>
 __device__ __forceinline__ void tt_store_tma(const float (&acc)[128], const TmaMap* to, uint32_t stg, int e, int p0,
                                              int q0, int P, int Q, float& ss) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+    const int mine = 2 * wg + ((warp & 3) >> 1);  // this warp's pass
 #pragma unroll 1
     for (int pass = 0; pass < 4; ++pass) {
-        if (wg == (pass >> 1) && ((warp & 3) >> 1) == (pass & 1)) {
+        if (tid == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
+        if (mine == pass) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int R = (warp & 1) * 16 + (lane >> 2) + 8 * h;  // staging row
@@ -776,9 +782,7 @@ __device__ __forceinline__ void tt_store_tma(const float (&acc)[128], const TmaM
                                  : "memory");
             }
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-            asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
         }
-        asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
     }
 }
 
@@ -947,14 +951,14 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
 #define TT_VARM(NAME, T, B_KMAJ)                                                                        \
     extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
         NAME(T* y, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb, const int* offsets, \
-             const int* tile_prefix, int E, int M, int N, int K) {                                      \
+             const int* tile_prefix, int E, int M, int N, int K, int sw) {                              \
         extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
-        tt_varm<T, B_KMAJ>(y, &ta, &tb, offsets, tile_prefix, E, M, N, K, wg_smem_base(wsmem));         \
+        tt_varm<T, B_KMAJ>(y, &ta, &tb, offsets, tile_prefix, E, M, N, K, sw, wg_smem_base(wsmem));     \
     }
 #else
 #define TT_VARM(NAME, T, B_KMAJ)                                                                        \
     extern "C" __global__ void NAME(T*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
-                                    const int*, const int*, int, int, int, int) { __trap(); }
+                                    const int*, const int*, int, int, int, int, int) { __trap(); }
 #define TT_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void NAME(TO*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
                                     const __grid_constant__ TmaMap, const int*, int, int, int, float*) { __trap(); }
