@@ -451,9 +451,12 @@ pub fn combine_backward(
         Device::Cuda(_) => {
             let dev = cuda_dev(dy)?;
             let dyp = Tensor::uninit(&[n, dm], dy.dtype(), dy.device())?;
-            if n * dm > 0 && rows_v8(dm, &[&dyp, dy, y_perm]) {
-                // One pass: dy read once for both outputs; dropped slots have no row, so dw
-                // starts zeroed.
+            if n * dm == 0 {
+                return Ok((dyp, Tensor::zeros(&[k, t], DType::F32, dy.device())?));
+            }
+            if rows_v8(dm, &[&dyp, dy, y_perm]) {
+                // One pass, one warp per expert-order row: dy read once for both outputs;
+                // dropped slots have no row, so dw starts zeroed.
                 let dw = Tensor::zeros(&[k, t], DType::F32, dy.device())?;
                 dev.launch(
                     &kernels::MOE_DISPATCH,
@@ -474,50 +477,43 @@ pub fn combine_backward(
                 .run()?;
                 return Ok((dyp, dw));
             }
+            // Unaligned rows: the scatter (8-wide where dy allows), then one warp per slot.
             let dw = Tensor::uninit(&[k, t], DType::F32, dy.device())?;
-            if n * dm > 0 {
-                let (name, units) = if rows_v8(dm, &[&dyp, dy]) {
-                    (kname("uncombine_v8", dy), n * dm / 8)
-                } else {
-                    (kname("uncombine", dy), n * dm)
-                };
-                dev.launch(
-                    &kernels::MOE_DISPATCH,
-                    &name,
-                    (grid_1d(units, 256), 1, 1),
-                    (256, 1, 1),
-                    0,
-                )?
-                .ptr(dptr(&dyp))
-                .ptr(dptr(dy))
-                .ptr(dptr(&d.perm))
-                .ptr(dptr(&d.tok))
-                .ptr(dptr(w))
-                .usize_as_i32(n)?
-                .usize_as_i32(dm)?
-                .run()?;
-                // One warp per slot.
-                let name = if rows_v8(dm, &[dy, y_perm]) {
-                    kname("combine_dw_v8", dy)
-                } else {
-                    kname("combine_dw", dy)
-                };
-                dev.launch(
-                    &kernels::MOE_DISPATCH,
-                    &name,
-                    (grid_1d(n * 32, 256), 1, 1),
-                    (256, 1, 1),
-                    0,
-                )?
-                .ptr(dptr(&dw))
-                .ptr(dptr(dy))
-                .ptr(dptr(y_perm))
-                .ptr(dptr(&d.pos))
-                .usize_as_i32(t)?
-                .usize_as_i32(n)?
-                .usize_as_i32(dm)?
-                .run()?;
-            }
+            let (name, units) = if rows_v8(dm, &[&dyp, dy]) {
+                (kname("uncombine_v8", dy), n * dm / 8)
+            } else {
+                (kname("uncombine", dy), n * dm)
+            };
+            dev.launch(
+                &kernels::MOE_DISPATCH,
+                &name,
+                (grid_1d(units, 256), 1, 1),
+                (256, 1, 1),
+                0,
+            )?
+            .ptr(dptr(&dyp))
+            .ptr(dptr(dy))
+            .ptr(dptr(&d.perm))
+            .ptr(dptr(&d.tok))
+            .ptr(dptr(w))
+            .usize_as_i32(n)?
+            .usize_as_i32(dm)?
+            .run()?;
+            dev.launch(
+                &kernels::MOE_DISPATCH,
+                &kname("combine_dw", dy),
+                (grid_1d(n * 32, 256), 1, 1),
+                (256, 1, 1),
+                0,
+            )?
+            .ptr(dptr(&dw))
+            .ptr(dptr(dy))
+            .ptr(dptr(y_perm))
+            .ptr(dptr(&d.pos))
+            .usize_as_i32(t)?
+            .usize_as_i32(n)?
+            .usize_as_i32(dm)?
+            .run()?;
             Ok((dyp, dw))
         }
     }

@@ -153,25 +153,7 @@ __device__ __forceinline__ int group_of(const int* offsets, int E, int r) {
         _Pragma("unroll") for (int q = 0; q < 8; ++q) v[q] *= s;                                        \
         store8(dyp + (int64_t)p * d + c, v);                                                            \
     }                                                                                                   \
-    /* dw[f] = <dy[f % T], yp[pos[f]]>; one warp per slot, 8 elements per lane per step. */             \
-    extern "C" __global__ void combine_dw_v8_##SUFFIX(float* dw, const T_* dy, const T_* yp, const int* pos, \
-                                                      int T, int n, int d) {                            \
-        const int64_t gw = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;                       \
-        const int lane = threadIdx.x & 31;                                                              \
-        if (gw >= n) return;                                                                            \
-        const int f = gw, p = pos[f], t = f % T;                                                        \
-        float s = 0.f;                                                                                  \
-        if (p >= 0)                                                                                     \
-            for (int c = lane * 8; c < d; c += 256) {                                                   \
-                float a[8], b[8];                                                                       \
-                load8(dy + (int64_t)t * d + c, a);                                                      \
-                load8(yp + (int64_t)p * d + c, b);                                                      \
-                _Pragma("unroll") for (int q = 0; q < 8; ++q) s += a[q] * b[q];                         \
-            }                                                                                           \
-        s = warp_sum(s);                                                                                \
-        if (lane == 0) dw[f] = s;                                                                       \
-    }                                                                                                   \
-    /* uncombine_v8 and combine_dw_v8 in one pass over the expert-order rows (dy read once): one    \
+    /* uncombine_v8 and combine_dw in one pass over the expert-order rows (dy read once): one       \
        warp per row p; dw of dropped slots (no row) is left as it was (zeroed by the caller). */    \
     extern "C" __global__ void uncombine_dw_v8_##SUFFIX(T_* dyp, float* dw, const T_* dy, const T_* yp,   \
                                                         const int* perm, const int* tok, const float* w, \
