@@ -1172,11 +1172,30 @@ fn argmax_rows_matches() {
             }
             let c = Tensor::from_f32(&v, &[rows, cols], dt, Device::Cpu).unwrap();
             let g = c.to_device(dev).unwrap();
+            let want = ops::argmax_rows(&c).unwrap().to_vec::<i32>().unwrap();
             assert_eq!(
                 ops::argmax_rows(&g).unwrap().to_vec::<i32>().unwrap(),
-                ops::argmax_rows(&c).unwrap().to_vec::<i32>().unwrap(),
+                want,
                 "argmax_rows {dt} {rows}x{cols}"
             );
+            // The greedy decode step's advance: ids into a given buffer, positions and lengths
+            // one further, on both devices.
+            let pos: Vec<i32> = (0..rows as i32).map(|i| 7 * i).collect();
+            let lens: Vec<i32> = pos.iter().map(|p| p + 1).collect();
+            for (d, x) in [(Device::Cpu, &c), (dev, &g)] {
+                let mut ids = Tensor::zeros(&[rows], DType::I32, d).unwrap();
+                let mut p = Tensor::from_slice(&pos, &[rows], d).unwrap();
+                let mut l = Tensor::from_slice(&lens, &[rows], d).unwrap();
+                ops::argmax_rows_advance(x, &mut ids, &mut p, &mut l).unwrap();
+                assert_eq!(
+                    ids.to_vec::<i32>().unwrap(),
+                    want,
+                    "argmax_rows_advance {d:?} {dt} {rows}x{cols}"
+                );
+                let plus = |v: &[i32]| v.iter().map(|x| x + 1).collect::<Vec<_>>();
+                assert_eq!(p.to_vec::<i32>().unwrap(), plus(&pos), "positions {d:?}");
+                assert_eq!(l.to_vec::<i32>().unwrap(), plus(&lens), "lengths {d:?}");
+            }
         }
     }
 }

@@ -116,6 +116,104 @@ fn cuda_graph_decode_equals_eager() {
     }
 }
 
+/// Greedy steps chained on the device (each step's arg-max feeding the next, one step launched
+/// ahead of the one read) give the host loop's tokens; the step launched ahead and discarded
+/// leaves the cache as it was, so host-fed steps carry on exactly (bf16 and f32, MoE and dense,
+/// batched).
+#[test]
+fn chained_greedy_decode_equals_host_greedy() {
+    let Some((dev, _gpu)) = gpu() else { return };
+    for case in [
+        "qwen3_moe_renorm",
+        "qwen2_moe_shared",
+        "mixtral",
+        "llama_gqa_llama3rope",
+    ] {
+        let dir = fixture_dir("hf").join(case);
+        let ps = prompts(case);
+        for dt in [DType::BF16, DType::F32] {
+            let m = Model::load_hf(&dir, dev, Some(dt)).unwrap();
+            let (want, _) = greedy_with(&m, &ps, 12, false);
+            let mut cache = m.new_kv_cache(ps.len(), 48).unwrap();
+            let l = m
+                .forward_infer(&ps, &mut cache, false)
+                .unwrap()
+                .to_f32_vec()
+                .unwrap();
+            let v = l.len() / ps.len();
+            let first: Vec<u32> = (0..ps.len())
+                .map(|i| moe::infer::sampler::argmax(&l[i * v..(i + 1) * v]))
+                .collect();
+            let mut got: Vec<Vec<u32>> = first.iter().map(|&id| vec![id]).collect();
+            m.decode_greedy_launch(&mut cache, Some(&first)).unwrap();
+            for _ in 0..7 {
+                m.decode_greedy_launch(&mut cache, None).unwrap();
+                assert_eq!(cache.decode_in_flight(), 2);
+                let ids = m.decode_greedy_wait(&mut cache).unwrap();
+                for (g, id) in got.iter_mut().zip(ids) {
+                    g.push(id);
+                }
+            }
+            let lens = cache.lens.clone();
+            assert_eq!(m.decode_greedy_discard(&mut cache).unwrap(), 1);
+            assert_eq!(cache.lens, lens.iter().map(|l| l - 1).collect::<Vec<_>>());
+            assert!(
+                m.decode_greedy_launch(&mut cache, None).is_err(),
+                "{case}: a chain cannot continue from a discarded step"
+            );
+            for _ in 0..4 {
+                let feed: Vec<Vec<u32>> = got.iter().map(|g| vec![*g.last().unwrap()]).collect();
+                let l = m
+                    .forward_infer(&feed, &mut cache, false)
+                    .unwrap()
+                    .to_f32_vec()
+                    .unwrap();
+                for (i, g) in got.iter_mut().enumerate() {
+                    g.push(moe::infer::sampler::argmax(&l[i * v..(i + 1) * v]));
+                }
+            }
+            assert_eq!(got, want, "{case} {dt}: chained greedy vs host greedy");
+        }
+    }
+}
+
+/// `generate` greedy on the GPU — chained steps, and the second time a recycled cache with its
+/// recorded step — gives the host loop's tokens; an EOS met mid-way ends that sequence where
+/// the host loop would (the step launched ahead of it discarded) while the others go on.
+#[test]
+fn generate_chained_and_pooled_matches_host_greedy() {
+    use moe::infer::{generate, GenOptions, SamplingParams};
+    let Some((dev, _gpu)) = gpu() else { return };
+    for case in ["qwen3_moe_renorm", "llama_gqa_llama3rope"] {
+        let dir = fixture_dir("hf").join(case);
+        let ps = prompts(case);
+        let m = Model::load_hf(&dir, dev, Some(DType::F32)).unwrap();
+        let (want, _) = greedy_with(&m, &ps, 10, false);
+        let opts = |eos: Vec<u32>| GenOptions {
+            max_new_tokens: 10,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            eos,
+            ignore_eos: false,
+        };
+        for round in 0..2 {
+            let (g, _) = generate(&m, None, &ps, &opts(Vec::new()), &mut |_, _| {}).unwrap();
+            let got: Vec<Vec<u32>> = g.into_iter().map(|g| g.completion_ids).collect();
+            assert_eq!(got, want, "{case} round {round}: generate vs host greedy");
+        }
+        let eos = want[0][4];
+        let (g, _) = generate(&m, None, &ps, &opts(vec![eos]), &mut |_, _| {}).unwrap();
+        for (i, g) in g.iter().enumerate() {
+            let end = want[i].iter().position(|&t| t == eos).map_or(10, |p| p + 1);
+            assert_eq!(
+                g.completion_ids,
+                want[i][..end],
+                "{case} sequence {i} with EOS {eos}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bf16_logits_and_f32_greedy_on_cuda() {
     let Some((dev, _gpu)) = gpu() else { return };

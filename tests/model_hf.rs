@@ -253,3 +253,47 @@ fn clip_qkv_training_is_refused() {
     };
     assert!(err.contains("clip_qkv"), "{err}");
 }
+
+/// A recycled cache comes back for the same batch and length bucket with its lengths emptied,
+/// and decodes exactly as a fresh one (stale rows past the lengths are never read); a longer
+/// request than the bucket, or another batch, gets a cache of its own shape.
+#[test]
+fn recycled_kv_caches_decode_as_fresh_ones() {
+    let m = Model::load_hf(
+        &fixture_dir("hf").join("qwen3_moe_renorm"),
+        Device::Cpu,
+        None,
+    )
+    .unwrap();
+    let ctx = m.config.max_seq_len;
+    let run = |c: &mut moe::model::KvCache, p: &[Vec<u32>]| -> Vec<f32> {
+        let mut l = m.forward_infer(p, c, false).unwrap();
+        for step in 0..3u32 {
+            let feed: Vec<Vec<u32>> = p.iter().map(|_| vec![1 + step]).collect();
+            l = m.forward_infer(&feed, c, false).unwrap();
+        }
+        l.to_f32_vec().unwrap()
+    };
+    let mut c = m.pooled_kv_cache(2, 9).unwrap();
+    assert!(
+        c.max_len >= 9 && c.max_len <= ctx,
+        "{} positions",
+        c.max_len
+    );
+    let bucket = c.max_len;
+    let first = run(&mut c, &[vec![5, 6, 7, 8], vec![9, 10]]);
+    m.recycle_kv_cache(c).unwrap();
+    let mut again = m.pooled_kv_cache(2, 7).unwrap();
+    assert_eq!((again.lens.clone(), again.max_len), (vec![0, 0], bucket));
+    // Different prompts first (other rows written), then the first run's again.
+    run(&mut again, &[vec![11, 12, 13, 14, 15, 16], vec![17]]);
+    m.recycle_kv_cache(again).unwrap();
+    let mut reused = m.pooled_kv_cache(2, 9).unwrap();
+    assert_eq!(reused.lens, vec![0, 0]);
+    assert_eq!(run(&mut reused, &[vec![5, 6, 7, 8], vec![9, 10]]), first);
+    m.recycle_kv_cache(reused).unwrap();
+    assert_eq!(m.pooled_kv_cache(3, 9).unwrap().lens, vec![0; 3]);
+    if bucket < ctx {
+        assert!(m.pooled_kv_cache(2, bucket + 1).unwrap().max_len > bucket);
+    }
+}

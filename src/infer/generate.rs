@@ -145,40 +145,41 @@ pub fn generate(
     // sequences can keep being fed while others decode: the step stays one batched decode.
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let cache_len = (longest + opts.max_new_tokens).min(context).max(1);
-    let mut cache = model.new_kv_cache(prompts.len(), cache_len)?;
+    let mut cache = model.pooled_kv_cache(prompts.len(), cache_len)?;
     let mut timing = GenTiming::default();
     let t0 = Instant::now();
     let mut feed: Vec<Vec<u32>> = prompts.to_vec();
     let mut first = true;
     let device_greedy = opts.sampling.is_plain_greedy();
     let mut host: Vec<f32> = Vec::new(); // the step's logits, reused across steps
+                                         // Chained greedy steps (GPU, CUDA graphs): each step's arg-max feeds the next on the device,
+                                         // and step t + 1 is launched before step t's ids are read, so the GPU never waits for the
+                                         // host. Only a step that may be needed is launched ahead: one whose sequences are not all
+                                         // at their token budget (an EOS or stop string can still end them first: that one step is
+                                         // then discarded).
+    let mut chained = false;
     loop {
-        let logits = model.forward_infer(&feed, &mut cache, false)?;
-        if logits.rank() != 2 || logits.dim(0) != seqs.len() {
-            return Err(Error::Invalid(format!(
-                "the model returned logits {:?} for {} sequences",
-                logits.shape(),
-                seqs.len()
-            )));
-        }
-        // Greedy without a penalty on the GPU: the arg-max is taken there and only the ids come
-        // back; otherwise each live sequence samples its row on the host, in parallel.
-        let picks: Vec<Option<u32>> = if device_greedy && logits.device() != Device::Cpu {
-            let ids = ops::argmax_rows(&logits)?.to_vec::<i32>()?;
+        let picks: Vec<Option<u32>> = if chained {
+            let ahead = seqs
+                .iter()
+                .any(|s| s.finish.is_none() && s.out.len() + 1 < s.budget);
+            if ahead && cache.lens.iter().all(|&l| l < cache.max_len) {
+                model.decode_greedy_launch(&mut cache, None)?;
+            }
+            let ids = model.decode_greedy_wait(&mut cache)?;
             seqs.iter()
                 .zip(ids)
-                .map(|(s, id)| s.finish.is_none().then_some(id as u32))
+                .map(|(s, id)| s.finish.is_none().then_some(id))
                 .collect()
         } else {
-            logits.read_f32_into(&mut host)?;
-            let v = logits.dim(1);
-            seqs.par_iter_mut()
-                .zip(host.par_chunks(v.max(1)))
-                .map(|(s, row)| match s.finish {
-                    None => Some(s.sampler.sample(row, &s.ids)),
-                    Some(_) => None,
-                })
-                .collect()
+            step_picks(
+                model,
+                &feed,
+                &mut cache,
+                &mut seqs,
+                device_greedy,
+                &mut host,
+            )?
         };
         if first {
             timing.prefill_s = t0.elapsed().as_secs_f64();
@@ -238,8 +239,27 @@ pub fn generate(
         if seqs.iter().all(|s| s.finish.is_some()) {
             break;
         }
+        // Start the chain once every sequence is fed one token (its first step takes them
+        // from the host) and every cache row has room; it ends when a step is not launched.
+        let room = cache.lens.iter().all(|&l| l < cache.max_len);
+        if !chained
+            && device_greedy
+            && chain_enabled()
+            && room
+            && model.greedy_chain_supported(&cache)
+            && feed.iter().all(|f| f.len() == 1)
+        {
+            let ids: Vec<u32> = feed.iter().map(|f| f[0]).collect();
+            model.decode_greedy_launch(&mut cache, Some(&ids))?;
+            chained = true;
+        } else if chained && cache.decode_in_flight() == 0 {
+            chained = false;
+        }
     }
+    // A step launched ahead that no sequence needed (they ended by EOS or a stop string).
+    model.decode_greedy_discard(&mut cache)?;
     timing.decode_s = t0.elapsed().as_secs_f64() - timing.prefill_s;
+    model.recycle_kv_cache(cache)?;
     timing.decode_tokens = seqs.iter().map(|s| s.out.len().saturating_sub(1)).sum();
     let out = seqs
         .into_iter()
@@ -252,6 +272,51 @@ pub fn generate(
         })
         .collect();
     Ok((out, timing))
+}
+
+/// Chained greedy steps unless `MOE_GREEDY_CHAIN=0` (A/B comparisons).
+fn chain_enabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*OFF.get_or_init(|| std::env::var("MOE_GREEDY_CHAIN").is_ok_and(|v| v == "0"))
+}
+
+/// One step through `Model::forward_infer` (prefill, or a decode step fed from the host): each
+/// live sequence's next id. Greedy without a penalty on the GPU takes the arg-max there and only
+/// the ids come back; otherwise each live sequence samples its row on the host, in parallel.
+fn step_picks(
+    model: &Model,
+    feed: &[Vec<u32>],
+    cache: &mut crate::model::KvCache,
+    seqs: &mut [Seq],
+    device_greedy: bool,
+    host: &mut Vec<f32>,
+) -> Result<Vec<Option<u32>>> {
+    let logits = model.forward_infer(feed, cache, false)?;
+    if logits.rank() != 2 || logits.dim(0) != seqs.len() {
+        return Err(Error::Invalid(format!(
+            "the model returned logits {:?} for {} sequences",
+            logits.shape(),
+            seqs.len()
+        )));
+    }
+    if device_greedy && logits.device() != Device::Cpu {
+        let ids = ops::argmax_rows(&logits)?.to_vec::<i32>()?;
+        return Ok(seqs
+            .iter()
+            .zip(ids)
+            .map(|(s, id)| s.finish.is_none().then_some(id as u32))
+            .collect());
+    }
+    logits.read_f32_into(host)?;
+    let v = logits.dim(1);
+    Ok(seqs
+        .par_iter_mut()
+        .zip(host.par_chunks(v.max(1)))
+        .map(|(s, row)| match s.finish {
+            None => Some(s.sampler.sample(row, &s.ids)),
+            Some(_) => None,
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -230,7 +230,15 @@ pub struct Model {
     pub device: Device,
     pub dtype: DType,
     rope: RopeTable,
+    /// Caches handed back with `recycle_kv_cache`, with their recorded decode steps, for the
+    /// next `pooled_kv_cache` of the same batch and length bucket.
+    cache_pool: std::sync::Mutex<Vec<KvCache>>,
 }
+
+/// Caches `Model::recycle_kv_cache` keeps (the oldest go first).
+const CACHE_POOL: usize = 4;
+/// `Model::pooled_kv_cache` rounds lengths up to a multiple of this.
+const CACHE_BUCKET: usize = 128;
 
 /// Options of one training forward.
 #[derive(Clone, Copy, Debug)]
@@ -310,6 +318,13 @@ pub struct KvCache {
     decode: Option<Box<DecodeState>>,
 }
 
+impl KvCache {
+    /// Chained greedy decode steps launched and not yet read (`Model::decode_greedy_wait`).
+    pub fn decode_in_flight(&self) -> usize {
+        self.decode.as_ref().map_or(0, |st| st.in_flight.len())
+    }
+}
+
 /// The device inputs of one decode step: token ids, positions, lengths after the step, and
 /// the cache row of each sequence, all [B] i32.
 struct DecodeInputs {
@@ -325,7 +340,18 @@ struct DecodeState {
     out: Tensor,
     graph: Option<crate::runtime::cuda::graph::Graph>,
     steps: usize,
+    /// Chained greedy steps (`Model::decode_greedy_launch`): their own recorded step (logits
+    /// → arg-max written into the inputs, positions and lengths advanced), the page-locked
+    /// buffers their ids come back through, and the slots of the steps not yet waited for.
+    greedy_graph: Option<crate::runtime::cuda::graph::Graph>,
+    readback: Vec<crate::runtime::cuda::HostReadback>,
+    in_flight: std::collections::VecDeque<usize>,
+    /// The device inputs hold the step after the last one launched (a chained step ran last).
+    chained: bool,
 }
+
+/// Greedy steps a chain may have launched and not yet waited for.
+pub const GREEDY_IN_FLIGHT: usize = 2;
 
 /// Most rows one prefill pass runs (as vLLM's `max_num_batched_tokens`).
 pub const PREFILL_TOKENS: usize = 8192;
@@ -413,6 +439,7 @@ impl Model {
             device,
             dtype,
             rope,
+            cache_pool: std::sync::Mutex::new(Vec::new()),
         };
         m.check_shapes()?;
         Ok(m)
@@ -837,6 +864,45 @@ impl Model {
         })
     }
 
+    /// A cache for `batch` sequences of at least `max_len` positions (rounded up to a multiple
+    /// of 128 within the context): a recycled one of that shape when there is one — its decode
+    /// steps already recorded as CUDA graphs, so a request does not pay for recording them
+    /// again — else a new one. Hand it back with `recycle_kv_cache`.
+    pub fn pooled_kv_cache(&self, batch: usize, max_len: usize) -> Result<KvCache> {
+        let len = max_len
+            .div_ceil(CACHE_BUCKET)
+            .saturating_mul(CACHE_BUCKET)
+            .min(self.config.max_seq_len)
+            .max(max_len);
+        let graphs = std::env::var("MOE_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let mut pool = self.cache_pool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = pool
+            .iter()
+            .position(|c| c.lens.len() == batch && c.max_len == len && c.use_graphs == graphs)
+        {
+            let mut c = pool.remove(i);
+            c.lens.iter_mut().for_each(|l| *l = 0);
+            return Ok(c);
+        }
+        drop(pool);
+        self.new_kv_cache(batch, len)
+    }
+
+    /// Keeps `cache` for a later `pooled_kv_cache` of its shape (at most a few are kept; the
+    /// oldest is freed first). Steps still in flight are waited for.
+    pub fn recycle_kv_cache(&self, mut cache: KvCache) -> Result<()> {
+        self.decode_greedy_discard(&mut cache)?;
+        if let Some(st) = cache.decode.as_mut() {
+            st.chained = false;
+        }
+        let mut pool = self.cache_pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.push(cache);
+        if pool.len() > CACHE_POOL {
+            pool.remove(0);
+        }
+        Ok(())
+    }
+
     /// Appends `tokens[i]` to sequence i of the cache and returns f32 logits: [B, V] for the last
     /// new position of each sequence (sequences given no tokens get zeros), or with `all_logits`
     /// [Σ new tokens, V] for every new position in order.
@@ -892,6 +958,9 @@ impl Model {
                 *l += 1;
             }
             return Ok(logits);
+        }
+        if let Some(st) = cache.decode.as_mut() {
+            st.chained = false;
         }
         // Prefill in passes of at most PREFILL_TOKENS rows (chunked prefill: bounded activation
         // memory, and many prompts share each pass's GEMMs and expert groups).
@@ -1110,8 +1179,8 @@ impl Model {
         pos: &[i32],
         lens: &[i32],
     ) -> Result<Tensor> {
-        let bsz = ids.len();
         let dev = self.device;
+        self.decode_state(cache)?;
         let KvCache {
             k,
             v,
@@ -1119,21 +1188,8 @@ impl Model {
             use_graphs,
             ..
         } = cache;
-        if decode.is_none() {
-            let seqs: Vec<i32> = (0..bsz as i32).collect();
-            *decode = Some(Box::new(DecodeState {
-                inputs: DecodeInputs {
-                    ids: Tensor::zeros(&[bsz], DType::I32, dev)?,
-                    pos: Tensor::zeros(&[bsz], DType::I32, dev)?,
-                    lens: Tensor::zeros(&[bsz], DType::I32, dev)?,
-                    seqs: Tensor::from_slice(&seqs, &[bsz], dev)?,
-                },
-                out: Tensor::zeros(&[bsz, self.config.vocab_size], DType::F32, dev)?,
-                graph: None,
-                steps: 0,
-            }));
-        }
         let st = decode.as_mut().expect("decode state was just created");
+        st.chained = false;
         st.inputs.ids.copy_from_host(ids)?;
         st.inputs.pos.copy_from_host(pos)?;
         st.inputs.lens.copy_from_host(lens)?;
@@ -1163,6 +1219,190 @@ impl Model {
         st.steps += 1;
         st.graph.as_ref().expect("graph captured above").launch()?;
         Ok(st.out.try_clone()?)
+    }
+
+    /// Creates the cache's decode state (device input buffers for its batch) if it has none.
+    fn decode_state(&self, cache: &mut KvCache) -> Result<()> {
+        if cache.decode.is_some() {
+            return Ok(());
+        }
+        let (bsz, dev) = (cache.lens.len(), self.device);
+        let seqs: Vec<i32> = (0..bsz as i32).collect();
+        let readback = match dev {
+            Device::Cuda(o) => (0..GREEDY_IN_FLIGHT)
+                .map(|_| crate::runtime::cuda::HostReadback::new(o, 4 * bsz))
+                .collect::<crate::runtime::Result<Vec<_>>>()?,
+            Device::Cpu => Vec::new(),
+        };
+        cache.decode = Some(Box::new(DecodeState {
+            inputs: DecodeInputs {
+                ids: Tensor::zeros(&[bsz], DType::I32, dev)?,
+                pos: Tensor::zeros(&[bsz], DType::I32, dev)?,
+                lens: Tensor::zeros(&[bsz], DType::I32, dev)?,
+                seqs: Tensor::from_slice(&seqs, &[bsz], dev)?,
+            },
+            out: Tensor::zeros(&[bsz, self.config.vocab_size], DType::F32, dev)?,
+            graph: None,
+            steps: 0,
+            greedy_graph: None,
+            readback,
+            in_flight: std::collections::VecDeque::new(),
+            chained: false,
+        }));
+        Ok(())
+    }
+
+    /// Whether `decode_greedy_launch` applies to this cache: a GPU model decoding through CUDA
+    /// graphs.
+    pub fn greedy_chain_supported(&self, cache: &KvCache) -> bool {
+        self.device.is_cuda() && cache.use_graphs
+    }
+
+    /// Queues one greedy decode step for every sequence of the cache and returns without
+    /// waiting for it (`decode_greedy_wait` gives its ids, in launch order). The step's inputs
+    /// are `ids` (one per sequence), or with None the ids the previous chained step picked: its
+    /// arg-max was written on the device into the buffers this step reads, positions and lengths
+    /// advanced there too, so chained steps run back to back with no host round trip between
+    /// them and the host reads step t's ids while step t + 1 runs. Every sequence needs room for
+    /// one more position; at most `GREEDY_IN_FLIGHT` steps may be waiting. A step launched
+    /// speculatively and not needed is undone with `decode_greedy_discard`.
+    pub fn decode_greedy_launch(&self, cache: &mut KvCache, ids: Option<&[u32]>) -> Result<()> {
+        let Device::Cuda(ordinal) = self.device else {
+            return Err(ModelError::Invalid(
+                "chained greedy decoding needs a CUDA device".into(),
+            ));
+        };
+        let bsz = cache.lens.len();
+        if let Some(i) = cache.lens.iter().position(|&l| l >= cache.max_len) {
+            return Err(ModelError::Invalid(format!(
+                "sequence {i}: the cache of {} positions is full",
+                cache.max_len
+            )));
+        }
+        self.decode_state(cache)?;
+        let KvCache {
+            k,
+            v,
+            decode,
+            lens,
+            use_graphs,
+            ..
+        } = cache;
+        let st = decode.as_mut().expect("decode state was just created");
+        if st.in_flight.len() >= GREEDY_IN_FLIGHT {
+            return Err(ModelError::Invalid(format!(
+                "{GREEDY_IN_FLIGHT} chained decode steps are already waiting to be read"
+            )));
+        }
+        match ids {
+            Some(ids) => {
+                if ids.len() != bsz {
+                    return Err(ModelError::Invalid(format!(
+                        "{} ids for a cache of {bsz} sequences",
+                        ids.len()
+                    )));
+                }
+                if let Some(&bad) = ids
+                    .iter()
+                    .find(|&&id| id as usize >= self.config.vocab_size)
+                {
+                    return Err(ModelError::Invalid(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        self.config.vocab_size
+                    )));
+                }
+                let as_i32 = |it: &mut dyn Iterator<Item = usize>| -> Vec<i32> {
+                    it.map(|x| x as i32).collect()
+                };
+                st.inputs
+                    .ids
+                    .copy_from_host(&as_i32(&mut ids.iter().map(|&x| x as usize)))?;
+                st.inputs
+                    .pos
+                    .copy_from_host(&as_i32(&mut lens.iter().copied()))?;
+                st.inputs
+                    .lens
+                    .copy_from_host(&as_i32(&mut lens.iter().map(|&l| l + 1)))?;
+            }
+            None if st.chained => {}
+            None => {
+                return Err(ModelError::Invalid(
+                    "no chained decode step to continue from: give the first step's ids".into(),
+                ))
+            }
+        }
+        let step = |st: &mut DecodeState, k: &mut [Tensor], v: &mut [Tensor]| -> Result<()> {
+            let logits = self.decode_body(&st.inputs, k, v)?;
+            let DecodeInputs { ids, pos, lens, .. } = &mut st.inputs;
+            Ok(ops::argmax_rows_advance(&logits, ids, pos, lens)?)
+        };
+        // The first step runs eagerly (kernels compiled, memory pool grown), the second is
+        // recorded; if recording fails the chain goes on eagerly (and says so once).
+        if st.greedy_graph.is_none() && st.steps > 0 && *use_graphs {
+            let cu = crate::runtime::cuda::device(ordinal)?;
+            match cu.capture(|| step(st, k, v)) {
+                Ok(((), g)) => st.greedy_graph = Some(g),
+                Err(e) => {
+                    tracing::warn!("CUDA graph capture of the greedy decode step failed ({e}); decoding without graphs");
+                    *use_graphs = false;
+                }
+            }
+        }
+        st.steps += 1;
+        match &st.greedy_graph {
+            Some(g) => g.launch()?,
+            None => step(st, k, v)?,
+        }
+        let slot = (0..GREEDY_IN_FLIGHT)
+            .find(|s| !st.in_flight.contains(s))
+            .expect("fewer than GREEDY_IN_FLIGHT steps are in flight");
+        st.readback[slot].fetch(&st.inputs.ids)?;
+        st.in_flight.push_back(slot);
+        st.chained = true;
+        for l in lens.iter_mut() {
+            *l += 1;
+        }
+        Ok(())
+    }
+
+    /// The ids the oldest chained step not yet read picked, one per sequence (blocks until it
+    /// has run).
+    pub fn decode_greedy_wait(&self, cache: &mut KvCache) -> Result<Vec<u32>> {
+        let st = cache
+            .decode
+            .as_mut()
+            .ok_or_else(|| ModelError::Invalid("no chained decode step was launched".into()))?;
+        let slot = st
+            .in_flight
+            .pop_front()
+            .ok_or_else(|| ModelError::Invalid("no chained decode step is waiting".into()))?;
+        Ok(st.readback[slot]
+            .wait_i32()?
+            .into_iter()
+            .map(|id| id as u32)
+            .collect())
+    }
+
+    /// Waits for every chained step not yet read and takes them back: the cache's lengths return
+    /// to what they were before those steps (the K/V rows they wrote past that are ignored and
+    /// overwritten later). Returns how many steps were discarded.
+    pub fn decode_greedy_discard(&self, cache: &mut KvCache) -> Result<usize> {
+        let mut n = 0;
+        while cache
+            .decode
+            .as_ref()
+            .is_some_and(|st| !st.in_flight.is_empty())
+        {
+            self.decode_greedy_wait(cache)?;
+            n += 1;
+        }
+        for l in cache.lens.iter_mut() {
+            *l -= n;
+        }
+        if let Some(st) = cache.decode.as_mut() {
+            st.chained = st.chained && n == 0;
+        }
+        Ok(n)
     }
 
     /// (total, active-per-token) parameter counts.

@@ -24,7 +24,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys as dsys;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
+};
 
 use super::{Error, Result};
 
@@ -270,6 +272,59 @@ fn keep_freed_memory_in_pool(ctx: &Arc<CudaContext>) -> Result<()> {
 
 /// A device buffer of `len` bytes. `ptr` is its raw address, read once at allocation: kernels
 /// take raw pointers and every op is ordered on the one compute stream.
+/// Page-locked host memory that a device tensor is copied into without blocking the host
+/// (`fetch`, ordered after the work queued before it); `wait_i32` blocks until that copy has
+/// landed. For results read back while later work is already queued (chained greedy decode
+/// steps: step t's ids come back while step t + 1 runs).
+pub struct HostReadback {
+    buf: PinnedHostSlice<u8>,
+    /// Recorded after each fetch's copy (the context does not track events for us).
+    landed: cudarc::driver::CudaEvent,
+    stream: Arc<CudaStream>,
+}
+
+impl HostReadback {
+    /// Room for `bytes` bytes, pinned in `ordinal`'s context.
+    pub fn new(ordinal: usize, bytes: usize) -> Result<HostReadback> {
+        let dev = device(ordinal)?;
+        // Cached (not write-combined) pages: the host reads them.
+        let buf = unsafe { dev.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }
+            .map_err(|e| Error::cuda("alloc pinned", e))?;
+        let landed = dev
+            .ctx
+            .new_event(Some(dsys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(|e| Error::cuda("event", e))?;
+        Ok(HostReadback {
+            buf,
+            landed,
+            stream: dev.stream.clone(),
+        })
+    }
+    /// Queues the copy of `t` (a CUDA tensor of exactly this buffer's size).
+    pub fn fetch(&mut self, t: &crate::runtime::Tensor) -> Result<()> {
+        let s = t
+            .cuda_storage()
+            .ok_or_else(|| Error::Invalid("HostReadback::fetch of a CPU tensor".into()))?;
+        s.download_async(&mut self.buf)?;
+        self.landed
+            .record(&self.stream)
+            .map_err(|e| Error::cuda("event record", e))
+    }
+    /// Waits for the last fetch and returns its bytes as i32.
+    pub fn wait_i32(&self) -> Result<Vec<i32>> {
+        self.landed
+            .synchronize()
+            .map_err(|e| Error::cuda("readback", e))?;
+        let b = self
+            .buf
+            .as_slice()
+            .map_err(|e| Error::cuda("readback", e))?;
+        Ok(b.chunks_exact(4)
+            .map(bytemuck::pod_read_unaligned)
+            .collect())
+    }
+}
+
 pub struct CudaStorage {
     buf: CudaSlice<u8>,
     ptr: u64,
@@ -352,6 +407,26 @@ impl CudaStorage {
                 .map_err(|e| Error::cuda("download", e))?;
         }
         self.dev.synchronize()
+    }
+
+    /// Queues a copy into page-locked host memory of exactly `len` bytes and returns at once;
+    /// the buffer's own event marks its arrival (`HostReadback::wait_i32`).
+    pub(crate) fn download_async(&self, out: &mut PinnedHostSlice<u8>) -> Result<()> {
+        if out.len() != self.len {
+            return Err(Error::Invalid(format!(
+                "download of a {}-byte buffer into {} bytes",
+                self.len,
+                out.len()
+            )));
+        }
+        if self.len > 0 {
+            let src = self.buf.slice(..self.len);
+            self.dev
+                .stream
+                .memcpy_dtoh(&src, out)
+                .map_err(|e| Error::cuda("download", e))?;
+        }
+        Ok(())
     }
 
     pub(crate) fn try_clone(&self) -> Result<CudaStorage> {

@@ -43,7 +43,9 @@ pub use index::{
 pub use loss::{cross_entropy, cross_entropy_backward};
 pub use matmul::{add_rmsnorm_linear_qkv, linear, linear_qkv, matmul, matmul_into, Matmul};
 pub use norm::{add_rmsnorm, rmsnorm, rmsnorm_backward, rmsnorm_backward_acc};
-pub use reduce::{argmax_row, argmax_rows, sum_all, sum_rows, sum_squares, sum_squares_many};
+pub use reduce::{
+    argmax_row, argmax_rows, argmax_rows_advance, sum_all, sum_rows, sum_squares, sum_squares_many,
+};
 pub use rope::{rope, rope_backward, RopeTable};
 pub use softmax::{log_softmax, softmax, softmax_backward, Softmax};
 

@@ -5,9 +5,9 @@
 
 use rayon::prelude::*;
 
-use super::{cuda_dev, dptr, kname};
+use super::{cuda_dev, dptr, kname, same_device};
 use crate::runtime::cuda::{kernels, CudaDevice};
-use crate::runtime::{DType, Device, Result, Tensor};
+use crate::runtime::{DType, Device, Error, Result, Tensor};
 
 /// Σ over rows: x [.., C] -> [C] f32.
 pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
@@ -231,20 +231,62 @@ pub fn argmax_row(x: &[f32]) -> usize {
 /// of each row. On the GPU the step's logits need not leave the device.
 pub fn argmax_rows(x: &Tensor) -> Result<Tensor> {
     x.expect_float("argmax_rows")?;
+    let mut out = Tensor::uninit(&[x.rows_cols().0], DType::I32, x.device())?;
+    argmax_into(x, &mut out, None)?;
+    Ok(out)
+}
+
+/// A greedy decode step's advance on the device: ids [R] = `argmax_rows(x)` (x [R, V] the step's
+/// logits), and positions `pos` and lengths `lens` (i32 [R]) one further, so that the buffers a
+/// recorded decode step reads already hold the next step's inputs (no host round trip between
+/// chained steps).
+pub fn argmax_rows_advance(
+    x: &Tensor,
+    ids: &mut Tensor,
+    pos: &mut Tensor,
+    lens: &mut Tensor,
+) -> Result<()> {
+    let op = "argmax_rows_advance";
+    x.expect_float(op)?;
+    same_device(op, &[x, ids, pos, lens])?;
+    let rows = x.rows_cols().0;
+    for (name, t) in [("ids", &*ids), ("pos", &*pos), ("lens", &*lens)] {
+        t.expect_dtype(op, DType::I32)?;
+        if t.shape() != [rows] {
+            return Err(Error::shape(
+                op,
+                format!("{name} {:?} for {rows} rows of logits", t.shape()),
+            ));
+        }
+    }
+    argmax_into(x, ids, Some((pos, lens)))
+}
+
+/// `out` = the row arg-maxes of x; with `advance`, (pos, lens) each + 1 per row.
+fn argmax_into(
+    x: &Tensor,
+    out: &mut Tensor,
+    advance: Option<(&mut Tensor, &mut Tensor)>,
+) -> Result<()> {
     let (rows, cols) = x.rows_cols();
     match x.device() {
         Device::Cpu => {
             let v = x.cpu_f32()?;
-            let out: Vec<i32> = (0..rows)
+            let ids: Vec<i32> = (0..rows)
                 .into_par_iter()
                 .map(|r| argmax_row(&v[r * cols..(r + 1) * cols]) as i32)
                 .collect();
-            Tensor::from_vec(out, &[rows])
+            out.as_mut_slice::<i32>()?.copy_from_slice(&ids);
+            if let Some((pos, lens)) = advance {
+                for t in [pos, lens] {
+                    t.as_mut_slice::<i32>()?.iter_mut().for_each(|p| *p += 1);
+                }
+            }
+            Ok(())
         }
         Device::Cuda(_) => {
-            let out = Tensor::uninit(&[rows], DType::I32, x.device())?;
             if rows == 0 {
-                return Ok(out);
+                return Ok(());
             }
             let dev = cuda_dev(x)?;
             // Parts per row: enough blocks to spread one row's read over the SMs at batch 1.
@@ -270,12 +312,14 @@ pub fn argmax_rows(x: &Tensor) -> Result<Tensor> {
                 (64, 1, 1),
                 0,
             )?
-            .ptr(dptr(&out))
+            .ptr(dptr(out))
             .ptr(dptr(&pv))
             .ptr(dptr(&pi))
             .usize_as_i32(parts)?
+            .ptr(advance.as_ref().map_or(0, |(p, _)| dptr(p)))
+            .ptr(advance.as_ref().map_or(0, |(_, l)| dptr(l)))
             .run()?;
-            Ok(out)
+            Ok(())
         }
     }
 }
@@ -302,6 +346,19 @@ mod tests {
             .to_vec::<i32>()
             .unwrap();
         assert_eq!(got, vec![1, 3, 0, 0, 2]);
+        // The decode step's advance: the same ids into the given buffer, positions and lengths
+        // one further; a buffer of the wrong length is named.
+        let x = Tensor::from_vec(rows.iter().flatten().copied().collect(), &[5, 5]).unwrap();
+        let mut ids = Tensor::from_vec(vec![-1i32; 5], &[5]).unwrap();
+        let mut pos = Tensor::from_vec(vec![0i32, 3, 9, 1, 4], &[5]).unwrap();
+        let mut lens = Tensor::from_vec(vec![1i32, 4, 10, 2, 5], &[5]).unwrap();
+        ops::argmax_rows_advance(&x, &mut ids, &mut pos, &mut lens).unwrap();
+        assert_eq!(ids.to_vec::<i32>().unwrap(), vec![1, 3, 0, 0, 2]);
+        assert_eq!(pos.to_vec::<i32>().unwrap(), vec![1, 4, 10, 2, 5]);
+        assert_eq!(lens.to_vec::<i32>().unwrap(), vec![2, 5, 11, 3, 6]);
+        let mut short = Tensor::from_vec(vec![0i32; 4], &[4]).unwrap();
+        let e = ops::argmax_rows_advance(&x, &mut ids, &mut short, &mut lens).unwrap_err();
+        assert!(e.to_string().contains("pos [4]"), "{e}");
     }
 
     /// Column reductions (bias and norm-weight gradients) give the same bits under any thread

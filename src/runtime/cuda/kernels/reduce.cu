@@ -117,7 +117,10 @@ __device__ __forceinline__ void argmax_block(float& bv, int& bi) {
         if (threadIdx.x == 0) part_v[row * parts + blockIdx.x] = bv, part_i[row * parts + blockIdx.x] = bi; \
     }
 INSTANTIATE_FLOAT_TYPES(ARGMAX)
-extern "C" __global__ void argmax_final(int* out, const float* part_v, const int* part_i, int parts) {
+// With pos / lens (else null): a greedy decode step's advance, pos[row] and lens[row] + 1 (the
+// step's output ids become the next step's input on the device: ops::argmax_rows_advance).
+extern "C" __global__ void argmax_final(int* out, const float* part_v, const int* part_i, int parts, int* pos,
+                                        int* lens) {
     const int row = blockIdx.x;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
@@ -126,5 +129,9 @@ extern "C" __global__ void argmax_final(int* out, const float* part_v, const int
         if (v > NEG_INF) argmax_take(bv, bi, v, part_i[row * parts + p]);
     }
     argmax_block(bv, bi);
-    if (threadIdx.x == 0) out[row] = bi == 0x7fffffff ? 0 : bi;
+    if (threadIdx.x == 0) {
+        out[row] = bi == 0x7fffffff ? 0 : bi;
+        if (pos) pos[row] += 1;
+        if (lens) lens[row] += 1;
+    }
 }
