@@ -90,11 +90,9 @@ fn greedy_with(
     (out, last)
 }
 
-/// Decode steps replayed from a CUDA graph give exactly the eager steps' logits (bf16 and f32,
-/// MoE and dense, batched).
-#[test]
-fn cuda_graph_decode_equals_eager() {
-    let Some((dev, _gpu)) = gpu() else { return };
+/// `f(case, dtype, model, prompts)` for the decode-path cases (MoE and dense, batched) in bf16
+/// and f32.
+fn each_decode_model(dev: Device, mut f: impl FnMut(&str, DType, &Model, &[Vec<u32>])) {
     for case in [
         "qwen3_moe_renorm",
         "qwen2_moe_shared",
@@ -104,77 +102,74 @@ fn cuda_graph_decode_equals_eager() {
         let dir = fixture_dir("hf").join(case);
         let ps = prompts(case);
         for dt in [DType::BF16, DType::F32] {
-            let m = Model::load_hf(&dir, dev, Some(dt)).unwrap();
-            let (ga, la) = greedy_with(&m, &ps, 10, true);
-            let (gb, lb) = greedy_with(&m, &ps, 10, false);
-            assert_eq!(ga, gb, "{case} {dt}: tokens with and without graphs");
-            assert_eq!(
-                la, lb,
-                "{case} {dt}: last-step logits with and without graphs"
-            );
+            f(case, dt, &Model::load_hf(&dir, dev, Some(dt)).unwrap(), &ps);
         }
     }
 }
 
+/// Decode steps replayed from a CUDA graph give exactly the eager steps' logits.
+#[test]
+fn cuda_graph_decode_equals_eager() {
+    let Some((dev, _gpu)) = gpu() else { return };
+    each_decode_model(dev, |case, dt, m, ps| {
+        let (ga, la) = greedy_with(m, ps, 10, true);
+        let (gb, lb) = greedy_with(m, ps, 10, false);
+        assert_eq!(ga, gb, "{case} {dt}: tokens with and without graphs");
+        assert_eq!(
+            la, lb,
+            "{case} {dt}: last-step logits with and without graphs"
+        );
+    });
+}
+
 /// Greedy steps chained on the device (each step's arg-max feeding the next, one step launched
 /// ahead of the one read) give the host loop's tokens; the step launched ahead and discarded
-/// leaves the cache as it was, so host-fed steps carry on exactly (bf16 and f32, MoE and dense,
-/// batched).
+/// leaves the cache as it was, so host-fed steps carry on exactly.
 #[test]
 fn chained_greedy_decode_equals_host_greedy() {
     let Some((dev, _gpu)) = gpu() else { return };
-    for case in [
-        "qwen3_moe_renorm",
-        "qwen2_moe_shared",
-        "mixtral",
-        "llama_gqa_llama3rope",
-    ] {
-        let dir = fixture_dir("hf").join(case);
-        let ps = prompts(case);
-        for dt in [DType::BF16, DType::F32] {
-            let m = Model::load_hf(&dir, dev, Some(dt)).unwrap();
-            let (want, _) = greedy_with(&m, &ps, 12, false);
-            let mut cache = m.new_kv_cache(ps.len(), 48).unwrap();
+    each_decode_model(dev, |case, dt, m, ps| {
+        let (want, _) = greedy_with(m, ps, 12, false);
+        let mut cache = m.new_kv_cache(ps.len(), 48).unwrap();
+        let l = m
+            .forward_infer(&ps, &mut cache, false)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        let v = l.len() / ps.len();
+        let first: Vec<u32> = (0..ps.len())
+            .map(|i| moe::infer::sampler::argmax(&l[i * v..(i + 1) * v]))
+            .collect();
+        let mut got: Vec<Vec<u32>> = first.iter().map(|&id| vec![id]).collect();
+        m.decode_greedy_launch(&mut cache, Some(&first)).unwrap();
+        for _ in 0..7 {
+            m.decode_greedy_launch(&mut cache, None).unwrap();
+            assert_eq!(cache.decode_in_flight(), 2);
+            let ids = m.decode_greedy_wait(&mut cache).unwrap();
+            for (g, id) in got.iter_mut().zip(ids) {
+                g.push(id);
+            }
+        }
+        let lens = cache.lens.clone();
+        assert_eq!(m.decode_greedy_discard(&mut cache).unwrap(), 1);
+        assert_eq!(cache.lens, lens.iter().map(|l| l - 1).collect::<Vec<_>>());
+        assert!(
+            m.decode_greedy_launch(&mut cache, None).is_err(),
+            "{case}: a chain cannot continue from a discarded step"
+        );
+        for _ in 0..4 {
+            let feed: Vec<Vec<u32>> = got.iter().map(|g| vec![*g.last().unwrap()]).collect();
             let l = m
-                .forward_infer(&ps, &mut cache, false)
+                .forward_infer(&feed, &mut cache, false)
                 .unwrap()
                 .to_f32_vec()
                 .unwrap();
-            let v = l.len() / ps.len();
-            let first: Vec<u32> = (0..ps.len())
-                .map(|i| moe::infer::sampler::argmax(&l[i * v..(i + 1) * v]))
-                .collect();
-            let mut got: Vec<Vec<u32>> = first.iter().map(|&id| vec![id]).collect();
-            m.decode_greedy_launch(&mut cache, Some(&first)).unwrap();
-            for _ in 0..7 {
-                m.decode_greedy_launch(&mut cache, None).unwrap();
-                assert_eq!(cache.decode_in_flight(), 2);
-                let ids = m.decode_greedy_wait(&mut cache).unwrap();
-                for (g, id) in got.iter_mut().zip(ids) {
-                    g.push(id);
-                }
+            for (i, g) in got.iter_mut().enumerate() {
+                g.push(moe::infer::sampler::argmax(&l[i * v..(i + 1) * v]));
             }
-            let lens = cache.lens.clone();
-            assert_eq!(m.decode_greedy_discard(&mut cache).unwrap(), 1);
-            assert_eq!(cache.lens, lens.iter().map(|l| l - 1).collect::<Vec<_>>());
-            assert!(
-                m.decode_greedy_launch(&mut cache, None).is_err(),
-                "{case}: a chain cannot continue from a discarded step"
-            );
-            for _ in 0..4 {
-                let feed: Vec<Vec<u32>> = got.iter().map(|g| vec![*g.last().unwrap()]).collect();
-                let l = m
-                    .forward_infer(&feed, &mut cache, false)
-                    .unwrap()
-                    .to_f32_vec()
-                    .unwrap();
-                for (i, g) in got.iter_mut().enumerate() {
-                    g.push(moe::infer::sampler::argmax(&l[i * v..(i + 1) * v]));
-                }
-            }
-            assert_eq!(got, want, "{case} {dt}: chained greedy vs host greedy");
         }
-    }
+        assert_eq!(got, want, "{case} {dt}: chained greedy vs host greedy");
+    });
 }
 
 /// `generate` greedy on the GPU — chained steps, and the second time a recycled cache with its

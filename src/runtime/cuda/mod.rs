@@ -25,7 +25,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys as dsys;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, HostSlice,
+    PinnedHostSlice,
 };
 
 use super::{Error, Result};
@@ -392,26 +393,13 @@ impl CudaStorage {
     /// Copy to a host buffer of exactly `len` bytes (a caller's reused buffer: no fresh pages to
     /// fault in per call); waits for the stream.
     pub(crate) fn download_into(&self, out: &mut [u8]) -> Result<()> {
-        if out.len() != self.len {
-            return Err(Error::Invalid(format!(
-                "download of a {}-byte buffer into {} bytes",
-                self.len,
-                out.len()
-            )));
-        }
-        if self.len > 0 {
-            let src = self.buf.slice(..self.len);
-            self.dev
-                .stream
-                .memcpy_dtoh(&src, out)
-                .map_err(|e| Error::cuda("download", e))?;
-        }
+        self.download_async(out)?;
         self.dev.synchronize()
     }
 
-    /// Queues a copy into page-locked host memory of exactly `len` bytes and returns at once;
-    /// the buffer's own event marks its arrival (`HostReadback::wait_i32`).
-    pub(crate) fn download_async(&self, out: &mut PinnedHostSlice<u8>) -> Result<()> {
+    /// Queues a copy into a host buffer of exactly `len` bytes on the compute stream and returns
+    /// at once (page-locked memory: `HostReadback`, whose event marks its arrival).
+    pub(crate) fn download_async<D: HostSlice<u8> + ?Sized>(&self, out: &mut D) -> Result<()> {
         if out.len() != self.len {
             return Err(Error::Invalid(format!(
                 "download of a {}-byte buffer into {} bytes",
