@@ -151,12 +151,13 @@ pub fn generate(
     let mut feed: Vec<Vec<u32>> = prompts.to_vec();
     let mut first = true;
     let device_greedy = opts.sampling.is_plain_greedy();
-    let mut host: Vec<f32> = Vec::new(); // the step's logits, reused across steps
-                                         // Chained greedy steps (GPU, CUDA graphs): each step's arg-max feeds the next on the device,
-                                         // and step t + 1 is launched before step t's ids are read, so the GPU never waits for the
-                                         // host. Only a step that may be needed is launched ahead: one whose sequences are not all
-                                         // at their token budget (an EOS or stop string can still end them first: that one step is
-                                         // then discarded).
+    // The step's logits on the host, reused across steps.
+    let mut host: Vec<f32> = Vec::new();
+    // Chained greedy steps (GPU, CUDA graphs): each step's arg-max feeds the next on the device,
+    // and step t + 1 is launched before step t's ids are read, so the GPU never waits for the
+    // host. Only a step that may be needed is launched ahead: one whose sequences are not all
+    // at their token budget (an EOS or stop string can still end them first: that one step is
+    // then discarded).
     let mut chained = false;
     loop {
         let picks: Vec<Option<u32>> = if chained {

@@ -882,6 +882,7 @@ impl Model {
         {
             let mut c = pool.remove(i);
             c.lens.iter_mut().for_each(|l| *l = 0);
+            c.prefill_tokens = PREFILL_TOKENS;
             return Ok(c);
         }
         drop(pool);
