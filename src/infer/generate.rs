@@ -157,10 +157,9 @@ pub fn generate(
     // and step t + 1 is launched before step t's ids are read, so the GPU never waits for the
     // host. Only a step that may be needed is launched ahead: one whose sequences are not all
     // at their token budget (an EOS or stop string can still end them first: that one step is
-    // then discarded).
-    let mut chained = false;
+    // then discarded). The chain is running while a launched step waits to be read.
     loop {
-        let picks: Vec<Option<u32>> = if chained {
+        let picks: Vec<Option<u32>> = if cache.decode_in_flight() > 0 {
             let ahead = seqs
                 .iter()
                 .any(|s| s.finish.is_none() && s.out.len() + 1 < s.budget);
@@ -241,20 +240,17 @@ pub fn generate(
             break;
         }
         // Start the chain once every sequence is fed one token (its first step takes them
-        // from the host) and every cache row has room; it ends when a step is not launched.
-        let room = cache.lens.iter().all(|&l| l < cache.max_len);
-        if !chained
+        // from the host) and every cache row has room; it ends when a step is not launched
+        // (for want of room, which a new start would miss too).
+        if cache.decode_in_flight() == 0
             && device_greedy
             && chain_enabled()
-            && room
+            && cache.lens.iter().all(|&l| l < cache.max_len)
             && model.greedy_chain_supported(&cache)
             && feed.iter().all(|f| f.len() == 1)
         {
             let ids: Vec<u32> = feed.iter().map(|f| f[0]).collect();
             model.decode_greedy_launch(&mut cache, Some(&ids))?;
-            chained = true;
-        } else if chained && cache.decode_in_flight() == 0 {
-            chained = false;
         }
     }
     // A step launched ahead that no sequence needed (they ended by EOS or a stop string).

@@ -350,6 +350,29 @@ struct DecodeState {
     chained: bool,
 }
 
+/// Whether a new cache decodes through CUDA graphs: yes unless `MOE_CUDA_GRAPHS=0`.
+fn graphs_by_default() -> bool {
+    std::env::var("MOE_CUDA_GRAPHS").map_or(true, |v| v != "0")
+}
+
+/// A decode step's positions (the tokens already cached) and lengths after it, from the
+/// cache's lengths.
+fn step_positions(lens: &[usize]) -> (Vec<i32>, Vec<i32>) {
+    (
+        lens.iter().map(|&l| l as i32).collect(),
+        lens.iter().map(|&l| l as i32 + 1).collect(),
+    )
+}
+
+impl DecodeInputs {
+    /// Uploads one step's ids, positions and lengths.
+    fn set(&mut self, ids: &[i32], pos: &[i32], lens: &[i32]) -> crate::runtime::Result<()> {
+        self.ids.copy_from_host(ids)?;
+        self.pos.copy_from_host(pos)?;
+        self.lens.copy_from_host(lens)
+    }
+}
+
 /// Greedy steps a chain may have launched and not yet waited for.
 pub const GREEDY_IN_FLIGHT: usize = 2;
 
@@ -858,7 +881,7 @@ impl Model {
             v,
             lens: vec![0; batch],
             max_len,
-            use_graphs: std::env::var("MOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            use_graphs: graphs_by_default(),
             prefill_tokens: PREFILL_TOKENS,
             decode: None,
         })
@@ -874,7 +897,7 @@ impl Model {
             .saturating_mul(CACHE_BUCKET)
             .min(self.config.max_seq_len)
             .max(max_len);
-        let graphs = std::env::var("MOE_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let graphs = graphs_by_default();
         let mut pool = self.cache_pool.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = pool
             .iter()
@@ -940,8 +963,7 @@ impl Model {
         let decode = !all_logits && bsz > 0 && tokens.iter().all(|t| t.len() == 1);
         if decode {
             let ids: Vec<i32> = tokens.iter().map(|t| t[0] as i32).collect();
-            let pos: Vec<i32> = cache.lens.iter().map(|&l| l as i32).collect();
-            let lens: Vec<i32> = cache.lens.iter().map(|&l| l as i32 + 1).collect();
+            let (pos, lens) = step_positions(&cache.lens);
             let logits = if self.device.is_cuda() && cache.use_graphs {
                 self.decode_graphed(cache, &ids, &pos, &lens)?
             } else {
@@ -1191,9 +1213,7 @@ impl Model {
         } = cache;
         let st = decode.as_mut().expect("decode state was just created");
         st.chained = false;
-        st.inputs.ids.copy_from_host(ids)?;
-        st.inputs.pos.copy_from_host(pos)?;
-        st.inputs.lens.copy_from_host(lens)?;
+        st.inputs.set(ids, pos, lens)?;
         if st.graph.is_none() {
             if st.steps == 0 {
                 st.steps += 1;
@@ -1312,18 +1332,9 @@ impl Model {
                         self.config.vocab_size
                     )));
                 }
-                let as_i32 = |it: &mut dyn Iterator<Item = usize>| -> Vec<i32> {
-                    it.map(|x| x as i32).collect()
-                };
-                st.inputs
-                    .ids
-                    .copy_from_host(&as_i32(&mut ids.iter().map(|&x| x as usize)))?;
-                st.inputs
-                    .pos
-                    .copy_from_host(&as_i32(&mut lens.iter().copied()))?;
-                st.inputs
-                    .lens
-                    .copy_from_host(&as_i32(&mut lens.iter().map(|&l| l + 1)))?;
+                let ids: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+                let (pos, next) = step_positions(lens);
+                st.inputs.set(&ids, &pos, &next)?;
             }
             None if st.chained => {}
             None => {

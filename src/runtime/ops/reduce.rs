@@ -272,11 +272,10 @@ fn argmax_into(
     match x.device() {
         Device::Cpu => {
             let v = x.cpu_f32()?;
-            let ids: Vec<i32> = (0..rows)
-                .into_par_iter()
-                .map(|r| argmax_row(&v[r * cols..(r + 1) * cols]) as i32)
-                .collect();
-            out.as_mut_slice::<i32>()?.copy_from_slice(&ids);
+            out.as_mut_slice::<i32>()?
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(r, o)| *o = argmax_row(&v[r * cols..(r + 1) * cols]) as i32);
             if let Some((pos, lens)) = advance {
                 for t in [pos, lens] {
                     t.as_mut_slice::<i32>()?.iter_mut().for_each(|p| *p += 1);

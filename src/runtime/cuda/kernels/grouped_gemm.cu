@@ -371,6 +371,37 @@ template <typename H> struct Vec16Half {
 template <> struct Vec16<bf16_t> : Vec16Half<bf16_t> {};
 template <> struct Vec16<f16_t> : Vec16Half<f16_t> {};
 
+// A thread's part of its warp's 16 accumulator rows (a 64×256 wgmma fragment per warpgroup:
+// acc[4i + 2h + j] is row 8h + lane/4, column 8i + 2·(lane%4) + j) stored as f32 into staging
+// shared memory from `base` (its first element), rows LDS floats apart.
+template <int LDS> __device__ __forceinline__ void stage_fragment(uint32_t base, const float* acc) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(base + (8 * h * LDS + 8 * i) * 4),
+                         "f"(acc[4 * i + 2 * h]), "f"(acc[4 * i + 2 * h + 1])
+                         : "memory");
+}
+
+// V staged f32 values from shared address `saddr` into v; with ACC, plus the V values at d (the
+// read half of a read-add-write epilogue).
+template <int V, bool ACC, typename TO>
+__device__ __forceinline__ void staged_read_acc(float* v, uint32_t saddr, const TO* d) {
+#pragma unroll
+    for (int q = 0; q < V; q += 4)
+        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                     : "=f"(v[q]), "=f"(v[q + 1]), "=f"(v[q + 2]), "=f"(v[q + 3])
+                     : "r"(saddr + q * 4)
+                     : "memory");
+    if (ACC) {
+        float old[V];
+        Vec16<TO>::load(d, old);
+#pragma unroll
+        for (int q = 0; q < V; ++q) v[q] += old[q];
+    }
+}
+
 // One CTA: a WBM×WBN tile of C = op(A)·op(B) over Kdim (operand conventions as tile_gemm).
 // AG: A's rows are gathered through `grows` (glim rows in the source, see wg_load).
 template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ, bool ACC = false, bool AG = false>
@@ -432,14 +463,7 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
     __syncthreads();              // both warpgroups' last wgmma have read their stages
     {
         const int warp = (tid >> 5) & 3, lane = tid & 31;
-        const uint32_t base = smem + ((wg * 64 + warp * 16 + (lane >> 2)) * LDS + 2 * (lane & 3)) * 4;
-#pragma unroll
-        for (int i = 0; i < 32; ++i)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(base + (8 * h * LDS + 8 * i) * 4),
-                             "f"(acc[4 * i + 2 * h]), "f"(acc[4 * i + 2 * h + 1])
-                             : "memory");
+        stage_fragment<LDS>(smem + ((wg * 64 + warp * 16 + (lane >> 2)) * LDS + 2 * (lane & 3)) * 4, acc);
     }
     __syncthreads();
     // Batches of 8 chunks per thread: all loads (shared, and global with ACC) issued before any
@@ -460,18 +484,7 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
             ok[b] = c < WBM * CPR && m < Mv && n < Nv;
             dst[b] = C + (int64_t)m * ldc + n;
             if (!ok[b]) continue;
-#pragma unroll
-            for (int q = 0; q < V; q += 4)
-                asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                             : "=f"(v[b][q]), "=f"(v[b][q + 1]), "=f"(v[b][q + 2]), "=f"(v[b][q + 3])
-                             : "r"(smem + (r * LDS + col + q) * 4)
-                             : "memory");
-            if (ACC) {
-                float old[V];
-                Vec16<TO>::load(dst[b], old);
-#pragma unroll
-                for (int q = 0; q < V; ++q) v[b][q] += old[q];
-            }
+            staged_read_acc<V, ACC>(v[b], smem + (r * LDS + col) * 4, dst[b]);
         }
 #pragma unroll
         for (int b = 0; b < EB; ++b)
@@ -887,16 +900,8 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
             constexpr int LDS = WBN + 8, V = Vec16<TO>::V, CPR = WBN / V, EB = 32 * CPR / TT_CONSUMERS;
 #pragma unroll 1
             for (int pass = 0; pass < 4; ++pass) {
-                if ((warp & 3) == pass) {
-                    const uint32_t base = stg + ((wg * 16 + (lane >> 2)) * LDS + 2 * (lane & 3)) * 4;
-#pragma unroll
-                    for (int i = 0; i < 32; ++i)
-#pragma unroll
-                        for (int h = 0; h < 2; ++h)
-                            asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(base + (8 * h * LDS + 8 * i) * 4),
-                                         "f"(acc[4 * i + 2 * h]), "f"(acc[4 * i + 2 * h + 1])
-                                         : "memory");
-                }
+                if ((warp & 3) == pass)
+                    stage_fragment<LDS>(stg + ((wg * 16 + (lane >> 2)) * LDS + 2 * (lane & 3)) * 4, acc);
                 asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
                 float v[EB][V];
                 // Chunk b of this thread: staged row sr = tid / CPR + b · (256 / CPR), column col.
@@ -910,19 +915,7 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
                 for (int b = 0; b < EB; ++b) {
                     const int sr = sr0 + b * (TT_CONSUMERS / CPR), pr = prow(b);
                     if (p0 + pass * 16 + pr >= P || q >= Q) continue;
-                    TO* const d = dst0 + (int64_t)pr * Q;
-#pragma unroll
-                    for (int u = 0; u < V; u += 4)
-                        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                                     : "=f"(v[b][u]), "=f"(v[b][u + 1]), "=f"(v[b][u + 2]), "=f"(v[b][u + 3])
-                                     : "r"(stg + (sr * LDS + col + u) * 4)
-                                     : "memory");
-                    if (ACC) {
-                        float old[V];
-                        Vec16<TO>::load(d, old);
-#pragma unroll
-                        for (int u = 0; u < V; ++u) v[b][u] += old[u];
-                    }
+                    staged_read_acc<V, ACC>(v[b], stg + (sr * LDS + col) * 4, dst0 + (int64_t)pr * Q);
                 }
 #pragma unroll
                 for (int b = 0; b < EB; ++b)
