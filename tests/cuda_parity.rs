@@ -1001,6 +1001,103 @@ fn router_topk_matches() {
     }
 }
 
+/// A served MoE block's o projection + folded router in one launch (`ops::o_router_topk`) and
+/// the experts with the residual add + RMSNorm and combine weights folded in
+/// (`ops::moe_serve_swiglu_addnorm`) against their CPU twins: o and z within tolerance, the GPU's
+/// ids exactly the top k of its own z (ties to the lower index: two equal router rows), E not a
+/// multiple of the 4-expert router blocks, up to 8 rows and 256 experts, calls back to back (the
+/// arrival counter must be reset); then the experts from the GPU's z and ids on both sides.
+#[test]
+fn o_router_and_served_addnorm_match() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("o_router_topk");
+    for dt in [DType::BF16, DType::F16] {
+        for (t, d, c, e, k, f, normalize) in [
+            (
+                1usize, 2048usize, 2048usize, 64usize, 8usize, 1024usize, false,
+            ),
+            (1, 2048, 4096, 128, 8, 768, true),
+            (3, 64, 48, 33, 2, 40, true),
+            (8, 128, 64, 256, 4, 24, false),
+            (2, 64, 64, 8, 1, 32, true),
+        ] {
+            let mut scaled = |shape: &[usize], s: f32| {
+                let v: Vec<f32> = (0..shape.iter().product::<usize>())
+                    .map(|_| r.random_range(-2.0f32..2.0) * s)
+                    .collect();
+                let c = Tensor::from_f32(&v, shape, dt, Device::Cpu).unwrap();
+                let g = c.to_device(dev).unwrap();
+                (c, g)
+            };
+            let (xc, xg) = scaled(&[t, d], 1.0);
+            let (cc, cg) = scaled(&[t, c], 1.0);
+            let (woc, wog) = scaled(&[d, c], 1.0 / (c as f32).sqrt());
+            let (gc, gg) = scaled(&[d], 1.0);
+            let (w1c, w1g) = scaled(&[e, 2 * f, d], 1.0 / (d as f32).sqrt());
+            let (w2c, w2g) = scaled(&[e, d, f], 1.0 / (f as f32).sqrt());
+            // Folded router rows 0 and 5 equal (a tie in every row's z) when E allows.
+            let mut wv: Vec<f32> = (0..e * (d + c))
+                .map(|_| r.random_range(-0.1f32..0.1))
+                .collect();
+            wv.copy_within(0..d + c, 5.min(e - 1) * (d + c));
+            let wfc = Tensor::from_f32(&wv, &[e, d + c], dt, Device::Cpu).unwrap();
+            let wfg = wfc.to_device(dev).unwrap();
+            let what = format!("o_router_topk {dt} t={t} D={d} C={c} E={e} k={k}");
+            let (oc, zc, _) = ops::o_router_topk(&cc, &woc, &xc, &wfc, k)
+                .unwrap()
+                .unwrap();
+            let rule = ops::SoftmaxTopK {
+                k,
+                normalize,
+                add: 0.0,
+                clamp_min: 0.0,
+                scale: 1.5,
+            };
+            for _ in 0..3 {
+                let (og, zg, ig) = ops::o_router_topk(&cg, &wog, &xg, &wfg, k)
+                    .unwrap()
+                    .expect("o_router_topk applies on the GPU here");
+                close_each(&format!("{what} o"), &oc, &og);
+                close_each_within(&format!("{what} z"), &zc, &zg, 1e-4);
+                assert_eq!(ig.shape(), &[k, t]);
+                let (gz, gi) = (zg.to_f32_vec().unwrap(), ig.to_vec::<i32>().unwrap());
+                for ti in 0..t {
+                    let row = &gz[ti * e..(ti + 1) * e];
+                    let mut order: Vec<usize> = (0..e).collect();
+                    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                    for j in 0..k {
+                        assert_eq!(
+                            gi[j * t + ti] as usize,
+                            order[j],
+                            "{what}: row {ti} choice {j}"
+                        );
+                    }
+                }
+                // The experts from the GPU's o, z and ids on both sides.
+                let cpu = |v: &Tensor| v.to_device(Device::Cpu).unwrap();
+                let (xnc, yc) = ops::moe_serve_swiglu_addnorm(
+                    &xc,
+                    &cpu(&og),
+                    &gc,
+                    1e-6,
+                    &cpu(&zg),
+                    &cpu(&ig),
+                    &rule,
+                    &w1c,
+                    &w2c,
+                )
+                .unwrap();
+                let (xng, yg) =
+                    ops::moe_serve_swiglu_addnorm(&xg, &og, &gg, 1e-6, &zg, &ig, &rule, &w1g, &w2g)
+                        .unwrap();
+                close_each(&format!("{what} served new residual"), &xnc, &xng);
+                close(&format!("{what} served y"), &yc, &yg);
+            }
+            close(&format!("{what} x untouched"), &xc, &xg);
+        }
+    }
+}
+
 /// RoPE tables (CPU, device) for `rot` rotary dims over `max_pos` positions, base 10000.
 fn rope_tables(rot: usize, max_pos: usize, dev: Device) -> (RopeTable, RopeTable) {
     let inv: Vec<f32> = (0..rot / 2)

@@ -151,6 +151,81 @@ fn fused_router_matches_route() {
     assert!(err.contains("router [E, K]"), "{err}");
 }
 
+/// The router folded through the RMSNorm and o projection (`ops::router_fold`, used by a served
+/// decode step on the GPU: `ops::o_router_topk` + `ops::moe_serve_swiglu_addnorm`, CPU twins
+/// here) computes what the unfolded block does: o projection, residual add + RMSNorm, router
+/// top-k and the served experts — the same experts, the same output and new residual, for
+/// softmax routers with and without renormalisation, a routed scaling factor, several rows.
+#[test]
+fn folded_router_matches_unfolded() {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for (t, d, c, e, f, k, normalize, scale) in [
+        (
+            1usize, 64usize, 48usize, 16usize, 24usize, 4usize, false, 1.0f32,
+        ),
+        (3, 32, 64, 9, 16, 2, true, 1.0),
+        (2, 48, 32, 33, 8, 8, true, 2.5),
+    ] {
+        let mut rand = |shape: &[usize], s: f32| {
+            let v: Vec<f32> = (0..shape.iter().product::<usize>())
+                .map(|_| r.random_range(-1.0f32..1.0) * s)
+                .collect();
+            Tensor::from_f32(&v, shape, DType::F32, Device::Cpu).unwrap()
+        };
+        let x = rand(&[t, d], 1.0);
+        let ctx = rand(&[t, c], 1.0);
+        let wo = rand(&[d, c], 1.0 / (c as f32).sqrt());
+        let g = rand(&[d], 1.0);
+        let w = rand(&[e, d], 1.0);
+        let w1 = rand(&[e, 2 * f, d], 1.0 / (d as f32).sqrt());
+        let w2 = rand(&[e, d, f], 1.0 / (f as f32).sqrt());
+        let rule = ops::SoftmaxTopK {
+            k,
+            normalize,
+            add: 0.0,
+            clamp_min: 0.0,
+            scale,
+        };
+        let what = format!("t={t} d={d} c={c} e={e} k={k} normalize={normalize}");
+        // Unfolded: o, x + o normed, the router on the normed rows, the experts.
+        let o = ops::linear(&ctx, &wo, None).unwrap();
+        let mut xn = x.try_clone().unwrap();
+        let h = ops::add_rmsnorm(&mut xn, &o, &g, 1e-6).unwrap();
+        let (_, ids, wts) = ops::router_topk(&h, &w, &rule).unwrap().unwrap();
+        let y = ops::moe_serve_swiglu(&h, &w1, &w2, &ids, &wts).unwrap();
+        // Folded.
+        let wf = ops::router_fold(&w, &g, &wo).unwrap();
+        assert_eq!(wf.shape(), &[e, d + c], "{what}: fold shape");
+        let (o2, z, ids2) = ops::o_router_topk(&ctx, &wo, &x, &wf, k).unwrap().unwrap();
+        assert_close(&format!("{what} o"), &o2, &o, 1e-6);
+        assert_eq!(
+            ids2.as_slice::<i32>().unwrap(),
+            ids.as_slice::<i32>().unwrap(),
+            "{what}: expert ids"
+        );
+        assert_eq!(z.shape(), &[t, e]);
+        let (xn2, y2) =
+            ops::moe_serve_swiglu_addnorm(&x, &o2, &g, 1e-6, &z, &ids2, &rule, &w1, &w2).unwrap();
+        assert_close(&format!("{what} new residual"), &xn2, &xn, 1e-6);
+        assert_close(&format!("{what} y"), &y2, &y, 1e-5);
+    }
+    // Bad shapes are named.
+    let z = |s: &[usize]| Tensor::zeros(s, DType::F32, Device::Cpu).unwrap();
+    let err = ops::router_fold(&z(&[4, 8]), &z(&[7]), &z(&[8, 6]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("norm [D]"), "{err}");
+    let err = ops::o_router_topk(&z(&[1, 6]), &z(&[8, 6]), &z(&[1, 8]), &z(&[4, 13]), 2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("folded router [E, D + C]"), "{err}");
+    let err = ops::o_router_topk(&z(&[1, 6]), &z(&[8, 6]), &z(&[1, 8]), &z(&[4, 14]), 5)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("top-5 of 4 experts"), "{err}");
+}
+
 /// L = Σ y·dy + aux + z, as the oracle defines it.
 fn loss(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor, dy: &Tensor) -> (f64, Vec<i32>) {
     let (y, _, s) = moe_forward(cfg, w, x, Mode::Train { seed: 0 }).unwrap();

@@ -498,7 +498,9 @@ impl Attention {
     }
 
     /// One new token per sequence (row b of the input is sequence b's) at positions `pos` [B]
-    /// (the tokens already cached): appends K/V and attends over `lens`. Returns [B, d].
+    /// (the tokens already cached): appends K/V and attends over `lens`. Returns [B, d], or with
+    /// `project` false the context before the o projection, [B, H·hd] (its caller projects).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn decode(
         &self,
         sh: &AttnShape,
@@ -509,6 +511,7 @@ impl Attention {
         pos: &Tensor,
         lens: &Tensor,
         seqs: &Tensor,
+        project: bool,
     ) -> Result<Tensor> {
         let (h, hd) = (sh.heads, sh.head_dim);
         // q/k/v in one GEMV launch, then q/k norm + RoPE + both cache writes in one kernel.
@@ -573,6 +576,10 @@ impl Attention {
                 ops::attention_decode(&q, cache_k, cache_v, lens, sh.scale(), sh.window)?
             }
         };
-        ops::linear(&ctx.reshape(&[bsz, h * hd])?, &self.o, None)
+        let ctx = ctx.reshape(&[bsz, h * hd])?;
+        if !project {
+            return Ok(ctx);
+        }
+        ops::linear(&ctx, &self.o, None)
     }
 }

@@ -316,6 +316,10 @@ pub struct KvCache {
     /// Most rows one prefill pass runs (default `PREFILL_TOKENS`).
     pub prefill_tokens: usize,
     decode: Option<Box<DecodeState>>,
+    /// Per block, its router folded through the RMSNorm and o projection before it
+    /// (`ops::router_fold`) where a served decode step can use it; computed from the weights at
+    /// the cache's first decode step (a cache outlives no weight update: training makes new ones).
+    folds: Option<Vec<Option<Tensor>>>,
 }
 
 impl KvCache {
@@ -884,6 +888,7 @@ impl Model {
             use_graphs: graphs_by_default(),
             prefill_tokens: PREFILL_TOKENS,
             decode: None,
+            folds: None,
         })
     }
 
@@ -975,7 +980,9 @@ impl Model {
                     lens: Tensor::from_slice(&lens, &[bsz], dev)?,
                     seqs: Tensor::from_slice(&seqs, &[bsz], dev)?,
                 };
-                self.decode_body(&inputs, &mut cache.k, &mut cache.v)?
+                self.ensure_router_folds(cache)?;
+                let folds = cache.folds.as_deref().unwrap_or(&[]);
+                self.decode_body(&inputs, &mut cache.k, &mut cache.v, folds)?
             };
             for l in cache.lens.iter_mut() {
                 *l += 1;
@@ -1019,7 +1026,7 @@ impl Model {
             let pos = Tensor::from_slice(&pos, &[n], dev)?;
             let seqs = Tensor::from_slice(&seqs, &[n], dev)?;
             let x = ops::embedding(&ids, &self.params.embed)?;
-            let xf = self.blocks_infer(x, false, |i, attn, inp| {
+            let xf = self.blocks_infer(x, false, &[], |i, attn, inp, _| {
                 attn.prefill(
                     &self.shape(i),
                     &inp.resolve()?,
@@ -1084,13 +1091,14 @@ impl Model {
         inp: &DecodeInputs,
         cache_k: &mut [Tensor],
         cache_v: &mut [Tensor],
+        folds: &[Option<Tensor>],
     ) -> Result<Tensor> {
         let x = ops::embedding(&inp.ids, &self.params.embed)?;
         // `MOE_FOLD_NORMS=0` runs the add + RMSNorm kernels instead (A/B comparisons).
         static UNFOLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let unfold =
             *UNFOLD.get_or_init(|| std::env::var("MOE_FOLD_NORMS").is_ok_and(|v| v == "0"));
-        let xf = self.blocks_infer(x, !unfold, |i, attn, input| {
+        let xf = self.blocks_infer(x, !unfold, folds, |i, attn, input, project| {
             attn.decode(
                 &self.shape(i),
                 input,
@@ -1100,6 +1108,7 @@ impl Model {
                 &inp.pos,
                 &inp.lens,
                 &inp.seqs,
+                project,
             )
         })?;
         self.logits(&xf)
@@ -1114,7 +1123,8 @@ impl Model {
         &self,
         mut x: Tensor,
         fold: bool,
-        mut attn: impl FnMut(usize, &Attention, AttnIn<'_>) -> crate::runtime::Result<Tensor>,
+        router_folds: &[Option<Tensor>],
+        mut attn: impl FnMut(usize, &Attention, AttnIn<'_>, bool) -> crate::runtime::Result<Tensor>,
     ) -> Result<Tensor> {
         /// What the next block's attention starts from.
         enum Next {
@@ -1129,6 +1139,16 @@ impl Model {
         });
         let n = self.params.blocks.len();
         for (i, blk) in self.params.blocks.iter().enumerate() {
+            // With a folded router (decode), a served MoE step takes the attention's context
+            // before its o projection and projects it beside the router.
+            let oroute = match (&blk.ffn, &self.config.layers[i].ffn, router_folds.get(i)) {
+                (FfnWeights::Moe(w), Ffn::Moe(mc), Some(Some(wf)))
+                    if fold && moe::served_oroute_applies(mc, w, &x) =>
+                {
+                    Some((mc, w, wf))
+                }
+                _ => None,
+            };
             let inp = match next {
                 Next::Normed(h) => AttnIn::Normed(h),
                 Next::Pending(f) => AttnIn::AddNorm {
@@ -1138,20 +1158,38 @@ impl Model {
                     eps,
                 },
             };
-            let a = attn(i, &blk.attn, inp)?;
-            // With `fold`, a served MoE step does the residual add + RMSNorm in its router kernel.
-            let folded = match (&blk.ffn, &self.config.layers[i].ffn) {
-                (FfnWeights::Moe(w), Ffn::Moe(mc)) if fold => moe::moe_forward_served_addnorm(
+            let mut a = attn(i, &blk.attn, inp, oroute.is_none())?;
+            let mut folded = None;
+            if let Some((mc, w, wf)) = oroute {
+                folded = moe::moe_forward_served_oroute(
                     mc,
                     w,
+                    wf,
                     &x,
                     &a,
+                    &blk.attn.o,
                     &blk.ffn_norm,
                     eps,
-                    &format!("blocks.{i}.ffn"),
-                )?,
-                _ => None,
-            };
+                )?;
+                if folded.is_none() {
+                    a = ops::linear(&a, &blk.attn.o, None)?;
+                }
+            }
+            // With `fold`, a served MoE step does the residual add + RMSNorm in its router kernel.
+            if folded.is_none() {
+                folded = match (&blk.ffn, &self.config.layers[i].ffn) {
+                    (FfnWeights::Moe(w), Ffn::Moe(mc)) if fold => moe::moe_forward_served_addnorm(
+                        mc,
+                        w,
+                        &x,
+                        &a,
+                        &blk.ffn_norm,
+                        eps,
+                        &format!("blocks.{i}.ffn"),
+                    )?,
+                    _ => None,
+                };
+            }
             let f = match folded {
                 Some((xn, f)) => {
                     x = xn;
@@ -1209,23 +1247,25 @@ impl Model {
             v,
             decode,
             use_graphs,
+            folds,
             ..
         } = cache;
+        let folds = folds.as_deref().unwrap_or(&[]);
         let st = decode.as_mut().expect("decode state was just created");
         st.chained = false;
         st.inputs.set(ids, pos, lens)?;
         if st.graph.is_none() {
             if st.steps == 0 {
                 st.steps += 1;
-                return self.decode_body(&st.inputs, k, v);
+                return self.decode_body(&st.inputs, k, v, folds);
             }
             let Device::Cuda(ordinal) = dev else {
-                return self.decode_body(&st.inputs, k, v);
+                return self.decode_body(&st.inputs, k, v, folds);
             };
             let cu = crate::runtime::cuda::device(ordinal)?;
             let (inputs, out) = (&st.inputs, &mut st.out);
             let captured = cu.capture(|| {
-                let logits = self.decode_body(inputs, k, v)?;
+                let logits = self.decode_body(inputs, k, v, folds)?;
                 Ok::<(), ModelError>(ops::write_rows(out, 0, &logits)?)
             });
             match captured {
@@ -1233,7 +1273,7 @@ impl Model {
                 Err(e) => {
                     tracing::warn!("CUDA graph capture of the decode step failed ({e}); decoding without graphs");
                     *use_graphs = false;
-                    return self.decode_body(&st.inputs, k, v);
+                    return self.decode_body(&st.inputs, k, v, folds);
                 }
             }
         }
@@ -1242,8 +1282,37 @@ impl Model {
         Ok(st.out.try_clone()?)
     }
 
+    /// Computes the cache's router folds (`KvCache::folds`) if it has none: on a GPU in a 16-bit
+    /// dtype, for each MoE block whose router is a plain softmax (no selection bias) and that has
+    /// no shared or residual part — what `moe::moe_forward_served_oroute` takes.
+    fn ensure_router_folds(&self, cache: &mut KvCache) -> Result<()> {
+        if cache.folds.is_some() {
+            return Ok(());
+        }
+        let on = self.device.is_cuda() && self.dtype.size_in_bytes() == 2;
+        let mut folds = Vec::with_capacity(self.params.blocks.len());
+        for (i, blk) in self.params.blocks.iter().enumerate() {
+            let fold = match (&blk.ffn, &self.config.layers[i].ffn) {
+                (FfnWeights::Moe(w), Ffn::Moe(mc))
+                    if on
+                        && matches!(mc.router, moe::RouterKind::Softmax { .. })
+                        && w.router_bias.is_none()
+                        && w.shared.is_none()
+                        && w.residual.is_none() =>
+                {
+                    Some(ops::router_fold(&w.router, &blk.ffn_norm, &blk.attn.o)?)
+                }
+                _ => None,
+            };
+            folds.push(fold);
+        }
+        cache.folds = Some(folds);
+        Ok(())
+    }
+
     /// Creates the cache's decode state (device input buffers for its batch) if it has none.
     fn decode_state(&self, cache: &mut KvCache) -> Result<()> {
+        self.ensure_router_folds(cache)?;
         if cache.decode.is_some() {
             return Ok(());
         }
@@ -1307,8 +1376,10 @@ impl Model {
             decode,
             lens,
             use_graphs,
+            folds,
             ..
         } = cache;
+        let folds = folds.as_deref().unwrap_or(&[]);
         let st = decode.as_mut().expect("decode state was just created");
         if st.in_flight.len() >= GREEDY_IN_FLIGHT {
             return Err(ModelError::Invalid(format!(
@@ -1344,7 +1415,7 @@ impl Model {
             }
         }
         let step = |st: &mut DecodeState, k: &mut [Tensor], v: &mut [Tensor]| -> Result<()> {
-            let logits = self.decode_body(&st.inputs, k, v)?;
+            let logits = self.decode_body(&st.inputs, k, v, folds)?;
             let DecodeInputs { ids, pos, lens, .. } = &mut st.inputs;
             Ok(ops::argmax_rows_advance(&logits, ids, pos, lens)?)
         };

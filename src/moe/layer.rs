@@ -323,6 +323,52 @@ pub fn moe_forward_served_addnorm(
     Ok(Some((xn, y)))
 }
 
+/// Whether `moe_forward_served_oroute` can run this block for rows like x (GPU, a softmax router
+/// without selection bias, slot-wise experts, at most 8 rows of a 16-bit type);
+/// `MOE_ROUTER_FOLD=0` turns it off (A/B comparisons).
+pub fn served_oroute_applies(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("MOE_ROUTER_FOLD").is_ok_and(|v| v == "0"));
+    !off && x.dim(0) <= ops::SoftmaxTopK::MAX_ROWS
+        && x.dtype().size_in_bytes() == 2
+        && cfg.n_experts <= ops::SoftmaxTopK::MAX_EXPERTS
+        && w.shared.is_none()
+        && w.residual.is_none()
+        && fused_router_rule(cfg, w, x).is_some()
+}
+
+/// A served step's MoE block from the attention's context before its o projection (decode):
+/// the o projection and the router (folded through the RMSNorm and o projection: `fold` from
+/// `ops::router_fold`) in one launch, then the experts with the residual add + RMSNorm and the
+/// combine weights folded into their first kernel (`ops::o_router_topk`,
+/// `ops::moe_serve_swiglu_addnorm`): three kernels from attention to MoE output instead of four,
+/// and the router's latency beside the o projection's instead of after it. Returns (new residual
+/// x + ctx·Woᵀ, MoE output), or None where that path does not apply (the caller projects and
+/// takes `moe_forward_served_addnorm`); `x` is not modified.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_forward_served_oroute(
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    fold: &Tensor,
+    x: &Tensor,
+    ctx: &Tensor,
+    wo: &Tensor,
+    norm: &Tensor,
+    eps: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !served_oroute_applies(cfg, w, x) {
+        return Ok(None);
+    }
+    let Some(rule) = fused_router_rule(cfg, w, x) else {
+        return Ok(None);
+    };
+    let Some((o, z, ids)) = ops::o_router_topk(ctx, wo, x, fold, rule.k)? else {
+        return Ok(None);
+    };
+    let (xn, y) = ops::moe_serve_swiglu_addnorm(x, &o, norm, eps, &z, &ids, &rule, &w.w1, &w.w2)?;
+    Ok(Some((xn, y)))
+}
+
 /// The one-kernel router's rule for a served step (the caller's to know) of a softmax router
 /// without selection bias whose experts take the slot-wise kernels; None otherwise.
 fn fused_router_rule(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> Option<ops::SoftmaxTopK> {

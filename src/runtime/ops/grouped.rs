@@ -188,73 +188,23 @@ pub fn moe_serve_swiglu(
 ) -> Result<Tensor> {
     let op = "moe_serve_swiglu";
     same_device(op, &[x, w1, w2, ids, weights])?;
-    x.expect_float(op)?;
-    ids.expect_dtype(op, DType::I32)?;
+    let (e, f, n, k) = serve_shapes(op, x, w1, w2, ids)?;
     weights.expect_dtype(op, DType::F32)?;
-    let ok = x.rank() == 2 && w1.rank() == 3 && w2.rank() == 3 && ids.rank() == 2;
-    let (t, kd) = (x.dim(0), x.dim(1));
-    if !ok
-        || w1.dim(2) != kd
-        || w1.dim(1) % 2 != 0
-        || w2.dim(0) != w1.dim(0)
-        || w2.dim(2) != w1.dim(1) / 2
-        || ids.dim(1) != t
-        || weights.shape() != ids.shape()
-        || w1.dtype() != x.dtype()
-        || w2.dtype() != x.dtype()
-    {
+    if weights.shape() != ids.shape() {
         return Err(Error::shape(
             op,
             format!(
-                "x [T, K] {:?} {}, w1 [E, 2F, K] {:?} {}, w2 [E, N, F] {:?} {}, ids and weights [k, T] {:?} {:?}",
-                x.shape(),
-                x.dtype(),
-                w1.shape(),
-                w1.dtype(),
-                w2.shape(),
-                w2.dtype(),
-                ids.shape(),
-                weights.shape()
+                "weights {:?} for ids [k, T] {:?}",
+                weights.shape(),
+                ids.shape()
             ),
         ));
     }
-    let (e, f, n, k) = (w1.dim(0), w2.dim(2), w2.dim(1), ids.dim(0));
+    let t = x.dim(0);
     match x.device() {
         Device::Cpu => {
-            let (xv, w1v, w2v) = (x.cpu_f32()?, w1.cpu_f32()?, w2.cpu_f32()?);
-            let (iv, wv) = (ids.as_slice::<i32>()?, weights.as_slice::<f32>()?);
-            if let Some(&bad) = iv.iter().find(|&&i| i < 0 || i as usize >= e) {
-                return Err(Error::Invalid(format!(
-                    "{op}: expert id {bad} outside 0..{e}"
-                )));
-            }
-            let dt = x.dtype();
-            let round = |v: f32| -> f32 {
-                match dt {
-                    DType::BF16 => half::bf16::from_f32(v).to_f32(),
-                    DType::F16 => half::f16::from_f32(v).to_f32(),
-                    _ => v,
-                }
-            };
-            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f32>();
-            let mut y = vec![0f32; t * n];
-            y.par_chunks_mut(n.max(1)).enumerate().for_each(|(ti, yr)| {
-                let xr = &xv[ti * kd..][..kd];
-                for j in 0..k {
-                    let (ex, wt) = (iv[j * t + ti] as usize, wv[j * t + ti]);
-                    let a: Vec<f32> = (0..f)
-                        .map(|fi| {
-                            let row = |r: usize| &w1v[(ex * 2 * f + r) * kd..][..kd];
-                            let (g, u) = (round(dot(row(fi), xr)), round(dot(row(f + fi), xr)));
-                            round(super::Activation::Silu.f(g) * u)
-                        })
-                        .collect();
-                    for (ni, yv) in yr.iter_mut().enumerate() {
-                        *yv += wt * dot(&w2v[(ex * n + ni) * f..][..f], &a);
-                    }
-                }
-            });
-            cpu_from_f32(y, &[t, n], dt)
+            let y = serve_swiglu_cpu(&x.cpu_f32()?, x.dtype(), w1, w2, ids, weights)?;
+            cpu_from_f32(y, &[t, n], x.dtype())
         }
         Device::Cuda(_) => super::grouped_cuda::moe_serve_swiglu(
             &cuda_dev(x)?,
@@ -266,6 +216,91 @@ pub fn moe_serve_swiglu(
             (e, f, n, k),
         ),
     }
+}
+
+/// The served experts' shapes: x [T, K], W1 [E, 2F, K], W2 [E, N, F] of x's dtype, ids [k, T]
+/// i32; returns (E, F, N, k).
+fn serve_shapes(
+    op: &'static str,
+    x: &Tensor,
+    w1: &Tensor,
+    w2: &Tensor,
+    ids: &Tensor,
+) -> Result<(usize, usize, usize, usize)> {
+    x.expect_float(op)?;
+    ids.expect_dtype(op, DType::I32)?;
+    let ok = x.rank() == 2 && w1.rank() == 3 && w2.rank() == 3 && ids.rank() == 2;
+    if !ok
+        || w1.dim(2) != x.dim(1)
+        || w1.dim(1) % 2 != 0
+        || w2.dim(0) != w1.dim(0)
+        || w2.dim(2) != w1.dim(1) / 2
+        || ids.dim(1) != x.dim(0)
+        || w1.dtype() != x.dtype()
+        || w2.dtype() != x.dtype()
+    {
+        return Err(Error::shape(
+            op,
+            format!(
+                "x [T, K] {:?} {}, w1 [E, 2F, K] {:?} {}, w2 [E, N, F] {:?} {}, ids [k, T] {:?}",
+                x.shape(),
+                x.dtype(),
+                w1.shape(),
+                w1.dtype(),
+                w2.shape(),
+                w2.dtype(),
+                ids.shape(),
+            ),
+        ));
+    }
+    Ok((w1.dim(0), w2.dim(2), w2.dim(1), ids.dim(0)))
+}
+
+/// `moe_serve_swiglu` on the CPU for rows xv [T, K] (f32 values; g, u and the activation rounded
+/// to `dt`): y [T, N] f32. Shapes checked by the caller.
+fn serve_swiglu_cpu(
+    xv: &[f32],
+    dt: DType,
+    w1: &Tensor,
+    w2: &Tensor,
+    ids: &Tensor,
+    weights: &Tensor,
+) -> Result<Vec<f32>> {
+    let (e, f, n, k, kd) = (w1.dim(0), w2.dim(2), w2.dim(1), ids.dim(0), w1.dim(2));
+    let t = ids.dim(1);
+    let (w1v, w2v) = (w1.cpu_f32()?, w2.cpu_f32()?);
+    let (iv, wv) = (ids.as_slice::<i32>()?, weights.as_slice::<f32>()?);
+    if let Some(&bad) = iv.iter().find(|&&i| i < 0 || i as usize >= e) {
+        return Err(Error::Invalid(format!(
+            "moe_serve_swiglu: expert id {bad} outside 0..{e}"
+        )));
+    }
+    let round = |v: f32| -> f32 {
+        match dt {
+            DType::BF16 => half::bf16::from_f32(v).to_f32(),
+            DType::F16 => half::f16::from_f32(v).to_f32(),
+            _ => v,
+        }
+    };
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f32>();
+    let mut y = vec![0f32; t * n];
+    y.par_chunks_mut(n.max(1)).enumerate().for_each(|(ti, yr)| {
+        let xr = &xv[ti * kd..][..kd];
+        for j in 0..k {
+            let (ex, wt) = (iv[j * t + ti] as usize, wv[j * t + ti]);
+            let a: Vec<f32> = (0..f)
+                .map(|fi| {
+                    let row = |r: usize| &w1v[(ex * 2 * f + r) * kd..][..kd];
+                    let (g, u) = (round(dot(row(fi), xr)), round(dot(row(f + fi), xr)));
+                    round(super::Activation::Silu.f(g) * u)
+                })
+                .collect();
+            for (ni, yv) in yr.iter_mut().enumerate() {
+                *yv += wt * dot(&w2v[(ex * n + ni) * f..][..f], &a);
+            }
+        }
+    });
+    Ok(y)
 }
 
 /// A softmax router's top-k rule as `router_topk` applies it: the k largest logits (ties to the
@@ -288,8 +323,13 @@ impl SoftmaxTopK {
 
     /// One row's (ids, combine weights) by the rule (the CPU twin of the kernel's routing).
     fn route_row(&self, row: &[f32]) -> (Vec<i32>, Vec<f32>) {
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let lse = m + row.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
+        let ids = self.select(row);
+        let w = self.weights(row, &ids);
+        (ids, w)
+    }
+
+    /// The k largest of a row, ties to the lower index (-1 past the row's length).
+    fn select(&self, row: &[f32]) -> Vec<i32> {
         let mut ids: Vec<i32> = Vec::with_capacity(self.k);
         for _ in 0..self.k {
             let best = (0..row.len()).filter(|&i| !ids.contains(&(i as i32))).fold(
@@ -301,13 +341,23 @@ impl SoftmaxTopK {
             );
             ids.push(best.map_or(-1, |i| i as i32));
         }
-        let g: Vec<f32> = ids.iter().map(|&i| (row[i as usize] - lse).exp()).collect();
+        ids
+    }
+
+    /// The combine weights of chosen experts `ids` of a row of logits.
+    fn weights(&self, row: &[f32], ids: &[i32]) -> Vec<f32> {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let lse = m + row.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
+        let g: Vec<f32> = ids
+            .iter()
+            .map(|&i| usize::try_from(i).map_or(0.0, |i| (row[i] - lse).exp()))
+            .collect();
         let d = if self.normalize {
             (g.iter().sum::<f32>() + self.add).max(self.clamp_min)
         } else {
             1.0
         };
-        (ids, g.iter().map(|&v| self.scale * v / d).collect())
+        g.iter().map(|&v| self.scale * v / d).collect()
     }
 }
 
@@ -384,6 +434,257 @@ pub fn add_rmsnorm_router_topk(
                 return Ok(None);
             }
             super::grouped_cuda::add_rmsnorm_router_topk(&cuda_dev(x)?, x, a, g, eps, w, rule)
+        }
+    }
+}
+
+/// A router folded through the RMSNorm and o projection before it, for `o_router_topk`:
+/// Wf [E, D + C] = [W ⊙ g | (W ⊙ g)·Wo] in W's dtype (computed in f32), for router W [E, D],
+/// RMSNorm weight g [D] and o projection Wo [D, C]. With h = RMSNorm(x + c·Woᵀ)·g the router's
+/// logits h·Wᵀ are r·([x | c]·Wfᵀ), r = rsqrt(mean((x + c·Woᵀ)²) + eps) > 0 per row.
+pub fn router_fold(w: &Tensor, g: &Tensor, wo: &Tensor) -> Result<Tensor> {
+    let op = "router_fold";
+    same_device(op, &[w, g, wo])?;
+    w.expect_float(op)?;
+    let (e, d) = (w.dim(0), w.dim(1));
+    if w.rank() != 2 || g.shape() != [d] || wo.rank() != 2 || wo.dim(0) != d {
+        return Err(Error::shape(
+            op,
+            format!(
+                "router [E, D] {:?}, norm [D] {:?}, o projection [D, C] {:?}",
+                w.shape(),
+                g.shape(),
+                wo.shape()
+            ),
+        ));
+    }
+    let c = wo.dim(1);
+    let gv = g.to_f32_vec()?;
+    let mut wg = w.to_f32_vec()?;
+    for row in wg.chunks_mut(d.max(1)) {
+        row.iter_mut().zip(&gv).for_each(|(v, s)| *v *= s);
+    }
+    let wg_t = Tensor::from_f32(&wg, &[e, d], DType::F32, w.device())?;
+    let m = super::matmul(
+        &wg_t,
+        &super::cast(wo, DType::F32)?,
+        super::Matmul::default(),
+    )?
+    .to_f32_vec()?;
+    let mut out = Vec::with_capacity(e * (d + c));
+    for r in 0..e {
+        out.extend_from_slice(&wg[r * d..][..d]);
+        out.extend_from_slice(&m[r * c..][..c]);
+    }
+    Tensor::from_f32(&out, &[e, d + c], w.dtype(), w.device())
+}
+
+/// A served MoE block's o projection and router in one launch (decode): o [T, D] = c·Woᵀ for the
+/// attention context c [T, C], router logits up to a positive per-row factor z [T, E] f32 =
+/// [x | c]·Wfᵀ for the residual x [T, D] and Wf from `router_fold`, and each row's top k of z
+/// (largest first, ties to the lower index) as ids [k, T] i32 — the router's choice for the
+/// rows RMSNorm(x + o) (`moe_serve_swiglu_addnorm` finishes the block). On the GPU (T <= 8 rows
+/// of a 16-bit type, D and C multiples of 8, E <= 256) the router blocks run beside the
+/// projection's; Ok(None) where that kernel does not apply on the GPU. The CPU computes it always.
+#[allow(clippy::type_complexity)]
+pub fn o_router_topk(
+    ctx: &Tensor,
+    wo: &Tensor,
+    x: &Tensor,
+    wf: &Tensor,
+    k: usize,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let op = "o_router_topk";
+    same_device(op, &[ctx, wo, x, wf])?;
+    x.expect_float(op)?;
+    let ok = ctx.rank() == 2 && wo.rank() == 2 && x.rank() == 2 && wf.rank() == 2;
+    if !ok
+        || ctx.dim(0) != x.dim(0)
+        || wo.shape() != [x.dim(1), ctx.dim(1)]
+        || wf.dim(1) != x.dim(1) + ctx.dim(1)
+        || [ctx.dtype(), wo.dtype(), wf.dtype()] != [x.dtype(); 3]
+    {
+        return Err(Error::shape(
+            op,
+            format!(
+                "context [T, C] {:?} {}, o projection [D, C] {:?} {}, residual [T, D] {:?} {}, \
+                 folded router [E, D + C] {:?} {}",
+                ctx.shape(),
+                ctx.dtype(),
+                wo.shape(),
+                wo.dtype(),
+                x.shape(),
+                x.dtype(),
+                wf.shape(),
+                wf.dtype()
+            ),
+        ));
+    }
+    let (t, d, c, e) = (x.dim(0), x.dim(1), ctx.dim(1), wf.dim(0));
+    if k == 0 || k > e.min(32) {
+        return Err(Error::Invalid(format!(
+            "{op}: top-{k} of {e} experts (needs 1 <= k <= min(E, 32))"
+        )));
+    }
+    let rule = SoftmaxTopK {
+        k,
+        normalize: false,
+        add: 0.0,
+        clamp_min: 0.0,
+        scale: 1.0,
+    };
+    match x.device() {
+        Device::Cpu => {
+            let o = super::linear(ctx, wo, None)?;
+            let (xv, cv, wv) = (x.cpu_f32()?, ctx.cpu_f32()?, wf.cpu_f32()?);
+            let mut z = vec![0f32; t * e];
+            z.par_chunks_mut(e.max(1)).enumerate().for_each(|(ti, zr)| {
+                let (xr, cr) = (&xv[ti * d..][..d], &cv[ti * c..][..c]);
+                for (ei, zv) in zr.iter_mut().enumerate() {
+                    let w = &wv[ei * (d + c)..][..d + c];
+                    let sx: f32 = w[..d].iter().zip(xr).map(|(p, q)| p * q).sum();
+                    let sc: f32 = w[d..].iter().zip(cr).map(|(p, q)| p * q).sum();
+                    *zv = sx + sc;
+                }
+            });
+            let mut ids = vec![0i32; k * t];
+            for ti in 0..t {
+                for (j, id) in rule.select(&z[ti * e..][..e]).into_iter().enumerate() {
+                    ids[j * t + ti] = id;
+                }
+            }
+            Ok(Some((
+                o,
+                Tensor::from_vec(z, &[t, e])?,
+                Tensor::from_vec(ids, &[k, t])?,
+            )))
+        }
+        Device::Cuda(_) => {
+            let fits = (1..=SoftmaxTopK::MAX_ROWS).contains(&t)
+                && x.dtype().size_in_bytes() == 2
+                && d % 8 == 0
+                && c % 8 == 0
+                && e <= SoftmaxTopK::MAX_EXPERTS;
+            if !fits {
+                return Ok(None);
+            }
+            super::grouped_cuda::o_router_topk(&cuda_dev(x)?, ctx, wo, x, wf, k)
+        }
+    }
+}
+
+/// The rest of a served MoE block after `o_router_topk`: the new residual s = x + o (rounded to
+/// x's dtype), the rows h = s·r·g with r = rsqrt(mean(s²) + eps) (RMSNorm, not rounded: the GPU
+/// folds r into the dot products), combine weights by `rule` from the logits r·z for the chosen
+/// ids, and `moe_serve_swiglu` of h. Returns (s, y). x, o [T, K]; g [K]; z [T, E] f32; ids [k, T].
+#[allow(clippy::too_many_arguments)]
+pub fn moe_serve_swiglu_addnorm(
+    x: &Tensor,
+    o: &Tensor,
+    g: &Tensor,
+    eps: f32,
+    z: &Tensor,
+    ids: &Tensor,
+    rule: &SoftmaxTopK,
+    w1: &Tensor,
+    w2: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let op = "moe_serve_swiglu_addnorm";
+    same_device(op, &[x, o, g, z, ids, w1, w2])?;
+    let (e, f, n, k) = serve_shapes(op, x, w1, w2, ids)?;
+    z.expect_dtype(op, DType::F32)?;
+    let (t, kd) = (x.dim(0), x.dim(1));
+    let vec = 16 / x.dtype().size_in_bytes();
+    if o.shape() != x.shape()
+        || o.dtype() != x.dtype()
+        || g.shape() != [kd]
+        || g.dtype() != x.dtype()
+        || z.shape() != [t, e]
+        || k != rule.k
+    {
+        return Err(Error::shape(
+            op,
+            format!(
+                "x and o [T, K] {:?} {:?}, norm [K] {:?}, z [T, E] {:?} for E {e}, ids [k, T] {:?} \
+                 for top-{}",
+                x.shape(),
+                o.shape(),
+                g.shape(),
+                z.shape(),
+                ids.shape(),
+                rule.k
+            ),
+        ));
+    }
+    match x.device() {
+        Device::Cpu => {
+            let dt = x.dtype();
+            let (xv, ov, gv, zv) = (
+                x.cpu_f32()?,
+                o.cpu_f32()?,
+                g.cpu_f32()?,
+                z.as_slice::<f32>()?,
+            );
+            let iv = ids.as_slice::<i32>()?;
+            let round = |v: f32| -> f32 {
+                match dt {
+                    DType::BF16 => half::bf16::from_f32(v).to_f32(),
+                    DType::F16 => half::f16::from_f32(v).to_f32(),
+                    _ => v,
+                }
+            };
+            let s: Vec<f32> = xv
+                .iter()
+                .zip(ov.iter())
+                .map(|(a, b)| round(a + b))
+                .collect();
+            let mut h = vec![0f32; t * kd];
+            let mut wts = vec![0f32; k * t];
+            for ti in 0..t {
+                let sr = &s[ti * kd..][..kd];
+                let r = 1.0 / (sr.iter().map(|v| v * v).sum::<f32>() / kd as f32 + eps).sqrt();
+                for ((hv, sv), gw) in h[ti * kd..][..kd].iter_mut().zip(sr).zip(gv.iter()) {
+                    *hv = sv * r * gw;
+                }
+                let logits: Vec<f32> = zv[ti * e..][..e].iter().map(|v| r * v).collect();
+                let chosen: Vec<i32> = (0..k).map(|j| iv[j * t + ti]).collect();
+                for (j, w) in rule.weights(&logits, &chosen).into_iter().enumerate() {
+                    wts[j * t + ti] = w;
+                }
+            }
+            let wts = Tensor::from_vec(wts, &[k, t])?;
+            let y = serve_swiglu_cpu(&h, dt, w1, w2, ids, &wts)?;
+            Ok((
+                cpu_from_f32(s, &[t, kd], dt)?,
+                cpu_from_f32(y, &[t, n], dt)?,
+            ))
+        }
+        Device::Cuda(_) => {
+            if kd % vec != 0 || f % vec != 0 || e > SoftmaxTopK::MAX_EXPERTS || k > 32 {
+                return Err(Error::Invalid(format!(
+                    "{op}: K {kd} and F {f} must be multiples of {vec}, E {e} <= {}, k {k} <= 32",
+                    SoftmaxTopK::MAX_EXPERTS
+                )));
+            }
+            if t == 0 {
+                return Ok((
+                    x.try_clone()?,
+                    Tensor::uninit(&[0, n], x.dtype(), x.device())?,
+                ));
+            }
+            super::grouped_cuda::moe_serve_swiglu_addnorm(
+                &cuda_dev(x)?,
+                x,
+                o,
+                g,
+                eps,
+                z,
+                ids,
+                rule,
+                w1,
+                w2,
+                (e, f, n),
+            )
         }
     }
 }

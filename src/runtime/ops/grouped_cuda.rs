@@ -681,6 +681,103 @@ pub(crate) fn add_rmsnorm_router_topk(
     Ok(Some((xn, h, logits, ids, wts)))
 }
 
+/// `ops::o_router_topk` on the GPU (its conditions checked there): (o, z, ids), or Ok(None) when
+/// the device's arrival counters cannot be had (first use inside a graph capture).
+pub(crate) fn o_router_topk(
+    dev: &Arc<CudaDevice>,
+    ctx: &Tensor,
+    wo: &Tensor,
+    x: &Tensor,
+    wf: &Tensor,
+    k: usize,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let Some(counter) = dev.arrival_counters()? else {
+        return Ok(None);
+    };
+    let (t, d, c, e) = (x.dim(0), x.dim(1), ctx.dim(1), wf.dim(0));
+    let o = Tensor::uninit(&[t, d], x.dtype(), x.device())?;
+    let z = Tensor::uninit(&[t, e], DType::F32, x.device())?;
+    let ids = Tensor::uninit(&[k, t], DType::I32, x.device())?;
+    // Router blocks of 4 experts (OR_RC), then the o projection's blocks of SMALL_COLS columns.
+    let blocks = e.div_ceil(4) + d.div_ceil(SMALL_COLS);
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        &format!("o_route_r{}_{}", small_rows(t), x.dtype().name()),
+        (blocks as u32, 1, 1),
+        (256, 1, 1),
+        0,
+    )?
+    .pdl()
+    .ptr(dptr(&o))
+    .ptr(dptr(&z))
+    .ptr(dptr(&ids))
+    .ptr(dptr(ctx))
+    .ptr(dptr(x))
+    .ptr(dptr(wo))
+    .ptr(dptr(wf))
+    .usize_as_i32(t)?
+    .usize_as_i32(d)?
+    .usize_as_i32(c)?
+    .usize_as_i32(e)?
+    .usize_as_i32(k)?
+    .ptr(counter)
+    .run()?;
+    Ok(Some((o, z, ids)))
+}
+
+/// `ops::moe_serve_swiglu_addnorm` on the GPU (shapes checked there): (x + o, y).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn moe_serve_swiglu_addnorm(
+    dev: &Arc<CudaDevice>,
+    x: &Tensor,
+    o: &Tensor,
+    g: &Tensor,
+    eps: f32,
+    z: &Tensor,
+    ids: &Tensor,
+    rule: &super::SoftmaxTopK,
+    w1: &Tensor,
+    w2: &Tensor,
+    (e, f, n): (usize, usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    let (t, kd) = (x.dim(0), x.dim(1));
+    let k = ids.dim(0);
+    let xn = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
+    let a = Tensor::uninit(&[k * t, f], x.dtype(), x.device())?;
+    let wts = Tensor::uninit(&[k, t], DType::F32, x.device())?;
+    let cols = serve_variant().up_cols;
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        &format!("moe_serve_up_addnorm_c{cols}_{}", x.dtype().name()),
+        (f.div_ceil(cols) as u32, (k * t) as u32, 1),
+        (256, 1, 1),
+        0,
+    )?
+    .pdl()
+    .ptr(dptr(&a))
+    .ptr(dptr(x))
+    .ptr(dptr(o))
+    .ptr(dptr(g))
+    .f32(eps)
+    .ptr(dptr(&xn))
+    .ptr(dptr(z))
+    .ptr(dptr(&wts))
+    .i32(rule.normalize as i32)
+    .f32(rule.add)
+    .f32(rule.clamp_min)
+    .f32(rule.scale)
+    .ptr(dptr(w1))
+    .ptr(dptr(ids))
+    .usize_as_i32(e)?
+    .usize_as_i32(t)?
+    .usize_as_i32(k)?
+    .usize_as_i32(f)?
+    .usize_as_i32(kd)?
+    .run()?;
+    let y = moe_serve_down(dev, &a, w2, ids, &wts, (e, t, n))?;
+    Ok((xn, y))
+}
+
 /// The router_topk launch with its common arguments pushed (the addnorm variant's follow).
 #[allow(clippy::type_complexity)]
 fn router_topk_launch<'d>(

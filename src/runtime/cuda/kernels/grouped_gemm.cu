@@ -1240,15 +1240,15 @@ INSTANTIATE_FLOAT_TYPES(GG_SMALL)
 // Writes ids[j·stride] and wts[j·stride] for j < k. Logits are read through L2 (other blocks of
 // the calling kernel wrote them).
 #define ROUTE_WARP_MAX_E 256
-__device__ __forceinline__ void warp_softmax_topk(const float* row, int E, int k, int wnorm, float wadd,
-                                                  float wclamp, float wscale, int* ids, float* wts, int stride) {
+// A row of E <= 256 logits, times `scale`, spread over a warp (lane's values at lane + 32q, -inf
+// past E; read through L2: other blocks wrote them); returns the row's log-sum-exp.
+__device__ __forceinline__ float warp_row_lse(const float* row, int E, float scale, float (&v)[ROUTE_WARP_MAX_E / 32]) {
     const int lane = threadIdx.x & 31;
-    float v[ROUTE_WARP_MAX_E / 32];
     float m = NEG_INF;
 #pragma unroll
     for (int q = 0; q < ROUTE_WARP_MAX_E / 32; ++q) {
         const int i = lane + 32 * q;
-        v[q] = i < E ? __ldcg(row + i) : NEG_INF;
+        v[q] = i < E ? scale * __ldcg(row + i) : NEG_INF;
         m = fmaxf(m, v[q]);
     }
     m = warp_max(m);
@@ -1256,19 +1256,36 @@ __device__ __forceinline__ void warp_softmax_topk(const float* row, int E, int k
 #pragma unroll
     for (int q = 0; q < ROUTE_WARP_MAX_E / 32; ++q)
         if (lane + 32 * q < E) s += expf(v[q] - m);
-    const float lse = m + logf(warp_sum(s));
+    return m + logf(warp_sum(s));
+}
+// One round of a warp's top-k over warp_row_lse's values: the largest not yet taken (ties to the
+// lower index), the same on every lane, then marked taken.
+__device__ __forceinline__ ValIdx warp_pick(const float (&v)[ROUTE_WARP_MAX_E / 32], int E, unsigned& taken) {
+    const int lane = threadIdx.x & 31;
+    ValIdx b = {NEG_INF, -1};
+#pragma unroll
+    for (int q = 0; q < ROUTE_WARP_MAX_E / 32; ++q) {
+        const int i = lane + 32 * q;
+        if (i < E && !((taken >> q) & 1u)) b = better(b, ValIdx{v[q], i});
+    }
+    b = warp_best(b);
+    if (b.i >= 0 && (b.i & 31) == lane) taken |= 1u << (b.i >> 5);
+    return b;
+}
+// A softmax router's choice for one token by one warp (E <= 256 logits, k <= 32): the route
+// kernel's rule for softmax routers without noise — largest logit first, ties to the lower index,
+// gate exp(l − lse), combine weight scale·g / max(Σg + add, clamp) when normalising, else scale·g.
+// Writes ids[j·stride] and wts[j·stride] for j < k.
+__device__ __forceinline__ void warp_softmax_topk(const float* row, int E, int k, int wnorm, float wadd,
+                                                  float wclamp, float wscale, int* ids, float* wts, int stride) {
+    const int lane = threadIdx.x & 31;
+    float v[ROUTE_WARP_MAX_E / 32];
+    const float lse = warp_row_lse(row, E, 1.f, v);
     unsigned taken = 0;
     float gsum = 0.f, my_g = 0.f;
     int my_id = -1;
     for (int j = 0; j < k; ++j) {
-        ValIdx b = {NEG_INF, -1};
-#pragma unroll
-        for (int q = 0; q < ROUTE_WARP_MAX_E / 32; ++q) {
-            const int i = lane + 32 * q;
-            if (i < E && !((taken >> q) & 1u)) b = better(b, ValIdx{v[q], i});
-        }
-        b = warp_best(b);
-        if (b.i >= 0 && (b.i & 31) == lane) taken |= 1u << (b.i >> 5);
+        const ValIdx b = warp_pick(v, E, taken);
         const float g = b.i >= 0 ? expf(b.v - lse) : 0.f;
         gsum += g;
         if (lane == j) my_g = g, my_id = b.i;
@@ -1278,6 +1295,21 @@ __device__ __forceinline__ void warp_softmax_topk(const float* row, int E, int k
         ids[(int64_t)lane * stride] = my_id;
         wts[(int64_t)lane * stride] = wscale * my_g / d;
     }
+}
+// warp_softmax_topk's combine weights for experts already chosen (ids[j·stride], j < k) of a row
+// whose logits are scale·row: gates summed in choice order as warp_softmax_topk sums them.
+__device__ __forceinline__ void warp_softmax_weights(const float* row, int E, float scale, const int* ids, int k,
+                                                     int wnorm, float wadd, float wclamp, float wscale, float* wts,
+                                                     int stride) {
+    const int lane = threadIdx.x & 31;
+    float v[ROUTE_WARP_MAX_E / 32];
+    const float lse = warp_row_lse(row, E, scale, v);
+    const int id = lane < k ? ids[(int64_t)lane * stride] : -1;
+    const float g = id >= 0 && id < E ? expf(scale * __ldcg(row + id) - lse) : 0.f;
+    float gsum = 0.f;
+    for (int j = 0; j < k; ++j) gsum += __shfl_sync(0xffffffffu, g, j);
+    const float d = wnorm ? fmaxf(gsum + wadd, wclamp) : 1.f;
+    if (lane < k) wts[(int64_t)lane * stride] = wscale * g / d;
 }
 
 // Router logits and softmax top-k in one launch (decode, M <= 8 rows): the blocks compute logits
@@ -1593,3 +1625,189 @@ __device__ __forceinline__ void moe_serve_down(T* y, const T* a, const T* w2, co
     MOE_SERVE_DOWN(SUFFIX, T, 1, 8) MOE_SERVE_DOWN(SUFFIX, T, 2, 8) MOE_SERVE_DOWN(SUFFIX, T, 2, 4)     \
     MOE_SERVE_DOWN(SUFFIX, T, 4, 4)
 INSTANTIATE_FLOAT_TYPES(MOE_SERVE)
+
+// ---- Served decode, MoE blocks: the o projection and the router in one launch. The router reads
+// h = RMSNorm(x + o)·g with o = c·Woᵀ (c the attention's context [M, C], x the residual [M, D]).
+// Its logits are r·z with r = rsqrt(mean((x + o)²) + eps) > 0 per row and z = [x | c]·Wfᵀ,
+// Wf = [W ⊙ g | (W ⊙ g)·Wo] [E, D + C] (ops::router_fold, once per layer), so the top k of z are
+// the router's and need only what the attention wrote: the router runs beside the o projection
+// instead of after it. r and the combine weights come in moe_serve_up_addnorm, which norms the
+// rows anyway. Twins: ops::o_router_topk, ops::moe_serve_swiglu_addnorm (CPU).
+//   o_route_rR: grid ceil(E / 4) router blocks, then ceil(D / 8) o-projection blocks (gemv_nt).
+//               A router block computes z [M, E] f32 for 4 experts (K = D + C split over the 256
+//               threads, 16-byte vectors); the last router block to arrive picks each row's top k
+//               (warp r → row r, largest first, ties to the lower index) into ids [k, M] and
+//               resets the counter.
+#define OR_RC 4
+template <int R, typename T>
+__device__ __forceinline__ void o_route(T* o, float* z, int* ids, const T* ctx, const T* x, const T* wo,
+                                        const T* wf, int M, int D, int C, int E, int k, int* counter) {
+    const int nr = (E + OR_RC - 1) / OR_RC;
+    if ((int)blockIdx.x >= nr) {
+        gg_small_nt<R, T, T>(o, ctx, wo, nullptr, 0, M, D, C, blockIdx.x - nr);
+        return;
+    }
+    PDL_ENTRY();
+    constexpr int VEC = 16 / sizeof(T);
+    __shared__ float red[8][R][OR_RC];
+    __shared__ int last;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int e0 = blockIdx.x * OR_RC, ne = min(OR_RC, E - e0);
+    const int K = D + C, dv = D / VEC, kv = K / VEC;
+    const T* wb = wf + (int64_t)e0 * K;
+    float acc[R][OR_RC];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < OR_RC; ++c) acc[r][c] = 0.f;
+    for (int v = threadIdx.x; v < kv; v += blockDim.x) {
+        uint4 wr[OR_RC];
+#pragma unroll
+        for (int c = 0; c < OR_RC; ++c)
+            wr[c] = c < ne ? ld_stream(reinterpret_cast<const uint4*>(wb + (int64_t)c * K + v * VEC))
+                           : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            if (r < M) {
+                const T* src = v < dv ? x + (int64_t)r * D + v * VEC : ctx + (int64_t)r * C + (v - dv) * VEC;
+                float xf[VEC];
+                unpack16<T>(*reinterpret_cast<const uint4*>(src), xf);
+#pragma unroll
+                for (int c = 0; c < OR_RC; ++c) dot16<T>(&acc[r][c], wr[c], xf);
+            }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < OR_RC; ++c) {
+            const float s = warp_sum(acc[r][c]);
+            if (lane == 0) red[warp][r][c] = s;
+        }
+    __syncthreads();
+    if (threadIdx.x < R * OR_RC) {
+        const int r = threadIdx.x / OR_RC, c = threadIdx.x % OR_RC;
+        if (r < M && c < ne) {
+            float s = 0.f;
+#pragma unroll
+            for (int q = 0; q < 8; ++q) s += red[q][r][c];
+            z[(int64_t)r * E + e0 + c] = s;
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == nr - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (warp < M) {
+        float v[ROUTE_WARP_MAX_E / 32];
+        warp_row_lse(z + (int64_t)warp * E, E, 1.f, v);
+        unsigned taken = 0;
+        int my_id = -1;
+        for (int j = 0; j < k; ++j) {
+            const ValIdx b = warp_pick(v, E, taken);
+            if (lane == j) my_id = b.i;
+        }
+        if (lane < k) ids[(int64_t)lane * M + warp] = my_id;
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
+#define O_ROUTE_R(SUFFIX, T, R)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) o_route_r##R##_##SUFFIX(                          \
+        T* o, float* z, int* ids, const T* ctx, const T* x, const T* wo, const T* wf, int M, int D, int C, \
+        int E, int k, int* counter) {                                                                   \
+        o_route<R, T>(o, z, ids, ctx, x, wo, wf, M, D, C, E, k, counter);                               \
+    }
+#define O_ROUTE(SUFFIX, T) O_ROUTE_R(SUFFIX, T, 1) O_ROUTE_R(SUFFIX, T, 2) O_ROUTE_R(SUFFIX, T, 4) O_ROUTE_R(SUFFIX, T, 8)
+O_ROUTE(bf16, bf16_t)
+O_ROUTE(f16, f16_t)
+
+// moe_serve_up after o_route: the rows are s = x + o (rounded to T, the new residual) normed,
+// h = s·r·g. Each block sums s² beside its dot products, which take s ⊙ g and are scaled by r at
+// the end (no separate norm pass); token t's first block (slot t, column block 0) also writes s
+// to x_out and the token's combine weights from z (logits r·z) by the softmax rule
+// (warp_softmax_weights) into wts [k, T].
+template <int COLS, typename T>
+__device__ __forceinline__ void moe_serve_up_addnorm(T* a, const T* x, const T* o, const T* gn, float eps,
+                                                     T* x_out, const float* z, float* wts, int wnorm, float wadd,
+                                                     float wclamp, float wscale, const T* w1, const int* ids, int E,
+                                                     int ntok, int k, int F, int K) {
+    PDL_ENTRY();
+    constexpr int VEC = 16 / sizeof(T), R = 2 * COLS;
+    __shared__ float red[8][R + 1];
+    const int slot = blockIdx.y, t = slot % ntok, e = ids[slot];
+    const int f0 = blockIdx.x * COLS, nc = min(COLS, F - f0);
+    const bool ok = e >= 0 && e < E, first = blockIdx.x == 0 && slot < ntok;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kv = K / VEC;
+    const T* wg = w1 + ((int64_t)(ok ? e : 0) * 2 * F + f0) * K;  // gate rows f0..; up rows F + f0..
+    const int64_t row0 = (int64_t)t * K;
+    float acc[R], ss = 0.f;
+#pragma unroll
+    for (int c = 0; c < R; ++c) acc[c] = 0.f;
+    for (int v = threadIdx.x; v < kv; v += blockDim.x) {
+        uint4 wr[R];
+#pragma unroll
+        for (int c = 0; c < R; ++c) {
+            const int col = c % COLS;
+            const int64_t row = (c < COLS ? 0 : F) + col;
+            wr[c] = ok && col < nc ? ld_stream(reinterpret_cast<const uint4*>(wg + row * K + v * VEC))
+                                   : make_uint4(0, 0, 0, 0);
+        }
+        const uint4 xu = *reinterpret_cast<const uint4*>(x + row0 + v * VEC);
+        const uint4 ou = *reinterpret_cast<const uint4*>(o + row0 + v * VEC);
+        const uint4 gu = *reinterpret_cast<const uint4*>(gn + v * VEC);
+        const T* xt = reinterpret_cast<const T*>(&xu);
+        const T* ot = reinterpret_cast<const T*>(&ou);
+        const T* gt = reinterpret_cast<const T*>(&gu);
+        uint4 su;
+        T* st = reinterpret_cast<T*>(&su);
+        float xf[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            st[j] = from_float<T>(to_float(xt[j]) + to_float(ot[j]));
+            const float f = to_float(st[j]);
+            ss += f * f;
+            xf[j] = f * to_float(gt[j]);
+        }
+        if (first) *reinterpret_cast<uint4*>(x_out + row0 + v * VEC) = su;
+#pragma unroll
+        for (int c = 0; c < R; ++c) dot16<T>(&acc[c], wr[c], xf);
+    }
+#pragma unroll
+    for (int c = 0; c < R; ++c) {
+        const float s = warp_sum(acc[c]);
+        if (lane == 0) red[warp][c] = s;
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) red[warp][R] = ss;
+    __syncthreads();
+    float rinv = 0.f;
+    if (warp == 0) {
+        float t2 = 0.f;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) t2 += red[q][R];
+        rinv = rsqrtf(t2 / K + eps);
+    }
+    if (threadIdx.x < nc) {
+        const int c = threadIdx.x;
+        float g = 0.f, u = 0.f;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) g += red[q][c], u += red[q][COLS + c];
+        g = to_float(from_float<T>(g * rinv)), u = to_float(from_float<T>(u * rinv));
+        a[(int64_t)slot * F + f0 + c] = ok ? from_float<T>(serve_silu(g) * u) : from_float<T>(0.f);
+    }
+    if (first && warp == 0)
+        warp_softmax_weights(z + (int64_t)t * E, E, rinv, ids + t, k, wnorm, wadd, wclamp, wscale, wts + t, ntok);
+}
+#define MOE_SERVE_UP_ADDNORM(SUFFIX, T, C)                                                              \
+    extern "C" __global__ void __launch_bounds__(256) moe_serve_up_addnorm_c##C##_##SUFFIX(             \
+        T* a, const T* x, const T* o, const T* gn, float eps, T* x_out, const float* z, float* wts, int wnorm, \
+        float wadd, float wclamp, float wscale, const T* w1, const int* ids, int E, int ntok, int k, int F, \
+        int K) {                                                                                        \
+        moe_serve_up_addnorm<C, T>(a, x, o, gn, eps, x_out, z, wts, wnorm, wadd, wclamp, wscale, w1, ids, E, \
+                                   ntok, k, F, K);                                                      \
+    }
+#define MOE_SERVE_ADDNORM(SUFFIX, T) \
+    MOE_SERVE_UP_ADDNORM(SUFFIX, T, 2) MOE_SERVE_UP_ADDNORM(SUFFIX, T, 4) MOE_SERVE_UP_ADDNORM(SUFFIX, T, 8)
+MOE_SERVE_ADDNORM(bf16, bf16_t)
+MOE_SERVE_ADDNORM(f16, f16_t)
