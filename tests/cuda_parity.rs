@@ -1001,14 +1001,15 @@ fn router_topk_matches() {
     }
 }
 
-/// A served MoE block's o projection + folded router in one launch (`ops::o_router_topk`) and
-/// the experts with the residual add + RMSNorm and combine weights folded in
-/// (`ops::moe_serve_swiglu_addnorm`) against their CPU twins: o and z within tolerance, the GPU's
-/// ids exactly the top k of its own z (ties to the lower index: two equal router rows), E not a
-/// multiple of the 4-expert router blocks, up to 8 rows and 256 experts, calls back to back (the
-/// arrival counter must be reset); then the experts from the GPU's z and ids on both sides.
+/// A served MoE block's o projection + residual add and folded router in one launch
+/// (`ops::o_router_topk`) and the experts with the RMSNorm and combine weights folded in
+/// (`ops::moe_serve_swiglu_norm`) against their CPU twins: new residual and z within tolerance,
+/// the GPU's ids exactly the top k of its own z (ties to the lower index: two equal router
+/// rows), E not a multiple of the 4-expert router blocks, up to 8 rows and 256 experts, calls
+/// back to back (the arrival counter must be reset); then the experts from the GPU's s, z and ids
+/// on both sides.
 #[test]
-fn o_router_and_served_addnorm_match() {
+fn o_router_and_served_norm_match() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("o_router_topk");
     for dt in [DType::BF16, DType::F16] {
@@ -1043,7 +1044,7 @@ fn o_router_and_served_addnorm_match() {
             let wfc = Tensor::from_f32(&wv, &[e, d + c], dt, Device::Cpu).unwrap();
             let wfg = wfc.to_device(dev).unwrap();
             let what = format!("o_router_topk {dt} t={t} D={d} C={c} E={e} k={k}");
-            let (oc, zc, _) = ops::o_router_topk(&cc, &woc, &xc, &wfc, k)
+            let (sc, zc, _) = ops::o_router_topk(&cc, &woc, &xc, &wfc, k)
                 .unwrap()
                 .unwrap();
             let rule = ops::SoftmaxTopK {
@@ -1054,10 +1055,10 @@ fn o_router_and_served_addnorm_match() {
                 scale: 1.5,
             };
             for _ in 0..3 {
-                let (og, zg, ig) = ops::o_router_topk(&cg, &wog, &xg, &wfg, k)
+                let (sg, zg, ig) = ops::o_router_topk(&cg, &wog, &xg, &wfg, k)
                     .unwrap()
                     .expect("o_router_topk applies on the GPU here");
-                close_each(&format!("{what} o"), &oc, &og);
+                close_each(&format!("{what} new residual"), &sc, &sg);
                 close_each_within(&format!("{what} z"), &zc, &zg, 1e-4);
                 assert_eq!(ig.shape(), &[k, t]);
                 let (gz, gi) = (zg.to_f32_vec().unwrap(), ig.to_vec::<i32>().unwrap());
@@ -1073,11 +1074,10 @@ fn o_router_and_served_addnorm_match() {
                         );
                     }
                 }
-                // The experts from the GPU's o, z and ids on both sides.
+                // The experts from the GPU's s, z and ids on both sides.
                 let cpu = |v: &Tensor| v.to_device(Device::Cpu).unwrap();
-                let (xnc, yc) = ops::moe_serve_swiglu_addnorm(
-                    &xc,
-                    &cpu(&og),
+                let yc = ops::moe_serve_swiglu_norm(
+                    &cpu(&sg),
                     &gc,
                     1e-6,
                     &cpu(&zg),
@@ -1087,10 +1087,8 @@ fn o_router_and_served_addnorm_match() {
                     &w2c,
                 )
                 .unwrap();
-                let (xng, yg) =
-                    ops::moe_serve_swiglu_addnorm(&xg, &og, &gg, 1e-6, &zg, &ig, &rule, &w1g, &w2g)
-                        .unwrap();
-                close_each(&format!("{what} served new residual"), &xnc, &xng);
+                let yg = ops::moe_serve_swiglu_norm(&sg, &gg, 1e-6, &zg, &ig, &rule, &w1g, &w2g)
+                    .unwrap();
                 close(&format!("{what} served y"), &yc, &yg);
             }
             close(&format!("{what} x untouched"), &xc, &xg);

@@ -152,7 +152,7 @@ fn fused_router_matches_route() {
 }
 
 /// The router folded through the RMSNorm and o projection (`ops::router_fold`, used by a served
-/// decode step on the GPU: `ops::o_router_topk` + `ops::moe_serve_swiglu_addnorm`, CPU twins
+/// decode step on the GPU: `ops::o_router_topk` + `ops::moe_serve_swiglu_norm`, CPU twins
 /// here) computes what the unfolded block does: o projection, residual add + RMSNorm, router
 /// top-k and the served experts — the same experts, the same output and new residual, for
 /// softmax routers with and without renormalisation, a routed scaling factor, several rows.
@@ -197,17 +197,15 @@ fn folded_router_matches_unfolded() {
         // Folded.
         let wf = ops::router_fold(&w, &g, &wo).unwrap();
         assert_eq!(wf.shape(), &[e, d + c], "{what}: fold shape");
-        let (o2, z, ids2) = ops::o_router_topk(&ctx, &wo, &x, &wf, k).unwrap().unwrap();
-        assert_close(&format!("{what} o"), &o2, &o, 1e-6);
+        let (xn2, z, ids2) = ops::o_router_topk(&ctx, &wo, &x, &wf, k).unwrap().unwrap();
+        assert_close(&format!("{what} new residual"), &xn2, &xn, 1e-6);
         assert_eq!(
             ids2.as_slice::<i32>().unwrap(),
             ids.as_slice::<i32>().unwrap(),
             "{what}: expert ids"
         );
         assert_eq!(z.shape(), &[t, e]);
-        let (xn2, y2) =
-            ops::moe_serve_swiglu_addnorm(&x, &o2, &g, 1e-6, &z, &ids2, &rule, &w1, &w2).unwrap();
-        assert_close(&format!("{what} new residual"), &xn2, &xn, 1e-6);
+        let y2 = ops::moe_serve_swiglu_norm(&xn2, &g, 1e-6, &z, &ids2, &rule, &w1, &w2).unwrap();
         assert_close(&format!("{what} y"), &y2, &y, 1e-5);
     }
     // Bad shapes are named.

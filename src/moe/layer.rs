@@ -341,7 +341,7 @@ pub fn served_oroute_applies(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> boo
 /// the o projection and the router (folded through the RMSNorm and o projection: `fold` from
 /// `ops::router_fold`) in one launch, then the experts with the residual add + RMSNorm and the
 /// combine weights folded into their first kernel (`ops::o_router_topk`,
-/// `ops::moe_serve_swiglu_addnorm`): three kernels from attention to MoE output instead of four,
+/// `ops::moe_serve_swiglu_norm`): three kernels from attention to MoE output instead of four,
 /// and the router's latency beside the o projection's instead of after it. Returns (new residual
 /// x + ctx·Woᵀ, MoE output), or None where that path does not apply (the caller projects and
 /// takes `moe_forward_served_addnorm`); `x` is not modified.
@@ -362,11 +362,11 @@ pub fn moe_forward_served_oroute(
     let Some(rule) = fused_router_rule(cfg, w, x) else {
         return Ok(None);
     };
-    let Some((o, z, ids)) = ops::o_router_topk(ctx, wo, x, fold, rule.k)? else {
+    let Some((s, z, ids)) = ops::o_router_topk(ctx, wo, x, fold, rule.k)? else {
         return Ok(None);
     };
-    let (xn, y) = ops::moe_serve_swiglu_addnorm(x, &o, norm, eps, &z, &ids, &rule, &w.w1, &w.w2)?;
-    Ok(Some((xn, y)))
+    let y = ops::moe_serve_swiglu_norm(&s, norm, eps, &z, &ids, &rule, &w.w1, &w.w2)?;
+    Ok(Some((s, y)))
 }
 
 /// The one-kernel router's rule for a served step (the caller's to know) of a softmax router

@@ -479,11 +479,12 @@ pub fn router_fold(w: &Tensor, g: &Tensor, wo: &Tensor) -> Result<Tensor> {
     Tensor::from_f32(&out, &[e, d + c], w.dtype(), w.device())
 }
 
-/// A served MoE block's o projection and router in one launch (decode): o [T, D] = c·Woᵀ for the
-/// attention context c [T, C], router logits up to a positive per-row factor z [T, E] f32 =
-/// [x | c]·Wfᵀ for the residual x [T, D] and Wf from `router_fold`, and each row's top k of z
-/// (largest first, ties to the lower index) as ids [k, T] i32 — the router's choice for the
-/// rows RMSNorm(x + o) (`moe_serve_swiglu_addnorm` finishes the block). On the GPU (T <= 8 rows
+/// A served MoE block's o projection and router in one launch (decode): the new residual
+/// s [T, D] = x + c·Woᵀ (the product rounded to x's dtype before the add, as a stored projection
+/// and `add_rmsnorm` give it) for the attention context c [T, C] and residual x [T, D], router
+/// logits up to a positive per-row factor z [T, E] f32 = [x | c]·Wfᵀ with Wf from `router_fold`,
+/// and each row's top k of z (largest first, ties to the lower index) as ids [k, T] i32 — the
+/// router's choice for the rows RMSNorm(s) (`moe_serve_swiglu_norm` finishes the block). On the GPU (T <= 8 rows
 /// of a 16-bit type, D and C multiples of 8, E <= 256) the router blocks run beside the
 /// projection's; Ok(None) where that kernel does not apply on the GPU. The CPU computes it always.
 #[allow(clippy::type_complexity)]
@@ -535,7 +536,8 @@ pub fn o_router_topk(
     };
     match x.device() {
         Device::Cpu => {
-            let o = super::linear(ctx, wo, None)?;
+            let mut s = x.try_clone()?;
+            super::add_assign(&mut s, &super::linear(ctx, wo, None)?)?;
             let (xv, cv, wv) = (x.cpu_f32()?, ctx.cpu_f32()?, wf.cpu_f32()?);
             let mut z = vec![0f32; t * e];
             z.par_chunks_mut(e.max(1)).enumerate().for_each(|(ti, zr)| {
@@ -554,7 +556,7 @@ pub fn o_router_topk(
                 }
             }
             Ok(Some((
-                o,
+                s,
                 Tensor::from_vec(z, &[t, e])?,
                 Tensor::from_vec(ids, &[k, t])?,
             )))
@@ -573,14 +575,13 @@ pub fn o_router_topk(
     }
 }
 
-/// The rest of a served MoE block after `o_router_topk`: the new residual s = x + o (rounded to
-/// x's dtype), the rows h = s·r·g with r = rsqrt(mean(s²) + eps) (RMSNorm, not rounded: the GPU
-/// folds r into the dot products), combine weights by `rule` from the logits r·z for the chosen
-/// ids, and `moe_serve_swiglu` of h. Returns (s, y). x, o [T, K]; g [K]; z [T, E] f32; ids [k, T].
+/// The rest of a served MoE block after `o_router_topk`: the rows h = s·r·g, RMSNorm of the new
+/// residual s with r = rsqrt(mean(s²) + eps) (not rounded: the GPU folds r into the dot
+/// products), combine weights by `rule` from the logits r·z for the chosen ids, and
+/// `moe_serve_swiglu` of h. s [T, K]; g [K]; z [T, E] f32; ids [k, T] i32. Returns y [T, N].
 #[allow(clippy::too_many_arguments)]
-pub fn moe_serve_swiglu_addnorm(
-    x: &Tensor,
-    o: &Tensor,
+pub fn moe_serve_swiglu_norm(
+    s: &Tensor,
     g: &Tensor,
     eps: f32,
     z: &Tensor,
@@ -588,63 +589,39 @@ pub fn moe_serve_swiglu_addnorm(
     rule: &SoftmaxTopK,
     w1: &Tensor,
     w2: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    let op = "moe_serve_swiglu_addnorm";
-    same_device(op, &[x, o, g, z, ids, w1, w2])?;
-    let (e, f, n, k) = serve_shapes(op, x, w1, w2, ids)?;
+) -> Result<Tensor> {
+    let op = "moe_serve_swiglu_norm";
+    same_device(op, &[s, g, z, ids, w1, w2])?;
+    let (e, f, n, k) = serve_shapes(op, s, w1, w2, ids)?;
     z.expect_dtype(op, DType::F32)?;
-    let (t, kd) = (x.dim(0), x.dim(1));
-    let vec = 16 / x.dtype().size_in_bytes();
-    if o.shape() != x.shape()
-        || o.dtype() != x.dtype()
-        || g.shape() != [kd]
-        || g.dtype() != x.dtype()
-        || z.shape() != [t, e]
-        || k != rule.k
-    {
+    let (t, kd) = (s.dim(0), s.dim(1));
+    let vec = 16 / s.dtype().size_in_bytes();
+    if g.shape() != [kd] || g.dtype() != s.dtype() || z.shape() != [t, e] || k != rule.k {
         return Err(Error::shape(
             op,
             format!(
-                "x and o [T, K] {:?} {:?}, norm [K] {:?}, z [T, E] {:?} for E {e}, ids [k, T] {:?} \
-                 for top-{}",
-                x.shape(),
-                o.shape(),
+                "rows [T, K] {:?}, norm [K] {:?} {}, z [T, E] {:?} for E {e}, ids [k, T] {:?} for \
+                 top-{}",
+                s.shape(),
                 g.shape(),
+                g.dtype(),
                 z.shape(),
                 ids.shape(),
                 rule.k
             ),
         ));
     }
-    match x.device() {
+    match s.device() {
         Device::Cpu => {
-            let dt = x.dtype();
-            let (xv, ov, gv, zv) = (
-                x.cpu_f32()?,
-                o.cpu_f32()?,
-                g.cpu_f32()?,
-                z.as_slice::<f32>()?,
-            );
+            let (sv, gv, zv) = (s.cpu_f32()?, g.cpu_f32()?, z.as_slice::<f32>()?);
             let iv = ids.as_slice::<i32>()?;
-            let round = |v: f32| -> f32 {
-                match dt {
-                    DType::BF16 => half::bf16::from_f32(v).to_f32(),
-                    DType::F16 => half::f16::from_f32(v).to_f32(),
-                    _ => v,
-                }
-            };
-            let s: Vec<f32> = xv
-                .iter()
-                .zip(ov.iter())
-                .map(|(a, b)| round(a + b))
-                .collect();
             let mut h = vec![0f32; t * kd];
             let mut wts = vec![0f32; k * t];
             for ti in 0..t {
-                let sr = &s[ti * kd..][..kd];
+                let sr = &sv[ti * kd..][..kd];
                 let r = 1.0 / (sr.iter().map(|v| v * v).sum::<f32>() / kd as f32 + eps).sqrt();
-                for ((hv, sv), gw) in h[ti * kd..][..kd].iter_mut().zip(sr).zip(gv.iter()) {
-                    *hv = sv * r * gw;
+                for ((hv, x), gw) in h[ti * kd..][..kd].iter_mut().zip(sr).zip(gv.iter()) {
+                    *hv = x * r * gw;
                 }
                 let logits: Vec<f32> = zv[ti * e..][..e].iter().map(|v| r * v).collect();
                 let chosen: Vec<i32> = (0..k).map(|j| iv[j * t + ti]).collect();
@@ -653,11 +630,8 @@ pub fn moe_serve_swiglu_addnorm(
                 }
             }
             let wts = Tensor::from_vec(wts, &[k, t])?;
-            let y = serve_swiglu_cpu(&h, dt, w1, w2, ids, &wts)?;
-            Ok((
-                cpu_from_f32(s, &[t, kd], dt)?,
-                cpu_from_f32(y, &[t, n], dt)?,
-            ))
+            let y = serve_swiglu_cpu(&h, s.dtype(), w1, w2, ids, &wts)?;
+            cpu_from_f32(y, &[t, n], s.dtype())
         }
         Device::Cuda(_) => {
             if kd % vec != 0 || f % vec != 0 || e > SoftmaxTopK::MAX_EXPERTS || k > 32 {
@@ -667,15 +641,11 @@ pub fn moe_serve_swiglu_addnorm(
                 )));
             }
             if t == 0 {
-                return Ok((
-                    x.try_clone()?,
-                    Tensor::uninit(&[0, n], x.dtype(), x.device())?,
-                ));
+                return Tensor::uninit(&[0, n], s.dtype(), s.device());
             }
-            super::grouped_cuda::moe_serve_swiglu_addnorm(
-                &cuda_dev(x)?,
-                x,
-                o,
+            super::grouped_cuda::moe_serve_swiglu_norm(
+                &cuda_dev(s)?,
+                s,
                 g,
                 eps,
                 z,

@@ -483,10 +483,11 @@ pub(crate) fn grouped_matmul_gather(
     Ok(Some(y))
 }
 
-/// The served-decode kernels' shapes: gate/up columns per block; the down kernel's vectors per
-/// lane and row in flight, and its output columns per block. `MOE_SERVE_KERNELS=cCuUdD` picks
-/// them (A/B comparisons): C in {2, 4, 8}, (U, D) in {(1, 8), (2, 8), (2, 4), (4, 4)}, each part
-/// optional; default c4u4d4 (BENCHMARKS, 2026-11-30 fifth session: per batch-1 step, 4 gate/up
+/// The served-decode kernels' shapes: gate/up columns per block (of the plain kernel, and of the
+/// one that norms its rows); the down kernel's vectors per lane and row in flight, and its output
+/// columns per block. `MOE_SERVE_KERNELS=cCuUdD` picks them (A/B comparisons): C in {2, 4, 8}
+/// (both gate/up kernels), (U, D) in {(1, 8), (2, 8), (2, 4), (4, 4)}, each part optional;
+/// default c4u4d4 with 8 columns for the norming kernel (BENCHMARKS, 2026-11-30 fifth session: per batch-1 step, 4 gate/up
 /// columns 1.5-2.5% faster than 8 and 5% faster than 2; 4 down columns with 4 vectors in flight
 /// 1.3% faster than 8 columns with 2).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -494,6 +495,9 @@ struct ServeVariant {
     up_cols: usize,
     unroll: usize,
     down_cols: usize,
+    /// Gate/up columns per block of the kernel that also norms its rows (moe_serve_up_norm):
+    /// C when given, else 8 (BENCHMARKS, 2026-12-01: 22.7 us a layer against 28.0 for 4).
+    norm_cols: usize,
 }
 
 impl ServeVariant {
@@ -501,6 +505,7 @@ impl ServeVariant {
         up_cols: 4,
         unroll: 4,
         down_cols: 4,
+        norm_cols: 8,
     };
 
     /// Parse `cCuUdD` (any part may be left out: C 4; U 4; D 4 with U = 4, else 8, which keeps
@@ -525,6 +530,7 @@ impl ServeVariant {
             up_cols,
             unroll,
             down_cols,
+            norm_cols: parts[0].unwrap_or(8),
         })
     }
 }
@@ -681,8 +687,8 @@ pub(crate) fn add_rmsnorm_router_topk(
     Ok(Some((xn, h, logits, ids, wts)))
 }
 
-/// `ops::o_router_topk` on the GPU (its conditions checked there): (o, z, ids), or Ok(None) when
-/// the device's arrival counters cannot be had (first use inside a graph capture).
+/// `ops::o_router_topk` on the GPU (its conditions checked there): (s, z, ids), or Ok(None)
+/// when the device's arrival counters cannot be had (first use inside a graph capture).
 pub(crate) fn o_router_topk(
     dev: &Arc<CudaDevice>,
     ctx: &Tensor,
@@ -695,7 +701,7 @@ pub(crate) fn o_router_topk(
         return Ok(None);
     };
     let (t, d, c, e) = (x.dim(0), x.dim(1), ctx.dim(1), wf.dim(0));
-    let o = Tensor::uninit(&[t, d], x.dtype(), x.device())?;
+    let s = Tensor::uninit(&[t, d], x.dtype(), x.device())?;
     let z = Tensor::uninit(&[t, e], DType::F32, x.device())?;
     let ids = Tensor::uninit(&[k, t], DType::I32, x.device())?;
     // Router blocks of 4 experts (OR_RC), then the o projection's blocks of SMALL_COLS columns.
@@ -708,7 +714,7 @@ pub(crate) fn o_router_topk(
         0,
     )?
     .pdl()
-    .ptr(dptr(&o))
+    .ptr(dptr(&s))
     .ptr(dptr(&z))
     .ptr(dptr(&ids))
     .ptr(dptr(ctx))
@@ -722,15 +728,14 @@ pub(crate) fn o_router_topk(
     .usize_as_i32(k)?
     .ptr(counter)
     .run()?;
-    Ok(Some((o, z, ids)))
+    Ok(Some((s, z, ids)))
 }
 
-/// `ops::moe_serve_swiglu_addnorm` on the GPU (shapes checked there): (x + o, y).
+/// `ops::moe_serve_swiglu_norm` on the GPU (shapes checked there).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn moe_serve_swiglu_addnorm(
+pub(crate) fn moe_serve_swiglu_norm(
     dev: &Arc<CudaDevice>,
-    x: &Tensor,
-    o: &Tensor,
+    s: &Tensor,
     g: &Tensor,
     eps: f32,
     z: &Tensor,
@@ -739,27 +744,24 @@ pub(crate) fn moe_serve_swiglu_addnorm(
     w1: &Tensor,
     w2: &Tensor,
     (e, f, n): (usize, usize, usize),
-) -> Result<(Tensor, Tensor)> {
-    let (t, kd) = (x.dim(0), x.dim(1));
+) -> Result<Tensor> {
+    let (t, kd) = (s.dim(0), s.dim(1));
     let k = ids.dim(0);
-    let xn = Tensor::uninit(x.shape(), x.dtype(), x.device())?;
-    let a = Tensor::uninit(&[k * t, f], x.dtype(), x.device())?;
-    let wts = Tensor::uninit(&[k, t], DType::F32, x.device())?;
-    let cols = serve_variant().up_cols;
+    let a = Tensor::uninit(&[k * t, f], s.dtype(), s.device())?;
+    let wts = Tensor::uninit(&[k, t], DType::F32, s.device())?;
+    let cols = serve_variant().norm_cols;
     dev.launch(
         &kernels::GROUPED_GEMM,
-        &format!("moe_serve_up_addnorm_c{cols}_{}", x.dtype().name()),
+        &format!("moe_serve_up_norm_c{cols}_{}", s.dtype().name()),
         (f.div_ceil(cols) as u32, (k * t) as u32, 1),
         (256, 1, 1),
         0,
     )?
     .pdl()
     .ptr(dptr(&a))
-    .ptr(dptr(x))
-    .ptr(dptr(o))
+    .ptr(dptr(s))
     .ptr(dptr(g))
     .f32(eps)
-    .ptr(dptr(&xn))
     .ptr(dptr(z))
     .ptr(dptr(&wts))
     .i32(rule.normalize as i32)
@@ -774,8 +776,7 @@ pub(crate) fn moe_serve_swiglu_addnorm(
     .usize_as_i32(f)?
     .usize_as_i32(kd)?
     .run()?;
-    let y = moe_serve_down(dev, &a, w2, ids, &wts, (e, t, n))?;
-    Ok((xn, y))
+    moe_serve_down(dev, &a, w2, ids, &wts, (e, t, n))
 }
 
 /// The router_topk launch with its common arguments pushed (the addnorm variant's follow).
@@ -843,14 +844,19 @@ mod tests {
                 up_cols: c,
                 unroll: u,
                 down_cols: d,
+                norm_cols: c,
             })
         };
         assert_eq!(ServeVariant::parse(""), Some(ServeVariant::DEFAULT));
-        assert_eq!(ServeVariant::parse("c4u4d4"), Some(ServeVariant::DEFAULT));
+        assert_eq!(ServeVariant::parse("u4d4"), Some(ServeVariant::DEFAULT));
+        // An explicit C sets both gate/up kernels; without it the norming one takes 8.
+        assert_eq!(ServeVariant::parse("c4u4d4"), v(4, 4, 4));
         assert_eq!(ServeVariant::parse("c8u2"), v(8, 2, 8));
         assert_eq!(ServeVariant::parse("c4u1"), v(4, 1, 8));
         assert_eq!(ServeVariant::parse("c2u2d4"), v(2, 2, 4));
-        assert_eq!(ServeVariant::parse("d8u1"), v(4, 1, 8));
+        let d8u1 = ServeVariant::parse("d8u1").unwrap();
+        assert_eq!((d8u1.up_cols, d8u1.unroll, d8u1.down_cols), (4, 1, 8));
+        assert_eq!(d8u1.norm_cols, 8);
         for bad in ["c3", "u4d8", "u1d4", "c4c8", "x4", "c", "c4u", "c44"] {
             assert_eq!(ServeVariant::parse(bad), None, "{bad}");
         }

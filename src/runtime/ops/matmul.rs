@@ -231,6 +231,15 @@ fn qkv_fused(x: &Tensor, wq: &Tensor, wk: &Tensor, wv: &Tensor) -> bool {
             .all(|&d| d == x.dtype())
 }
 
+/// Whether the q/k/v GEMV of up to 4 rows folds the RMSNorm into its products (gemv3_addnormf:
+/// the rows' factor applied after the dot products, no norm pass; 79 registers against 104 at
+/// one row, but more than the norm pass at 8) rather than norming the rows first
+/// (gemv3_addnorm); `MOE_QKV_NORM_FOLD=0` keeps the norm pass (A/B comparisons).
+fn qkv_norm_folded() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MOE_QKV_NORM_FOLD").map_or(true, |v| v != "0"))
+}
+
 /// The gemv3 launch (qkv_fused checked); with `addnorm` = (a, g, eps, new residual) the rows
 /// are x + a normed by g (gemv3_addnorm).
 fn qkv_launch(
@@ -248,6 +257,7 @@ fn qkv_launch(
     let cols = super::grouped_cuda::SMALL_COLS;
     let blocks = nq.div_ceil(cols) + 2 * nk.div_ceil(cols);
     let (name, smem) = match addnorm {
+        Some(_) if m <= 4 && qkv_norm_folded() => ("gemv3_addnormf", 0),
         Some(_) => ("gemv3_addnorm", m * k * x.dtype().size_in_bytes()),
         None => ("gemv3_nt", 0),
     };

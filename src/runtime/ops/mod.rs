@@ -33,8 +33,8 @@ pub use embedding::{embedding, embedding_backward};
 pub use flash::{flash_attention, flash_attention_backward, flash_supported, FlashSpec, KvLayout};
 pub use grouped::{
     add_rmsnorm_router_topk, grouped_matmul, grouped_matmul_gather, grouped_matmul_tn,
-    grouped_matmul_tn_gather_into, grouped_matmul_tn_into, moe_serve_swiglu,
-    moe_serve_swiglu_addnorm, o_router_topk, router_fold, router_topk, SoftmaxTopK,
+    grouped_matmul_tn_gather_into, grouped_matmul_tn_into, moe_serve_swiglu, moe_serve_swiglu_norm,
+    o_router_topk, router_fold, router_topk, SoftmaxTopK,
 };
 pub use index::{
     argsort_stable, gather_rows, histogram, scatter_add_rows, slice_rows, topk, transpose_12,

@@ -1045,6 +1045,21 @@ __device__ __forceinline__ int nth_nonempty_group(const int* offsets, int E, int
     return found;
 }
 
+// 16-byte vectors of T: a dot product with 8 (or 4) f32 values, and unpacked to f32.
+template <typename T>
+__device__ __forceinline__ void dot16(float* acc, const uint4& w, const float* xf) {
+    const T* wt = reinterpret_cast<const T*>(&w);
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16 / (int)sizeof(T); ++j) s += to_float(wt[j]) * xf[j];
+    *acc += s;
+}
+template <typename T> __device__ __forceinline__ void unpack16(const uint4& v, float* f) {
+    const T* t = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int j = 0; j < 16 / (int)sizeof(T); ++j) f[j] = to_float(t[j]);
+}
+
 // The residual add + RMSNorm folded into a decode GEMV's input (the *_addnorm kernels): each
 // block computes s = x + a and h = s · rsqrt(mean(s²) + eps) · g for the M rows itself, each
 // rounded to T as add_rmsnorm writes them, into shared memory (dynamic, M·K·sizeof(T) bytes),
@@ -1117,14 +1132,22 @@ __device__ __forceinline__ void addnorm_rows(T* hs, const T* x, const AddNorm<T>
     __syncthreads();
 }
 
+// resid (dense only): y = resid + x·Wᵀ, the product rounded to T before the add (a residual add
+// as add_rmsnorm does it after a stored projection).
 // NORM: the rows are x + an.a, normed (addnorm_rows; dense only, offsets == nullptr). The block's
 // first round of weight loads is issued before the norm, so its latency hides under them.
-template <int ROWS, typename T, typename TO, bool NORM = false>
+// LNORM: the same rows with the norm folded into the products instead (no norm pass): each
+// thread takes s = x + an.a (rounded to T; the writer block stores it to an.x_out) times g into
+// its dot products and sums s² beside them; the outputs are scaled by r = rsqrt(mean(s²) + eps).
+template <int ROWS, typename T, typename TO, bool NORM = false, bool LNORM = false>
 __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const int* offsets, int E, int M,
-                                            int N, int K, int bx, AddNorm<T> an = {}) {
+                                            int N, int K, int bx, AddNorm<T> an = {}, const T* resid = nullptr) {
     PDL_ENTRY();
     constexpr int VEC = 16 / sizeof(T);
     __shared__ float red[8][ROWS][SM_COLS];
+    __shared__ float red_ss[LNORM ? 8 : 1][ROWS];
+    float ss[ROWS];
+    _Pragma("unroll") for (int r = 0; r < ROWS; ++r) ss[r] = 0.f;
     const int e = offsets ? nth_nonempty_group(offsets, E, blockIdx.y) : 0;
     if (e < 0) return;
     const int r0 = offsets ? offsets[e] : 0, r1 = offsets ? offsets[e + 1] : M;
@@ -1155,12 +1178,28 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
                 wr[c] = first ? pre[c]
                         : c < ncols ? ld_stream(reinterpret_cast<const uint4*>(wb + (int64_t)c * K + v * VEC))
                                     : make_uint4(0, 0, 0, 0);
+            float gf[LNORM ? VEC : 1];
+            if (LNORM) unpack16<T>(*reinterpret_cast<const uint4*>(an.g + v * VEC), gf);
             _Pragma("unroll") for (int r = 0; r < ROWS; ++r) {
                 if (r < rows) {
-                    uint4 xr = *reinterpret_cast<const uint4*>(x + (int64_t)(rc + r) * K + v * VEC);
+                    const int64_t xo = (int64_t)(rc + r) * K + v * VEC;
+                    uint4 xr = *reinterpret_cast<const uint4*>(x + xo);
                     const T* xt = reinterpret_cast<const T*>(&xr);
                     float xf[VEC];
-                    _Pragma("unroll") for (int j = 0; j < VEC; ++j) xf[j] = to_float(xt[j]);
+                    if (LNORM) {
+                        const uint4 au = *reinterpret_cast<const uint4*>(an.a + xo);
+                        const T* at = reinterpret_cast<const T*>(&au);
+                        T* st = reinterpret_cast<T*>(&xr);
+                        _Pragma("unroll") for (int j = 0; j < VEC; ++j) {
+                            st[j] = from_float<T>(to_float(st[j]) + to_float(at[j]));
+                            const float f = to_float(st[j]);
+                            ss[r] += f * f;
+                            xf[j] = f * gf[j & (LNORM ? VEC - 1 : 0)];
+                        }
+                        if (blockIdx.x == 0) *reinterpret_cast<uint4*>(an.x_out + xo) = xr;
+                    } else {
+                        _Pragma("unroll") for (int j = 0; j < VEC; ++j) xf[j] = to_float(xt[j]);
+                    }
                     _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c) {
                         const T* wt = reinterpret_cast<const T*>(&wr[c]);
                         float s = 0.f;
@@ -1175,13 +1214,26 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
                 float s = warp_sum(acc[r][c]);
                 if (lane == 0) red[warp][r][c] = s;
             }
+        if (LNORM)
+            _Pragma("unroll") for (int r = 0; r < ROWS; ++r) {
+                const float t = warp_sum(ss[r]);
+                if (lane == 0) red_ss[warp & (LNORM ? 7 : 0)][r] = t;
+                ss[r] = 0.f;
+            }
         __syncthreads();
         if (threadIdx.x < ROWS * SM_COLS) {
             const int r = threadIdx.x / SM_COLS, c = threadIdx.x % SM_COLS;
             if (r < rows && c < ncols) {
                 float s = 0.f;
                 _Pragma("unroll") for (int q = 0; q < 8; ++q) s += red[q][r][c];
-                y[(int64_t)(rc + r) * N + n0 + c] = from_float<TO>(s);
+                if (LNORM) {
+                    float t = 0.f;
+                    _Pragma("unroll") for (int q = 0; q < 8; ++q) t += red_ss[q & (LNORM ? 7 : 0)][r];
+                    s *= rsqrtf(t / K + an.eps);
+                }
+                const int64_t at = (int64_t)(rc + r) * N + n0 + c;
+                if (resid) s = to_float(resid[at]) + to_float(from_float<T>(s));
+                y[at] = from_float<TO>(s);
             }
         }
         __syncthreads();
@@ -1214,6 +1266,21 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
             gg_small_nt<R, T, T>(yk, x, wk, nullptr, 0, M, Nk, K, bx - bq);                             \
         } else {                                                                                        \
             gg_small_nt<R, T, T>(yv, x, wv, nullptr, 0, M, Nk, K, bx - bq - bk);                        \
+        }                                                                                               \
+    }                                                                                                   \
+    /* The same with the norm folded into the products (LNORM; x_out the new residual). */           \
+    extern "C" __global__ void __launch_bounds__(256) gemv3_addnormf_r##R##_##SUFFIX(                   \
+        T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk, const T* wv, int M, int Nq, int Nk,   \
+        int K, const T* a, const T* g, float eps, T* x_out) {                                            \
+        const AddNorm<T> an{a, g, eps, x_out, nullptr};                                                 \
+        const int bq = (Nq + SM_COLS - 1) / SM_COLS, bk = (Nk + SM_COLS - 1) / SM_COLS;                 \
+        int bx = blockIdx.x;                                                                            \
+        if (bx < bq) {                                                                                  \
+            gg_small_nt<R, T, T, false, true>(yq, x, wq, nullptr, 0, M, Nq, K, bx, an);                 \
+        } else if (bx < bq + bk) {                                                                      \
+            gg_small_nt<R, T, T, false, true>(yk, x, wk, nullptr, 0, M, Nk, K, bx - bq, an);            \
+        } else {                                                                                        \
+            gg_small_nt<R, T, T, false, true>(yv, x, wv, nullptr, 0, M, Nk, K, bx - bq - bk, an);       \
         }                                                                                               \
     }                                                                                                   \
     /* The same with the residual add + RMSNorm before it (addnorm_rows; x_out the new residual). */ \
@@ -1487,19 +1554,6 @@ GG_MMA_SMALL(f16, f16_t)
 // g and u are rounded to T before the activation, as the unfused path stores them. An expert id
 // outside [0, E) contributes nothing (its a row is zero). Weights are read evict-first
 // (ld_stream).
-template <typename T>
-__device__ __forceinline__ void dot16(float* acc, const uint4& w, const float* xf) {
-    const T* wt = reinterpret_cast<const T*>(&w);
-    float s = 0.f;
-#pragma unroll
-    for (int j = 0; j < 16 / (int)sizeof(T); ++j) s += to_float(wt[j]) * xf[j];
-    *acc += s;
-}
-template <typename T> __device__ __forceinline__ void unpack16(const uint4& v, float* f) {
-    const T* t = reinterpret_cast<const T*>(&v);
-#pragma unroll
-    for (int j = 0; j < 16 / (int)sizeof(T); ++j) f[j] = to_float(t[j]);
-}
 __device__ __forceinline__ float serve_silu(float g) { return g / (1.f + expf(-g)); }
 
 template <int COLS, typename T>
@@ -1631,20 +1685,21 @@ INSTANTIATE_FLOAT_TYPES(MOE_SERVE)
 // Its logits are r·z with r = rsqrt(mean((x + o)²) + eps) > 0 per row and z = [x | c]·Wfᵀ,
 // Wf = [W ⊙ g | (W ⊙ g)·Wo] [E, D + C] (ops::router_fold, once per layer), so the top k of z are
 // the router's and need only what the attention wrote: the router runs beside the o projection
-// instead of after it. r and the combine weights come in moe_serve_up_addnorm, which norms the
-// rows anyway. Twins: ops::o_router_topk, ops::moe_serve_swiglu_addnorm (CPU).
-//   o_route_rR: grid ceil(E / 4) router blocks, then ceil(D / 8) o-projection blocks (gemv_nt).
+// instead of after it. r and the combine weights come in moe_serve_up_norm, which norms the
+// rows anyway. Twins: ops::o_router_topk, ops::moe_serve_swiglu_norm (CPU).
+//   o_route_rR: grid ceil(E / 4) router blocks, then ceil(D / 8) o-projection blocks (gemv_nt,
+//               writing the new residual s = x + o, o rounded to T first, as add_rmsnorm would).
 //               A router block computes z [M, E] f32 for 4 experts (K = D + C split over the 256
 //               threads, 16-byte vectors); the last router block to arrive picks each row's top k
 //               (warp r → row r, largest first, ties to the lower index) into ids [k, M] and
 //               resets the counter.
 #define OR_RC 4
 template <int R, typename T>
-__device__ __forceinline__ void o_route(T* o, float* z, int* ids, const T* ctx, const T* x, const T* wo,
+__device__ __forceinline__ void o_route(T* s_out, float* z, int* ids, const T* ctx, const T* x, const T* wo,
                                         const T* wf, int M, int D, int C, int E, int k, int* counter) {
     const int nr = (E + OR_RC - 1) / OR_RC;
     if ((int)blockIdx.x >= nr) {
-        gg_small_nt<R, T, T>(o, ctx, wo, nullptr, 0, M, D, C, blockIdx.x - nr);
+        gg_small_nt<R, T, T>(s_out, ctx, wo, nullptr, 0, M, D, C, blockIdx.x - nr, AddNorm<T>{}, x);
         return;
     }
     PDL_ENTRY();
@@ -1714,33 +1769,32 @@ __device__ __forceinline__ void o_route(T* o, float* z, int* ids, const T* ctx, 
 }
 #define O_ROUTE_R(SUFFIX, T, R)                                                                         \
     extern "C" __global__ void __launch_bounds__(256) o_route_r##R##_##SUFFIX(                          \
-        T* o, float* z, int* ids, const T* ctx, const T* x, const T* wo, const T* wf, int M, int D, int C, \
-        int E, int k, int* counter) {                                                                   \
-        o_route<R, T>(o, z, ids, ctx, x, wo, wf, M, D, C, E, k, counter);                               \
+        T* s_out, float* z, int* ids, const T* ctx, const T* x, const T* wo, const T* wf, int M, int D,  \
+        int C, int E, int k, int* counter) {                                                            \
+        o_route<R, T>(s_out, z, ids, ctx, x, wo, wf, M, D, C, E, k, counter);                           \
     }
 #define O_ROUTE(SUFFIX, T) O_ROUTE_R(SUFFIX, T, 1) O_ROUTE_R(SUFFIX, T, 2) O_ROUTE_R(SUFFIX, T, 4) O_ROUTE_R(SUFFIX, T, 8)
 O_ROUTE(bf16, bf16_t)
 O_ROUTE(f16, f16_t)
 
-// moe_serve_up after o_route: the rows are s = x + o (rounded to T, the new residual) normed,
-// h = s·r·g. Each block sums s² beside its dot products, which take s ⊙ g and are scaled by r at
-// the end (no separate norm pass); token t's first block (slot t, column block 0) also writes s
-// to x_out and the token's combine weights from z (logits r·z) by the softmax rule
+// moe_serve_up after o_route: the rows are the new residual s normed, h = s·r·g with
+// r = rsqrt(mean(s²) + eps). Each block sums s² beside its dot products, which take s ⊙ g and
+// are scaled by r at the end (no separate norm pass); token t's first block (slot t, column
+// block 0) also writes the token's combine weights from z (logits r·z) by the softmax rule
 // (warp_softmax_weights) into wts [k, T].
 template <int COLS, typename T>
-__device__ __forceinline__ void moe_serve_up_addnorm(T* a, const T* x, const T* o, const T* gn, float eps,
-                                                     T* x_out, const float* z, float* wts, int wnorm, float wadd,
-                                                     float wclamp, float wscale, const T* w1, const int* ids, int E,
-                                                     int ntok, int k, int F, int K) {
+__device__ __forceinline__ void moe_serve_up_norm(T* a, const T* s_in, const T* gn, float eps, const float* z,
+                                                  float* wts, int wnorm, float wadd, float wclamp, float wscale,
+                                                  const T* w1, const int* ids, int E, int ntok, int k, int F, int K) {
     PDL_ENTRY();
     constexpr int VEC = 16 / sizeof(T), R = 2 * COLS;
     __shared__ float red[8][R + 1];
     const int slot = blockIdx.y, t = slot % ntok, e = ids[slot];
     const int f0 = blockIdx.x * COLS, nc = min(COLS, F - f0);
-    const bool ok = e >= 0 && e < E, first = blockIdx.x == 0 && slot < ntok;
+    const bool ok = e >= 0 && e < E;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kv = K / VEC;
     const T* wg = w1 + ((int64_t)(ok ? e : 0) * 2 * F + f0) * K;  // gate rows f0..; up rows F + f0..
-    const int64_t row0 = (int64_t)t * K;
+    const T* sr = s_in + (int64_t)t * K;
     float acc[R], ss = 0.f;
 #pragma unroll
     for (int c = 0; c < R; ++c) acc[c] = 0.f;
@@ -1753,23 +1807,11 @@ __device__ __forceinline__ void moe_serve_up_addnorm(T* a, const T* x, const T* 
             wr[c] = ok && col < nc ? ld_stream(reinterpret_cast<const uint4*>(wg + row * K + v * VEC))
                                    : make_uint4(0, 0, 0, 0);
         }
-        const uint4 xu = *reinterpret_cast<const uint4*>(x + row0 + v * VEC);
-        const uint4 ou = *reinterpret_cast<const uint4*>(o + row0 + v * VEC);
-        const uint4 gu = *reinterpret_cast<const uint4*>(gn + v * VEC);
-        const T* xt = reinterpret_cast<const T*>(&xu);
-        const T* ot = reinterpret_cast<const T*>(&ou);
-        const T* gt = reinterpret_cast<const T*>(&gu);
-        uint4 su;
-        T* st = reinterpret_cast<T*>(&su);
-        float xf[VEC];
+        float xf[VEC], gf[VEC];
+        unpack16<T>(*reinterpret_cast<const uint4*>(sr + v * VEC), xf);
+        unpack16<T>(*reinterpret_cast<const uint4*>(gn + v * VEC), gf);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            st[j] = from_float<T>(to_float(xt[j]) + to_float(ot[j]));
-            const float f = to_float(st[j]);
-            ss += f * f;
-            xf[j] = f * to_float(gt[j]);
-        }
-        if (first) *reinterpret_cast<uint4*>(x_out + row0 + v * VEC) = su;
+        for (int j = 0; j < VEC; ++j) ss += xf[j] * xf[j], xf[j] *= gf[j];
 #pragma unroll
         for (int c = 0; c < R; ++c) dot16<T>(&acc[c], wr[c], xf);
     }
@@ -1781,33 +1823,27 @@ __device__ __forceinline__ void moe_serve_up_addnorm(T* a, const T* x, const T* 
     ss = warp_sum(ss);
     if (lane == 0) red[warp][R] = ss;
     __syncthreads();
-    float rinv = 0.f;
-    if (warp == 0) {
-        float t2 = 0.f;
+    if (warp != 0) return;
+    float t2 = 0.f;
 #pragma unroll
-        for (int q = 0; q < 8; ++q) t2 += red[q][R];
-        rinv = rsqrtf(t2 / K + eps);
-    }
-    if (threadIdx.x < nc) {
-        const int c = threadIdx.x;
+    for (int q = 0; q < 8; ++q) t2 += red[q][R];
+    const float rinv = rsqrtf(t2 / K + eps);
+    if (lane < nc) {
         float g = 0.f, u = 0.f;
 #pragma unroll
-        for (int q = 0; q < 8; ++q) g += red[q][c], u += red[q][COLS + c];
+        for (int q = 0; q < 8; ++q) g += red[q][lane], u += red[q][COLS + lane];
         g = to_float(from_float<T>(g * rinv)), u = to_float(from_float<T>(u * rinv));
-        a[(int64_t)slot * F + f0 + c] = ok ? from_float<T>(serve_silu(g) * u) : from_float<T>(0.f);
+        a[(int64_t)slot * F + f0 + lane] = ok ? from_float<T>(serve_silu(g) * u) : from_float<T>(0.f);
     }
-    if (first && warp == 0)
+    if (blockIdx.x == 0 && slot < ntok)
         warp_softmax_weights(z + (int64_t)t * E, E, rinv, ids + t, k, wnorm, wadd, wclamp, wscale, wts + t, ntok);
 }
-#define MOE_SERVE_UP_ADDNORM(SUFFIX, T, C)                                                              \
-    extern "C" __global__ void __launch_bounds__(256) moe_serve_up_addnorm_c##C##_##SUFFIX(             \
-        T* a, const T* x, const T* o, const T* gn, float eps, T* x_out, const float* z, float* wts, int wnorm, \
-        float wadd, float wclamp, float wscale, const T* w1, const int* ids, int E, int ntok, int k, int F, \
-        int K) {                                                                                        \
-        moe_serve_up_addnorm<C, T>(a, x, o, gn, eps, x_out, z, wts, wnorm, wadd, wclamp, wscale, w1, ids, E, \
-                                   ntok, k, F, K);                                                      \
+#define MOE_SERVE_UP_NORM(SUFFIX, T, C)                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) moe_serve_up_norm_c##C##_##SUFFIX(                \
+        T* a, const T* s_in, const T* gn, float eps, const float* z, float* wts, int wnorm, float wadd,    \
+        float wclamp, float wscale, const T* w1, const int* ids, int E, int ntok, int k, int F, int K) {   \
+        moe_serve_up_norm<C, T>(a, s_in, gn, eps, z, wts, wnorm, wadd, wclamp, wscale, w1, ids, E, ntok, k, F, K); \
     }
-#define MOE_SERVE_ADDNORM(SUFFIX, T) \
-    MOE_SERVE_UP_ADDNORM(SUFFIX, T, 2) MOE_SERVE_UP_ADDNORM(SUFFIX, T, 4) MOE_SERVE_UP_ADDNORM(SUFFIX, T, 8)
-MOE_SERVE_ADDNORM(bf16, bf16_t)
-MOE_SERVE_ADDNORM(f16, f16_t)
+#define MOE_SERVE_NORM(SUFFIX, T) MOE_SERVE_UP_NORM(SUFFIX, T, 2) MOE_SERVE_UP_NORM(SUFFIX, T, 4) MOE_SERVE_UP_NORM(SUFFIX, T, 8)
+MOE_SERVE_NORM(bf16, bf16_t)
+MOE_SERVE_NORM(f16, f16_t)
