@@ -46,8 +46,20 @@ fn rng(test: &str) -> ChaCha8Rng {
 
 /// The same random values on the CPU and on `dev`.
 fn pair(r: &mut ChaCha8Rng, shape: &[usize], dtype: DType, dev: Device) -> (Tensor, Tensor) {
+    scaled_pair(r, shape, 1.0, dtype, dev)
+}
+
+/// `pair` with the values times `s` (weights scaled by 1/sqrt(fan-in) as a model's are: f16
+/// products of unscaled ones overflow).
+fn scaled_pair(
+    r: &mut ChaCha8Rng,
+    shape: &[usize],
+    s: f32,
+    dtype: DType,
+    dev: Device,
+) -> (Tensor, Tensor) {
     let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect();
+    let v: Vec<f32> = (0..n).map(|_| r.random_range(-2.0f32..2.0) * s).collect();
     let c = Tensor::from_f32(&v, shape, dtype, Device::Cpu).unwrap();
     let g = c.to_device(dev).unwrap();
     (c, g)
@@ -871,15 +883,7 @@ fn moe_serve_swiglu_matches() {
         ] {
             let ids: Vec<i32> = (0..k * t).map(|_| r.random_range(0..e as i32)).collect();
             let mut wts: Vec<f32> = (0..k * t).map(|_| r.random_range(0.0..1.0)).collect();
-            // Weights scaled by 1/sqrt(fan-in) as a model's are (f16 would overflow otherwise).
-            let mut scaled = |shape: &[usize], s: f32| {
-                let v: Vec<f32> = (0..shape.iter().product::<usize>())
-                    .map(|_| r.random_range(-2.0f32..2.0) * s)
-                    .collect();
-                let c = Tensor::from_f32(&v, shape, dt, Device::Cpu).unwrap();
-                let g = c.to_device(dev).unwrap();
-                (c, g)
-            };
+            let mut scaled = |shape: &[usize], s: f32| scaled_pair(&mut r, shape, s, dt, dev);
             let (xc, xg) = scaled(&[t, kd], 1.0);
             let (w1c, w1g) = scaled(&[e, 2 * f, kd], 1.0 / (kd as f32).sqrt());
             let (w2c, w2g) = scaled(&[e, n, f], 1.0 / (f as f32).sqrt());
@@ -1022,14 +1026,7 @@ fn o_router_and_served_norm_match() {
             (8, 128, 64, 256, 4, 24, false),
             (2, 64, 64, 8, 1, 32, true),
         ] {
-            let mut scaled = |shape: &[usize], s: f32| {
-                let v: Vec<f32> = (0..shape.iter().product::<usize>())
-                    .map(|_| r.random_range(-2.0f32..2.0) * s)
-                    .collect();
-                let c = Tensor::from_f32(&v, shape, dt, Device::Cpu).unwrap();
-                let g = c.to_device(dev).unwrap();
-                (c, g)
-            };
+            let mut scaled = |shape: &[usize], s: f32| scaled_pair(&mut r, shape, s, dt, dev);
             let (xc, xg) = scaled(&[t, d], 1.0);
             let (cc, cg) = scaled(&[t, c], 1.0);
             let (woc, wog) = scaled(&[d, c], 1.0 / (c as f32).sqrt());

@@ -1556,22 +1556,37 @@ GG_MMA_SMALL(f16, f16_t)
 // (ld_stream).
 __device__ __forceinline__ float serve_silu(float g) { return g / (1.f + expf(-g)); }
 
-template <int COLS, typename T>
+// NORM (moe_serve_up_norm, after o_route): the rows are the new residual normed, h = x·r·g with
+// r = rsqrt(mean(x²) + eps). Each block sums x² beside its dot products, which take x ⊙ g and are
+// scaled by r at the end (no separate norm pass); token t's first block (slot t, column block 0)
+// also writes the token's combine weights from z (logits r·z) by the softmax rule
+// (warp_softmax_weights) into wts [k, T].
+template <typename T> struct ServeNorm {
+    const T* g;
+    float eps;
+    const float* z;
+    float* wts;
+    int k, wnorm;
+    float wadd, wclamp, wscale;
+};
+template <int COLS, typename T, bool NORM = false>
 __device__ __forceinline__ void moe_serve_up(T* a, const T* x, const T* w1, const int* ids, int E, int ntok, int F,
-                                             int K) {
+                                             int K, ServeNorm<T> nm = {}) {
     PDL_ENTRY();
     constexpr int VEC = 16 / sizeof(T), R = 2 * COLS;
-    __shared__ float red[8][R];
+    __shared__ float red[8][R + NORM];
     const int slot = blockIdx.y, t = slot % ntok, e = ids[slot];
     const int f0 = blockIdx.x * COLS, nc = min(COLS, F - f0);
-    if (e < 0 || e >= E) {
+    const bool ok = e >= 0 && e < E;
+    // (The norming kernel goes on with a bad id: its first blocks write the combine weights.)
+    if (!NORM && !ok) {
         if (threadIdx.x < nc) a[(int64_t)slot * F + f0 + threadIdx.x] = from_float<T>(0.f);
         return;
     }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kv = K / VEC;
-    const T* wg = w1 + ((int64_t)e * 2 * F + f0) * K;  // gate rows f0..; up rows F + f0..
+    const T* wg = w1 + ((int64_t)(ok ? e : 0) * 2 * F + f0) * K;  // gate rows f0..; up rows F + f0..
     const T* xr = x + (int64_t)t * K;
-    float acc[R];
+    float acc[R], ss = 0.f;
 #pragma unroll
     for (int c = 0; c < R; ++c) acc[c] = 0.f;
     for (int v = threadIdx.x; v < kv; v += blockDim.x) {
@@ -1580,10 +1595,17 @@ __device__ __forceinline__ void moe_serve_up(T* a, const T* x, const T* w1, cons
         for (int c = 0; c < R; ++c) {
             const int col = c % COLS;
             const int64_t row = (c < COLS ? 0 : F) + col;
-            wr[c] = col < nc ? ld_stream(reinterpret_cast<const uint4*>(wg + row * K + v * VEC)) : make_uint4(0, 0, 0, 0);
+            wr[c] = (!NORM || ok) && col < nc ? ld_stream(reinterpret_cast<const uint4*>(wg + row * K + v * VEC))
+                                              : make_uint4(0, 0, 0, 0);
         }
         float xf[VEC];
         unpack16<T>(*reinterpret_cast<const uint4*>(xr + v * VEC), xf);
+        if (NORM) {
+            float gf[VEC];
+            unpack16<T>(*reinterpret_cast<const uint4*>(nm.g + v * VEC), gf);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) ss += xf[j] * xf[j], xf[j] *= gf[j];
+        }
 #pragma unroll
         for (int c = 0; c < R; ++c) dot16<T>(&acc[c], wr[c], xf);
     }
@@ -1592,15 +1614,30 @@ __device__ __forceinline__ void moe_serve_up(T* a, const T* x, const T* w1, cons
         const float s = warp_sum(acc[c]);
         if (lane == 0) red[warp][c] = s;
     }
+    if (NORM) {
+        ss = warp_sum(ss);
+        if (lane == 0) red[warp][R] = ss;
+    }
     __syncthreads();
-    if (threadIdx.x < nc) {
-        const int c = threadIdx.x;
+    if (warp != 0) return;
+    float rinv = 1.f;
+    if (NORM) {
+        float t2 = 0.f;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) t2 += red[q][R];
+        rinv = rsqrtf(t2 / K + nm.eps);
+    }
+    if (lane < nc) {
         float g = 0.f, u = 0.f;
 #pragma unroll
-        for (int q = 0; q < 8; ++q) g += red[q][c], u += red[q][COLS + c];
+        for (int q = 0; q < 8; ++q) g += red[q][lane], u += red[q][COLS + lane];
+        if (NORM) g *= rinv, u *= rinv;
         g = to_float(from_float<T>(g)), u = to_float(from_float<T>(u));
-        a[(int64_t)slot * F + f0 + c] = from_float<T>(serve_silu(g) * u);
+        a[(int64_t)slot * F + f0 + lane] = ok ? from_float<T>(serve_silu(g) * u) : from_float<T>(0.f);
     }
+    if (NORM && blockIdx.x == 0 && slot < ntok)
+        warp_softmax_weights(nm.z + (int64_t)t * E, E, rinv, ids + t, nm.k, nm.wnorm, nm.wadd, nm.wclamp, nm.wscale,
+                             nm.wts + t, ntok);
 }
 
 template <int U, int C, typename T>
@@ -1777,72 +1814,12 @@ __device__ __forceinline__ void o_route(T* s_out, float* z, int* ids, const T* c
 O_ROUTE(bf16, bf16_t)
 O_ROUTE(f16, f16_t)
 
-// moe_serve_up after o_route: the rows are the new residual s normed, h = s·r·g with
-// r = rsqrt(mean(s²) + eps). Each block sums s² beside its dot products, which take s ⊙ g and
-// are scaled by r at the end (no separate norm pass); token t's first block (slot t, column
-// block 0) also writes the token's combine weights from z (logits r·z) by the softmax rule
-// (warp_softmax_weights) into wts [k, T].
-template <int COLS, typename T>
-__device__ __forceinline__ void moe_serve_up_norm(T* a, const T* s_in, const T* gn, float eps, const float* z,
-                                                  float* wts, int wnorm, float wadd, float wclamp, float wscale,
-                                                  const T* w1, const int* ids, int E, int ntok, int k, int F, int K) {
-    PDL_ENTRY();
-    constexpr int VEC = 16 / sizeof(T), R = 2 * COLS;
-    __shared__ float red[8][R + 1];
-    const int slot = blockIdx.y, t = slot % ntok, e = ids[slot];
-    const int f0 = blockIdx.x * COLS, nc = min(COLS, F - f0);
-    const bool ok = e >= 0 && e < E;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kv = K / VEC;
-    const T* wg = w1 + ((int64_t)(ok ? e : 0) * 2 * F + f0) * K;  // gate rows f0..; up rows F + f0..
-    const T* sr = s_in + (int64_t)t * K;
-    float acc[R], ss = 0.f;
-#pragma unroll
-    for (int c = 0; c < R; ++c) acc[c] = 0.f;
-    for (int v = threadIdx.x; v < kv; v += blockDim.x) {
-        uint4 wr[R];
-#pragma unroll
-        for (int c = 0; c < R; ++c) {
-            const int col = c % COLS;
-            const int64_t row = (c < COLS ? 0 : F) + col;
-            wr[c] = ok && col < nc ? ld_stream(reinterpret_cast<const uint4*>(wg + row * K + v * VEC))
-                                   : make_uint4(0, 0, 0, 0);
-        }
-        float xf[VEC], gf[VEC];
-        unpack16<T>(*reinterpret_cast<const uint4*>(sr + v * VEC), xf);
-        unpack16<T>(*reinterpret_cast<const uint4*>(gn + v * VEC), gf);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) ss += xf[j] * xf[j], xf[j] *= gf[j];
-#pragma unroll
-        for (int c = 0; c < R; ++c) dot16<T>(&acc[c], wr[c], xf);
-    }
-#pragma unroll
-    for (int c = 0; c < R; ++c) {
-        const float s = warp_sum(acc[c]);
-        if (lane == 0) red[warp][c] = s;
-    }
-    ss = warp_sum(ss);
-    if (lane == 0) red[warp][R] = ss;
-    __syncthreads();
-    if (warp != 0) return;
-    float t2 = 0.f;
-#pragma unroll
-    for (int q = 0; q < 8; ++q) t2 += red[q][R];
-    const float rinv = rsqrtf(t2 / K + eps);
-    if (lane < nc) {
-        float g = 0.f, u = 0.f;
-#pragma unroll
-        for (int q = 0; q < 8; ++q) g += red[q][lane], u += red[q][COLS + lane];
-        g = to_float(from_float<T>(g * rinv)), u = to_float(from_float<T>(u * rinv));
-        a[(int64_t)slot * F + f0 + lane] = ok ? from_float<T>(serve_silu(g) * u) : from_float<T>(0.f);
-    }
-    if (blockIdx.x == 0 && slot < ntok)
-        warp_softmax_weights(z + (int64_t)t * E, E, rinv, ids + t, k, wnorm, wadd, wclamp, wscale, wts + t, ntok);
-}
 #define MOE_SERVE_UP_NORM(SUFFIX, T, C)                                                                 \
     extern "C" __global__ void __launch_bounds__(256) moe_serve_up_norm_c##C##_##SUFFIX(                \
         T* a, const T* s_in, const T* gn, float eps, const float* z, float* wts, int wnorm, float wadd,    \
         float wclamp, float wscale, const T* w1, const int* ids, int E, int ntok, int k, int F, int K) {   \
-        moe_serve_up_norm<C, T>(a, s_in, gn, eps, z, wts, wnorm, wadd, wclamp, wscale, w1, ids, E, ntok, k, F, K); \
+        moe_serve_up<C, T, true>(a, s_in, w1, ids, E, ntok, F, K,                                       \
+                                 ServeNorm<T>{gn, eps, z, wts, k, wnorm, wadd, wclamp, wscale});         \
     }
 #define MOE_SERVE_NORM(SUFFIX, T) MOE_SERVE_UP_NORM(SUFFIX, T, 2) MOE_SERVE_UP_NORM(SUFFIX, T, 4) MOE_SERVE_UP_NORM(SUFFIX, T, 8)
 MOE_SERVE_NORM(bf16, bf16_t)
