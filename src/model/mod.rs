@@ -317,8 +317,10 @@ pub struct KvCache {
     pub prefill_tokens: usize,
     decode: Option<Box<DecodeState>>,
     /// Per block, its router folded through the RMSNorm and o projection before it
-    /// (`ops::router_fold`) where a served decode step can use it; computed from the weights at
-    /// the cache's first decode step (a cache outlives no weight update: training makes new ones).
+    /// (`ops::router_fold`, E·(D + C) weights a layer) where a served decode step can use it;
+    /// computed from the weights at the cache's first decode step and kept with it, also through
+    /// `Model::recycle_kv_cache` — so caches are recycled only while the weights stay as they are
+    /// (generation; training's sample completions take fresh caches).
     folds: Option<Vec<Option<Tensor>>>,
 }
 
@@ -918,7 +920,8 @@ impl Model {
     }
 
     /// Keeps `cache` for a later `pooled_kv_cache` of its shape (at most a few are kept; the
-    /// oldest is freed first). Steps still in flight are waited for.
+    /// oldest is freed first). Steps still in flight are waited for. The cache keeps what it
+    /// derived from the weights (its router folds), so recycle only while they do not change.
     pub fn recycle_kv_cache(&self, mut cache: KvCache) -> Result<()> {
         self.decode_greedy_discard(&mut cache)?;
         if let Some(st) = cache.decode.as_mut() {
