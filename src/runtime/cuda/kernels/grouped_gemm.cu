@@ -1239,6 +1239,21 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
         __syncthreads();
     }
 }
+// Three projections of the same rows in one launch (decode q, k, v): the grid's column blocks
+// cover Nq, then Nk, then Nv = Nk outputs (gg_small_nt each, NORM / LNORM as there).
+template <int R, typename T, bool NORM, bool LNORM>
+__device__ __forceinline__ void gemv3(T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk, const T* wv,
+                                      int M, int Nq, int Nk, int K, AddNorm<T> an) {
+    const int bq = (Nq + SM_COLS - 1) / SM_COLS, bk = (Nk + SM_COLS - 1) / SM_COLS;
+    const int bx = blockIdx.x;
+    if (bx < bq) {
+        gg_small_nt<R, T, T, NORM, LNORM>(yq, x, wq, nullptr, 0, M, Nq, K, bx, an);
+    } else if (bx < bq + bk) {
+        gg_small_nt<R, T, T, NORM, LNORM>(yk, x, wk, nullptr, 0, M, Nk, K, bx - bq, an);
+    } else {
+        gg_small_nt<R, T, T, NORM, LNORM>(yv, x, wv, nullptr, 0, M, Nk, K, bx - bq - bk, an);
+    }
+}
 #define GG_SMALL_R(SUFFIX, T, R)                                                                        \
     extern "C" __global__ void __launch_bounds__(256) gg_small_nt_r##R##_##SUFFIX(T* y, const T* x, const T* w, \
                                                                                  const int* offsets, int E, int N, int K) { \
@@ -1252,51 +1267,24 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
                                                                                    int M, int N, int K) { \
         gg_small_nt<R, T, float>(y, x, w, nullptr, 0, M, N, K, blockIdx.x);                                            \
     }                                                                                                   \
-    /* Three projections of the same rows in one launch (decode q, k, v): the grid's column       \
-       blocks cover Nq, then Nk, then Nv = Nk outputs. */                                           \
+    /* Three projections of the same rows in one launch (decode q, k, v; gemv3). */                \
     extern "C" __global__ void __launch_bounds__(256) gemv3_nt_r##R##_##SUFFIX(T* yq, T* yk, T* yv, const T* x, \
                                                                               const T* wq, const T* wk, \
                                                                               const T* wv, int M, int Nq, \
                                                                               int Nk, int K) {           \
-        const int bq = (Nq + SM_COLS - 1) / SM_COLS, bk = (Nk + SM_COLS - 1) / SM_COLS;                 \
-        int bx = blockIdx.x;                                                                            \
-        if (bx < bq) {                                                                                  \
-            gg_small_nt<R, T, T>(yq, x, wq, nullptr, 0, M, Nq, K, bx);                                  \
-        } else if (bx < bq + bk) {                                                                      \
-            gg_small_nt<R, T, T>(yk, x, wk, nullptr, 0, M, Nk, K, bx - bq);                             \
-        } else {                                                                                        \
-            gg_small_nt<R, T, T>(yv, x, wv, nullptr, 0, M, Nk, K, bx - bq - bk);                        \
-        }                                                                                               \
+        gemv3<R, T, false, false>(yq, yk, yv, x, wq, wk, wv, M, Nq, Nk, K, AddNorm<T>{});              \
     }                                                                                                   \
     /* The same with the norm folded into the products (LNORM; x_out the new residual). */           \
     extern "C" __global__ void __launch_bounds__(256) gemv3_addnormf_r##R##_##SUFFIX(                   \
         T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk, const T* wv, int M, int Nq, int Nk,   \
         int K, const T* a, const T* g, float eps, T* x_out) {                                            \
-        const AddNorm<T> an{a, g, eps, x_out, nullptr};                                                 \
-        const int bq = (Nq + SM_COLS - 1) / SM_COLS, bk = (Nk + SM_COLS - 1) / SM_COLS;                 \
-        int bx = blockIdx.x;                                                                            \
-        if (bx < bq) {                                                                                  \
-            gg_small_nt<R, T, T, false, true>(yq, x, wq, nullptr, 0, M, Nq, K, bx, an);                 \
-        } else if (bx < bq + bk) {                                                                      \
-            gg_small_nt<R, T, T, false, true>(yk, x, wk, nullptr, 0, M, Nk, K, bx - bq, an);            \
-        } else {                                                                                        \
-            gg_small_nt<R, T, T, false, true>(yv, x, wv, nullptr, 0, M, Nk, K, bx - bq - bk, an);       \
-        }                                                                                               \
+        gemv3<R, T, false, true>(yq, yk, yv, x, wq, wk, wv, M, Nq, Nk, K, AddNorm<T>{a, g, eps, x_out, nullptr}); \
     }                                                                                                   \
     /* The same with the residual add + RMSNorm before it (addnorm_rows; x_out the new residual). */ \
     extern "C" __global__ void __launch_bounds__(256) gemv3_addnorm_r##R##_##SUFFIX(                    \
         T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk, const T* wv, int M, int Nq, int Nk,   \
         int K, const T* a, const T* g, float eps, T* x_out) {                                            \
-        const AddNorm<T> an{a, g, eps, x_out, nullptr};                                                 \
-        const int bq = (Nq + SM_COLS - 1) / SM_COLS, bk = (Nk + SM_COLS - 1) / SM_COLS;                 \
-        int bx = blockIdx.x;                                                                            \
-        if (bx < bq) {                                                                                  \
-            gg_small_nt<R, T, T, true>(yq, x, wq, nullptr, 0, M, Nq, K, bx, an);                        \
-        } else if (bx < bq + bk) {                                                                      \
-            gg_small_nt<R, T, T, true>(yk, x, wk, nullptr, 0, M, Nk, K, bx - bq, an);                   \
-        } else {                                                                                        \
-            gg_small_nt<R, T, T, true>(yv, x, wv, nullptr, 0, M, Nk, K, bx - bq - bk, an);              \
-        }                                                                                               \
+        gemv3<R, T, true, false>(yq, yk, yv, x, wq, wk, wv, M, Nq, Nk, K, AddNorm<T>{a, g, eps, x_out, nullptr}); \
     }
 #define GG_SMALL(SUFFIX, T) GG_SMALL_R(SUFFIX, T, 1) GG_SMALL_R(SUFFIX, T, 2) GG_SMALL_R(SUFFIX, T, 4) GG_SMALL_R(SUFFIX, T, 8)
 INSTANTIATE_FLOAT_TYPES(GG_SMALL)
