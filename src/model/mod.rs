@@ -1286,8 +1286,7 @@ impl Model {
     }
 
     /// Computes the cache's router folds (`KvCache::folds`) if it has none: on a GPU in a 16-bit
-    /// dtype, for each MoE block whose router is a plain softmax (no selection bias) and that has
-    /// no shared or residual part — what `moe::moe_forward_served_oroute` takes.
+    /// dtype, for each MoE block `moe::router_foldable` accepts.
     fn ensure_router_folds(&self, cache: &mut KvCache) -> Result<()> {
         if cache.folds.is_some() {
             return Ok(());
@@ -1296,13 +1295,7 @@ impl Model {
         let mut folds = Vec::with_capacity(self.params.blocks.len());
         for (i, blk) in self.params.blocks.iter().enumerate() {
             let fold = match (&blk.ffn, &self.config.layers[i].ffn) {
-                (FfnWeights::Moe(w), Ffn::Moe(mc))
-                    if on
-                        && matches!(mc.router, moe::RouterKind::Softmax { .. })
-                        && w.router_bias.is_none()
-                        && w.shared.is_none()
-                        && w.residual.is_none() =>
-                {
+                (FfnWeights::Moe(w), Ffn::Moe(mc)) if on && moe::router_foldable(mc, w) => {
                     Some(ops::router_fold(&w.router, &blk.ffn_norm, &blk.attn.o)?)
                 }
                 _ => None,

@@ -323,18 +323,34 @@ pub fn moe_forward_served_addnorm(
     Ok(Some((xn, y)))
 }
 
-/// Whether `moe_forward_served_oroute` can run this block for rows like x (GPU, a softmax router
-/// without selection bias, slot-wise experts, at most 8 rows of a 16-bit type);
-/// `MOE_ROUTER_FOLD=0` turns it off (A/B comparisons).
-pub fn served_oroute_applies(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> bool {
+/// Whether a block's router can be folded through the RMSNorm and o projection before it
+/// (`ops::router_fold`) for `moe_forward_served_oroute`: a softmax router without selection bias
+/// (a bias or a sigmoid score does not commute with the norm's positive factor) and no shared or
+/// residual part; `MOE_ROUTER_FOLD=0` says no (A/B comparisons).
+pub fn router_foldable(cfg: &MoeConfig, w: &MoeWeights) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var("MOE_ROUTER_FOLD").is_ok_and(|v| v == "0"));
-    !off && x.dim(0) <= ops::SoftmaxTopK::MAX_ROWS
-        && x.dtype().size_in_bytes() == 2
-        && cfg.n_experts <= ops::SoftmaxTopK::MAX_EXPERTS
+    !off && matches!(cfg.router, RouterKind::Softmax { .. })
+        && w.router_bias.is_none()
         && w.shared.is_none()
         && w.residual.is_none()
-        && fused_router_rule(cfg, w, x).is_some()
+}
+
+/// The router rule `moe_forward_served_oroute` runs this block with for rows like x (GPU, a
+/// foldable router, slot-wise experts, at most 8 rows of a 16-bit type), or None.
+fn served_oroute_rule(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> Option<ops::SoftmaxTopK> {
+    let fits = x.dim(0) <= ops::SoftmaxTopK::MAX_ROWS
+        && x.dtype().size_in_bytes() == 2
+        && cfg.n_experts <= ops::SoftmaxTopK::MAX_EXPERTS;
+    if !(fits && router_foldable(cfg, w)) {
+        return None;
+    }
+    fused_router_rule(cfg, w, x)
+}
+
+/// Whether `moe_forward_served_oroute` runs this block for rows like x.
+pub fn served_oroute_applies(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> bool {
+    served_oroute_rule(cfg, w, x).is_some()
 }
 
 /// A served step's MoE block from the attention's context before its o projection (decode):
@@ -356,10 +372,7 @@ pub fn moe_forward_served_oroute(
     norm: &Tensor,
     eps: f32,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    if !served_oroute_applies(cfg, w, x) {
-        return Ok(None);
-    }
-    let Some(rule) = fused_router_rule(cfg, w, x) else {
+    let Some(rule) = served_oroute_rule(cfg, w, x) else {
         return Ok(None);
     };
     let Some((s, z, ids)) = ops::o_router_topk(ctx, wo, x, fold, rule.k)? else {

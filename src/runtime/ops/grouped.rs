@@ -303,6 +303,22 @@ fn serve_swiglu_cpu(
     Ok(y)
 }
 
+/// The k largest of a row, ties to the lower index (-1 past the row's length).
+fn top_k_ids(row: &[f32], k: usize) -> Vec<i32> {
+    let mut ids: Vec<i32> = Vec::with_capacity(k);
+    for _ in 0..k {
+        let best = (0..row.len()).filter(|&i| !ids.contains(&(i as i32))).fold(
+            None,
+            |b: Option<usize>, i| match b {
+                Some(j) if row[j] >= row[i] => Some(j),
+                _ => Some(i),
+            },
+        );
+        ids.push(best.map_or(-1, |i| i as i32));
+    }
+    ids
+}
+
 /// A softmax router's top-k rule as `router_topk` applies it: the k largest logits (ties to the
 /// lower index), gate g = softmax probability, combine weight scale·g / D with
 /// D = max(Σ g + add, clamp_min) when `normalize`, else D = 1.
@@ -323,25 +339,9 @@ impl SoftmaxTopK {
 
     /// One row's (ids, combine weights) by the rule (the CPU twin of the kernel's routing).
     fn route_row(&self, row: &[f32]) -> (Vec<i32>, Vec<f32>) {
-        let ids = self.select(row);
+        let ids = top_k_ids(row, self.k);
         let w = self.weights(row, &ids);
         (ids, w)
-    }
-
-    /// The k largest of a row, ties to the lower index (-1 past the row's length).
-    fn select(&self, row: &[f32]) -> Vec<i32> {
-        let mut ids: Vec<i32> = Vec::with_capacity(self.k);
-        for _ in 0..self.k {
-            let best = (0..row.len()).filter(|&i| !ids.contains(&(i as i32))).fold(
-                None,
-                |b: Option<usize>, i| match b {
-                    Some(j) if row[j] >= row[i] => Some(j),
-                    _ => Some(i),
-                },
-            );
-            ids.push(best.map_or(-1, |i| i as i32));
-        }
-        ids
     }
 
     /// The combine weights of chosen experts `ids` of a row of logits.
@@ -527,13 +527,6 @@ pub fn o_router_topk(
             "{op}: top-{k} of {e} experts (needs 1 <= k <= min(E, 32))"
         )));
     }
-    let rule = SoftmaxTopK {
-        k,
-        normalize: false,
-        add: 0.0,
-        clamp_min: 0.0,
-        scale: 1.0,
-    };
     match x.device() {
         Device::Cpu => {
             let mut s = x.try_clone()?;
@@ -551,7 +544,7 @@ pub fn o_router_topk(
             });
             let mut ids = vec![0i32; k * t];
             for ti in 0..t {
-                for (j, id) in rule.select(&z[ti * e..][..e]).into_iter().enumerate() {
+                for (j, id) in top_k_ids(&z[ti * e..][..e], k).into_iter().enumerate() {
                     ids[j * t + ti] = id;
                 }
             }

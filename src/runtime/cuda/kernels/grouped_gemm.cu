@@ -1145,6 +1145,8 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
     PDL_ENTRY();
     constexpr int VEC = 16 / sizeof(T);
     __shared__ float red[8][ROWS][SM_COLS];
+    // (Without LNORM the norm sums are never used: the `LNORM ? … : 0` sizes and index masks below
+    // keep that code in bounds.)
     __shared__ float red_ss[LNORM ? 8 : 1][ROWS];
     float ss[ROWS];
     _Pragma("unroll") for (int r = 0; r < ROWS; ++r) ss[r] = 0.f;
