@@ -20,6 +20,36 @@ const COMMON: &str = include_str!("kernels/common.cuh");
 
 const OPTIONS: &[&str] = &["-std=c++17", "-lineinfo", "-default-device"];
 
+/// `MOE_KERNEL_DEFINES`: space-separated `NAME` or `NAME=VALUE` preprocessor definitions added to
+/// every kernel family's compile (A/B of compile-time kernel variants in one binary; part of the
+/// cache key).
+fn extra_defines() -> Result<Vec<String>> {
+    std::env::var("MOE_KERNEL_DEFINES").map_or(Ok(Vec::new()), |v| parse_defines(&v))
+}
+
+/// `-D` options from a `MOE_KERNEL_DEFINES` value; anything but `NAME` or `NAME=VALUE` (a C
+/// identifier, a value of letters, digits, `_ - .`) is refused with the offending word named.
+fn parse_defines(v: &str) -> Result<Vec<String>> {
+    v.split_whitespace()
+        .map(|d| {
+            let (name, value) = d.split_once('=').unwrap_or((d, ""));
+            let ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+            if ok {
+                Ok(format!("-D{d}"))
+            } else {
+                Err(Error::Invalid(format!(
+                    "MOE_KERNEL_DEFINES: {d:?} is not NAME or NAME=VALUE (a C identifier; a \
+                     value of letters, digits, '_', '-', '.')"
+                )))
+            }
+        })
+        .collect()
+}
+
 pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("MOE_CACHE_DIR") {
         return PathBuf::from(d).join("kernels");
@@ -49,8 +79,9 @@ fn nvrtc_version() -> Result<(i32, i32)> {
 /// The CUBIN of `src` for `arch` (e.g. "sm_90a"), from the disk cache or freshly compiled.
 pub(crate) fn compiled_module(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
     let version = nvrtc_version()?;
+    let defines = extra_defines()?;
     let mut h = Sha256::new();
-    h.update(format!("{version:?}|{arch}|{OPTIONS:?}|").as_bytes());
+    h.update(format!("{version:?}|{arch}|{OPTIONS:?}|{defines:?}|").as_bytes());
     h.update(COMMON.as_bytes());
     h.update(src.src.as_bytes());
     let digest = h.finalize();
@@ -76,6 +107,7 @@ pub(crate) fn compiled_module(src: &KernelSource, arch: &str) -> Result<Vec<u8>>
 /// Compile `src` for `arch` with NVRTC; the error carries NVRTC's log.
 pub fn compile(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
     nvrtc_version()?;
+    let defines = extra_defines()?;
     let full = format!("{COMMON}\n#line 1 \"{}.cu\"\n{}", src.name, src.src);
     let c_src = CString::new(full)
         .map_err(|_| Error::Invalid(format!("{}.cu contains a NUL byte", src.name)))?;
@@ -84,6 +116,7 @@ pub fn compile(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
         .map_err(|e| Error::cuda("nvrtc", e))?;
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
     opts.push(format!("--gpu-architecture={arch}"));
+    opts.extend(defines);
     if std::env::var("MOE_NVRTC_VERBOSE").is_ok_and(|v| v == "1") {
         opts.push("--ptxas-options=-v".into());
     }
@@ -117,6 +150,22 @@ pub fn compile(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_defines_are_checked() {
+        assert_eq!(
+            parse_defines(" MOE_X=3  FLAG _y=a.b-1 ").unwrap(),
+            ["-DMOE_X=3", "-DFLAG", "-D_y=a.b-1"]
+        );
+        assert!(parse_defines("").unwrap().is_empty());
+        for bad in ["1X=2", "X=$(rm)", "=3", "A;B", "X=a=b"] {
+            let e = parse_defines(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("MOE_KERNEL_DEFINES") && e.contains(bad),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     /// Every kernel family compiles for Hopper (sm_90a) and Ampere (sm_80). Needs only NVRTC
     /// (e.g. the nvidia-cuda-nvrtc wheel on LD_LIBRARY_PATH), not a GPU; skipped without it.

@@ -535,6 +535,31 @@ impl ServeVariant {
     }
 }
 
+/// A streaming-loop kernel's launch shape, (blocks per SM, columns per group): `var=B` blocks
+/// per SM (0: the loop kernel off), `cols_var=C` one of `cols`; defaults `per_sm`, `cols[0]`.
+pub(crate) fn loop_shape(
+    var: &str,
+    cols_var: &str,
+    per_sm: usize,
+    cols: &[usize],
+) -> Option<(usize, usize)> {
+    let read = |v: &str| std::env::var(v).ok().and_then(|v| v.parse::<usize>().ok());
+    let per_sm = read(var).unwrap_or(per_sm);
+    let c = read(cols_var)
+        .filter(|c| cols.contains(c))
+        .unwrap_or(cols[0]);
+    (per_sm > 0).then_some((per_sm, c))
+}
+
+/// The norming gate/up kernel as a streaming loop: `MOE_SERVE_UP_LOOP=B` blocks per SM (0:
+/// off), `MOE_SERVE_UP_LOOP_COLS=C` in 2 / 4; default (4, 2) (BENCHMARKS, 2026-12-01 tenth
+/// session: OLMoE batch-1 step 1.061 -> 1.013 ms, Qwen3 1.531 -> 1.471; 2 or 3 blocks per SM
+/// 1.022-1.033 / 1.490-1.495).
+fn up_loop() -> Option<(usize, usize)> {
+    static V: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| loop_shape("MOE_SERVE_UP_LOOP", "MOE_SERVE_UP_LOOP_COLS", 4, &[2, 4]))
+}
+
 fn serve_variant() -> ServeVariant {
     static V: std::sync::OnceLock<ServeVariant> = std::sync::OnceLock::new();
     *V.get_or_init(|| match std::env::var("MOE_SERVE_KERNELS") {
@@ -749,11 +774,30 @@ pub(crate) fn moe_serve_swiglu_norm(
     let k = ids.dim(0);
     let a = Tensor::uninit(&[k * t, f], s.dtype(), s.device())?;
     let wts = Tensor::uninit(&[k, t], DType::F32, s.device())?;
-    let cols = serve_variant().norm_cols;
+    // The streaming-loop kernel (one wave of blocks, each looping over column groups) where a
+    // thread's one 16-byte vector covers K; else one block per column group.
+    let vec = 16 / s.dtype().size_in_bytes();
+    let (name, grid_x) = match up_loop() {
+        Some((per_sm, cols)) if kd <= 256 * vec => {
+            let groups = f.div_ceil(cols);
+            let want = (per_sm * dev.sm_count()).div_ceil(k * t);
+            (
+                format!("moe_serve_up_norm_loop_c{cols}_{}", s.dtype().name()),
+                want.clamp(1, groups),
+            )
+        }
+        _ => {
+            let cols = serve_variant().norm_cols;
+            (
+                format!("moe_serve_up_norm_c{cols}_{}", s.dtype().name()),
+                f.div_ceil(cols),
+            )
+        }
+    };
     dev.launch(
         &kernels::GROUPED_GEMM,
-        &format!("moe_serve_up_norm_c{cols}_{}", s.dtype().name()),
-        (f.div_ceil(cols) as u32, (k * t) as u32, 1),
+        &name,
+        (grid_x as u32, (k * t) as u32, 1),
         (256, 1, 1),
         0,
     )?

@@ -240,6 +240,18 @@ fn qkv_norm_folded() -> bool {
     *ON.get_or_init(|| std::env::var("MOE_QKV_NORM_FOLD").map_or(true, |v| v != "0"))
 }
 
+/// The one-row folded q/k/v GEMV as a streaming loop (gemv3_addnormf_loop: one wave of blocks,
+/// each looping over column groups with the next group's weights in flight): `MOE_QKV_LOOP=B`
+/// blocks per SM (0: off), `MOE_QKV_LOOP_COLS=C` in 4 / 8; default (4, 4) (BENCHMARKS,
+/// 2026-12-01 tenth session: OLMoE batch-1 step 1.005 / 1.008 -> 0.997 / 0.998 ms, Qwen3 1.469
+/// -> 1.452; 8 columns 1.013 / 1.479).
+fn qkv_loop() -> Option<(usize, usize)> {
+    static V: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        super::grouped_cuda::loop_shape("MOE_QKV_LOOP", "MOE_QKV_LOOP_COLS", 4, &[4, 8])
+    })
+}
+
 /// The gemv3 launch (qkv_fused checked); with `addnorm` = (a, g, eps, new residual) the rows
 /// are x + a normed by g (gemv3_addnorm).
 fn qkv_launch(
@@ -255,21 +267,30 @@ fn qkv_launch(
     let yk = Tensor::uninit(&[m, nk], x.dtype(), x.device())?;
     let yv = Tensor::uninit(&[m, nk], x.dtype(), x.device())?;
     let cols = super::grouped_cuda::SMALL_COLS;
-    let blocks = nq.div_ceil(cols) + 2 * nk.div_ceil(cols);
+    let mut blocks = nq.div_ceil(cols) + 2 * nk.div_ceil(cols);
     let (name, smem) = match addnorm {
         Some(_) if m <= 4 && qkv_norm_folded() => ("gemv3_addnormf", 0),
         Some(_) => ("gemv3_addnorm", m * k * x.dtype().size_in_bytes()),
         None => ("gemv3_nt", 0),
     };
     let dev = cuda_dev(x)?;
+    let mut kernel = format!(
+        "{name}_r{}_{}",
+        super::grouped_cuda::small_rows(m),
+        x.dtype().name()
+    );
+    // One row and K within one 16-byte vector per thread (the type is 16-bit): the streaming loop.
+    if let (Some((per_sm, c)), "gemv3_addnormf", 1) = (qkv_loop(), name, m) {
+        if k <= 256 * 8 {
+            let groups = nq.div_ceil(c) + 2 * nk.div_ceil(c);
+            blocks = (per_sm * dev.sm_count()).clamp(1, groups);
+            kernel = format!("gemv3_addnormf_loop_c{c}_{}", x.dtype().name());
+        }
+    }
     let launch = dev
         .launch(
             &kernels::GROUPED_GEMM,
-            &format!(
-                "{name}_r{}_{}",
-                super::grouped_cuda::small_rows(m),
-                x.dtype().name()
-            ),
+            &kernel,
             (blocks as u32, 1, 1),
             (256, 1, 1),
             smem as u32,

@@ -1297,17 +1297,23 @@ INSTANTIATE_FLOAT_TYPES(GG_SMALL)
 // Writes ids[j·stride] and wts[j·stride] for j < k. Logits are read through L2 (other blocks of
 // the calling kernel wrote them).
 #define ROUTE_WARP_MAX_E 256
-// A row of E <= 256 logits, times `scale`, spread over a warp (lane's values at lane + 32q, -inf
-// past E; read through L2: other blocks wrote them); returns the row's log-sum-exp.
-__device__ __forceinline__ float warp_row_lse(const float* row, int E, float scale, float (&v)[ROUTE_WARP_MAX_E / 32]) {
+// A row of E <= 256 logits, times `scale`, spread over a warp: lane's values at lane + 32q, -inf
+// past E (read through L2: other blocks wrote them).
+__device__ __forceinline__ void warp_row_load(const float* row, int E, float scale, float (&v)[ROUTE_WARP_MAX_E / 32]) {
     const int lane = threadIdx.x & 31;
-    float m = NEG_INF;
 #pragma unroll
     for (int q = 0; q < ROUTE_WARP_MAX_E / 32; ++q) {
         const int i = lane + 32 * q;
         v[q] = i < E ? scale * __ldcg(row + i) : NEG_INF;
-        m = fmaxf(m, v[q]);
     }
+}
+// warp_row_load, returning the row's log-sum-exp.
+__device__ __forceinline__ float warp_row_lse(const float* row, int E, float scale, float (&v)[ROUTE_WARP_MAX_E / 32]) {
+    const int lane = threadIdx.x & 31;
+    warp_row_load(row, E, scale, v);
+    float m = NEG_INF;
+#pragma unroll
+    for (int q = 0; q < ROUTE_WARP_MAX_E / 32; ++q) m = fmaxf(m, v[q]);
     m = warp_max(m);
     float s = 0.f;
 #pragma unroll
@@ -1315,7 +1321,7 @@ __device__ __forceinline__ float warp_row_lse(const float* row, int E, float sca
         if (lane + 32 * q < E) s += expf(v[q] - m);
     return m + logf(warp_sum(s));
 }
-// One round of a warp's top-k over warp_row_lse's values: the largest not yet taken (ties to the
+// One round of a warp's top-k over warp_row_load's values: the largest not yet taken (ties to the
 // lower index), the same on every lane, then marked taken.
 __device__ __forceinline__ ValIdx warp_pick(const float (&v)[ROUTE_WARP_MAX_E / 32], int E, unsigned& taken) {
     const int lane = threadIdx.x & 31;
@@ -1783,7 +1789,7 @@ __device__ __forceinline__ void o_route(T* s_out, float* z, int* ids, const T* c
     __threadfence();
     if (warp < M) {
         float v[ROUTE_WARP_MAX_E / 32];
-        warp_row_lse(z + (int64_t)warp * E, E, 1.f, v);
+        warp_row_load(z + (int64_t)warp * E, E, 1.f, v);
         unsigned taken = 0;
         int my_id = -1;
         for (int j = 0; j < k; ++j) {
@@ -1814,3 +1820,201 @@ O_ROUTE(f16, f16_t)
 #define MOE_SERVE_NORM(SUFFIX, T) MOE_SERVE_UP_NORM(SUFFIX, T, 2) MOE_SERVE_UP_NORM(SUFFIX, T, 4) MOE_SERVE_UP_NORM(SUFFIX, T, 8)
 MOE_SERVE_NORM(bf16, bf16_t)
 MOE_SERVE_NORM(f16, f16_t)
+
+// moe_serve_up_norm as a streaming loop (moe_serve_up_norm_loop_cC): block (bx, slot) takes the
+// column groups bx, bx + gridDim.x, ... of its slot (C gate and C up rows each), with the next
+// group's weights in flight while the current one is reduced, so a block pays the id load, the
+// norm's sum of squares and its launch once (one wave of blocks, sized by the host) instead of
+// per group. Same contract and the same arithmetic, in the same order, as moe_serve_up_norm.
+// Requires K <= 256 · (16 / sizeof(T)) (one vector per thread; the host checks).
+template <int COLS, typename T>
+__device__ __forceinline__ void moe_serve_up_norm_loop(T* a, const T* x, const T* w1, const int* ids, int E, int ntok,
+                                                       int F, int K, ServeNorm<T> nm) {
+    PDL_ENTRY();
+    constexpr int VEC = 16 / sizeof(T), R = 2 * COLS;
+    __shared__ float red[2][8][R];
+    __shared__ float red_ss[8];
+    const int slot = blockIdx.y, t = slot % ntok, e = ids[slot];
+    const bool ok = e >= 0 && e < E;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const bool has_v = (int)threadIdx.x < K / VEC;
+    const int ng = (F + COLS - 1) / COLS;
+    const T* we = w1 + (int64_t)(ok ? e : 0) * 2 * F * K + (int64_t)threadIdx.x * VEC;
+    auto load = [&](uint4(&w)[R], int gi) {
+        const int f0 = gi * COLS, nc = min(COLS, F - f0);
+#pragma unroll
+        for (int c = 0; c < R; ++c) {
+            const int col = c % COLS;
+            const int64_t row = (c < COLS ? 0 : F) + f0 + col;
+            w[c] = ok && has_v && gi < ng && col < nc ? ld_stream(reinterpret_cast<const uint4*>(we + row * K))
+                                                      : make_uint4(0, 0, 0, 0);
+        }
+    };
+    uint4 cur[R], nxt[R];
+    int gi = blockIdx.x;
+    load(cur, gi);
+    float xf[VEC], ss = 0.f;
+    if (has_v) {
+        unpack16<T>(*reinterpret_cast<const uint4*>(x + (int64_t)t * K + threadIdx.x * VEC), xf);
+        float gf[VEC];
+        unpack16<T>(*reinterpret_cast<const uint4*>(nm.g + threadIdx.x * VEC), gf);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) ss += xf[j] * xf[j], xf[j] *= gf[j];
+    } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) xf[j] = 0.f;
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) red_ss[warp] = ss;
+    __syncthreads();
+    float t2 = 0.f;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) t2 += red_ss[q];
+    const float rinv = rsqrtf(t2 / K + nm.eps);
+    for (int it = 0; gi < ng; gi += gridDim.x, ++it) {
+        load(nxt, gi + gridDim.x);
+        float acc[R];
+#pragma unroll
+        for (int c = 0; c < R; ++c) {
+            acc[c] = 0.f;
+            dot16<T>(&acc[c], cur[c], xf);
+        }
+#pragma unroll
+        for (int c = 0; c < R; ++c) {
+            const float s = warp_sum(acc[c]);
+            if (lane == 0) red[it & 1][warp][c] = s;
+        }
+        __syncthreads();
+        const int f0 = gi * COLS, nc = min(COLS, F - f0);
+        if (warp == 0 && lane < nc) {
+            float g = 0.f, u = 0.f;
+#pragma unroll
+            for (int q = 0; q < 8; ++q) g += red[it & 1][q][lane], u += red[it & 1][q][COLS + lane];
+            g *= rinv, u *= rinv;
+            g = to_float(from_float<T>(g)), u = to_float(from_float<T>(u));
+            a[(int64_t)slot * F + f0 + lane] = ok ? from_float<T>(serve_silu(g) * u) : from_float<T>(0.f);
+        }
+#pragma unroll
+        for (int c = 0; c < R; ++c) cur[c] = nxt[c];
+    }
+    if (warp == 0 && blockIdx.x == 0 && slot < ntok)
+        warp_softmax_weights(nm.z + (int64_t)t * E, E, rinv, ids + t, nm.k, nm.wnorm, nm.wadd, nm.wclamp, nm.wscale,
+                             nm.wts + t, ntok);
+}
+#define MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, C)                                                            \
+    extern "C" __global__ void __launch_bounds__(256) moe_serve_up_norm_loop_c##C##_##SUFFIX(           \
+        T* a, const T* s_in, const T* gn, float eps, const float* z, float* wts, int wnorm, float wadd,    \
+        float wclamp, float wscale, const T* w1, const int* ids, int E, int ntok, int k, int F, int K) {   \
+        moe_serve_up_norm_loop<C, T>(a, s_in, w1, ids, E, ntok, F, K,                                   \
+                                     ServeNorm<T>{gn, eps, z, wts, k, wnorm, wadd, wclamp, wscale});     \
+    }
+MOE_SERVE_UP_NORM_LOOP(bf16, bf16_t, 2)
+MOE_SERVE_UP_NORM_LOOP(bf16, bf16_t, 4)
+MOE_SERVE_UP_NORM_LOOP(f16, f16_t, 2)
+MOE_SERVE_UP_NORM_LOOP(f16, f16_t, 4)
+
+// gemv3_addnormf for one row as a streaming loop (gemv3_addnormf_loop_cC): the column groups of
+// [q | k | v] (C columns each; q's groups, then k's, then v's) are dealt to the blocks in turn
+// (block b takes groups b, b + gridDim.x, ...), with the next group's weights in flight while
+// the current one is reduced; the row's s = x + a (rounded to T; block 0 stores it to x_out),
+// its s ⊙ g and the norm factor are computed once per block. Same arithmetic, in the same order,
+// as gemv3_addnormf at one row. Requires M == 1 and K <= 256 · (16 / sizeof(T)) (the host checks).
+template <int C, typename T>
+__device__ __forceinline__ void gemv3_addnormf_loop(T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk,
+                                                    const T* wv, int Nq, int Nk, int K, AddNorm<T> an) {
+    PDL_ENTRY();
+    constexpr int VEC = 16 / sizeof(T);
+    __shared__ float red[2][8][C];
+    __shared__ float red_ss[8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const bool has_v = (int)threadIdx.x < K / VEC;
+    const int gq = (Nq + C - 1) / C, gk = (Nk + C - 1) / C, ng = gq + 2 * gk;
+    // Group gi: its matrix, output, first column and column count.
+    auto where = [&](int gi, const T*& w, T*& y, int& n0, int& nc) {
+        const int m = gi < gq ? 0 : (gi < gq + gk ? 1 : 2);
+        const int b = gi - (m == 0 ? 0 : (m == 1 ? gq : gq + gk));
+        const int n = m == 0 ? Nq : Nk;
+        w = m == 0 ? wq : (m == 1 ? wk : wv);
+        y = m == 0 ? yq : (m == 1 ? yk : yv);
+        n0 = b * C;
+        nc = min(C, n - n0);
+    };
+    auto load = [&](uint4(&wr)[C], int gi) {
+        const T* w;
+        T* y;
+        int n0 = 0, nc = 0;
+        if (gi < ng) where(gi, w, y, n0, nc);
+#pragma unroll
+        for (int c = 0; c < C; ++c)
+            wr[c] = has_v && c < nc ? ld_stream(reinterpret_cast<const uint4*>(w + (int64_t)(n0 + c) * K + threadIdx.x * VEC))
+                                    : make_uint4(0, 0, 0, 0);
+    };
+    uint4 cur[C], nxt[C];
+    int gi = blockIdx.x;
+    load(cur, gi);
+    float xf[VEC], ss = 0.f;
+    if (has_v) {
+        const int64_t xo = (int64_t)threadIdx.x * VEC;
+        uint4 xr = *reinterpret_cast<const uint4*>(x + xo);
+        const uint4 au = *reinterpret_cast<const uint4*>(an.a + xo);
+        float gf[VEC];
+        unpack16<T>(*reinterpret_cast<const uint4*>(an.g + xo), gf);
+        const T* at = reinterpret_cast<const T*>(&au);
+        T* st = reinterpret_cast<T*>(&xr);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            st[j] = from_float<T>(to_float(st[j]) + to_float(at[j]));
+            const float f = to_float(st[j]);
+            ss += f * f;
+            xf[j] = f * gf[j];
+        }
+        if (blockIdx.x == 0) *reinterpret_cast<uint4*>(an.x_out + xo) = xr;
+    } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) xf[j] = 0.f;
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) red_ss[warp] = ss;
+    __syncthreads();
+    float t2 = 0.f;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) t2 += red_ss[q];
+    const float rinv = rsqrtf(t2 / K + an.eps);
+    for (int it = 0; gi < ng; gi += gridDim.x, ++it) {
+        load(nxt, gi + gridDim.x);
+        float acc[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            acc[c] = 0.f;
+            dot16<T>(&acc[c], cur[c], xf);
+        }
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const float s = warp_sum(acc[c]);
+            if (lane == 0) red[it & 1][warp][c] = s;
+        }
+        __syncthreads();
+        const T* w;
+        T* y;
+        int n0, nc;
+        where(gi, w, y, n0, nc);
+        if ((int)threadIdx.x < nc) {
+            float s = 0.f;
+#pragma unroll
+            for (int q = 0; q < 8; ++q) s += red[it & 1][q][threadIdx.x];
+            y[n0 + threadIdx.x] = from_float<T>(s * rinv);
+        }
+#pragma unroll
+        for (int c = 0; c < C; ++c) cur[c] = nxt[c];
+    }
+}
+#define GEMV3_LOOP(SUFFIX, T, C)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) gemv3_addnormf_loop_c##C##_##SUFFIX(              \
+        T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk, const T* wv, int M, int Nq, int Nk,   \
+        int K, const T* a, const T* g, float eps, T* x_out) {                                            \
+        gemv3_addnormf_loop<C, T>(yq, yk, yv, x, wq, wk, wv, Nq, Nk, K, AddNorm<T>{a, g, eps, x_out, nullptr}); \
+    }
+GEMV3_LOOP(bf16, bf16_t, 4)
+GEMV3_LOOP(bf16, bf16_t, 8)
+GEMV3_LOOP(f16, f16_t, 4)
+GEMV3_LOOP(f16, f16_t, 8)
