@@ -1821,6 +1821,36 @@ O_ROUTE(f16, f16_t)
 MOE_SERVE_NORM(bf16, bf16_t)
 MOE_SERVE_NORM(f16, f16_t)
 
+// Pieces of the streaming-loop kernels (256 threads, one 16-byte vector per thread).
+// The row's RMSNorm factor rsqrt(mean + eps) from each thread's sum of squares (same on all
+// threads; red_ss: 8 floats of shared memory).
+__device__ __forceinline__ float loop_norm_factor(float ss, float* red_ss, int K, float eps) {
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red_ss[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float t2 = 0.f;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) t2 += red_ss[q];
+    return rsqrtf(t2 / K + eps);
+}
+// One group's N dot products of the thread's weights with xf, summed per warp into red[warp][c],
+// then a barrier (the caller alternates two red buffers between groups).
+template <int N, typename T>
+__device__ __forceinline__ void loop_group_dots(const uint4 (&w)[N], const float* xf, float (*red)[N]) {
+    float acc[N];
+#pragma unroll
+    for (int c = 0; c < N; ++c) {
+        acc[c] = 0.f;
+        dot16<T>(&acc[c], w[c], xf);
+    }
+#pragma unroll
+    for (int c = 0; c < N; ++c) {
+        const float s = warp_sum(acc[c]);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5][c] = s;
+    }
+    __syncthreads();
+}
+
 // moe_serve_up_norm as a streaming loop (moe_serve_up_norm_loop_cC): block (bx, slot) takes the
 // column groups bx, bx + gridDim.x, ... of its slot (C gate and C up rows each), with the next
 // group's weights in flight while the current one is reduced, so a block pays the id load, the
@@ -1864,27 +1894,10 @@ __device__ __forceinline__ void moe_serve_up_norm_loop(T* a, const T* x, const T
 #pragma unroll
         for (int j = 0; j < VEC; ++j) xf[j] = 0.f;
     }
-    ss = warp_sum(ss);
-    if (lane == 0) red_ss[warp] = ss;
-    __syncthreads();
-    float t2 = 0.f;
-#pragma unroll
-    for (int q = 0; q < 8; ++q) t2 += red_ss[q];
-    const float rinv = rsqrtf(t2 / K + nm.eps);
+    const float rinv = loop_norm_factor(ss, red_ss, K, nm.eps);
     for (int it = 0; gi < ng; gi += gridDim.x, ++it) {
         load(nxt, gi + gridDim.x);
-        float acc[R];
-#pragma unroll
-        for (int c = 0; c < R; ++c) {
-            acc[c] = 0.f;
-            dot16<T>(&acc[c], cur[c], xf);
-        }
-#pragma unroll
-        for (int c = 0; c < R; ++c) {
-            const float s = warp_sum(acc[c]);
-            if (lane == 0) red[it & 1][warp][c] = s;
-        }
-        __syncthreads();
+        loop_group_dots<R, T>(cur, xf, red[it & 1]);
         const int f0 = gi * COLS, nc = min(COLS, F - f0);
         if (warp == 0 && lane < nc) {
             float g = 0.f, u = 0.f;
@@ -1926,7 +1939,6 @@ __device__ __forceinline__ void gemv3_addnormf_loop(T* yq, T* yk, T* yv, const T
     constexpr int VEC = 16 / sizeof(T);
     __shared__ float red[2][8][C];
     __shared__ float red_ss[8];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const bool has_v = (int)threadIdx.x < K / VEC;
     const int gq = (Nq + C - 1) / C, gk = (Nk + C - 1) / C, ng = gq + 2 * gk;
     // Group gi: its matrix, output, first column and column count.
@@ -1973,27 +1985,10 @@ __device__ __forceinline__ void gemv3_addnormf_loop(T* yq, T* yk, T* yv, const T
 #pragma unroll
         for (int j = 0; j < VEC; ++j) xf[j] = 0.f;
     }
-    ss = warp_sum(ss);
-    if (lane == 0) red_ss[warp] = ss;
-    __syncthreads();
-    float t2 = 0.f;
-#pragma unroll
-    for (int q = 0; q < 8; ++q) t2 += red_ss[q];
-    const float rinv = rsqrtf(t2 / K + an.eps);
+    const float rinv = loop_norm_factor(ss, red_ss, K, an.eps);
     for (int it = 0; gi < ng; gi += gridDim.x, ++it) {
         load(nxt, gi + gridDim.x);
-        float acc[C];
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-            acc[c] = 0.f;
-            dot16<T>(&acc[c], cur[c], xf);
-        }
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-            const float s = warp_sum(acc[c]);
-            if (lane == 0) red[it & 1][warp][c] = s;
-        }
-        __syncthreads();
+        loop_group_dots<C, T>(cur, xf, red[it & 1]);
         const T* w;
         T* y;
         int n0, nc;
