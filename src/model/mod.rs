@@ -1145,10 +1145,8 @@ impl Model {
             // With a folded router (decode), a served MoE step takes the attention's context
             // before its o projection and projects it beside the router.
             let oroute = match (&blk.ffn, &self.config.layers[i].ffn, router_folds.get(i)) {
-                (FfnWeights::Moe(w), Ffn::Moe(mc), Some(Some(wf)))
-                    if fold && moe::served_oroute_applies(mc, w, &x) =>
-                {
-                    Some((mc, w, wf))
+                (FfnWeights::Moe(w), Ffn::Moe(mc), Some(Some(wf))) if fold => {
+                    moe::served_oroute_rule(mc, w, &x).map(|rule| (rule, w, wf))
                 }
                 _ => None,
             };
@@ -1163,9 +1161,9 @@ impl Model {
             };
             let mut a = attn(i, &blk.attn, inp, oroute.is_none())?;
             let mut folded = None;
-            if let Some((mc, w, wf)) = oroute {
+            if let Some((rule, w, wf)) = &oroute {
                 folded = moe::moe_forward_served_oroute(
-                    mc,
+                    rule,
                     w,
                     wf,
                     &x,

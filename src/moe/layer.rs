@@ -337,8 +337,9 @@ pub fn router_foldable(cfg: &MoeConfig, w: &MoeWeights) -> bool {
 }
 
 /// The router rule `moe_forward_served_oroute` runs this block with for rows like x (GPU, a
-/// foldable router, slot-wise experts, at most 8 rows of a 16-bit type), or None.
-fn served_oroute_rule(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> Option<ops::SoftmaxTopK> {
+/// foldable router, slot-wise experts, at most 8 rows of a 16-bit type), or None where that path
+/// does not apply.
+pub fn served_oroute_rule(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> Option<ops::SoftmaxTopK> {
     let fits = x.dim(0) <= ops::SoftmaxTopK::MAX_ROWS
         && x.dtype().size_in_bytes() == 2
         && cfg.n_experts <= ops::SoftmaxTopK::MAX_EXPERTS;
@@ -348,22 +349,17 @@ fn served_oroute_rule(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> Option<ops
     fused_router_rule(cfg, w, x)
 }
 
-/// Whether `moe_forward_served_oroute` runs this block for rows like x.
-pub fn served_oroute_applies(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> bool {
-    served_oroute_rule(cfg, w, x).is_some()
-}
-
-/// A served step's MoE block from the attention's context before its o projection (decode):
-/// the o projection and the router (folded through the RMSNorm and o projection: `fold` from
-/// `ops::router_fold`) in one launch, then the experts with the residual add + RMSNorm and the
-/// combine weights folded into their first kernel (`ops::o_router_topk`,
-/// `ops::moe_serve_swiglu_norm`): three kernels from attention to MoE output instead of four,
-/// and the router's latency beside the o projection's instead of after it. Returns (new residual
-/// x + ctx·Woᵀ, MoE output), or None where that path does not apply (the caller projects and
-/// takes `moe_forward_served_addnorm`); `x` is not modified.
+/// A served step's MoE block from the attention's context before its o projection (decode),
+/// routed by `rule` (`served_oroute_rule`): the o projection and the router (folded through the
+/// RMSNorm and o projection: `fold` from `ops::router_fold`) in one launch, then the experts
+/// with the residual add + RMSNorm and the combine weights folded into their first kernel
+/// (`ops::o_router_topk`, `ops::moe_serve_swiglu_norm`): three kernels from attention to MoE
+/// output instead of four, and the router's latency beside the o projection's instead of after
+/// it. Returns (new residual x + ctx·Woᵀ, MoE output), or None where the launch is not possible
+/// (the caller projects and takes `moe_forward_served_addnorm`); `x` is not modified.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_forward_served_oroute(
-    cfg: &MoeConfig,
+    rule: &ops::SoftmaxTopK,
     w: &MoeWeights,
     fold: &Tensor,
     x: &Tensor,
@@ -372,13 +368,10 @@ pub fn moe_forward_served_oroute(
     norm: &Tensor,
     eps: f32,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    let Some(rule) = served_oroute_rule(cfg, w, x) else {
-        return Ok(None);
-    };
     let Some((s, z, ids)) = ops::o_router_topk(ctx, wo, x, fold, rule.k)? else {
         return Ok(None);
     };
-    let y = ops::moe_serve_swiglu_norm(&s, norm, eps, &z, &ids, &rule, &w.w1, &w.w2)?;
+    let y = ops::moe_serve_swiglu_norm(&s, norm, eps, &z, &ids, rule, &w.w1, &w.w2)?;
     Ok(Some((s, y)))
 }
 

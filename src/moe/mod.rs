@@ -23,7 +23,7 @@ pub use dense::{DenseMlp, DenseMlpGrads, DenseSaved};
 pub use dispatch::{combine, combine_backward, dispatch, Dispatch};
 pub use layer::{
     moe_backward, moe_backward_into, moe_forward, moe_forward_named, moe_forward_served_addnorm,
-    moe_forward_served_oroute, router_foldable, served_oroute_applies, Mode, MoeGrads, MoeSaved,
+    moe_forward_served_oroute, router_foldable, served_oroute_rule, Mode, MoeGrads, MoeSaved,
     MoeStats, MoeWeights, ResidualWeights, SharedWeights,
 };
 pub use router::{check_finite, route, update_router_bias, Routing};

@@ -280,12 +280,10 @@ fn qkv_launch(
         x.dtype().name()
     );
     // One row and K within one 16-byte vector per thread (the type is 16-bit): the streaming loop.
-    if let (Some((per_sm, c)), "gemv3_addnormf", 1) = (qkv_loop(), name, m) {
-        if k <= 256 * 8 {
-            let groups = nq.div_ceil(c) + 2 * nk.div_ceil(c);
-            blocks = (per_sm * dev.sm_count()).clamp(1, groups);
-            kernel = format!("gemv3_addnormf_loop_c{c}_{}", x.dtype().name());
-        }
+    if let (Some((per_sm, c)), "gemv3_addnormf", 1, true) = (qkv_loop(), name, m, k <= 256 * 8) {
+        let groups = nq.div_ceil(c) + 2 * nk.div_ceil(c);
+        blocks = (per_sm * dev.sm_count()).clamp(1, groups);
+        kernel = format!("gemv3_addnormf_loop_c{c}_{}", x.dtype().name());
     }
     let launch = dev
         .launch(

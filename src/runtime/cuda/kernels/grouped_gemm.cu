@@ -1186,7 +1186,6 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
                 if (r < rows) {
                     const int64_t xo = (int64_t)(rc + r) * K + v * VEC;
                     uint4 xr = *reinterpret_cast<const uint4*>(x + xo);
-                    const T* xt = reinterpret_cast<const T*>(&xr);
                     float xf[VEC];
                     if (LNORM) {
                         const uint4 au = *reinterpret_cast<const uint4*>(an.a + xo);
@@ -1200,14 +1199,9 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
                         }
                         if (blockIdx.x == 0) *reinterpret_cast<uint4*>(an.x_out + xo) = xr;
                     } else {
-                        _Pragma("unroll") for (int j = 0; j < VEC; ++j) xf[j] = to_float(xt[j]);
+                        unpack16<T>(xr, xf);
                     }
-                    _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c) {
-                        const T* wt = reinterpret_cast<const T*>(&wr[c]);
-                        float s = 0.f;
-                        _Pragma("unroll") for (int j = 0; j < VEC; ++j) s += to_float(wt[j]) * xf[j];
-                        acc[r][c] += s;
-                    }
+                    _Pragma("unroll") for (int c = 0; c < SM_COLS; ++c) dot16<T>(&acc[r][c], wr[c], xf);
                 }
             }
         }
