@@ -1025,8 +1025,10 @@ fn o_router_and_served_norm_match() {
             (3, 64, 48, 33, 2, 40, true),
             (8, 128, 64, 256, 4, 24, false),
             (2, 64, 64, 8, 1, 32, true),
-            // K past one 16-byte vector per thread: the gate/up kernel without the loop.
+            // Two 16-byte vectors per thread (the second partial), then K past the loop's limit.
             (1, 4096, 64, 8, 2, 64, true),
+            (1, 2056, 64, 8, 2, 24, false),
+            (1, 8192, 64, 8, 2, 16, true),
         ] {
             let mut scaled = |shape: &[usize], s: f32| scaled_pair(&mut r, shape, s, dt, dev);
             let (xc, xg) = scaled(&[t, d], 1.0);
@@ -1392,9 +1394,12 @@ fn fused_decode_ops() {
             (1usize, 2048usize, 2048usize, 512usize, false),
             (3, 256, 128, 64, true),
             (8, 512, 1000, 96, false),
-            // One row: the streaming-loop kernel (partial column groups), and past its K.
+            // One row: the streaming-loop kernel (partial column groups; one and two vectors
+            // per thread, the second partial), and past its K.
             (1, 136, 100, 20, true),
             (1, 4096, 256, 64, false),
+            (1, 2056, 64, 16, false),
+            (1, 8192, 64, 16, false),
         ] {
             let (xc, xg) = pair(&mut r, &[m, kdim], dt, dev);
             let (wqc, wqg) = pair(&mut r, &[nq, kdim], dt, dev);

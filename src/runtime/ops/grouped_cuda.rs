@@ -774,15 +774,16 @@ pub(crate) fn moe_serve_swiglu_norm(
     let k = ids.dim(0);
     let a = Tensor::uninit(&[k * t, f], s.dtype(), s.device())?;
     let wts = Tensor::uninit(&[k, t], DType::F32, s.device())?;
-    // The streaming-loop kernel (one wave of blocks, each looping over column groups) where a
-    // thread's one 16-byte vector covers K; else one block per column group.
-    let vec = 16 / s.dtype().size_in_bytes();
+    // The streaming-loop kernel (one wave of blocks, each looping over column groups) where up
+    // to two 16-byte vectors per thread cover K; else one block per column group.
+    let nv = (kd / (16 / s.dtype().size_in_bytes())).div_ceil(256).max(1);
     let (name, grid_x) = match up_loop() {
-        Some((per_sm, cols)) if kd <= 256 * vec => {
+        Some((per_sm, cols)) if nv <= 2 => {
             let groups = f.div_ceil(cols);
-            let want = (per_sm * dev.sm_count()).div_ceil(k * t);
+            // (Two vectors per thread hold twice the weights in flight: half the blocks.)
+            let want = ((per_sm / nv).max(1) * dev.sm_count()).div_ceil(k * t);
             (
-                format!("moe_serve_up_norm_loop_c{cols}_{}", s.dtype().name()),
+                format!("moe_serve_up_norm_loop_c{cols}v{nv}_{}", s.dtype().name()),
                 want.clamp(1, groups),
             )
         }

@@ -1815,7 +1815,8 @@ O_ROUTE(f16, f16_t)
 MOE_SERVE_NORM(bf16, bf16_t)
 MOE_SERVE_NORM(f16, f16_t)
 
-// Pieces of the streaming-loop kernels (256 threads, one 16-byte vector per thread).
+// Pieces of the streaming-loop kernels (256 threads, NV 16-byte vectors per thread: thread t
+// takes vectors t, t + 256, ...).
 // The row's RMSNorm factor rsqrt(mean + eps) from each thread's sum of squares (same on all
 // threads; red_ss: 8 floats of shared memory).
 __device__ __forceinline__ float loop_norm_factor(float ss, float* red_ss, int K, float eps) {
@@ -1827,15 +1828,17 @@ __device__ __forceinline__ float loop_norm_factor(float ss, float* red_ss, int K
     for (int q = 0; q < 8; ++q) t2 += red_ss[q];
     return rsqrtf(t2 / K + eps);
 }
-// One group's N dot products of the thread's weights with xf, summed per warp into red[warp][c],
-// then a barrier (the caller alternates two red buffers between groups).
-template <int N, typename T>
-__device__ __forceinline__ void loop_group_dots(const uint4 (&w)[N], const float* xf, float (*red)[N]) {
+// One group's N dot products of the thread's weights with xf (its vectors in order), summed per
+// warp into red[warp][c], then a barrier (the caller alternates two red buffers between groups).
+template <int N, int NV, typename T>
+__device__ __forceinline__ void loop_group_dots(const uint4 (&w)[NV][N], const float (&xf)[NV][16 / sizeof(T)],
+                                                float (*red)[N]) {
     float acc[N];
 #pragma unroll
     for (int c = 0; c < N; ++c) {
         acc[c] = 0.f;
-        dot16<T>(&acc[c], w[c], xf);
+#pragma unroll
+        for (int i = 0; i < NV; ++i) dot16<T>(&acc[c], w[i][c], xf[i]);
     }
 #pragma unroll
     for (int c = 0; c < N; ++c) {
@@ -1845,13 +1848,13 @@ __device__ __forceinline__ void loop_group_dots(const uint4 (&w)[N], const float
     __syncthreads();
 }
 
-// moe_serve_up_norm as a streaming loop (moe_serve_up_norm_loop_cC): block (bx, slot) takes the
-// column groups bx, bx + gridDim.x, ... of its slot (C gate and C up rows each), with the next
-// group's weights in flight while the current one is reduced, so a block pays the id load, the
-// norm's sum of squares and its launch once (one wave of blocks, sized by the host) instead of
-// per group. Same contract and the same arithmetic, in the same order, as moe_serve_up_norm.
-// Requires K <= 256 · (16 / sizeof(T)) (one vector per thread; the host checks).
-template <int COLS, typename T>
+// moe_serve_up_norm as a streaming loop (moe_serve_up_norm_loop_cCvNV): block (bx, slot) takes
+// the column groups bx, bx + gridDim.x, ... of its slot (C gate and C up rows each), with the
+// next group's weights in flight while the current one is reduced, so a block pays the id load,
+// the norm's sum of squares and its launch once (one wave of blocks, sized by the host) instead
+// of per group. Same contract and the same arithmetic, in the same order, as moe_serve_up_norm.
+// Requires K <= NV · 256 · (16 / sizeof(T)) (the host picks NV).
+template <int COLS, int NV, typename T>
 __device__ __forceinline__ void moe_serve_up_norm_loop(T* a, const T* x, const T* w1, const int* ids, int E, int ntok,
                                                        int F, int K, ServeNorm<T> nm) {
     PDL_ENTRY();
@@ -1861,37 +1864,44 @@ __device__ __forceinline__ void moe_serve_up_norm_loop(T* a, const T* x, const T
     const int slot = blockIdx.y, t = slot % ntok, e = ids[slot];
     const bool ok = e >= 0 && e < E;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const bool has_v = (int)threadIdx.x < K / VEC;
     const int ng = (F + COLS - 1) / COLS;
     const T* we = w1 + (int64_t)(ok ? e : 0) * 2 * F * K + (int64_t)threadIdx.x * VEC;
-    auto load = [&](uint4(&w)[R], int gi) {
+    auto has_v = [&](int i) { return (int)threadIdx.x + 256 * i < K / VEC; };
+    auto load = [&](uint4(&w)[NV][R], int gi) {
         const int f0 = gi * COLS, nc = min(COLS, F - f0);
 #pragma unroll
-        for (int c = 0; c < R; ++c) {
-            const int col = c % COLS;
-            const int64_t row = (c < COLS ? 0 : F) + f0 + col;
-            w[c] = ok && has_v && gi < ng && col < nc ? ld_stream(reinterpret_cast<const uint4*>(we + row * K))
-                                                      : make_uint4(0, 0, 0, 0);
-        }
+        for (int i = 0; i < NV; ++i)
+#pragma unroll
+            for (int c = 0; c < R; ++c) {
+                const int col = c % COLS;
+                const int64_t row = (c < COLS ? 0 : F) + f0 + col;
+                w[i][c] = ok && has_v(i) && gi < ng && col < nc
+                              ? ld_stream(reinterpret_cast<const uint4*>(we + row * K + 256 * i * VEC))
+                              : make_uint4(0, 0, 0, 0);
+            }
     };
-    uint4 cur[R], nxt[R];
+    uint4 cur[NV][R], nxt[NV][R];
     int gi = blockIdx.x;
     load(cur, gi);
-    float xf[VEC], ss = 0.f;
-    if (has_v) {
-        unpack16<T>(*reinterpret_cast<const uint4*>(x + (int64_t)t * K + threadIdx.x * VEC), xf);
-        float gf[VEC];
-        unpack16<T>(*reinterpret_cast<const uint4*>(nm.g + threadIdx.x * VEC), gf);
+    float xf[NV][VEC], ss = 0.f;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) ss += xf[j] * xf[j], xf[j] *= gf[j];
-    } else {
+    for (int i = 0; i < NV; ++i) {
+        if (has_v(i)) {
+            const int64_t v = threadIdx.x + 256 * i;
+            unpack16<T>(*reinterpret_cast<const uint4*>(x + (int64_t)t * K + v * VEC), xf[i]);
+            float gf[VEC];
+            unpack16<T>(*reinterpret_cast<const uint4*>(nm.g + v * VEC), gf);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) xf[j] = 0.f;
+            for (int j = 0; j < VEC; ++j) ss += xf[i][j] * xf[i][j], xf[i][j] *= gf[j];
+        } else {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) xf[i][j] = 0.f;
+        }
     }
     const float rinv = loop_norm_factor(ss, red_ss, K, nm.eps);
     for (int it = 0; gi < ng; gi += gridDim.x, ++it) {
         load(nxt, gi + gridDim.x);
-        loop_group_dots<R, T>(cur, xf, red[it & 1]);
+        loop_group_dots<R, NV, T>(cur, xf, red[it & 1]);
         const int f0 = gi * COLS, nc = min(COLS, F - f0);
         if (warp == 0 && lane < nc) {
             float g = 0.f, u = 0.f;
@@ -1902,38 +1912,42 @@ __device__ __forceinline__ void moe_serve_up_norm_loop(T* a, const T* x, const T
             a[(int64_t)slot * F + f0 + lane] = ok ? from_float<T>(serve_silu(g) * u) : from_float<T>(0.f);
         }
 #pragma unroll
-        for (int c = 0; c < R; ++c) cur[c] = nxt[c];
+        for (int i = 0; i < NV; ++i)
+#pragma unroll
+            for (int c = 0; c < R; ++c) cur[i][c] = nxt[i][c];
     }
     if (warp == 0 && blockIdx.x == 0 && slot < ntok)
         warp_softmax_weights(nm.z + (int64_t)t * E, E, rinv, ids + t, nm.k, nm.wnorm, nm.wadd, nm.wclamp, nm.wscale,
                              nm.wts + t, ntok);
 }
-#define MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, C)                                                            \
-    extern "C" __global__ void __launch_bounds__(256) moe_serve_up_norm_loop_c##C##_##SUFFIX(           \
+#define MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, C, NV)                                                        \
+    extern "C" __global__ void __launch_bounds__(256) moe_serve_up_norm_loop_c##C##v##NV##_##SUFFIX(    \
         T* a, const T* s_in, const T* gn, float eps, const float* z, float* wts, int wnorm, float wadd,    \
         float wclamp, float wscale, const T* w1, const int* ids, int E, int ntok, int k, int F, int K) {   \
-        moe_serve_up_norm_loop<C, T>(a, s_in, w1, ids, E, ntok, F, K,                                   \
-                                     ServeNorm<T>{gn, eps, z, wts, k, wnorm, wadd, wclamp, wscale});     \
+        moe_serve_up_norm_loop<C, NV, T>(a, s_in, w1, ids, E, ntok, F, K,                               \
+                                         ServeNorm<T>{gn, eps, z, wts, k, wnorm, wadd, wclamp, wscale}); \
     }
-MOE_SERVE_UP_NORM_LOOP(bf16, bf16_t, 2)
-MOE_SERVE_UP_NORM_LOOP(bf16, bf16_t, 4)
-MOE_SERVE_UP_NORM_LOOP(f16, f16_t, 2)
-MOE_SERVE_UP_NORM_LOOP(f16, f16_t, 4)
+#define MOE_SERVE_UP_NORM_LOOPS(SUFFIX, T)                                                              \
+    MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, 2, 1) MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, 4, 1)                     \
+    MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, 2, 2) MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, 4, 2)
+MOE_SERVE_UP_NORM_LOOPS(bf16, bf16_t)
+MOE_SERVE_UP_NORM_LOOPS(f16, f16_t)
 
-// gemv3_addnormf for one row as a streaming loop (gemv3_addnormf_loop_cC): the column groups of
-// [q | k | v] (C columns each; q's groups, then k's, then v's) are dealt to the blocks in turn
+// gemv3_addnormf for one row as a streaming loop (gemv3_addnormf_loop_cCvNV): the column groups
+// of [q | k | v] (C columns each; q's groups, then k's, then v's) are dealt to the blocks in turn
 // (block b takes groups b, b + gridDim.x, ...), with the next group's weights in flight while
 // the current one is reduced; the row's s = x + a (rounded to T; block 0 stores it to x_out),
 // its s ⊙ g and the norm factor are computed once per block. Same arithmetic, in the same order,
-// as gemv3_addnormf at one row. Requires M == 1 and K <= 256 · (16 / sizeof(T)) (the host checks).
-template <int C, typename T>
+// as gemv3_addnormf at one row. Requires M == 1 and K <= NV · 256 · (16 / sizeof(T)) (the host
+// picks NV).
+template <int C, int NV, typename T>
 __device__ __forceinline__ void gemv3_addnormf_loop(T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk,
                                                     const T* wv, int Nq, int Nk, int K, AddNorm<T> an) {
     PDL_ENTRY();
     constexpr int VEC = 16 / sizeof(T);
     __shared__ float red[2][8][C];
     __shared__ float red_ss[8];
-    const bool has_v = (int)threadIdx.x < K / VEC;
+    auto has_v = [&](int i) { return (int)threadIdx.x + 256 * i < K / VEC; };
     const int gq = (Nq + C - 1) / C, gk = (Nk + C - 1) / C, ng = gq + 2 * gk;
     // Group gi: its matrix, output, first column and column count.
     auto where = [&](int gi, const T*& w, T*& y, int& n0, int& nc) {
@@ -1945,44 +1959,50 @@ __device__ __forceinline__ void gemv3_addnormf_loop(T* yq, T* yk, T* yv, const T
         n0 = b * C;
         nc = min(C, n - n0);
     };
-    auto load = [&](uint4(&wr)[C], int gi) {
+    auto load = [&](uint4(&wr)[NV][C], int gi) {
         const T* w;
         T* y;
         int n0 = 0, nc = 0;
         if (gi < ng) where(gi, w, y, n0, nc);
 #pragma unroll
-        for (int c = 0; c < C; ++c)
-            wr[c] = has_v && c < nc ? ld_stream(reinterpret_cast<const uint4*>(w + (int64_t)(n0 + c) * K + threadIdx.x * VEC))
-                                    : make_uint4(0, 0, 0, 0);
+        for (int i = 0; i < NV; ++i)
+#pragma unroll
+            for (int c = 0; c < C; ++c)
+                wr[i][c] = has_v(i) && c < nc ? ld_stream(reinterpret_cast<const uint4*>(
+                                                    w + (int64_t)(n0 + c) * K + (threadIdx.x + 256 * i) * VEC))
+                                              : make_uint4(0, 0, 0, 0);
     };
-    uint4 cur[C], nxt[C];
+    uint4 cur[NV][C], nxt[NV][C];
     int gi = blockIdx.x;
     load(cur, gi);
-    float xf[VEC], ss = 0.f;
-    if (has_v) {
-        const int64_t xo = (int64_t)threadIdx.x * VEC;
-        uint4 xr = *reinterpret_cast<const uint4*>(x + xo);
-        const uint4 au = *reinterpret_cast<const uint4*>(an.a + xo);
-        float gf[VEC];
-        unpack16<T>(*reinterpret_cast<const uint4*>(an.g + xo), gf);
-        const T* at = reinterpret_cast<const T*>(&au);
-        T* st = reinterpret_cast<T*>(&xr);
+    float xf[NV][VEC], ss = 0.f;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            st[j] = from_float<T>(to_float(st[j]) + to_float(at[j]));
-            const float f = to_float(st[j]);
-            ss += f * f;
-            xf[j] = f * gf[j];
+    for (int i = 0; i < NV; ++i) {
+        if (has_v(i)) {
+            const int64_t xo = (int64_t)(threadIdx.x + 256 * i) * VEC;
+            uint4 xr = *reinterpret_cast<const uint4*>(x + xo);
+            const uint4 au = *reinterpret_cast<const uint4*>(an.a + xo);
+            float gf[VEC];
+            unpack16<T>(*reinterpret_cast<const uint4*>(an.g + xo), gf);
+            const T* at = reinterpret_cast<const T*>(&au);
+            T* st = reinterpret_cast<T*>(&xr);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                st[j] = from_float<T>(to_float(st[j]) + to_float(at[j]));
+                const float f = to_float(st[j]);
+                ss += f * f;
+                xf[i][j] = f * gf[j];
+            }
+            if (blockIdx.x == 0) *reinterpret_cast<uint4*>(an.x_out + xo) = xr;
+        } else {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) xf[i][j] = 0.f;
         }
-        if (blockIdx.x == 0) *reinterpret_cast<uint4*>(an.x_out + xo) = xr;
-    } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) xf[j] = 0.f;
     }
     const float rinv = loop_norm_factor(ss, red_ss, K, an.eps);
     for (int it = 0; gi < ng; gi += gridDim.x, ++it) {
         load(nxt, gi + gridDim.x);
-        loop_group_dots<C, T>(cur, xf, red[it & 1]);
+        loop_group_dots<C, NV, T>(cur, xf, red[it & 1]);
         const T* w;
         T* y;
         int n0, nc;
@@ -1994,16 +2014,19 @@ __device__ __forceinline__ void gemv3_addnormf_loop(T* yq, T* yk, T* yv, const T
             y[n0 + threadIdx.x] = from_float<T>(s * rinv);
         }
 #pragma unroll
-        for (int c = 0; c < C; ++c) cur[c] = nxt[c];
+        for (int i = 0; i < NV; ++i)
+#pragma unroll
+            for (int c = 0; c < C; ++c) cur[i][c] = nxt[i][c];
     }
 }
-#define GEMV3_LOOP(SUFFIX, T, C)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256) gemv3_addnormf_loop_c##C##_##SUFFIX(              \
+#define GEMV3_LOOP(SUFFIX, T, C, NV)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) gemv3_addnormf_loop_c##C##v##NV##_##SUFFIX(       \
         T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk, const T* wv, int M, int Nq, int Nk,   \
         int K, const T* a, const T* g, float eps, T* x_out) {                                            \
-        gemv3_addnormf_loop<C, T>(yq, yk, yv, x, wq, wk, wv, Nq, Nk, K, AddNorm<T>{a, g, eps, x_out, nullptr}); \
+        gemv3_addnormf_loop<C, NV, T>(yq, yk, yv, x, wq, wk, wv, Nq, Nk, K,                             \
+                                      AddNorm<T>{a, g, eps, x_out, nullptr});                           \
     }
-GEMV3_LOOP(bf16, bf16_t, 4)
-GEMV3_LOOP(bf16, bf16_t, 8)
-GEMV3_LOOP(f16, f16_t, 4)
-GEMV3_LOOP(f16, f16_t, 8)
+#define GEMV3_LOOPS(SUFFIX, T) \
+    GEMV3_LOOP(SUFFIX, T, 4, 1) GEMV3_LOOP(SUFFIX, T, 8, 1) GEMV3_LOOP(SUFFIX, T, 4, 2) GEMV3_LOOP(SUFFIX, T, 8, 2)
+GEMV3_LOOPS(bf16, bf16_t)
+GEMV3_LOOPS(f16, f16_t)
