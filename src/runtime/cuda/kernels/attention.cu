@@ -254,6 +254,14 @@ __device__ __forceinline__ float head_norm_rope(const T* row, int width, int hea
                                                 const DecodeRope<T>& r, int p, float* xs, float* scratch) {
     constexpr int HD = 128;
     const int c = threadIdx.x;
+    // The norm weight and the RoPE table entries loaded beside the row, not after the reductions
+    // (loads do not move across their barriers).
+    const bool in_table = p >= 0 && p < r.max_pos;
+    const float wv = r.mode != 0 ? to_float(w[(r.mode == 1 ? 0 : (int64_t)head * HD) + c]) : 0.f;
+    const int ih = c < r.half ? c : c - r.half;
+    const bool rot = c < 2 * r.half && in_table;
+    const float cs = rot ? r.cos_t[(int64_t)p * r.half + ih] : 0.f;
+    const float sn = rot ? r.sin_t[(int64_t)p * r.half + ih] : 0.f;
     float x = to_float(row[(int64_t)head * HD + c]);
     if (r.mode != 0) {
         float ss = 0.f;
@@ -268,19 +276,15 @@ __device__ __forceinline__ float head_norm_rope(const T* row, int width, int hea
         ss = block_sum(ss, scratch);
         const int span = r.mode == 1 ? HD : width;
         const float rs = rsqrtf(ss / span + r.eps);
-        x = to_float(from_float<T>(x * rs * to_float(w[(r.mode == 1 ? 0 : (int64_t)head * HD) + c])));
+        x = to_float(from_float<T>(x * rs * wv));
     }
     if (r.clip > 0.f) x = x > r.clip ? r.clip : (x < -r.clip ? -r.clip : x);
     __syncthreads();
     xs[c] = x;
     __syncthreads();
-    const bool in_table = p >= 0 && p < r.max_pos;
     float o = x;
     if (c < 2 * r.half) {
-        const int i = c < r.half ? c : c - r.half;
-        const float a = xs[i], bb = xs[i + r.half];
-        const float cs = in_table ? r.cos_t[(int64_t)p * r.half + i] : 0.f;
-        const float sn = in_table ? r.sin_t[(int64_t)p * r.half + i] : 0.f;
+        const float a = xs[ih], bb = xs[ih + r.half];
         o = !in_table ? 0.f : (c < r.half ? a * cs - bb * sn : bb * cs + a * sn);
     }
     return to_float(from_float<T>(o));
@@ -306,6 +310,7 @@ __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, c
     const int bh = blockIdx.x, sp = blockIdx.y, b = bh / H, h = bh % H;
     const int kvh = h / (H / hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int len_b = lens[b];  // loaded beside the prologue's, not after its barriers
     if (ROPE) {
         __shared__ float xs[HD], scratch[32];
         const int p = rope.pos[b];
@@ -327,7 +332,7 @@ __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, c
         qs[threadIdx.x] = to_float(q[(int64_t)bh * HD + threadIdx.x]);
     }
     __syncthreads();
-    const int n = min(lens[b], L);
+    const int n = min(len_b, L);
     const int first = window > 0 ? max(0, n - window) : 0;
     const int lo = max(first, sp * chunk), hi = min(n, (sp + 1) * chunk);
     const T* kb = kc + ((int64_t)b * hkv + kvh) * L * HD;

@@ -1781,7 +1781,29 @@ __device__ __forceinline__ void o_route(T* s_out, float* z, int* ids, const T* c
     __syncthreads();
     if (!last) return;
     __threadfence();
-    if (warp < M) {
+    if (M * E <= (int)blockDim.x) {
+        // Every logit's rank at once (one per thread): the number of logits before it in the
+        // order above (larger, or equal at a lower index; NaN taken as -inf so that the ranks
+        // are a permutation); ranks below k are the choices.
+        __shared__ float zs[R][ROUTE_WARP_MAX_E];
+        const int r = threadIdx.x / E, i = threadIdx.x - r * E;
+        float mine = NEG_INF;
+        if (r < M) {
+            mine = __ldcg(z + (int64_t)r * E + i);
+            mine = mine != mine ? NEG_INF : mine;
+            zs[r][i] = mine;
+        }
+        __syncthreads();
+        if (r < M) {
+            int rank = 0;
+#pragma unroll 4
+            for (int j = 0; j < E; ++j) {
+                const float o = zs[r][j];
+                rank += o > mine || (o == mine && j < i);
+            }
+            if (rank < k) ids[(int64_t)rank * M + r] = i;
+        }
+    } else if (warp < M) {
         float v[ROUTE_WARP_MAX_E / 32];
         warp_row_load(z + (int64_t)warp * E, E, 1.f, v);
         unsigned taken = 0;
