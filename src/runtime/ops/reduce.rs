@@ -288,6 +288,39 @@ fn argmax_into(
                 return Ok(());
             }
             let dev = cuda_dev(x)?;
+            let pos_lens = advance.as_ref().map_or((0, 0), |(p, l)| (dptr(p), dptr(l)));
+            // One pass: 2048 values per block, the last block of a row reduces its parts
+            // (`MOE_ARGMAX_TWO_PASS=1`: the two-kernel path, for A/B and its parity test).
+            let two_pass = std::env::var("MOE_ARGMAX_TWO_PASS").is_ok_and(|v| v == "1");
+            if let (Some(counters), true) = (
+                dev.arrival_counters()?,
+                rows < crate::runtime::cuda::ARRIVAL_COUNTERS && !two_pass,
+            ) {
+                let parts = cols.div_ceil(2048);
+                let pv = Tensor::uninit(&[rows, parts], DType::F32, x.device())?;
+                let pi = Tensor::uninit(&[rows, parts], DType::I32, x.device())?;
+                // Whole 8-value loads where every row starts 16-byte aligned.
+                let vec = cols % 8 == 0 && dptr(x) % 16 == 0;
+                dev.launch(
+                    &kernels::REDUCE,
+                    &kname("argmax_onepass", x),
+                    (parts as u32, rows as u32, 1),
+                    (256, 1, 1),
+                    0,
+                )?
+                .pdl()
+                .ptr(dptr(out))
+                .ptr(dptr(&pv))
+                .ptr(dptr(&pi))
+                .ptr(dptr(x))
+                .usize_as_i32(cols)?
+                .i32(vec as i32)
+                .ptr(pos_lens.0)
+                .ptr(pos_lens.1)
+                .ptr(counters)
+                .run()?;
+                return Ok(());
+            }
             // Parts per row: enough blocks to spread one row's read over the SMs at batch 1.
             let parts = cols.div_ceil(4096).clamp(1, 64);
             let pv = Tensor::uninit(&[rows, parts], DType::F32, x.device())?;
@@ -315,8 +348,8 @@ fn argmax_into(
             .ptr(dptr(&pv))
             .ptr(dptr(&pi))
             .usize_as_i32(parts)?
-            .ptr(advance.as_ref().map_or(0, |(p, _)| dptr(p)))
-            .ptr(advance.as_ref().map_or(0, |(_, l)| dptr(l)))
+            .ptr(pos_lens.0)
+            .ptr(pos_lens.1)
             .run()?;
             Ok(())
         }

@@ -117,6 +117,61 @@ __device__ __forceinline__ void argmax_block(float& bv, int& bi) {
         if (threadIdx.x == 0) part_v[row * parts + blockIdx.x] = bv, part_i[row * parts + blockIdx.x] = bi; \
     }
 INSTANTIATE_FLOAT_TYPES(ARGMAX)
+// One pass (the usual path; argmax_part + argmax_final where the device's arrival counters
+// cannot be had): grid (parts, rows), 256 threads, 8 values per thread (parts = ceil(cols / 2048);
+// one 16- or 32-byte load where vec, else value by value), each block's (value, index) into
+// part_v / part_i [rows, parts]; the last block of a row to arrive (counters[row]) reduces the
+// row's parts, writes out[row] (and advances pos / lens as argmax_final) and sets the counter
+// back to zero. One launch and one load round instead of two launches and 16 dependent loads.
+template <typename T>
+__device__ __forceinline__ void argmax_onepass(int* out, float* part_v, int* part_i, const T* x, int cols,
+                                               int vec, int* pos, int* lens, int* counters) {
+    PDL_ENTRY();
+    __shared__ int last;
+    const int row = blockIdx.y, parts = gridDim.x;
+    const T* xr = x + (int64_t)row * cols;
+    const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    float v[8];
+    if (vec && c0 < cols) {
+        load8<T>(xr + c0, v);
+    } else {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) v[q] = c0 + q < cols ? to_float(xr[c0 + q]) : NEG_INF;
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q)
+        if (c0 + q < cols && v[q] > NEG_INF) argmax_take(bv, bi, v[q], c0 + q);
+    argmax_block(bv, bi);
+    if (threadIdx.x == 0) {
+        part_v[row * parts + blockIdx.x] = bv, part_i[row * parts + blockIdx.x] = bi;
+        __threadfence();
+        last = atomicAdd(counters + row, 1) == parts - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    bv = NEG_INF, bi = 0x7fffffff;
+    for (int p = threadIdx.x; p < parts; p += blockDim.x) {
+        const float pv = __ldcg(part_v + row * parts + p);
+        if (pv > NEG_INF) argmax_take(bv, bi, pv, __ldcg(part_i + row * parts + p));
+    }
+    argmax_block(bv, bi);
+    if (threadIdx.x == 0) {
+        out[row] = bi == 0x7fffffff ? 0 : bi;
+        if (pos) pos[row] += 1;
+        if (lens) lens[row] += 1;
+        counters[row] = 0;
+    }
+}
+#define ARGMAX_ONEPASS(SUFFIX, T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) argmax_onepass_##SUFFIX(                          \
+        int* out, float* part_v, int* part_i, const T* x, int cols, int vec, int* pos, int* lens,        \
+        int* counters) {                                                                                \
+        argmax_onepass<T>(out, part_v, part_i, x, cols, vec, pos, lens, counters);                      \
+    }
+INSTANTIATE_FLOAT_TYPES(ARGMAX_ONEPASS)
 // With pos / lens (else null): a greedy decode step's advance, pos[row] and lens[row] + 1 (the
 // step's output ids become the next step's input on the device: ops::argmax_rows_advance).
 extern "C" __global__ void argmax_final(int* out, const float* part_v, const int* part_i, int parts, int* pos,
