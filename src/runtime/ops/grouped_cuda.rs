@@ -729,8 +729,16 @@ pub(crate) fn o_router_topk(
     let s = Tensor::uninit(&[t, d], x.dtype(), x.device())?;
     let z = Tensor::uninit(&[t, e], DType::F32, x.device())?;
     let ids = Tensor::uninit(&[k, t], DType::I32, x.device())?;
-    // Router blocks of 4 experts (OR_RC), then the o projection's blocks of SMALL_COLS columns.
-    let blocks = e.div_ceil(4) + d.div_ceil(SMALL_COLS);
+    // Router blocks of 4 experts (OR_RC) times the slices of K = D + C (one 16-byte vector per
+    // thread of 256 each, partial logits in zp; `MOE_OROUTE_SLICES=S` sets S, for A/B), then the
+    // o projection's blocks of SMALL_COLS columns.
+    let slices = std::env::var("MOE_OROUTE_SLICES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(((d + c) / (16 / x.dtype().size_in_bytes())).div_ceil(256));
+    let zp = Tensor::uninit(&[slices, t, e], DType::F32, x.device())?;
+    let blocks = e.div_ceil(4) * slices + d.div_ceil(SMALL_COLS);
     dev.launch(
         &kernels::GROUPED_GEMM,
         &format!("o_route_r{}_{}", small_rows(t), x.dtype().name()),
@@ -741,6 +749,7 @@ pub(crate) fn o_router_topk(
     .pdl()
     .ptr(dptr(&s))
     .ptr(dptr(&z))
+    .ptr(dptr(&zp))
     .ptr(dptr(&ids))
     .ptr(dptr(ctx))
     .ptr(dptr(x))
@@ -751,6 +760,7 @@ pub(crate) fn o_router_topk(
     .usize_as_i32(c)?
     .usize_as_i32(e)?
     .usize_as_i32(k)?
+    .usize_as_i32(slices)?
     .ptr(counter)
     .run()?;
     Ok(Some((s, z, ids)))

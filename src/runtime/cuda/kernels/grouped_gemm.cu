@@ -1714,35 +1714,38 @@ INSTANTIATE_FLOAT_TYPES(MOE_SERVE)
 // the router's and need only what the attention wrote: the router runs beside the o projection
 // instead of after it. r and the combine weights come in moe_serve_up_norm, which norms the
 // rows anyway. Twins: ops::o_router_topk, ops::moe_serve_swiglu_norm (CPU).
-//   o_route_rR: grid ceil(E / 4) router blocks, then ceil(D / 8) o-projection blocks (gemv_nt,
+//   o_route_rR: grid ceil(E / 4)·S router blocks, then ceil(D / 8) o-projection blocks (gemv_nt,
 //               writing the new residual s = x + o, o rounded to T first, as add_rmsnorm would).
-//               A router block computes z [M, E] f32 for 4 experts (K = D + C split over the 256
-//               threads, 16-byte vectors); the last router block to arrive picks each row's top k
-//               (warp r → row r, largest first, ties to the lower index) into ids [k, M] and
-//               resets the counter.
+//               A router block computes 4 experts' partial logits over one of the S slices of
+//               K = D + C (16-byte vectors; the host's S = ceil((D + C) / 8·256) for 16-bit
+//               types gives one vector per thread, so no thread waits on a second round of
+//               loads) into zp [S, M, E]; the last
+//               router block to arrive sums the slices in order into z [M, E] f32, picks each
+//               row's top k (largest first, ties to the lower index) into ids [k, M] and resets
+//               the counter.
 #define OR_RC 4
 template <int R, typename T>
-__device__ __forceinline__ void o_route(T* s_out, float* z, int* ids, const T* ctx, const T* x, const T* wo,
-                                        const T* wf, int M, int D, int C, int E, int k, int* counter) {
-    const int nr = (E + OR_RC - 1) / OR_RC;
+__device__ __forceinline__ void o_route(T* s_out, float* z, float* zp, int* ids, const T* ctx, const T* x,
+                                        const T* wo, const T* wf, int M, int D, int C, int E, int k, int S, int* counter) {
+    constexpr int VEC = 16 / sizeof(T);
+    const int K = D + C, dv = D / VEC, kv = K / VEC, nr = (E + OR_RC - 1) / OR_RC * S;
     if ((int)blockIdx.x >= nr) {
         gg_small_nt<R, T, T>(s_out, ctx, wo, nullptr, 0, M, D, C, blockIdx.x - nr, AddNorm<T>{}, x);
         return;
     }
     PDL_ENTRY();
-    constexpr int VEC = 16 / sizeof(T);
     __shared__ float red[8][R][OR_RC];
     __shared__ int last;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int e0 = blockIdx.x * OR_RC, ne = min(OR_RC, E - e0);
-    const int K = D + C, dv = D / VEC, kv = K / VEC;
+    const int sl = blockIdx.x % S, e0 = blockIdx.x / S * OR_RC, ne = min(OR_RC, E - e0);
+    const int per = (kv + S - 1) / S, vend = min(kv, (sl + 1) * per);
     const T* wb = wf + (int64_t)e0 * K;
     float acc[R][OR_RC];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int c = 0; c < OR_RC; ++c) acc[r][c] = 0.f;
-    for (int v = threadIdx.x; v < kv; v += blockDim.x) {
+    for (int v = sl * per + threadIdx.x; v < vend; v += blockDim.x) {
         uint4 wr[OR_RC];
 #pragma unroll
         for (int c = 0; c < OR_RC; ++c)
@@ -1772,7 +1775,7 @@ __device__ __forceinline__ void o_route(T* s_out, float* z, int* ids, const T* c
             float s = 0.f;
 #pragma unroll
             for (int q = 0; q < 8; ++q) s += red[q][r][c];
-            z[(int64_t)r * E + e0 + c] = s;
+            zp[((int64_t)sl * M + r) * E + e0 + c] = s;
         }
     }
     __threadfence();
@@ -1781,6 +1784,13 @@ __device__ __forceinline__ void o_route(T* s_out, float* z, int* ids, const T* c
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // z = the slices' sum, in slice order (the rank path below keeps its own entry in a register).
+    for (int q = threadIdx.x; q < M * E; q += blockDim.x) {
+        float sum = 0.f;
+        for (int j = 0; j < S; ++j) sum += __ldcg(zp + (int64_t)j * M * E + q);
+        z[q] = sum;
+    }
+    __syncthreads();
     if (M * E <= (int)blockDim.x) {
         // Every logit's rank at once (one per thread): the number of logits before it in the
         // order above (larger, or equal at a lower index; NaN taken as -inf so that the ranks
@@ -1789,7 +1799,7 @@ __device__ __forceinline__ void o_route(T* s_out, float* z, int* ids, const T* c
         const int r = threadIdx.x / E, i = threadIdx.x - r * E;
         float mine = NEG_INF;
         if (r < M) {
-            mine = __ldcg(z + (int64_t)r * E + i);
+            mine = z[(int64_t)r * E + i];
             mine = mine != mine ? NEG_INF : mine;
             zs[r][i] = mine;
         }
@@ -1818,9 +1828,9 @@ __device__ __forceinline__ void o_route(T* s_out, float* z, int* ids, const T* c
 }
 #define O_ROUTE_R(SUFFIX, T, R)                                                                         \
     extern "C" __global__ void __launch_bounds__(256) o_route_r##R##_##SUFFIX(                          \
-        T* s_out, float* z, int* ids, const T* ctx, const T* x, const T* wo, const T* wf, int M, int D,  \
-        int C, int E, int k, int* counter) {                                                            \
-        o_route<R, T>(s_out, z, ids, ctx, x, wo, wf, M, D, C, E, k, counter);                           \
+        T* s_out, float* z, float* zp, int* ids, const T* ctx, const T* x, const T* wo, const T* wf,     \
+        int M, int D, int C, int E, int k, int S, int* counter) {                                       \
+        o_route<R, T>(s_out, z, zp, ids, ctx, x, wo, wf, M, D, C, E, k, S, counter);                    \
     }
 #define O_ROUTE(SUFFIX, T) O_ROUTE_R(SUFFIX, T, 1) O_ROUTE_R(SUFFIX, T, 2) O_ROUTE_R(SUFFIX, T, 4) O_ROUTE_R(SUFFIX, T, 8)
 O_ROUTE(bf16, bf16_t)
