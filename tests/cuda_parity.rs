@@ -1252,7 +1252,13 @@ fn argmax_rows_matches() {
     let mut r = rng("argmax_rows");
     for dt in FLOATS {
         // (More than 256 parts of 2048 for the one-pass kernel's last block in the last case.)
-        for (rows, cols) in [(1usize, 151_936usize), (32, 50_304), (3, 7), (5, 4097), (2, 600_008)] {
+        for (rows, cols) in [
+            (1usize, 151_936usize),
+            (32, 50_304),
+            (3, 7),
+            (5, 4097),
+            (2, 600_008),
+        ] {
             let mut v: Vec<f32> = (0..rows * cols)
                 .map(|_| r.random_range(-4.0f32..4.0))
                 .collect();
