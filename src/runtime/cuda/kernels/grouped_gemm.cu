@@ -1719,10 +1719,9 @@ INSTANTIATE_FLOAT_TYPES(MOE_SERVE)
 //               A router block computes 4 experts' partial logits over one of the S slices of
 //               K = D + C (16-byte vectors; the host's S = ceil((D + C) / 8·256) for 16-bit
 //               types gives one vector per thread, so no thread waits on a second round of
-//               loads) into zp [S, M, E]; the last
-//               router block to arrive sums the slices in order into z [M, E] f32, picks each
-//               row's top k (largest first, ties to the lower index) into ids [k, M] and resets
-//               the counter.
+//               loads) into zp [S, M, E]; the last router block to arrive sums the slices in
+//               order into z [M, E] f32, picks each row's top k (largest first, ties to the
+//               lower index) into ids [k, M] and resets the counter.
 #define OR_RC 4
 template <int R, typename T>
 __device__ __forceinline__ void o_route(T* s_out, float* z, float* zp, int* ids, const T* ctx, const T* x,
@@ -1784,7 +1783,7 @@ __device__ __forceinline__ void o_route(T* s_out, float* z, float* zp, int* ids,
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // z = the slices' sum, in slice order (the rank path below keeps its own entry in a register).
+    // z = the slices' sum, in slice order (the same for whichever block arrives last).
     for (int q = threadIdx.x; q < M * E; q += blockDim.x) {
         float sum = 0.f;
         for (int j = 0; j < S; ++j) sum += __ldcg(zp + (int64_t)j * M * E + q);
