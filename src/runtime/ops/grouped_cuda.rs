@@ -551,6 +551,19 @@ pub(crate) fn loop_shape(
     (per_sm > 0).then_some((per_sm, c))
 }
 
+/// A streaming-loop kernel's 16-byte vectors per thread (NV) for rows of `k` values of `dtype`,
+/// and its one wave of blocks at `per_sm` blocks per SM (two vectors per thread hold twice the
+/// weights in flight: half the blocks); None where a row needs more than two vectors per thread.
+pub(crate) fn loop_wave(
+    dev: &CudaDevice,
+    per_sm: usize,
+    k: usize,
+    dtype: DType,
+) -> Option<(usize, usize)> {
+    let nv = (k / (16 / dtype.size_in_bytes())).div_ceil(256).max(1);
+    (nv <= 2).then(|| (nv, (per_sm / nv).max(1) * dev.sm_count()))
+}
+
 /// The norming gate/up kernel as a streaming loop: `MOE_SERVE_UP_LOOP=B` blocks per SM (0:
 /// off), `MOE_SERVE_UP_LOOP_COLS=C` in 2 / 4; default (4, 2) (BENCHMARKS, 2026-12-01 tenth
 /// session: OLMoE batch-1 step 1.061 -> 1.013 ms, Qwen3 1.531 -> 1.471; 2 or 3 blocks per SM
@@ -732,10 +745,14 @@ pub(crate) fn o_router_topk(
     // Router blocks of 4 experts (OR_RC) times the slices of K = D + C (one 16-byte vector per
     // thread of 256 each, partial logits in zp; `MOE_OROUTE_SLICES=S` sets S, for A/B), then the
     // o projection's blocks of SMALL_COLS columns.
-    let slices = std::env::var("MOE_OROUTE_SLICES")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&v| v > 0)
+    static SLICES: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let slices = SLICES
+        .get_or_init(|| {
+            std::env::var("MOE_OROUTE_SLICES")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&v| v > 0)
+        })
         .unwrap_or(((d + c) / (16 / x.dtype().size_in_bytes())).div_ceil(256));
     let zp = Tensor::uninit(&[slices, t, e], DType::F32, x.device())?;
     let blocks = e.div_ceil(4) * slices + d.div_ceil(SMALL_COLS);
@@ -786,12 +803,12 @@ pub(crate) fn moe_serve_swiglu_norm(
     let wts = Tensor::uninit(&[k, t], DType::F32, s.device())?;
     // The streaming-loop kernel (one wave of blocks, each looping over column groups) where up
     // to two 16-byte vectors per thread cover K; else one block per column group.
-    let nv = (kd / (16 / s.dtype().size_in_bytes())).div_ceil(256).max(1);
-    let (name, grid_x) = match up_loop() {
-        Some((per_sm, cols)) if nv <= 2 => {
+    let wave =
+        up_loop().and_then(|(per_sm, cols)| Some((cols, loop_wave(dev, per_sm, kd, s.dtype())?)));
+    let (name, grid_x) = match wave {
+        Some((cols, (nv, wave))) => {
             let groups = f.div_ceil(cols);
-            // (Two vectors per thread hold twice the weights in flight: half the blocks.)
-            let want = ((per_sm / nv).max(1) * dev.sm_count()).div_ceil(k * t);
+            let want = wave.div_ceil(k * t);
             (
                 format!("moe_serve_up_norm_loop_c{cols}v{nv}_{}", s.dtype().name()),
                 want.clamp(1, groups),

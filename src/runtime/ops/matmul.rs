@@ -279,12 +279,16 @@ fn qkv_launch(
         super::grouped_cuda::small_rows(m),
         x.dtype().name()
     );
-    // One row and K within two 16-byte vectors per thread (the type is 16-bit): the streaming loop.
-    let nv = (k / 8).div_ceil(256).max(1);
-    if let (Some((per_sm, c)), "gemv3_addnormf", 1, true) = (qkv_loop(), name, m, nv <= 2) {
+    // One row and K within two 16-byte vectors per thread: the streaming loop.
+    let wave = match (qkv_loop(), name, m) {
+        (Some((per_sm, c)), "gemv3_addnormf", 1) => {
+            super::grouped_cuda::loop_wave(&dev, per_sm, k, x.dtype()).map(|w| (c, w))
+        }
+        _ => None,
+    };
+    if let Some((c, (nv, wave))) = wave {
         let groups = nq.div_ceil(c) + 2 * nk.div_ceil(c);
-        // (Two vectors per thread hold twice the weights in flight: half the blocks.)
-        blocks = ((per_sm / nv).max(1) * dev.sm_count()).clamp(1, groups);
+        blocks = wave.clamp(1, groups);
         kernel = format!("gemv3_addnormf_loop_c{c}v{nv}_{}", x.dtype().name());
     }
     let launch = dev

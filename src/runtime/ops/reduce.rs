@@ -291,7 +291,9 @@ fn argmax_into(
             let pos_lens = advance.as_ref().map_or((0, 0), |(p, l)| (dptr(p), dptr(l)));
             // One pass: 2048 values per block, the last block of a row reduces its parts
             // (`MOE_ARGMAX_TWO_PASS=1`: the two-kernel path, for A/B and its parity test).
-            let two_pass = std::env::var("MOE_ARGMAX_TWO_PASS").is_ok_and(|v| v == "1");
+            static TWO_PASS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let two_pass = *TWO_PASS
+                .get_or_init(|| std::env::var("MOE_ARGMAX_TWO_PASS").is_ok_and(|v| v == "1"));
             if let (Some(counters), true) = (
                 dev.arrival_counters()?,
                 rows < crate::runtime::cuda::ARRIVAL_COUNTERS && !two_pass,

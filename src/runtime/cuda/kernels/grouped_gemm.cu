@@ -1059,6 +1059,20 @@ template <typename T> __device__ __forceinline__ void unpack16(const uint4& v, f
 #pragma unroll
     for (int j = 0; j < 16 / (int)sizeof(T); ++j) f[j] = to_float(t[j]);
 }
+// One 16-byte vector of a residual add folded into a norm's products: xr = x + a (rounded to T,
+// as add_rmsnorm stores it, in place), its squares added to ss, and xr ⊙ g into xf.
+template <typename T>
+__device__ __forceinline__ void addnorm_vec16(uint4& xr, const uint4 a, const float* gf, float& ss, float* xf) {
+    const T* at = reinterpret_cast<const T*>(&a);
+    T* st = reinterpret_cast<T*>(&xr);
+#pragma unroll
+    for (int j = 0; j < 16 / (int)sizeof(T); ++j) {
+        st[j] = from_float<T>(to_float(st[j]) + to_float(at[j]));
+        const float f = to_float(st[j]);
+        ss += f * f;
+        xf[j] = f * gf[j];
+    }
+}
 
 // The residual add + RMSNorm folded into a decode GEMV's input (the *_addnorm kernels): each
 // block computes s = x + a and h = s · rsqrt(mean(s²) + eps) · g for the M rows itself, each
@@ -1180,7 +1194,7 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
                 wr[c] = first ? pre[c]
                         : c < ncols ? ld_stream(reinterpret_cast<const uint4*>(wb + (int64_t)c * K + v * VEC))
                                     : make_uint4(0, 0, 0, 0);
-            float gf[LNORM ? VEC : 1];
+            float gf[VEC];
             if (LNORM) unpack16<T>(*reinterpret_cast<const uint4*>(an.g + v * VEC), gf);
             _Pragma("unroll") for (int r = 0; r < ROWS; ++r) {
                 if (r < rows) {
@@ -1188,15 +1202,7 @@ __device__ __forceinline__ void gg_small_nt(TO* y, const T* x, const T* w, const
                     uint4 xr = *reinterpret_cast<const uint4*>(x + xo);
                     float xf[VEC];
                     if (LNORM) {
-                        const uint4 au = *reinterpret_cast<const uint4*>(an.a + xo);
-                        const T* at = reinterpret_cast<const T*>(&au);
-                        T* st = reinterpret_cast<T*>(&xr);
-                        _Pragma("unroll") for (int j = 0; j < VEC; ++j) {
-                            st[j] = from_float<T>(to_float(st[j]) + to_float(at[j]));
-                            const float f = to_float(st[j]);
-                            ss[r] += f * f;
-                            xf[j] = f * gf[j & (LNORM ? VEC - 1 : 0)];
-                        }
+                        addnorm_vec16<T>(xr, *reinterpret_cast<const uint4*>(an.a + xo), gf, ss[r], xf);
                         if (blockIdx.x == 0) *reinterpret_cast<uint4*>(an.x_out + xo) = xr;
                     } else {
                         unpack16<T>(xr, xf);
@@ -2015,15 +2021,7 @@ __device__ __forceinline__ void gemv3_addnormf_loop(T* yq, T* yk, T* yv, const T
             const uint4 au = *reinterpret_cast<const uint4*>(an.a + xo);
             float gf[VEC];
             unpack16<T>(*reinterpret_cast<const uint4*>(an.g + xo), gf);
-            const T* at = reinterpret_cast<const T*>(&au);
-            T* st = reinterpret_cast<T*>(&xr);
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-                st[j] = from_float<T>(to_float(st[j]) + to_float(at[j]));
-                const float f = to_float(st[j]);
-                ss += f * f;
-                xf[i][j] = f * gf[j];
-            }
+            addnorm_vec16<T>(xr, au, gf, ss, xf[i]);
             if (blockIdx.x == 0) *reinterpret_cast<uint4*>(an.x_out + xo) = xr;
         } else {
 #pragma unroll
