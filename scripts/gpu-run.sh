@@ -5,6 +5,8 @@ set -uo pipefail
 source .gpu/device-env.sh
 export MOE_REQUIRE_GPU=1 MOE_CACHE_DIR=/tmp/moe-cache RUST_BACKTRACE=1 MOE_BIN=$PWD/.gpu/moe
 out=${OUT:-/tmp/out}; mkdir -p "$out"
+# Kernels precompiled where the binaries were built (scripts/gpu-test.sh with MOE_NVRTC_LIB).
+[ -f .gpu/kernels.tgz ] && mkdir -p "$MOE_CACHE_DIR" && tar xzf .gpu/kernels.tgz -C "$MOE_CACHE_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fail=0
 for t in .gpu/tests/*; do

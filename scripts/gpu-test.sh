@@ -2,6 +2,7 @@
 # Build the moe binary and the test binaries here (no GPU needed) and stage them in .gpu/ (git-
 # ignored) with the device environment script and the runner that the GPU machine executes:
 #   scripts/gpu-test.sh                 # build + stage
+#   MOE_NVRTC_LIB=dir scripts/gpu-test.sh   # also precompile the sm_90a kernels (below)
 #   then, with the device tool:  carry [".gpu"], command: bash .gpu/run.sh [extra bench args]
 # On the GPU machine, .gpu/run.sh runs every test binary with MOE_REQUIRE_GPU=1 (a missing GPU
 # fails instead of skipping), then `moe bench ops`; logs land in $OUT.
@@ -27,4 +28,12 @@ for c in ../shared/scripts/device-env.sh shared/scripts/device-env.sh; do [ -f "
 [ -n "$env_script" ] || { echo "device-env.sh not found (../shared/scripts)"; exit 1; }
 cp "$env_script" .gpu/device-env.sh
 cp scripts/gpu-run.sh .gpu/run.sh
+# With MOE_NVRTC_LIB (a directory holding the GPU machine's libnvrtc.so.13, e.g. unpacked from the
+# nvidia-cuda-nvrtc 13.0 wheel), compile the kernels for sm_90a here, so the runs there start with
+# a warm cache: `mkdir -p /tmp/moe-cache && tar xzf .gpu/kernels.tgz -C /tmp/moe-cache`.
+if [ -n "${MOE_NVRTC_LIB:-}" ]; then
+  rm -rf .gpu/cache
+  LD_LIBRARY_PATH="$MOE_NVRTC_LIB" MOE_CACHE_DIR=.gpu/cache .gpu/moe kernels --arch sm_90a | tail -1
+  tar czf .gpu/kernels.tgz -C .gpu/cache kernels && rm -rf .gpu/cache
+fi
 du -sh .gpu

@@ -27,6 +27,13 @@ enum Command {
     Bench(moe::bench::BenchArgs),
     /// Prepare training data: `moe data prepare FILES --out DIR` tokenizes text into shards.
     Data(moe::train::DataArgs),
+    /// Compile the CUDA kernels for GPU archs into the kernel cache ($MOE_CACHE_DIR or
+    /// ~/.cache/moe): NVRTC only, no GPU needed, so a deployment pays the compile beforehand.
+    Kernels {
+        /// Target archs: sm_90a (Hopper), sm_80 (Ampere), sm_89, ...
+        #[arg(long, value_delimiter = ',', default_value = "sm_90a")]
+        arch: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +51,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => moe::infer::run_chat(args),
         Command::Bench(args) => moe::bench::run(args),
         Command::Data(args) => moe::train::run_data(args),
+        Command::Kernels { arch } => precompile(&arch),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,4 +60,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn precompile(archs: &[String]) -> anyhow::Result<()> {
+    use moe::runtime::cuda;
+    for arch in archs {
+        let digits = arch.strip_prefix("sm_").map(|d| d.trim_end_matches('a'));
+        anyhow::ensure!(
+            digits.is_some_and(|d| d.len() >= 2 && d.bytes().all(|b| b.is_ascii_digit())),
+            "--arch {arch:?}: expected sm_<major><minor>[a], e.g. sm_90a or sm_80"
+        );
+        let t = std::time::Instant::now();
+        for (name, cached, s) in cuda::precompile(arch)? {
+            let how = if cached { "cached" } else { "compiled" };
+            println!("{arch} {name:<14} {how:<8} {s:6.1} s");
+        }
+        println!(
+            "{arch}: all kernel families in {} ({:.1} s)",
+            cuda::cache_dir().display(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 DEFAULT = ["4096:14336:8:2:8192", "2048:768:128:8:8192", "2048:1024:64:8:8192", "2048:8192:128:1:8192", "2048:768:128:8:16"]
 PEAK_TFLOPS, PEAK_TBS = 816.0, 4.2
+SET_TO_NONE = False
 
 
 def median_ms(fn, warmup=2, reps=10):
@@ -115,6 +116,8 @@ def run(shape, reps):
     m = GroupedMoE(d, f, e, k).to(dev, torch.bfloat16)
 
     def fb_grouped():
+        if SET_TO_NONE:
+            m.zero_grad(set_to_none=True)
         m(x).backward(dy)
 
     rows.append(("torch._grouped_mm", median_ms(lambda: m(x), reps=reps), median_ms(fb_grouped, reps=reps)))
@@ -139,7 +142,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(DEFAULT))
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--set-to-none", action="store_true",
+                    help="weight .grads set to None before each backward (written, not accumulated: "
+                         "moe's --write-grads)")
     args = ap.parse_args()
+    SET_TO_NONE = args.set_to_none
     print(f"{'shape d:F:E:k:T':<24} {'peer':<18} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>10} {'f+b TF/s':>10} {'floor ms':>9} {'f+b/floor':>9}")
     for s in args.shapes.split(","):
         run(s, args.reps)

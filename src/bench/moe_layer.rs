@@ -7,7 +7,9 @@
 use clap::Args;
 
 use super::{median_ms, random_tensor};
-use crate::moe::{moe_backward, moe_forward, ExpertKind, Mode, MoeConfig, MoeWeights, RouterKind};
+use crate::moe::{
+    moe_backward_into, moe_forward, ExpertKind, Mode, MoeConfig, MoeWeights, RouterKind,
+};
 use crate::runtime::{DType, Device, ParamSet, Tensor};
 
 #[derive(Args)]
@@ -19,6 +21,11 @@ pub struct MoeLayerArgs {
     shapes: Vec<String>,
     #[arg(long, default_value_t = 10)]
     reps: usize,
+    /// Write the routed experts' f32 weight gradients instead of adding into them (a step's
+    /// first micro-batch; the peer's `--set-to-none`). Default: accumulate, as the peer's
+    /// autograd does into existing `.grad`s.
+    #[arg(long)]
+    write_grads: bool,
 }
 
 const DEFAULT: &[&str] = &[
@@ -96,7 +103,7 @@ pub fn run(a: MoeLayerArgs) -> anyhow::Result<()> {
         })?;
         let mut fwd_bwd = || {
             let (_, saved, _) = moe_forward(&cfg, &w, &x, Mode::Train { seed: 0 })?;
-            moe_backward(
+            moe_backward_into(
                 &cfg,
                 &w,
                 &x,
@@ -104,6 +111,8 @@ pub fn run(a: MoeLayerArgs) -> anyhow::Result<()> {
                 &dy,
                 1.0,
                 &mut g,
+                a.write_grads,
+                None,
             )
             .map(drop)
         };

@@ -76,8 +76,9 @@ fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// The CUBIN of `src` for `arch` (e.g. "sm_90a"), from the disk cache or freshly compiled.
-pub(crate) fn compiled_module(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
+/// Where the CUBIN of `src` for `arch` is cached: keyed by the NVRTC version, the arch, the
+/// options, `MOE_KERNEL_DEFINES` and the source.
+fn cached_path(src: &KernelSource, arch: &str) -> Result<PathBuf> {
     let version = nvrtc_version()?;
     let defines = extra_defines()?;
     let mut h = Sha256::new();
@@ -86,8 +87,12 @@ pub(crate) fn compiled_module(src: &KernelSource, arch: &str) -> Result<Vec<u8>>
     h.update(src.src.as_bytes());
     let digest = h.finalize();
     let key: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let dir = cache_dir();
-    let path = dir.join(format!("{}-{arch}-{key}.cubin", src.name));
+    Ok(cache_dir().join(format!("{}-{arch}-{key}.cubin", src.name)))
+}
+
+/// The CUBIN of `src` for `arch` (e.g. "sm_90a"), from the disk cache or freshly compiled.
+pub(crate) fn compiled_module(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
+    let path = cached_path(src, arch)?;
     if let Ok(bytes) = std::fs::read(&path) {
         if !bytes.is_empty() {
             return Ok(bytes);
@@ -95,13 +100,40 @@ pub(crate) fn compiled_module(src: &KernelSource, arch: &str) -> Result<Vec<u8>>
     }
     let cubin = compile(src, arch)?;
     // The cache is an optimisation: a read-only or full disk only costs a recompile next time.
-    if std::fs::create_dir_all(&dir).is_ok() {
-        let tmp = dir.join(format!(".{}-{key}.{}.tmp", src.name, std::process::id()));
+    if let Some(dir) = path.parent().filter(|d| std::fs::create_dir_all(d).is_ok()) {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("kernel");
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         if std::fs::write(&tmp, &cubin).is_ok() && std::fs::rename(&tmp, &path).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }
     Ok(cubin)
+}
+
+/// Compiles every kernel family for `arch` into the cache (`cache_dir`), families in parallel;
+/// returns each family's name, whether it was already cached, and the seconds it took. Needs
+/// NVRTC, not a GPU: a deployment (or a test run on a GPU machine) pays the compile beforehand.
+pub fn precompile(arch: &str) -> Result<Vec<(&'static str, bool, f64)>> {
+    nvrtc_version()?;
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = super::kernels::ALL
+            .iter()
+            .map(|src| {
+                s.spawn(move || {
+                    let t = std::time::Instant::now();
+                    let cached = cached_path(src, arch).is_ok_and(|p| p.is_file());
+                    compiled_module(src, arch)
+                        .map(|_| (src.name, cached, t.elapsed().as_secs_f64()))
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().expect("compile thread"))
+            .collect()
+    })
 }
 
 /// Compile `src` for `arch` with NVRTC; the error carries NVRTC's log.

@@ -17,7 +17,7 @@ pub mod profile;
 
 pub(crate) use blas::gemm_bf16_or_f32 as blas_gemm;
 pub(crate) use blas::{GemmArgs, GemmOperand};
-pub use compile::{cache_dir, compile, KernelSource};
+pub use compile::{cache_dir, compile, precompile, KernelSource};
 pub(crate) use launch::{grid_1d, tensor_map, tensor_map_2d, LaunchBuilder};
 
 use std::collections::HashMap;

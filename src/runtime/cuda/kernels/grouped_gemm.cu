@@ -282,6 +282,17 @@ template <int TA, int TB> __device__ __forceinline__ void wgmma_n256(float* d, u
                  : "l"(da), "l"(db), "n"(TA), "n"(TB));
 }
 
+template <int TA, int TB> __device__ __forceinline__ void wgmma_n128(float* d, uint64_t da, uint64_t db, bf16_t) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, %66, %67;"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "n"(TA), "n"(TB));
+}
+template <int TA, int TB> __device__ __forceinline__ void wgmma_n128(float* d, uint64_t da, uint64_t db, f16_t) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, %66, %67;"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "n"(TA), "n"(TB));
+}
+
 // One operand's 64-wide k slice into a swizzled stage buffer at shared address `s`.
 //   KMAJ: G(r, k) = G[r·ld + k]   else G(r, k) = G[k·ld + r];  valid r < Rv, k < Kdim
 // GATHER (K-major only): the operand's rows are rows of G given per chunk in `gi`
@@ -753,35 +764,45 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
 // is only waited for (read by the TMA unit) when it is about to be written again, so the last
 // pass drains while the next tile's main loop runs. Without ACC the squares of the values go
 // to `ss`. (Staging 2 or 4 passes at once with a ring of 3 or 2 stages was slower: NOTES.)
-template <bool ACC>
+// NT = 128, COLS = 128: one warpgroup stores its own 128 × 128 tile (two m64 accumulator
+// halves, 4 passes of 4 boxes) with its own staging, named barrier 2 + warpgroup and first
+// thread (the ping-pong kernel).
+template <bool ACC, int NT = TT_CONSUMERS, int COLS = WBN>
 __device__ __forceinline__ void tt_store_tma(const float (&acc)[128], const TmaMap* to, uint32_t stg, int e, int p0,
                                              int q0, int P, int Q, float& ss) {
+    static_assert((NT == TT_CONSUMERS && COLS == WBN) || (NT == 128 && COLS == 128), "tile shapes");
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
-    const int mine = 2 * wg + ((warp & 3) >> 1);  // this warp's pass
-#pragma unroll 1
+    const int bar = NT == TT_CONSUMERS ? 1 : 2 + wg, lead = tid % NT == 0;
+    // Unrolled for the accumulator halves (register indices must be constants).
+#pragma unroll(COLS == 128 ? 4 : 1)
     for (int pass = 0; pass < 4; ++pass) {
-        if (tid == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-        asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
-        if (mine == pass) {
+        // Tile rows 32·pass..: the m64 block pass / 2 (a warpgroup's, or an accumulator half),
+        // its warps 2·(pass % 2) and 2·(pass % 2) + 1.
+        const int mb = pass >> 1;
+        const bool mine = (pass & 1) == ((warp & 3) >> 1) && (NT == 128 || mb == wg);
+        const float* a = acc + (COLS == 128 ? 64 * mb : 0);
+        if (lead) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        asm volatile("bar.sync %0, %1;" ::"r"(bar), "n"(NT) : "memory");
+        if (mine) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int R = (warp & 1) * 16 + (lane >> 2) + 8 * h;  // staging row
                 const bool prow = p0 + pass * 32 + R < P;
 #pragma unroll
-                for (int i = 0; i < 32; ++i) {
+                for (int i = 0; i < COLS / 8; ++i) {
                     const int chunk = 2 * (i & 3) + ((lane & 3) >> 1);
                     const uint32_t addr = stg + (i >> 2) * 4096 + R * 128 + ((chunk ^ (R & 7)) << 4) + (lane & 1) * 8;
-                    const float a = acc[4 * i + 2 * h], b = acc[4 * i + 2 * h + 1];
-                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(a), "f"(b) : "memory");
-                    if (!ACC && prow && q0 + 8 * i + 2 * (lane & 3) < Q) ss += a * a + b * b;
+                    const float x = a[4 * i + 2 * h], y = a[4 * i + 2 * h + 1];
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
+                    if (!ACC && prow && q0 + 8 * i + 2 * (lane & 3) < Q) ss += x * x + y * y;
                 }
             }
             fence_proxy_async();  // generic-proxy writes, read by the TMA unit
         }
-        asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
-        if (tid == 0) {
+        asm volatile("bar.sync %0, %1;" ::"r"(bar), "n"(NT) : "memory");
+        if (lead) {
 #pragma unroll 1
-            for (int b = 0; b < WBN / 32 && q0 + 32 * b < Q; ++b) {
+            for (int b = 0; b < COLS / 32 && q0 + 32 * b < Q; ++b) {
                 if (ACC)
                     asm volatile(
                         "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(
@@ -797,6 +818,22 @@ __device__ __forceinline__ void tt_store_tma(const float (&acc)[128], const TmaM
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
     }
+}
+
+// Lines valid..63 of a stage's `subs` 64-line sub-tiles (contiguous, 8 KB each) set to zero by
+// the NT threads of named barrier `bar` (`t` = thread within them): a group's last k slice holds
+// the next group's rows, which must not reach the sums (a line is one row's 64 values, so the
+// swizzle does not matter).
+template <int NT>
+__device__ __forceinline__ void tt_zero_lines(uint32_t sa, int subs, int valid, int t, int bar) {
+    const int per_tile = (WBK - valid) * 8;
+    for (int c = t; c < subs * per_tile; c += NT) {
+        const int sub = c / per_tile, rest = c - sub * per_tile;
+        const uint32_t addr = sa + sub * (WBK * 128) + (valid + (rest >> 3)) * 128 + (rest & 7) * 16;
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(addr), "r"(0) : "memory");
+    }
+    fence_proxy_async();
+    asm volatile("bar.sync %0, %1;" ::"r"(bar), "n"(NT) : "memory");
 }
 
 // VARK (weight gradients) with TMA: out[e] (P × Q) = a[rows of e]ᵀ · b[rows of e], a [M, P] and
@@ -865,17 +902,8 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
                 mbar_wait(bars + 8 * s, (it / WSTAGES) & 1);
                 const uint32_t sa = smem + s * W_STAGE_BYTES, sb = sa + W_A_BYTES;
                 const int valid = rws - kt * WBK;
-                if (valid < WBK) {
-                    // Lines valid..63 of the 6 sub-tiles (A's 2, B's 4; contiguous) read as zeros.
-                    const int lines = WBK - valid, per_tile = lines * 8;
-                    for (int c = tid; c < (W_STAGE_BYTES / (WBK * 128)) * per_tile; c += TT_CONSUMERS) {
-                        const int sub = c / per_tile, rest = c - sub * per_tile;
-                        const uint32_t addr = sa + sub * (WBK * 128) + (valid + (rest >> 3)) * 128 + (rest & 7) * 16;
-                        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(addr), "r"(0) : "memory");
-                    }
-                    fence_proxy_async();
-                    asm volatile("bar.sync 1, %0;" ::"n"(TT_CONSUMERS) : "memory");
-                }
+                // Lines valid..63 of the 6 sub-tiles (A's 2, B's 4) read as zeros.
+                if (valid < WBK) tt_zero_lines<TT_CONSUMERS>(sa, W_STAGE_BYTES / (WBK * 128), valid, tid, 1);
                 wgmma_fence();
 #pragma unroll
                 for (int ks = 0; ks < WBK / 16; ++ks) {
@@ -934,6 +962,130 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
         if (tma_out && tid == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     }
 }
+// VARK ping-pong (f32 gradients out through TMA; the default, MOE_GG_PINGPONG=0 takes tt_vark):
+// each consumer warpgroup owns every other tile of the CTA's list, 128 × 128 (p × q: two m64n128
+// accumulator chains), so one warpgroup's f32 epilogue (a read-add-write in L2) runs while the
+// other's main loop keeps the tensor cores busy (accumulating, the L2's reduce rate bounds it
+// still: BENCHMARKS NOTES). Stages hold A's two 64 × 64 boxes and B's two (32 KB; ring of 6); each warpgroup has
+// its own 16 KB staging. The ring is filled in tile order and each warpgroup skips the other's
+// positions, so main loops are ordered: tile j's starts only after tile j − 1's was issued
+// (done[w], one arrive per warp), which also keeps a full barrier's parity from aliasing (every
+// position before ours has been filled by then).
+#define PP_BM 128
+#define PP_BN 128
+#define PP_STAGES 6
+#define PP_A_BYTES (PP_BM * WBK * 2)
+#define PP_STAGE_BYTES (PP_A_BYTES + PP_BN * WBK * 2)
+#define PP_STAGING (32 * PP_BN * 4)
+template <typename T, bool ACC>
+__device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const TmaMap* tb, const TmaMap* to,
+                                           const int* offsets, int E, int P, int Q, float* sumsq, uint32_t smem) {
+    const int ntp = (P + PP_BM - 1) / PP_BM, ntq = (Q + PP_BN - 1) / PP_BN, per = ntp * ntq, ntiles = E * per;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    // Shared memory: the ring, two stagings (1024-aligned for the TMA store's swizzle), barriers:
+    // full[s] at bars + 8s, empty[s] at bars + 8(S + s) (one arrive per warp of a warpgroup),
+    // done[w] at bars + 8(2S + w).
+    const uint32_t stg = smem + PP_STAGES * PP_STAGE_BYTES, bars = stg + 2 * PP_STAGING;
+    const uint32_t done = bars + 8 * (2 * PP_STAGES);
+    if (tid == 0) {
+        for (int s = 0; s < PP_STAGES; ++s) {
+            mbar_init(bars + 8 * s, 1);
+            mbar_init(bars + 8 * (PP_STAGES + s), 4);
+        }
+        mbar_init(done, 4);
+        mbar_init(done + 8, 4);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    auto tile = [&](int t, int& e, int& p0, int& q0) {
+        e = t / per;
+        const int in = t - e * per;
+        const int strip = in / (W_SWIZZLE * ntq), r = in - strip * (W_SWIZZLE * ntq);
+        const int h = min(W_SWIZZLE, ntp - strip * W_SWIZZLE);
+        const int qt = r / h, pt = strip * W_SWIZZLE + (r - qt * h);
+        p0 = pt * PP_BM, q0 = qt * PP_BN;
+    };
+    if (warp >= TT_CONSUMERS / 32) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (warp == TT_CONSUMERS / 32 && lane == 0) {
+            int it = 0;
+            for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+                int e, p0, q0;
+                tile(t, e, p0, q0);
+                const int row0 = offsets[e], nk = (offsets[e + 1] - row0 + WBK - 1) / WBK;
+                for (int kt = 0; kt < nk; ++kt, ++it) {
+                    const int s = it % PP_STAGES;
+                    const uint32_t full = bars + 8 * s, st = smem + s * PP_STAGE_BYTES;
+                    mbar_wait(bars + 8 * (PP_STAGES + s), ((it / PP_STAGES) & 1) ^ 1);
+                    mbar_expect_tx(full, PP_STAGE_BYTES);
+                    const int k0 = row0 + kt * WBK;
+#pragma unroll
+                    for (int j = 0; j < PP_BM / 64; ++j) tma_load_2d(st + j * (WBK * 128), ta, p0 + j * 64, k0, full);
+#pragma unroll
+                    for (int j = 0; j < PP_BN / 64; ++j)
+                        tma_load_2d(st + PP_A_BYTES + j * (WBK * 128), tb, q0 + j * 64, k0, full);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+        const int wg = warp >> 2;
+        int it = 0, n = 0;  // ring position; this warpgroup's tiles so far
+        float ss = 0.f;
+        for (int t = blockIdx.x, j = 0; t < ntiles; t += gridDim.x, ++j) {
+            int e, p0, q0;
+            tile(t, e, p0, q0);
+            const int row0 = offsets[e], rws = offsets[e + 1] - row0, nk = (rws + WBK - 1) / WBK;
+            if ((j & 1) != wg) {
+                it += nk;
+                continue;
+            }
+            // Tile j − 1 (the other warpgroup's: its n-th for warpgroup 1, its (n−1)-th for 0).
+            if (j > 0) mbar_wait(done + 8 * (wg ^ 1), (wg ? n : n - 1) & 1);
+            float acc[128];
+#pragma unroll
+            for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+            for (int kt = 0; kt < nk; ++kt, ++it) {
+                const int s = it % PP_STAGES;
+                mbar_wait(bars + 8 * s, (it / PP_STAGES) & 1);
+                const uint32_t sa = smem + s * PP_STAGE_BYTES, sb = sa + PP_A_BYTES;
+                const int valid = rws - kt * WBK;
+                // Lines valid..63 of the 4 sub-tiles (A's 2, B's 2) read as zeros.
+                if (valid < WBK) tt_zero_lines<128>(sa, PP_STAGE_BYTES / (WBK * 128), valid, tid & 127, 2 + wg);
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < WBK / 16; ++ks) {
+                    const uint64_t db = wg_desc(sb + ks * 2048, WBK * 128, 1024);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        wgmma_n128<1, 1>(acc + 64 * h, wg_desc(sa + h * (WBK * 128) + ks * 2048, WBK * 128, 1024), db,
+                                         T{});
+                }
+                wgmma_commit();
+                wgmma_wait<1>();
+                if (kt > 0 && lane == 0) mbar_arrive(bars + 8 * (PP_STAGES + (it - 1) % PP_STAGES));
+            }
+            if (lane == 0) mbar_arrive(done + 8 * wg);  // the next tile's main loop may start
+            wgmma_wait<0>();
+            if (nk > 0 && lane == 0) mbar_arrive(bars + 8 * (PP_STAGES + (it - 1) % PP_STAGES));
+            ++n;
+            if (!(ACC && nk == 0))
+                tt_store_tma<ACC, 128, PP_BN>(acc, to, stg + wg * PP_STAGING, e, p0, q0, P, Q, ss);
+        }
+        if (sumsq) {
+            ss = warp_sum(ss);
+            if (lane == 0) atomicAdd(sumsq, ss);
+        }
+        if ((tid & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    }
+}
+#define TT_VARK_PP(NAME, T, ACC)                                                                        \
+    extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
+        NAME(float* out, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,           \
+             const __grid_constant__ TmaMap to, const int* offsets, int E, int P, int Q, float* sumsq) {  \
+        extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
+        tt_vark_pp<T, ACC>(out, &ta, &tb, &to, offsets, E, P, Q, sumsq, wg_smem_base(wsmem));           \
+    }
 #define TT_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
         NAME(TO* out, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,              \
@@ -952,6 +1104,7 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
 #define TT_VARM(NAME, T, B_KMAJ)                                                                        \
     extern "C" __global__ void NAME(T*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
                                     const int*, const int*, int, int, int, int, int) { __trap(); }
+#define TT_VARK_PP(NAME, T, ACC) TT_VARK(NAME, T, float, ACC)
 #define TT_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void NAME(TO*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
                                     const __grid_constant__ TmaMap, const int*, int, int, int, float*) { __trap(); }
@@ -964,6 +1117,10 @@ TT_VARK(tt_tn_bf16_f32_acc, bf16_t, float, true)
 TT_VARK(tt_tn_bf16_bf16_acc, bf16_t, bf16_t, true)
 TT_VARK(tt_tn_f16_f32_acc, f16_t, float, true)
 TT_VARK(tt_tn_f16_f16_acc, f16_t, f16_t, true)
+TT_VARK_PP(tt_tn_bf16_f32_pp, bf16_t, false)
+TT_VARK_PP(tt_tn_f16_f32_pp, f16_t, false)
+TT_VARK_PP(tt_tn_bf16_f32_acc_pp, bf16_t, true)
+TT_VARK_PP(tt_tn_f16_f32_acc_pp, f16_t, true)
 TT_VARM(tt_nt_bf16, bf16_t, true)
 TT_VARM(tt_nn_bf16, bf16_t, false)
 TT_VARM(tt_nt_f16, f16_t, true)
