@@ -836,6 +836,46 @@ __device__ __forceinline__ void tt_zero_lines(uint32_t sa, int subs, int valid, 
     asm volatile("bar.sync %0, %1;" ::"r"(bar), "n"(NT) : "memory");
 }
 
+// Tile t of a VARK schedule over E groups of ntp × ntq tiles of BM_ × BN_ (p × q): group by
+// group, each in column strips W_SWIZZLE p-tiles tall (as VARM).
+template <int BM_, int BN_>
+__device__ __forceinline__ void tt_vark_tile(int t, int ntp, int ntq, int& e, int& p0, int& q0) {
+    const int per = ntp * ntq;
+    e = t / per;
+    const int in = t - e * per;
+    const int strip = in / (W_SWIZZLE * ntq), r = in - strip * (W_SWIZZLE * ntq);
+    const int h = min(W_SWIZZLE, ntp - strip * W_SWIZZLE);
+    const int qt = r / h, pt = strip * W_SWIZZLE + (r - qt * h);
+    p0 = pt * BM_, q0 = qt * BN_;
+}
+
+// The VARK producer (one thread): for each of this CTA's tiles, one stage per 64 rows of its
+// group, A's BM_ / 64 and B's BN_ / 64 MN-major boxes of {64 p|q, 64 rows}, into a ring of S
+// stages (full[s] at bars + 8s, empty[s] at bars + 8(S + s)).
+template <int BM_, int BN_, int S>
+__device__ __forceinline__ void tt_vark_produce(const TmaMap* ta, const TmaMap* tb, const int* offsets, int E, int P,
+                                                int Q, uint32_t smem, uint32_t bars) {
+    constexpr int A_BYTES = BM_ * WBK * 2, BYTES = (BM_ + BN_) * WBK * 2;
+    const int ntp = (P + BM_ - 1) / BM_, ntq = (Q + BN_ - 1) / BN_, ntiles = E * ntp * ntq;
+    int it = 0;
+    for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+        int e, p0, q0;
+        tt_vark_tile<BM_, BN_>(t, ntp, ntq, e, p0, q0);
+        const int row0 = offsets[e], nk = (offsets[e + 1] - row0 + WBK - 1) / WBK;
+        for (int kt = 0; kt < nk; ++kt, ++it) {
+            const int s = it % S;
+            const uint32_t full = bars + 8 * s, st = smem + s * BYTES;
+            mbar_wait(bars + 8 * (S + s), ((it / S) & 1) ^ 1);
+            mbar_expect_tx(full, BYTES);
+            const int k0 = row0 + kt * WBK;
+#pragma unroll
+            for (int j = 0; j < BM_ / 64; ++j) tma_load_2d(st + j * (WBK * 128), ta, p0 + j * 64, k0, full);
+#pragma unroll
+            for (int j = 0; j < BN_ / 64; ++j) tma_load_2d(st + A_BYTES + j * (WBK * 128), tb, q0 + j * 64, k0, full);
+        }
+    }
+}
+
 // VARK (weight gradients) with TMA: out[e] (P × Q) = a[rows of e]ᵀ · b[rows of e], a [M, P] and
 // b [M, Q] read as MN-major boxes of {64 p|q, 64 rows} (2 for A, 4 for B per stage). A group's
 // rows start anywhere, so its last k slice may hold the next group's rows: the consumers zero
@@ -855,36 +895,10 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
     // the consumers never wait on global memory; ACC with `sumsq` needs the sums, so it reads.
     const bool tma_out = sizeof(TO) == 4 && !(ACC && sumsq);
     tt_init_barriers(bars);
-    auto tile = [&](int t, int& e, int& p0, int& q0) {
-        e = t / per;
-        const int in = t - e * per;
-        const int strip = in / (W_SWIZZLE * ntq), r = in - strip * (W_SWIZZLE * ntq);
-        const int h = min(W_SWIZZLE, ntp - strip * W_SWIZZLE);
-        const int qt = r / h, pt = strip * W_SWIZZLE + (r - qt * h);
-        p0 = pt * WBM, q0 = qt * WBN;
-    };
     if (warp >= TT_CONSUMERS / 32) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-        if (warp == TT_CONSUMERS / 32 && lane == 0) {
-            int it = 0;
-            for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
-                int e, p0, q0;
-                tile(t, e, p0, q0);
-                const int row0 = offsets[e], nk = (offsets[e + 1] - row0 + WBK - 1) / WBK;
-                for (int kt = 0; kt < nk; ++kt, ++it) {
-                    const int s = it % WSTAGES;
-                    const uint32_t full = bars + 8 * s, st = smem + s * W_STAGE_BYTES;
-                    mbar_wait(bars + 8 * (WSTAGES + s), ((it / WSTAGES) & 1) ^ 1);
-                    mbar_expect_tx(full, W_STAGE_BYTES);
-                    const int k0 = row0 + kt * WBK;
-#pragma unroll
-                    for (int j = 0; j < WBM / 64; ++j) tma_load_2d(st + j * (WBK * 128), ta, p0 + j * 64, k0, full);
-#pragma unroll
-                    for (int j = 0; j < WBN / 64; ++j)
-                        tma_load_2d(st + W_A_BYTES + j * (WBK * 128), tb, q0 + j * 64, k0, full);
-                }
-            }
-        }
+        if (warp == TT_CONSUMERS / 32 && lane == 0)
+            tt_vark_produce<WBM, WBN, WSTAGES>(ta, tb, offsets, E, P, Q, smem, bars);
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
         const int wg = warp >> 2;
@@ -892,7 +906,7 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
         float ss = 0.f;
         for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
             int e, p0, q0;
-            tile(t, e, p0, q0);
+            tt_vark_tile<WBM, WBN>(t, ntp, ntq, e, p0, q0);
             const int row0 = offsets[e], rws = offsets[e + 1] - row0, nk = (rws + WBK - 1) / WBK;
             float acc[128];
 #pragma unroll
@@ -997,36 +1011,10 @@ __device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const T
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    auto tile = [&](int t, int& e, int& p0, int& q0) {
-        e = t / per;
-        const int in = t - e * per;
-        const int strip = in / (W_SWIZZLE * ntq), r = in - strip * (W_SWIZZLE * ntq);
-        const int h = min(W_SWIZZLE, ntp - strip * W_SWIZZLE);
-        const int qt = r / h, pt = strip * W_SWIZZLE + (r - qt * h);
-        p0 = pt * PP_BM, q0 = qt * PP_BN;
-    };
     if (warp >= TT_CONSUMERS / 32) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-        if (warp == TT_CONSUMERS / 32 && lane == 0) {
-            int it = 0;
-            for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
-                int e, p0, q0;
-                tile(t, e, p0, q0);
-                const int row0 = offsets[e], nk = (offsets[e + 1] - row0 + WBK - 1) / WBK;
-                for (int kt = 0; kt < nk; ++kt, ++it) {
-                    const int s = it % PP_STAGES;
-                    const uint32_t full = bars + 8 * s, st = smem + s * PP_STAGE_BYTES;
-                    mbar_wait(bars + 8 * (PP_STAGES + s), ((it / PP_STAGES) & 1) ^ 1);
-                    mbar_expect_tx(full, PP_STAGE_BYTES);
-                    const int k0 = row0 + kt * WBK;
-#pragma unroll
-                    for (int j = 0; j < PP_BM / 64; ++j) tma_load_2d(st + j * (WBK * 128), ta, p0 + j * 64, k0, full);
-#pragma unroll
-                    for (int j = 0; j < PP_BN / 64; ++j)
-                        tma_load_2d(st + PP_A_BYTES + j * (WBK * 128), tb, q0 + j * 64, k0, full);
-                }
-            }
-        }
+        if (warp == TT_CONSUMERS / 32 && lane == 0)
+            tt_vark_produce<PP_BM, PP_BN, PP_STAGES>(ta, tb, offsets, E, P, Q, smem, bars);
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
         const int wg = warp >> 2;
@@ -1034,7 +1022,7 @@ __device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const T
         float ss = 0.f;
         for (int t = blockIdx.x, j = 0; t < ntiles; t += gridDim.x, ++j) {
             int e, p0, q0;
-            tile(t, e, p0, q0);
+            tt_vark_tile<PP_BM, PP_BN>(t, ntp, ntq, e, p0, q0);
             const int row0 = offsets[e], rws = offsets[e + 1] - row0, nk = (rws + WBK - 1) / WBK;
             if ((j & 1) != wg) {
                 it += nk;
