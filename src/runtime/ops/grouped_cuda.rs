@@ -395,24 +395,48 @@ fn tma_vark(
         let tiles = e * p.div_ceil(BM) * q.div_ceil(WG_BN);
         (tiles, format!("tt_{name}"), TT_SMEM_K)
     };
-    dev.launch(
-        &kernels::GROUPED_GEMM,
-        &kernel,
-        (tma_grid(dev, tiles), 1, 1),
-        (384, 1, 1),
-        smem,
-    )?
-    .ptr(dptr(out))
-    .map(ta)
-    .map(tb)
-    .map(to)
-    .ptr(dptr(offsets))
-    .usize_as_i32(e)?
-    .usize_as_i32(p)?
-    .usize_as_i32(q)?
-    .ptr(sumsq)
-    .run()?;
+    let launch = dev
+        .launch(
+            &kernels::GROUPED_GEMM,
+            &kernel,
+            (tma_grid(dev, tiles), 1, 1),
+            (384, 1, 1),
+            smem,
+        )?
+        .ptr(dptr(out))
+        .map(ta)
+        .map(tb)
+        .map(to)
+        .ptr(dptr(offsets))
+        .usize_as_i32(e)?
+        .usize_as_i32(p)?
+        .usize_as_i32(q)?
+        .ptr(sumsq);
+    let launch = if pp {
+        // Every n-th accumulating tile adds through loads and stores (16-byte rows: Q % 4 == 0).
+        launch.i32(if q % 4 == 0 { pp_ldg_every(m, e) } else { 0 })
+    } else {
+        launch
+    };
+    launch.run()?;
     Ok(true)
+}
+
+/// Every how many accumulating tiles of the ping-pong kernel one adds through loads and stores
+/// instead of the L2's reduce-adds (0: none). Where groups are short (under 768 rows on average
+/// over `m` rows and `e` groups) a tile's main loop is short next to its f32 epilogue and the
+/// reduce-add rate bounds the kernel: every 4th tile takes the other path (BENCHMARKS 2026-12-01:
+/// Qwen3 shape, 512 rows a group, f+b 2.8-4.5% faster in 6 of 6 pairs; OLMoE's 1024 rows 1.8%
+/// slower, Mixtral's 2048 0.3%). `MOE_GG_PP_LDG=n` sets n for every shape (A/B).
+fn pp_ldg_every(m: usize, e: usize) -> i32 {
+    static N: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
+    let forced = *N.get_or_init(|| {
+        std::env::var("MOE_GG_PP_LDG")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &i32| n >= 0)
+    });
+    forced.unwrap_or(if m < 768 * e { 4 } else { 0 })
 }
 
 /// f32 weight gradients through the ping-pong TMA kernel unless `MOE_GG_PINGPONG=0` (A/B;

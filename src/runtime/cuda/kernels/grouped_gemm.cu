@@ -976,6 +976,57 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
         if (tma_out && tid == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     }
 }
+// The ping-pong kernel's other accumulating epilogue, through loads and stores instead of the
+// L2's reduce-adds (a different unit: MOE_GG_PP_LDG mixes the two): one warpgroup's 128 × 128 f32
+// tile in 4 passes of 32 rows staged as tt_store_tma's boxes, then each warp adds whole 512-byte
+// row pieces, 8 rows' old values loaded (16 bytes a lane) before any is stored. Q % 4 == 0.
+__device__ __forceinline__ void tt_add_ldg(const float (&acc)[128], float* out, uint32_t stg, int e, int p0, int q0,
+                                           int P, int Q) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2, lt = tid & 127;
+    const bool qok = q0 + 4 * lane < Q;
+#pragma unroll
+    for (int pass = 0; pass < 4; ++pass) {
+        const float* a = acc + 64 * (pass >> 1);
+        asm volatile("bar.sync %0, 128;" ::"r"(2 + wg) : "memory");  // the last pass's reads are done
+        if ((pass & 1) == ((warp & 3) >> 1)) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int R = (warp & 1) * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+                for (int i = 0; i < 16; ++i) {
+                    const int chunk = 2 * (i & 3) + ((lane & 3) >> 1);
+                    const uint32_t addr = stg + (i >> 2) * 4096 + R * 128 + ((chunk ^ (R & 7)) << 4) + (lane & 1) * 8;
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(a[4 * i + 2 * h]),
+                                 "f"(a[4 * i + 2 * h + 1])
+                                 : "memory");
+                }
+            }
+        }
+        asm volatile("bar.sync %0, 128;" ::"r"(2 + wg) : "memory");
+        // Row R = lt / 32 + 4i of the pass, 16-byte column chunk `lane` (box lane / 8).
+        float* const base = out + ((int64_t)e * P + p0 + pass * 32) * Q + q0 + 4 * lane;
+        float4 old[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int R = (lt >> 5) + 4 * i;
+            old[i] = qok && p0 + pass * 32 + R < P ? *reinterpret_cast<const float4*>(base + (int64_t)R * Q)
+                                                   : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int R = (lt >> 5) + 4 * i;
+            if (!qok || p0 + pass * 32 + R >= P) continue;
+            const uint32_t addr = stg + (lane >> 3) * 4096 + R * 128 + (((lane & 7) ^ (R & 7)) << 4);
+            float4 v;
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                         : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                         : "r"(addr));
+            v.x += old[i].x, v.y += old[i].y, v.z += old[i].z, v.w += old[i].w;
+            *reinterpret_cast<float4*>(base + (int64_t)R * Q) = v;
+        }
+    }
+}
+
 // VARK ping-pong (f32 gradients out through TMA; the default, MOE_GG_PINGPONG=0 takes tt_vark):
 // each consumer warpgroup owns every other tile of the CTA's list, 128 × 128 (p × q: two m64n128
 // accumulator chains), so one warpgroup's f32 epilogue (a read-add-write in L2) runs while the
@@ -991,9 +1042,11 @@ __device__ __forceinline__ void tt_vark(TO* out, const TmaMap* ta, const TmaMap*
 #define PP_A_BYTES (PP_BM * WBK * 2)
 #define PP_STAGE_BYTES (PP_A_BYTES + PP_BN * WBK * 2)
 #define PP_STAGING (32 * PP_BN * 4)
+// ACC with ldg_every = n > 0: every n-th tile of a warpgroup adds through tt_add_ldg.
 template <typename T, bool ACC>
 __device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const TmaMap* tb, const TmaMap* to,
-                                           const int* offsets, int E, int P, int Q, float* sumsq, uint32_t smem) {
+                                           const int* offsets, int E, int P, int Q, float* sumsq, int ldg_every,
+                                           uint32_t smem) {
     const int ntp = (P + PP_BM - 1) / PP_BM, ntq = (Q + PP_BN - 1) / PP_BN, per = ntp * ntq, ntiles = E * per;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // Shared memory: the ring, two stagings (1024-aligned for the TMA store's swizzle), barriers:
@@ -1057,8 +1110,11 @@ __device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const T
             wgmma_wait<0>();
             if (nk > 0 && lane == 0) mbar_arrive(bars + 8 * (PP_STAGES + (it - 1) % PP_STAGES));
             ++n;
-            if (!(ACC && nk == 0))
+            if (ACC && ldg_every > 0 && n % ldg_every == 0) {
+                if (nk > 0) tt_add_ldg(acc, out, stg + wg * PP_STAGING, e, p0, q0, P, Q);
+            } else if (!(ACC && nk == 0)) {
                 tt_store_tma<ACC, 128, PP_BN>(acc, to, stg + wg * PP_STAGING, e, p0, q0, P, Q, ss);
+            }
         }
         if (sumsq) {
             ss = warp_sum(ss);
@@ -1070,9 +1126,10 @@ __device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const T
 #define TT_VARK_PP(NAME, T, ACC)                                                                        \
     extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
         NAME(float* out, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,           \
-             const __grid_constant__ TmaMap to, const int* offsets, int E, int P, int Q, float* sumsq) {  \
+             const __grid_constant__ TmaMap to, const int* offsets, int E, int P, int Q, float* sumsq,   \
+             int ldg_every) {                                                                           \
         extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
-        tt_vark_pp<T, ACC>(out, &ta, &tb, &to, offsets, E, P, Q, sumsq, wg_smem_base(wsmem));           \
+        tt_vark_pp<T, ACC>(out, &ta, &tb, &to, offsets, E, P, Q, sumsq, ldg_every, wg_smem_base(wsmem)); \
     }
 #define TT_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
@@ -1092,7 +1149,9 @@ __device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const T
 #define TT_VARM(NAME, T, B_KMAJ)                                                                        \
     extern "C" __global__ void NAME(T*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
                                     const int*, const int*, int, int, int, int, int) { __trap(); }
-#define TT_VARK_PP(NAME, T, ACC) TT_VARK(NAME, T, float, ACC)
+#define TT_VARK_PP(NAME, T, ACC)                                                                        \
+    extern "C" __global__ void NAME(float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
+                                    const __grid_constant__ TmaMap, const int*, int, int, int, float*, int) { __trap(); }
 #define TT_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void NAME(TO*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
                                     const __grid_constant__ TmaMap, const int*, int, int, int, float*) { __trap(); }
