@@ -70,6 +70,8 @@ fn precompile(archs: &[String]) -> anyhow::Result<()> {
             digits.is_some_and(|d| d.len() >= 2 && d.bytes().all(|b| b.is_ascii_digit())),
             "--arch {arch:?}: expected sm_<major><minor>[a], e.g. sm_90a or sm_80"
         );
+    }
+    for arch in archs {
         let t = std::time::Instant::now();
         for (name, cached, s) in cuda::precompile(arch)? {
             let how = if cached { "cached" } else { "compiled" };

@@ -228,6 +228,16 @@ fn generate_bad_input_is_named() {
     assert!(!ok && err.contains("tokenizer.json"), "{err}");
 }
 
+/// `moe kernels` checks every --arch before compiling anything (no GPU or NVRTC needed for that).
+#[test]
+fn kernels_bad_arch_is_named() {
+    let (ok, _, err) = moe(&["kernels", "--arch", "sm_90a,compute_90"]);
+    assert!(
+        !ok && err.contains("\"compute_90\"") && err.contains("sm_90a or sm_80"),
+        "{err}"
+    );
+}
+
 /// `moe chat` reads turns from stdin, renders the whole conversation with the template each turn,
 /// streams replies, and stops at /exit.
 #[test]
