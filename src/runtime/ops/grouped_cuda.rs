@@ -426,7 +426,7 @@ fn tma_vark(
 /// instead of the L2's reduce-adds (0: none). Where groups are short (under 768 rows on average
 /// over `m` rows and `e` groups) a tile's main loop is short next to its f32 epilogue and the
 /// reduce-add rate bounds the kernel: every 4th tile takes the other path (BENCHMARKS 2026-12-01:
-/// Qwen3 shape, 512 rows a group, f+b 2.8-4.5% faster in 6 of 6 pairs; OLMoE's 1024 rows 1.8%
+/// Qwen3 shape, 512 rows a group, f+b 2.8-4.8% faster in 8 of 8 pairs; OLMoE's 1024 rows 1.8%
 /// slower, Mixtral's 2048 0.3%). `MOE_GG_PP_LDG=n` sets n for every shape (A/B).
 fn pp_ldg_every(m: usize, e: usize) -> i32 {
     static N: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();

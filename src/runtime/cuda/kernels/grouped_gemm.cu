@@ -645,13 +645,16 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaMap* map, int
 }
 
 // The stage ring's barriers at `bars`: full[s] at bars + 8s (one arrive: the producer's
-// expect_tx), empty[s] at bars + 8(WSTAGES + s) (one arrive per consumer warp).
+// expect_tx), empty[s] at bars + 8(S + s) (one arrive per consumer warp: ARRIVES), then EXTRA
+// more with ARRIVES arrives each at bars + 8(2S + i).
+template <int S = WSTAGES, int ARRIVES = TT_CONSUMERS / 32, int EXTRA = 0>
 __device__ __forceinline__ void tt_init_barriers(uint32_t bars) {
     if (threadIdx.x == 0) {
-        for (int s = 0; s < WSTAGES; ++s) {
+        for (int s = 0; s < S; ++s) {
             mbar_init(bars + 8 * s, 1);
-            mbar_init(bars + 8 * (WSTAGES + s), TT_CONSUMERS / 32);
+            mbar_init(bars + 8 * (S + s), ARRIVES);
         }
+        for (int i = 0; i < EXTRA; ++i) mbar_init(bars + 8 * (2 * S + i), ARRIVES);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
@@ -764,6 +767,28 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
 // is only waited for (read by the TMA unit) when it is about to be written again, so the last
 // pass drains while the next tile's main loop runs. Without ACC the squares of the values go
 // to `ss`. (Staging 2 or 4 passes at once with a ring of 3 or 2 stages was slower: NOTES.)
+// One pass's fragments into the staging as the TMA store's boxes of 32 rows × 32 f32 (4 KB each,
+// 128-byte lines swizzled as SWIZZLE_128B reads them): `a` is the warp's m64 accumulator block,
+// its rows 16·(warp % 2) + lane / 4 (+ 8) the staging rows (warp and lane: the caller's). With SUMS the squares of the values
+// inside P × Q (tile row p, column q0 + ..) go to `ss`.
+template <int COLS, bool SUMS>
+__device__ __forceinline__ void tt_stage_pass(const float* a, uint32_t stg, int warp, int lane, int p, int q0, int P,
+                                              int Q, float& ss) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int R = (warp & 1) * 16 + (lane >> 2) + 8 * h;  // staging row
+        const bool prow = p + R < P;
+#pragma unroll
+        for (int i = 0; i < COLS / 8; ++i) {
+            const int chunk = 2 * (i & 3) + ((lane & 3) >> 1);
+            const uint32_t addr = stg + (i >> 2) * 4096 + R * 128 + ((chunk ^ (R & 7)) << 4) + (lane & 1) * 8;
+            const float x = a[4 * i + 2 * h], y = a[4 * i + 2 * h + 1];
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
+            if (SUMS && prow && q0 + 8 * i + 2 * (lane & 3) < Q) ss += x * x + y * y;
+        }
+    }
+}
+
 // NT = 128, COLS = 128: one warpgroup stores its own 128 × 128 tile (two m64 accumulator
 // halves, 4 passes of 4 boxes) with its own staging, named barrier 2 + warpgroup and first
 // thread (the ping-pong kernel).
@@ -784,19 +809,7 @@ __device__ __forceinline__ void tt_store_tma(const float (&acc)[128], const TmaM
         if (lead) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
         asm volatile("bar.sync %0, %1;" ::"r"(bar), "n"(NT) : "memory");
         if (mine) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int R = (warp & 1) * 16 + (lane >> 2) + 8 * h;  // staging row
-                const bool prow = p0 + pass * 32 + R < P;
-#pragma unroll
-                for (int i = 0; i < COLS / 8; ++i) {
-                    const int chunk = 2 * (i & 3) + ((lane & 3) >> 1);
-                    const uint32_t addr = stg + (i >> 2) * 4096 + R * 128 + ((chunk ^ (R & 7)) << 4) + (lane & 1) * 8;
-                    const float x = a[4 * i + 2 * h], y = a[4 * i + 2 * h + 1];
-                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
-                    if (!ACC && prow && q0 + 8 * i + 2 * (lane & 3) < Q) ss += x * x + y * y;
-                }
-            }
+            tt_stage_pass<COLS, !ACC>(a, stg, warp, lane, p0 + pass * 32, q0, P, Q, ss);
             fence_proxy_async();  // generic-proxy writes, read by the TMA unit
         }
         asm volatile("bar.sync %0, %1;" ::"r"(bar), "n"(NT) : "memory");
@@ -988,20 +1001,8 @@ __device__ __forceinline__ void tt_add_ldg(const float (&acc)[128], float* out, 
     for (int pass = 0; pass < 4; ++pass) {
         const float* a = acc + 64 * (pass >> 1);
         asm volatile("bar.sync %0, 128;" ::"r"(2 + wg) : "memory");  // the last pass's reads are done
-        if ((pass & 1) == ((warp & 3) >> 1)) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int R = (warp & 1) * 16 + (lane >> 2) + 8 * h;
-#pragma unroll
-                for (int i = 0; i < 16; ++i) {
-                    const int chunk = 2 * (i & 3) + ((lane & 3) >> 1);
-                    const uint32_t addr = stg + (i >> 2) * 4096 + R * 128 + ((chunk ^ (R & 7)) << 4) + (lane & 1) * 8;
-                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(a[4 * i + 2 * h]),
-                                 "f"(a[4 * i + 2 * h + 1])
-                                 : "memory");
-                }
-            }
-        }
+        float no_sums = 0.f;
+        if ((pass & 1) == ((warp & 3) >> 1)) tt_stage_pass<128, false>(a, stg, warp, lane, 0, q0, P, Q, no_sums);
         asm volatile("bar.sync %0, 128;" ::"r"(2 + wg) : "memory");
         // Row R = lt / 32 + 4i of the pass, 16-byte column chunk `lane` (box lane / 8).
         float* const base = out + ((int64_t)e * P + p0 + pass * 32) * Q + q0 + 4 * lane;
@@ -1031,8 +1032,8 @@ __device__ __forceinline__ void tt_add_ldg(const float (&acc)[128], float* out, 
 // each consumer warpgroup owns every other tile of the CTA's list, 128 × 128 (p × q: two m64n128
 // accumulator chains), so one warpgroup's f32 epilogue (a read-add-write in L2) runs while the
 // other's main loop keeps the tensor cores busy (accumulating, the L2's reduce rate bounds it
-// still: BENCHMARKS NOTES). Stages hold A's two 64 × 64 boxes and B's two (32 KB; ring of 6); each warpgroup has
-// its own 16 KB staging. The ring is filled in tile order and each warpgroup skips the other's
+// still: BENCHMARKS NOTES). Stages hold A's two 64 × 64 boxes and B's two (32 KB; ring of 6);
+// each warpgroup has its own 16 KB staging. The ring is filled in tile order and each warpgroup skips the other's
 // positions, so main loops are ordered: tile j's starts only after tile j − 1's was issued
 // (done[w], one arrive per warp), which also keeps a full barrier's parity from aliasing (every
 // position before ours has been filled by then).
@@ -1054,16 +1055,7 @@ __device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const T
     // done[w] at bars + 8(2S + w).
     const uint32_t stg = smem + PP_STAGES * PP_STAGE_BYTES, bars = stg + 2 * PP_STAGING;
     const uint32_t done = bars + 8 * (2 * PP_STAGES);
-    if (tid == 0) {
-        for (int s = 0; s < PP_STAGES; ++s) {
-            mbar_init(bars + 8 * s, 1);
-            mbar_init(bars + 8 * (PP_STAGES + s), 4);
-        }
-        mbar_init(done, 4);
-        mbar_init(done + 8, 4);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
+    tt_init_barriers<PP_STAGES, 4, 2>(bars);
     if (warp >= TT_CONSUMERS / 32) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         if (warp == TT_CONSUMERS / 32 && lane == 0)
