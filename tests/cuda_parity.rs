@@ -737,15 +737,17 @@ fn grouped_gemm() {
                 &ops::grouped_matmul_tn(&dyc, &xc, &oc, DType::F32).unwrap(),
                 &ops::grouped_matmul_tn(&dyg, &xg, &og, DType::F32).unwrap(),
             );
-            // Writing (accumulate false) and accumulating into an existing f32 (and same-dtype)
+            // Writing (accumulate false) and accumulating into an existing f32 or same-dtype
             // gradient, with and without the squares of the values summed onto 0.25 (on Hopper
-            // f32 gradients leave through TMA stores, or TMA reduce-adds when accumulating
-            // without sums; accumulating with sums reads them back).
+            // the gradients leave through TMA stores, or TMA reduce-adds when accumulating
+            // without sums, f32 and 16-bit alike; accumulating with sums reads them back).
             for (acc_dt, accumulate, sums) in [
                 (DType::F32, true, true),
                 (DType::F32, true, false),
                 (DType::F32, false, true),
                 (dt, true, true),
+                (dt, true, false),
+                (dt, false, true),
             ] {
                 let (mut gc, mut gg) = pair(&mut r, &[e, n, k], acc_dt, dev);
                 let mut sc = Tensor::from_vec(vec![0.25f32], &[1]).unwrap();

@@ -21,11 +21,15 @@ pub struct MoeLayerArgs {
     shapes: Vec<String>,
     #[arg(long, default_value_t = 10)]
     reps: usize,
-    /// Write the routed experts' f32 weight gradients instead of adding into them (a step's
+    /// Write the routed experts' weight gradients instead of adding into them (a step's
     /// first micro-batch; the peer's `--set-to-none`). Default: accumulate, as the peer's
     /// autograd does into existing `.grad`s.
     #[arg(long)]
     write_grads: bool,
+    /// The routed experts' weight-gradient buffers: f32 (the trainer's) or bf16 (the layer's
+    /// dtype, as the peer's autograd keeps `.grad` for bf16 parameters); the router's stay f32.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    grad_dtype: String,
 }
 
 const DEFAULT: &[&str] = &[
@@ -98,6 +102,10 @@ pub fn run(a: MoeLayerArgs) -> anyhow::Result<()> {
         let x = random_tensor(&[t, d], 1.0, 3, dtype, device)?;
         let dy = random_tensor(&[t, d], 1.0, 4, dtype, device)?;
         let mut g = w.zeros_like()?;
+        if a.grad_dtype == "bf16" {
+            g.w1 = Tensor::zeros(w.w1.shape(), dtype, device)?;
+            g.w2 = Tensor::zeros(w.w2.shape(), dtype, device)?;
+        }
         let fwd = median_ms(device, 2, a.reps, || {
             moe_forward(&cfg, &w, &x, Mode::Train { seed: 0 }).map(drop)
         })?;

@@ -377,17 +377,19 @@ fn tma_vark(
     }
     let ta = tensor_map_2d(dptr(a), dt, p, m, 64, 64)?;
     let tb = tensor_map_2d(dptr(b), dt, q, m, 64, 64)?;
-    // f32 gradients leave through TMA (boxes of 32 rows × 32 columns); others are written by the
-    // threads and take no map.
-    let to = if out.dtype() == DType::F32 {
-        tensor_map(dptr(out), DType::F32, &[q, p, e], &[32, 32, 1])?
+    // The ping-pong kernel (the default; MOE_GG_PINGPONG=0 takes the cooperative 128 × 256 one,
+    // A/B): 128 × 128 tiles, one per consumer warpgroup, the gradient out through TMA stores or
+    // reduce-adds (f32: boxes of 32 rows × 32 columns; 16-bit, the operands' type: 32 × 64).
+    // Accumulating with sums reads the old values: the cooperative kernel. The cooperative one
+    // also stores f32 through TMA; 16-bit there is written by the threads and takes no map.
+    let pp = pingpong() && !(name.ends_with("_acc") && sumsq != 0);
+    let od = out.dtype();
+    let to = if pp || od == DType::F32 {
+        let cols = (128 / od.size_in_bytes()) as u32;
+        tensor_map(dptr(out), od, &[q, p, e], &[cols, 32, 1])?
     } else {
         unsafe { std::mem::zeroed() }
     };
-    // f32 out through TMA stores or reduce-adds (accumulating with sums reads instead): the
-    // ping-pong kernel, 128 × 128 tiles, one per consumer warpgroup (MOE_GG_PINGPONG=0: the
-    // cooperative 128 × 256 one, A/B).
-    let pp = pingpong() && out.dtype() == DType::F32 && !(name.ends_with("_acc") && sumsq != 0);
     let (tiles, kernel, smem) = if pp {
         let tiles = e * p.div_ceil(128) * q.div_ceil(128);
         (tiles, format!("tt_{name}_pp"), TT_SMEM_PP)
@@ -413,8 +415,12 @@ fn tma_vark(
         .usize_as_i32(q)?
         .ptr(sumsq);
     let launch = if pp {
-        // Every n-th accumulating tile adds through loads and stores (16-byte rows: Q % 4 == 0).
-        launch.i32(if q % 4 == 0 { pp_ldg_every(m, e) } else { 0 })
+        // Every n-th accumulating f32 tile adds through loads and stores (16-byte rows: Q % 4 == 0).
+        launch.i32(if q % 4 == 0 && od == DType::F32 {
+            pp_ldg_every(m, e)
+        } else {
+            0
+        })
     } else {
         launch
     };
@@ -439,7 +445,7 @@ fn pp_ldg_every(m: usize, e: usize) -> i32 {
     forced.unwrap_or(if m < 768 * e { 4 } else { 0 })
 }
 
-/// f32 weight gradients through the ping-pong TMA kernel unless `MOE_GG_PINGPONG=0` (A/B;
+/// Weight gradients through the ping-pong TMA kernel unless `MOE_GG_PINGPONG=0` (A/B;
 /// BENCHMARKS 2026-12-01: 1-2% faster f+b with written gradients, within the spread accumulating).
 fn pingpong() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -767,11 +767,12 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
 // is only waited for (read by the TMA unit) when it is about to be written again, so the last
 // pass drains while the next tile's main loop runs. Without ACC the squares of the values go
 // to `ss`. (Staging 2 or 4 passes at once with a ring of 3 or 2 stages was slower: NOTES.)
-// One pass's fragments into the staging as the TMA store's boxes of 32 rows × 32 f32 (4 KB each,
-// 128-byte lines swizzled as SWIZZLE_128B reads them): `a` is the warp's m64 accumulator block,
-// its rows 16·(warp % 2) + lane / 4 (+ 8) the staging rows (warp and lane: the caller's). With SUMS the squares of the values
-// inside P × Q (tile row p, column q0 + ..) go to `ss`.
-template <int COLS, bool SUMS>
+// One pass's fragments into the staging as the TMA store's boxes of 32 rows × 128 bytes (4 KB
+// each: 32 f32 or 64 16-bit values a row, 128-byte lines swizzled as SWIZZLE_128B reads them):
+// `a` is the warp's m64 accumulator block, its rows 16·(warp % 2) + lane / 4 (+ 8) the staging
+// rows (warp and lane: the caller's). With SUMS the squares of the values (f32, before a 16-bit
+// TO rounds them, as the CPU twin sums them) inside P × Q (tile row p, column q0 + ..) go to `ss`.
+template <int COLS, bool SUMS, typename TO = float>
 __device__ __forceinline__ void tt_stage_pass(const float* a, uint32_t stg, int warp, int lane, int p, int q0, int P,
                                               int Q, float& ss) {
 #pragma unroll
@@ -780,10 +781,17 @@ __device__ __forceinline__ void tt_stage_pass(const float* a, uint32_t stg, int 
         const bool prow = p + R < P;
 #pragma unroll
         for (int i = 0; i < COLS / 8; ++i) {
-            const int chunk = 2 * (i & 3) + ((lane & 3) >> 1);
-            const uint32_t addr = stg + (i >> 2) * 4096 + R * 128 + ((chunk ^ (R & 7)) << 4) + (lane & 1) * 8;
             const float x = a[4 * i + 2 * h], y = a[4 * i + 2 * h + 1];
-            asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
+            if constexpr (sizeof(TO) == 4) {
+                const int chunk = 2 * (i & 3) + ((lane & 3) >> 1);
+                const uint32_t addr = stg + (i >> 2) * 4096 + R * 128 + ((chunk ^ (R & 7)) << 4) + (lane & 1) * 8;
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
+            } else {
+                // Columns 8i + 2·(lane % 4), + 1: box i / 8, 16-byte chunk i % 8, bytes 4·(lane % 4).
+                const uint32_t addr = stg + (i >> 3) * 4096 + R * 128 + (((i & 7) ^ (R & 7)) << 4) + (lane & 3) * 4;
+                const uint32_t v = (uint32_t)from_float<TO>(x).v | ((uint32_t)from_float<TO>(y).v << 16);
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+            }
             if (SUMS && prow && q0 + 8 * i + 2 * (lane & 3) < Q) ss += x * x + y * y;
         }
     }
@@ -791,11 +799,16 @@ __device__ __forceinline__ void tt_stage_pass(const float* a, uint32_t stg, int 
 
 // NT = 128, COLS = 128: one warpgroup stores its own 128 × 128 tile (two m64 accumulator
 // halves, 4 passes of 4 boxes) with its own staging, named barrier 2 + warpgroup and first
-// thread (the ping-pong kernel).
-template <bool ACC, int NT = TT_CONSUMERS, int COLS = WBN>
+// thread (the ping-pong kernel). A 16-bit TO (NT = 128 only: `to` maps out as 16-bit with boxes
+// of 32 rows × 64 columns) takes 8 KB a pass, so passes alternate between the staging's halves and
+// a pass waits only for the one before the last (the TMA unit reading one half while the warps
+// fill the other).
+template <bool ACC, int NT = TT_CONSUMERS, int COLS = WBN, typename TO = float>
 __device__ __forceinline__ void tt_store_tma(const float (&acc)[128], const TmaMap* to, uint32_t stg, int e, int p0,
                                              int q0, int P, int Q, float& ss) {
-    static_assert((NT == TT_CONSUMERS && COLS == WBN) || (NT == 128 && COLS == 128), "tile shapes");
+    static_assert((NT == TT_CONSUMERS && COLS == WBN && sizeof(TO) == 4) || (NT == 128 && COLS == 128),
+                  "tile shapes");
+    constexpr int BOXC = 128 / sizeof(TO), NBUF = sizeof(TO) == 4 ? 1 : 2;  // columns a box; staging buffers
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
     const int bar = NT == TT_CONSUMERS ? 1 : 2 + wg, lead = tid % NT == 0;
     // Unrolled for the accumulator halves (register indices must be constants).
@@ -806,26 +819,27 @@ __device__ __forceinline__ void tt_store_tma(const float (&acc)[128], const TmaM
         const int mb = pass >> 1;
         const bool mine = (pass & 1) == ((warp & 3) >> 1) && (NT == 128 || mb == wg);
         const float* a = acc + (COLS == 128 ? 64 * mb : 0);
-        if (lead) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        const uint32_t buf = stg + (pass % NBUF) * (32 * COLS * sizeof(TO));
+        if (lead) asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(NBUF - 1) : "memory");
         asm volatile("bar.sync %0, %1;" ::"r"(bar), "n"(NT) : "memory");
         if (mine) {
-            tt_stage_pass<COLS, !ACC>(a, stg, warp, lane, p0 + pass * 32, q0, P, Q, ss);
+            tt_stage_pass<COLS, !ACC, TO>(a, buf, warp, lane, p0 + pass * 32, q0, P, Q, ss);
             fence_proxy_async();  // generic-proxy writes, read by the TMA unit
         }
         asm volatile("bar.sync %0, %1;" ::"r"(bar), "n"(NT) : "memory");
         if (lead) {
 #pragma unroll 1
-            for (int b = 0; b < COLS / 32 && q0 + 32 * b < Q; ++b) {
+            for (int b = 0; b < COLS / BOXC && q0 + BOXC * b < Q; ++b) {
                 if (ACC)
                     asm volatile(
                         "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(
                             reinterpret_cast<uint64_t>(to)),
-                        "r"(q0 + 32 * b), "r"(p0 + pass * 32), "r"(e), "r"(stg + b * 4096)
+                        "r"(q0 + BOXC * b), "r"(p0 + pass * 32), "r"(e), "r"(buf + b * 4096)
                         : "memory");
                 else
                     asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(
                                      reinterpret_cast<uint64_t>(to)),
-                                 "r"(q0 + 32 * b), "r"(p0 + pass * 32), "r"(e), "r"(stg + b * 4096)
+                                 "r"(q0 + BOXC * b), "r"(p0 + pass * 32), "r"(e), "r"(buf + b * 4096)
                                  : "memory");
             }
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
@@ -1043,9 +1057,10 @@ __device__ __forceinline__ void tt_add_ldg(const float (&acc)[128], float* out, 
 #define PP_A_BYTES (PP_BM * WBK * 2)
 #define PP_STAGE_BYTES (PP_A_BYTES + PP_BN * WBK * 2)
 #define PP_STAGING (32 * PP_BN * 4)
-// ACC with ldg_every = n > 0: every n-th tile of a warpgroup adds through tt_add_ldg.
-template <typename T, bool ACC>
-__device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const TmaMap* tb, const TmaMap* to,
+// ACC with ldg_every = n > 0: every n-th tile of a warpgroup adds through tt_add_ldg (f32 TO only).
+// A 16-bit TO: the gradient in the operands' type (`to` maps it as such), stored or added by TMA.
+template <typename T, typename TO, bool ACC>
+__device__ __forceinline__ void tt_vark_pp(TO* out, const TmaMap* ta, const TmaMap* tb, const TmaMap* to,
                                            const int* offsets, int E, int P, int Q, float* sumsq, int ldg_every,
                                            uint32_t smem) {
     const int ntp = (P + PP_BM - 1) / PP_BM, ntq = (Q + PP_BN - 1) / PP_BN, per = ntp * ntq, ntiles = E * per;
@@ -1102,10 +1117,11 @@ __device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const T
             wgmma_wait<0>();
             if (nk > 0 && lane == 0) mbar_arrive(bars + 8 * (PP_STAGES + (it - 1) % PP_STAGES));
             ++n;
-            if (ACC && ldg_every > 0 && n % ldg_every == 0) {
-                if (nk > 0) tt_add_ldg(acc, out, stg + wg * PP_STAGING, e, p0, q0, P, Q);
+            if (sizeof(TO) == 4 && ACC && ldg_every > 0 && n % ldg_every == 0) {
+                if constexpr (sizeof(TO) == 4)
+                    if (nk > 0) tt_add_ldg(acc, out, stg + wg * PP_STAGING, e, p0, q0, P, Q);
             } else if (!(ACC && nk == 0)) {
-                tt_store_tma<ACC, 128, PP_BN>(acc, to, stg + wg * PP_STAGING, e, p0, q0, P, Q, ss);
+                tt_store_tma<ACC, 128, PP_BN, TO>(acc, to, stg + wg * PP_STAGING, e, p0, q0, P, Q, ss);
             }
         }
         if (sumsq) {
@@ -1115,13 +1131,13 @@ __device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const T
         if ((tid & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     }
 }
-#define TT_VARK_PP(NAME, T, ACC)                                                                        \
+#define TT_VARK_PP(NAME, T, TO, ACC)                                                                    \
     extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
-        NAME(float* out, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,           \
+        NAME(TO* out, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,              \
              const __grid_constant__ TmaMap to, const int* offsets, int E, int P, int Q, float* sumsq,   \
              int ldg_every) {                                                                           \
         extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
-        tt_vark_pp<T, ACC>(out, &ta, &tb, &to, offsets, E, P, Q, sumsq, ldg_every, wg_smem_base(wsmem)); \
+        tt_vark_pp<T, TO, ACC>(out, &ta, &tb, &to, offsets, E, P, Q, sumsq, ldg_every, wg_smem_base(wsmem)); \
     }
 #define TT_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
@@ -1141,8 +1157,8 @@ __device__ __forceinline__ void tt_vark_pp(float* out, const TmaMap* ta, const T
 #define TT_VARM(NAME, T, B_KMAJ)                                                                        \
     extern "C" __global__ void NAME(T*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
                                     const int*, const int*, int, int, int, int, int) { __trap(); }
-#define TT_VARK_PP(NAME, T, ACC)                                                                        \
-    extern "C" __global__ void NAME(float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
+#define TT_VARK_PP(NAME, T, TO, ACC)                                                                    \
+    extern "C" __global__ void NAME(TO*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
                                     const __grid_constant__ TmaMap, const int*, int, int, int, float*, int) { __trap(); }
 #define TT_VARK(NAME, T, TO, ACC)                                                                       \
     extern "C" __global__ void NAME(TO*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
@@ -1156,10 +1172,14 @@ TT_VARK(tt_tn_bf16_f32_acc, bf16_t, float, true)
 TT_VARK(tt_tn_bf16_bf16_acc, bf16_t, bf16_t, true)
 TT_VARK(tt_tn_f16_f32_acc, f16_t, float, true)
 TT_VARK(tt_tn_f16_f16_acc, f16_t, f16_t, true)
-TT_VARK_PP(tt_tn_bf16_f32_pp, bf16_t, false)
-TT_VARK_PP(tt_tn_f16_f32_pp, f16_t, false)
-TT_VARK_PP(tt_tn_bf16_f32_acc_pp, bf16_t, true)
-TT_VARK_PP(tt_tn_f16_f32_acc_pp, f16_t, true)
+TT_VARK_PP(tt_tn_bf16_f32_pp, bf16_t, float, false)
+TT_VARK_PP(tt_tn_f16_f32_pp, f16_t, float, false)
+TT_VARK_PP(tt_tn_bf16_f32_acc_pp, bf16_t, float, true)
+TT_VARK_PP(tt_tn_f16_f32_acc_pp, f16_t, float, true)
+TT_VARK_PP(tt_tn_bf16_bf16_pp, bf16_t, bf16_t, false)
+TT_VARK_PP(tt_tn_f16_f16_pp, f16_t, f16_t, false)
+TT_VARK_PP(tt_tn_bf16_bf16_acc_pp, bf16_t, bf16_t, true)
+TT_VARK_PP(tt_tn_f16_f16_acc_pp, f16_t, f16_t, true)
 TT_VARM(tt_nt_bf16, bf16_t, true)
 TT_VARM(tt_nn_bf16, bf16_t, false)
 TT_VARM(tt_nt_f16, f16_t, true)
