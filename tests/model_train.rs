@@ -202,7 +202,7 @@ fn first_backward_overwrites_expert_gradients() {
     let targets = Tensor::from_vec(tg, &[b, s]).unwrap();
     let run = |first: bool, micro: usize| {
         let mut g = if first {
-            m.params.grad_buffers().unwrap()
+            m.params.grad_buffers(DType::F32).unwrap()
         } else {
             m.params.zeros_like(DType::F32).unwrap()
         };

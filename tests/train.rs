@@ -1,6 +1,7 @@
 //! Training loop tests on the CPU: ten AdamW steps against torch.optim.AdamW through
 //! transformers (scripts/oracle/hf_models.py), bit-identical resume, non-finite policies, the
-//! HF export read back, resume mismatches named, and the default job learning on a short run.
+//! HF export read back, resume mismatches named, the default job learning on a short run, and
+//! bf16 expert gradients tracking f32 ones.
 
 mod common;
 
@@ -354,4 +355,74 @@ fn training_is_deterministic_across_thread_counts() {
     for ((na, va), (_, vb)) in pa.iter().zip(&pb) {
         assert!(va == vb, "parameter {na} differs between 1 and 3 threads");
     }
+}
+
+/// `train.expert_grad_dtype = "bf16"` (bf16 parameters): the routed experts' gradient buffers
+/// are bf16, every other one f32, and four steps (two micro-batches each: the first backward
+/// writes the expert gradients, the second adds into them) track the f32-gradient run: losses
+/// within bf16 rounding, and the routed experts' weights moved the same way (their distance
+/// from the f32 run's a small part of how far that run moved them). With f32 parameters the
+/// setting is refused, naming the field.
+#[test]
+fn bf16_expert_gradients_track_f32_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let experts_of = |t: &Trainer| -> Vec<f32> {
+        let p = t.model.params.routed_expert_weights();
+        p.iter().flat_map(|x| x.to_f32_vec().unwrap()).collect()
+    };
+    let mut runs = Vec::new();
+    let mut init = Vec::new();
+    for experts in [None, Some(DType::BF16)] {
+        let mut cfg = small(4);
+        cfg.train.dtype = Some(DType::BF16);
+        cfg.train.expert_grad_dtype = experts;
+        let mut t = Trainer::new(cfg, &dir.path().join(format!("{experts:?}"))).unwrap();
+        t.verbose = false;
+        init = experts_of(&t);
+        if experts.is_some() {
+            let g = t.model.params.grad_buffers(DType::BF16).unwrap();
+            let routed = g.routed_expert_weights();
+            assert!(!routed.is_empty());
+            assert!(routed.iter().all(|x| x.dtype() == DType::BF16));
+            let mut others = Vec::new();
+            g.visit("", &mut |n, x| {
+                if !routed.iter().any(|r| std::ptr::eq(*r, x)) {
+                    others.push((n.to_string(), x.dtype()));
+                }
+            });
+            assert!(others.iter().all(|(_, d)| *d == DType::F32), "{others:?}");
+        }
+        let l: Vec<f32> = (0..4).map(|_| t.step().unwrap().loss).collect();
+        runs.push((l, experts_of(&t)));
+    }
+    let ((la, wa), (lb, wb)) = (&runs[0], &runs[1]);
+    for (s, (a, b)) in la.iter().zip(lb).enumerate() {
+        assert!(a.is_finite() && b.is_finite());
+        assert!(
+            ((a - b) / a).abs() < 1e-2,
+            "step {s}: loss {b} with bf16 expert gradients vs {a} with f32 ({la:?} {lb:?})"
+        );
+    }
+    let dist = |x: &[f32], y: &[f32]| -> f64 {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let (moved, apart) = (dist(wa, &init), dist(wa, wb));
+    assert!(
+        moved > 0.0 && apart < 0.1 * moved,
+        "routed experts: the f32-gradient run moved them {moved:.3e}, the bf16 one ends {apart:.3e} from it"
+    );
+    let mut cfg = small(4);
+    cfg.train.expert_grad_dtype = Some(DType::BF16);
+    let e = Trainer::new(cfg, &dir.path().join("f32"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("train.expert_grad_dtype") && e.contains("bf16") && e.contains("f32"),
+        "{e}"
+    );
 }

@@ -34,6 +34,9 @@ pub struct TrainBenchArgs {
     /// d_model (2048 = OLMoE); smaller values make a quick CPU check possible.
     #[arg(long, default_value_t = 2048)]
     d_model: usize,
+    /// The routed experts' gradient buffers: f32 (default) or bf16 (`train.expert_grad_dtype`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    expert_grad_dtype: String,
 }
 
 pub fn olmoe_spec(layers: usize, d: usize, seq: usize) -> NativeSpec {
@@ -79,6 +82,12 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
     let cfg = olmoe_spec(a.layers, a.d_model, a.seq)
         .resolve()
         .map_err(anyhow::Error::msg)?;
+    // bf16 expert gradients take the parameters' dtype (f32 on the CPU).
+    let expert_grads = if a.expert_grad_dtype == "bf16" {
+        dtype
+    } else {
+        DType::F32
+    };
     let t0 = Instant::now();
     let model = Model::init(cfg, 0, device, dtype)?;
     let (total, active) = model.param_counts();
@@ -134,7 +143,7 @@ pub fn run(a: TrainBenchArgs) -> anyhow::Result<()> {
         let (out, saved) = model.forward_train(&tokens, &targets, n, &opts)?;
         sync(device)?;
         let tf = t.elapsed().as_secs_f64();
-        let mut g = model.params.grad_buffers()?;
+        let mut g = model.params.grad_buffers(expert_grads)?;
         let mut sq = Tensor::zeros(&[1], DType::F32, device)?;
         model.backward_with(saved, &mut g, true, Some(&mut sq))?;
         sync(device)?;

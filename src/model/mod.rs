@@ -149,19 +149,31 @@ impl Params {
 
     /// Zeros of `dtype` shaped like every parameter (f32: a gradient accumulator).
     pub fn zeros_like(&self, dtype: DType) -> crate::runtime::Result<Params> {
-        self.grads_like(dtype, true)
+        self.grads_like(dtype, dtype, true)
     }
 
-    /// f32 gradient buffers for one optimizer step: zeros, except the routed experts' weight
-    /// gradients (w1, w2 of every MoE layer), which are left unwritten — the step's first
+    /// `zeros_like(f32)` except the routed experts' w1 and w2, which are zeros of `experts`
+    /// (`train.expert_grad_dtype`).
+    pub fn zero_grads(&self, experts: DType) -> crate::runtime::Result<Grads> {
+        self.grads_like(DType::F32, experts, true)
+    }
+
+    /// Gradient buffers for one optimizer step: f32 zeros, except the routed experts' weight
+    /// gradients (w1, w2 of every MoE layer), of dtype `experts` (f32, or the parameters' dtype
+    /// to halve their bytes: `train.expert_grad_dtype`) and left unwritten — the step's first
     /// `Model::backward_first` writes them rather than adding, so neither a memset nor a read
-    /// of those bytes (most of an MoE model's) is spent. Use `zeros_like` when no
+    /// of those bytes (most of an MoE model's) is spent. Use `zero_grads` when no
     /// `backward_first` will run.
-    pub fn grad_buffers(&self) -> crate::runtime::Result<Grads> {
-        self.grads_like(DType::F32, false)
+    pub fn grad_buffers(&self, experts: DType) -> crate::runtime::Result<Grads> {
+        self.grads_like(DType::F32, experts, false)
     }
 
-    fn grads_like(&self, dtype: DType, zero_experts: bool) -> crate::runtime::Result<Params> {
+    fn grads_like(
+        &self,
+        dtype: DType,
+        experts: DType,
+        zero_experts: bool,
+    ) -> crate::runtime::Result<Params> {
         let z = |t: &Tensor| Tensor::zeros(t.shape(), dtype, t.device());
         let blocks = self
             .blocks
@@ -188,7 +200,9 @@ impl Params {
                             w2: z(&m.w2)?,
                             b2: m.b2.as_ref().map(z).transpose()?,
                         }),
-                        FfnWeights::Moe(m) => FfnWeights::Moe(m.grads_as(dtype, zero_experts)?),
+                        FfnWeights::Moe(m) => {
+                            FfnWeights::Moe(m.grads_as(dtype, experts, zero_experts)?)
+                        }
                     },
                 })
             })

@@ -134,18 +134,24 @@ impl MoeWeights {
 
     /// Zeros of `dtype` with this layer's parameter shapes.
     pub fn zeros_as(&self, dtype: DType) -> Result<MoeGrads> {
-        self.grads_as(dtype, true)
+        self.grads_as(dtype, dtype, true)
     }
 
-    /// Gradient buffers of `dtype`: zeros, except the routed experts' w1 and w2 when
+    /// Gradient buffers of `dtype`, the routed experts' w1 and w2 of `expert_dtype` (f32 or the
+    /// weights' dtype: what the grouped GEMMs write); zeros, except w1 and w2 when
     /// `!zero_experts` (left unwritten for a backward that writes them: `moe_backward_into`).
-    pub(crate) fn grads_as(&self, dtype: DType, zero_experts: bool) -> Result<MoeGrads> {
+    pub(crate) fn grads_as(
+        &self,
+        dtype: DType,
+        expert_dtype: DType,
+        zero_experts: bool,
+    ) -> Result<MoeGrads> {
         let z = |t: &Tensor| Tensor::zeros(t.shape(), dtype, t.device());
         let experts = |t: &Tensor| {
             if zero_experts {
-                z(t)
+                Tensor::zeros(t.shape(), expert_dtype, t.device())
             } else {
-                Tensor::uninit(t.shape(), dtype, t.device())
+                Tensor::uninit(t.shape(), expert_dtype, t.device())
             }
         };
         Ok(MoeWeights {

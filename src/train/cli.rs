@@ -92,6 +92,9 @@ pub struct TrainArgs {
     /// Overrides train.dtype: f32 | bf16 | f16.
     #[arg(long)]
     dtype: Option<String>,
+    /// Overrides train.expert_grad_dtype: f32 | bf16 | f16 (the latter two: the parameters').
+    #[arg(long)]
+    expert_grad_dtype: Option<String>,
     /// Overrides train.seed.
     #[arg(long)]
     seed: Option<u64>,
@@ -145,6 +148,12 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(d) = &a.dtype {
         cfg.train.dtype = Some(d.parse().map_err(|e| anyhow::anyhow!("--dtype {d}: {e}"))?);
+    }
+    if let Some(d) = &a.expert_grad_dtype {
+        cfg.train.expert_grad_dtype = Some(
+            d.parse()
+                .map_err(|e| anyhow::anyhow!("--expert-grad-dtype {d}: {e}"))?,
+        );
     }
     if let Some(s) = a.seed {
         cfg.train.seed = s;

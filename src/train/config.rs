@@ -79,6 +79,12 @@ pub struct TrainSection {
     /// Held-out prompts per task scored (and a few printed) at the end of a synthetic run.
     #[serde(default = "d_eval")]
     pub eval_per_task: usize,
+    /// The routed experts' weight-gradient buffers (most of an MoE model's gradient bytes): f32
+    /// (default) or the parameters' dtype (bf16 / f16: half the memory and half the bytes the
+    /// grouped GEMMs write; each micro-batch's gradient, and the sum over micro-batches, is then
+    /// rounded to it, as PyTorch's `.grad` of bf16 parameters is). Every other gradient stays f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_grad_dtype: Option<DType>,
 }
 
 fn d_steps() -> u64 {
@@ -103,6 +109,21 @@ fn d_eval() -> usize {
     20
 }
 
+impl TrainSection {
+    /// The routed experts' gradient dtype for parameters of `dtype`: `expert_grad_dtype`, f32
+    /// by default; anything but f32 or `dtype` is an error naming the field.
+    pub fn expert_grads(&self, dtype: DType) -> Result<DType> {
+        match self.expert_grad_dtype {
+            None => Ok(DType::F32),
+            Some(d) if d == DType::F32 || d == dtype => Ok(d),
+            Some(d) => Err(Error::Config(format!(
+                "train.expert_grad_dtype = {d}: must be f32 or the parameters' dtype ({dtype}; \
+                 train.dtype, else bf16 on a GPU and f32 on the CPU)"
+            ))),
+        }
+    }
+}
+
 impl Default for TrainSection {
     fn default() -> Self {
         TrainSection {
@@ -117,6 +138,7 @@ impl Default for TrainSection {
             on_nan: NanPolicy::default(),
             recompute: false,
             eval_per_task: d_eval(),
+            expert_grad_dtype: None,
         }
     }
 }

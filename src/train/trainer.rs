@@ -40,6 +40,8 @@ pub struct Trainer {
     moe_layers: Vec<(usize, MoeConfig)>,
     flops_per_token: f64,
     peak_flops: f64,
+    /// The routed experts' gradient dtype (`train.expert_grad_dtype`).
+    expert_grads: DType,
     /// Print progress and log lines.
     pub verbose: bool,
 }
@@ -121,7 +123,9 @@ impl Trainer {
             cfg.train.seq_len,
         );
         let (peak_flops, _) = metrics::peak_flops(model.device)?;
+        let expert_grads = cfg.train.expert_grads(model.dtype)?;
         Ok(Trainer {
+            expert_grads,
             schedule: cfg.optimizer.schedule(cfg.train.steps),
             moe_layers: moe_layers(&model.config),
             cfg,
@@ -217,7 +221,7 @@ impl Trainer {
         let accum = self.cfg.train.grad_accum;
         let device = self.model.device;
         // Expert weight gradients are written by the first backward, added by later ones.
-        let mut grads = self.model.params.grad_buffers()?;
+        let mut grads = self.model.params.grad_buffers(self.expert_grads)?;
         let mut first = true;
         let mut expert_sq: Option<Tensor> = None;
         let (mut loss, mut aux, mut z) = (0f64, 0f64, 0f64);
@@ -264,7 +268,7 @@ impl Trainer {
         }
         if first {
             // No micro-batch had a supervised token: nothing wrote the expert gradients.
-            grads = self.model.params.zeros_like(DType::F32)?;
+            grads = self.model.params.zero_grads(self.expert_grads)?;
         }
         let mut named: Vec<(String, &Tensor)> = Vec::new();
         grads.visit("", &mut |n, t| named.push((n.to_string(), t)));
