@@ -348,10 +348,14 @@ fn tma_varm(
 }
 
 /// The weight gradient `tn_{..}` (kernel name past its family prefix) with the TMA kernels, when
-/// they apply (false: the caller takes another kernel): where groups average at least 256 rows.
-/// With fewer, each tile's main loop is a step or two and the f32 epilogue is the work, which
-/// the cp.async kernel streams better (BENCHMARKS 2026-11-30, sixth session: GPT-MoE shape, 64
-/// rows per group, 22.7 -> 24.4 ms). A persistent grid walks the E · tiles (e, p-tile, q-tile).
+/// they apply (false: the caller takes another kernel): where groups average at least 256 rows,
+/// or at least 32 when the gradient is written or 16-bit. With fewer rows each tile's main loop
+/// is a step or two and the epilogue is the work: an f32 one accumulating is streamed better by
+/// the cp.async kernel's loads and stores than by the L2's reduce-adds (BENCHMARKS 2026-12-01,
+/// thirteenth session: GPT-MoE shape, 64 rows per group, f+b 23.0 vs 25.3 ms), while TMA stores
+/// win writing (16.45 vs 17.15 ms) and with 16-bit gradients (14.7-14.9 vs 15.25-15.4 written).
+/// Decode-sized groups (a row or two) keep the cp.async kernel's grid of every tile at once. A
+/// persistent grid walks the E · tiles (e, p-tile, q-tile).
 fn tma_vark(
     dev: &Arc<CudaDevice>,
     out: &Tensor,
@@ -361,18 +365,19 @@ fn tma_vark(
     name: &str,
     sumsq: u64,
 ) -> Result<bool> {
-    // `MOE_GG_TMA_WGRAD_ROWS=n` moves the 256-row threshold (A/B comparisons).
-    static WGRAD_ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let wgrad_rows = *WGRAD_ROWS.get_or_init(|| {
+    // `MOE_GG_TMA_WGRAD_ROWS=n` replaces the rule by one threshold for every case (A/B).
+    static WGRAD_ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *WGRAD_ROWS.get_or_init(|| {
         std::env::var("MOE_GG_TMA_WGRAD_ROWS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(256)
     });
     let (m, p, q) = (a.dim(0), a.dim(1), b.dim(1));
     let e = offsets.numel() - 1;
     let dt = a.dtype();
-    if !tma_applies(dev, dt, &[dptr(a), dptr(b), dptr(out)]) || m < wgrad_rows * e {
+    let f32_acc = out.dtype() == DType::F32 && name.ends_with("_acc");
+    let rows = forced.unwrap_or(if f32_acc { 256 } else { 32 });
+    if !tma_applies(dev, dt, &[dptr(a), dptr(b), dptr(out)]) || m < rows * e {
         return Ok(false);
     }
     let ta = tensor_map_2d(dptr(a), dt, p, m, 64, 64)?;

@@ -555,7 +555,8 @@ __device__ __forceinline__ void wg_varm(T* y, const T* x, const T* w, const int*
         wg_varm<T, true, true>(y, x, w, offsets, tile_prefix, rows, xrows, E, M, N, K, wg_smem_base(wsmem)); \
     }
 
-// VARK on Hopper: grid (ceil(P/WBM)·ceil(Q/WBN), E).
+// VARK on Hopper: grid (ceil(P/WBM)·ceil(Q/WBN), E). Accumulating into an empty group's
+// gradient leaves it as it is (unless its squares are summed): those blocks exit.
 #define WG_VARK(NAME, T, TO, ACC, TILE, NTHREADS)                                                       \
     extern "C" __global__ void __launch_bounds__(NTHREADS, 1) NAME(TO* out, const T* a, const T* b,    \
                                                                     const int* offsets, int P, int Q,   \
@@ -565,6 +566,7 @@ __device__ __forceinline__ void wg_varm(T* y, const T* x, const T* w, const int*
         const int ntq = (Q + WBN - 1) / WBN;                                                            \
         const int pt = blockIdx.x / ntq, qt = blockIdx.x - pt * ntq;                                    \
         const int row0 = offsets[e], rows = offsets[e + 1] - row0;                                      \
+        if (ACC && rows == 0 && !sumsq) return;                                                         \
         TILE<T, TO, false, false, ACC>(out + (int64_t)e * P * Q, Q, a + (int64_t)row0 * P, P, b + (int64_t)row0 * Q, Q, \
                                      pt * WBM, qt * WBN, P, Q, rows, wg_smem_base(wsmem), sumsq);       \
     }
