@@ -9,12 +9,14 @@ mod dtype;
 mod error;
 pub mod ops;
 pub mod params;
+pub mod settings;
 mod tensor;
 
 pub use device::Device;
 pub use dtype::{DType, Element, FloatElement};
 pub use error::{Error, Result};
 pub use params::ParamSet;
+pub use settings::KernelSettings;
 pub use tensor::{set_poison_outputs, Tensor};
 
 pub(crate) use tensor::cpu_from_f32;
