@@ -1,16 +1,65 @@
 #!/usr/bin/env python3
-"""Peer for `moe bench generate`: HF transformers `generate` on the same checkpoint, greedy, EOS
-ignored, random prompt ids; prefill tok/s (one forward of the prompt) and decode tok/s
-((new tokens - 1) / (generate time - prefill time)), batch 1 and 32. bf16, SDPA attention,
-grouped_mm experts where transformers offers them. Pinned: torch 2.11, transformers 5.17.
-
+"""Peer for `moe bench generate`: HF transformers `generate` on the same checkpoint, greedy, EOS ignored,
+random prompt ids, bf16, SDPA attention. The model is loaded once with plain
+`from_pretrained(dir, dtype=bf16, attn_implementation="sdpa")`, then `.to(device)` (the experts
+implementation its config then reports is printed), and each variant is run per batch size:
+  * `default`: as loaded (dynamic KV cache, no compile);
+  * `experts=X`: `model.set_experts_implementation(X)` for X in grouped_mm, batched_mm, eager (transformers
+    5.17's ExpertsInterface; deepgemm and sonicmoe need kernels from the hub, not on the GPU machine);
+  * `static+compile experts=X`: `generate(..., cache_implementation="static", compile_config=CompileConfig())`,
+    transformers 5.x's documented fast-generation path (a static KV cache; the decode steps' forward
+    compiled by generate itself, mode "reduce-overhead" = CUDA graphs; prefill eager). CUDA only; on the CPU
+    generate does not compile and the row says so.
+Timing per (variant, batch): one untimed warm-up generate of the full length (compilation and CUDA-graph
+capture land there, their wall time printed), then generate of 1 token (= prefill: prefill tok/s) and of
+--new-tokens tokens; decode tok/s = batch * (new - 1) / (t_new - t_1). The fastest variant per batch is
+marked. Greedy tokens of every variant are compared with `default`'s for the first --check-tokens tokens
+(bf16 may diverge late: a mismatch is reported, not fatal).
     python3 scripts/peers/hf_generate.py MODEL_DIR [--prompt-len 512 --new-tokens 128 --batch 1,32]
+        [--variants default,experts=grouped_mm,...] [--device cpu] [--compile-budget-s 300]
+Pinned: torch 2.11, transformers 5.17.
 """
 import argparse
+import os
+import sys
 import time
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceilings  # noqa: E402
+
+VARIANTS = ["default", "experts=grouped_mm", "experts=batched_mm", "experts=eager",
+            "static+compile experts=grouped_mm", "static+compile experts=batched_mm"]
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_generate(model, ids, n, dev, static):
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    if static:
+        kw.update(cache_implementation="static", compile_config=transformers.CompileConfig())
+    sync(dev)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, **kw)
+    sync(dev)
+    return time.perf_counter() - t, out[:, ids.shape[1]:]
+
+
+def first_mismatch(out, ref, n):
+    """'' when the first n tokens of every sequence agree, else where the first differs."""
+    n = min(n, out.shape[1], ref.shape[1])
+    diff = (out[:, :n] != ref[:, :n]).nonzero()
+    if diff.numel() == 0:
+        return ""
+    seqs = diff[:, 0].unique().numel()
+    return f"tokens differ from default: {seqs}/{out.shape[0]} sequences, first at token {diff[:, 1].min().item()}"
 
 
 def main():
@@ -19,38 +68,76 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", default="1,32")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--check-tokens", type=int, default=32, help="greedy tokens compared with `default`'s")
+    ap.add_argument("--compile-budget-s", type=float, default=300.0,
+                    help="wall seconds the static+compile warm-ups may take together; later ones are skipped")
     a = ap.parse_args()
-    kw = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(a.model, experts_implementation="grouped_mm", **kw)
-        impl = "grouped_mm"
-    except (TypeError, ValueError):
-        model = AutoModelForCausalLM.from_pretrained(a.model, **kw)
-        impl = "default"
-    model = model.cuda().eval()
+    dev = torch.device(a.device)
+    variants = [v for v in a.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
+    if "default" in variants:  # the reference for the token check runs first
+        variants.remove("default")
+    variants.insert(0, "default")
+    print(ceilings.describe(dev)[0])
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.to(dev).eval()
+    loaded = model.config._experts_implementation
+    print(f"# transformers {transformers.__version__}, torch {torch.__version__}: {a.model} loaded in "
+          f"{time.perf_counter() - t:.1f} s; plain from_pretrained gives experts_implementation={loaded!r}, "
+          f"attention {model.config._attn_implementation!r}")
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    print(f"transformers {a.model} experts={impl}")
-    print(f"{'batch':>6} {'prompt':>8} {'prefill tok/s':>14} {'decode tok/s':>14} {'ms/step':>10}")
+    compile_left = a.compile_budget_s
+    print(f"{'batch':>6} {'prompt':>7} {'variant':<34} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>9}  note")
     for b in [int(x) for x in a.batch.split(",")]:
-        ids = torch.randint(0, vocab, (b, a.prompt_len), generator=g).cuda()
-        mask = torch.ones_like(ids)
-        with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            model(ids, attention_mask=mask)
-            torch.cuda.synchronize()
-            prefill = time.perf_counter() - t
-            t = time.perf_counter()
-            model.generate(ids, attention_mask=mask, max_new_tokens=a.new_tokens,
-                           min_new_tokens=a.new_tokens, do_sample=False)
-            torch.cuda.synchronize()
-            total = time.perf_counter() - t
-        decode = max(total - prefill, 1e-9)
-        steps = a.new_tokens - 1
-        print(f"{b:>6} {a.prompt_len:>8} {b * a.prompt_len / prefill:>14.0f} {b * steps / decode:>14.1f} "
-              f"{1e3 * decode / steps:>10.2f}")
+        ids = torch.randint(0, vocab, (b, a.prompt_len), generator=g).to(dev)
+        rows, ref = [], None
+        for v in variants:
+            static = v.startswith("static")
+            impl = v.split("experts=")[1] if "experts=" in v else loaded
+            note = ""
+            if static and dev.type != "cuda":
+                note = "static cache, not compiled (generate compiles on CUDA only)"
+            if static and dev.type == "cuda" and compile_left <= 0:
+                rows.append((v, None, None, None, "skipped: --compile-budget-s spent"))
+                continue
+            try:
+                model.set_experts_implementation(impl)
+                warm, _ = timed_generate(model, ids, a.new_tokens, dev, static)
+                if static and dev.type == "cuda":
+                    compile_left -= warm
+                    note = f"warm-up (compile + graph capture) {warm:.0f} s"
+                t1, _ = timed_generate(model, ids, 1, dev, static)
+                tn, out = timed_generate(model, ids, a.new_tokens, dev, static)
+            except Exception as ex:  # report, keep going
+                msg = str(ex).strip().splitlines()[0][:120] if str(ex).strip() else ""
+                rows.append((v, None, None, None, f"failed: {type(ex).__name__}: {msg}"))
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if ref is None and v == "default":
+                ref = out
+            elif ref is not None:
+                n = min(a.check_tokens, a.new_tokens)
+                note = "; ".join(x for x in (note, first_mismatch(out, ref, n) or f"first {n} tokens = default's") if x)
+            steps = a.new_tokens - 1
+            decode = max(tn - t1, 1e-9)
+            rows.append((v, b * a.prompt_len / t1, b * steps / decode, 1e3 * decode / steps, note))
+        done = [r for r in rows if r[1] is not None]
+        best = max(done, key=lambda r: r[2]) if done else None
+        for r in rows:
+            v, pre, dec, ms, note = r
+            if pre is None:
+                print(f"{b:>6} {a.prompt_len:>7} {v:<34} {'n/a':>14} {'n/a':>13} {'n/a':>9}  {note}")
+            else:
+                star = "best " if r is best else ""
+                print(f"{b:>6} {a.prompt_len:>7} {v:<34} {pre:>14.0f} {dec:>13.1f} {ms:>9.2f}  {star}{note}")
+        model.set_experts_implementation(loaded)
 
 
 if __name__ == "__main__":
