@@ -1,4 +1,4 @@
-//! `MOE_PROFILE=1`: every kernel launch and cuBLAS call is bracketed by stream synchronisations
+//! `MOE_PROFILE=1` (the `profile` setting): every kernel launch and cuBLAS call is bracketed by stream synchronisations
 //! and timed, and the host time spent issuing it is measured too. `report()` prints a table per
 //! kernel (calls, device+launch time, host issue time). Diagnosis only: the synchronisations
 //! slow everything down; totals say whether a phase is bound by kernels or by the host.
@@ -20,8 +20,7 @@ fn table() -> &'static Mutex<HashMap<String, Entry>> {
 }
 
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MOE_PROFILE").is_ok_and(|v| v == "1"))
+    crate::runtime::KernelSettings::read(|s| s.profile)
 }
 
 /// Runs `issue` (which enqueues work on `stream`) timed as described above.
