@@ -3,8 +3,9 @@
 //! `KernelSettings::current()` is what the ops and the decode plan consult: a value set for the
 //! calling thread by `KernelSettings::scoped` (tests run both sides of a choice in one binary), or
 //! else the process default — the code's defaults, with the `MOE_*` environment read once
-//! (`from_env`; an unknown `MOE_*` name gets a warning). Users and operators set config fields
-//! and CLI flags; the environment names here exist for developers' A/B runs (DEVELOPING.md).
+//! (`from_env`; an unknown `MOE_*` name gets a warning). Users and operators set config fields,
+//! CLI flags and the few names README.md lists (profiling, CUDA graphs); the other names exist
+//! for developers' A/B runs and are listed in DEVELOPING.md.
 
 use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
@@ -102,14 +103,17 @@ impl Default for KernelSettings {
     }
 }
 
-/// The `MOE_*` names read elsewhere (not kernel choices): not warned about.
+/// The `MOE_*` names read elsewhere (not kernel choices): not warned about. The product reads
+/// the first four; the tests and scripts the others.
 const OTHER_NAMES: &[&str] = &[
     "MOE_CACHE_DIR",
     "MOE_DISABLE_CUDA",
     "MOE_LOG",
     "MOE_NVRTC_VERBOSE",
     "MOE_REQUIRE_GPU",
+    "MOE_SEED",
     "MOE_BIN",
+    "MOE_NVRTC_LIB",
 ];
 
 thread_local! {
