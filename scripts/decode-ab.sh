@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, after scripts/gpu-test.sh staged .gpu/ here: the decode-path parity tests,
 # then batch-1 decode steps of the OLMoE and Qwen3 shapes under each setting, alternating, ROUNDS
-# rounds (default 2). A setting is a label and space-free env assignments joined by commas:
-#   bash scripts/decode-ab.sh off:MOE_L2PF=0 on:MOE_L2PF=7
+# rounds (default 2). A setting is a label and space-free env assignments joined by commas (the
+# names: DEVELOPING.md, kernel settings):
+#   bash scripts/decode-ab.sh base:X=1 nopdl:MOE_NO_PDL=1 v2:MOE_KERNEL_DEFINES=MY_VARIANT=1
 # Checkpoints: /tmp/ckpt (scripts/peers/make_checkpoints.py, written in the background while the
 # tests run). Logs under $OUT (or /tmp/decode-ab); TESTS=0 skips the tests.
 set -u
@@ -18,7 +19,8 @@ t() {
   echo "== $name rc=$?"; grep -E "test result|FAILED|panicked" "$out/$name.log" | head -8
 }
 if [ "${TESTS:-1}" != 0 ]; then
-  t cuda_parity .gpu/tests/cuda_parity moe_serve router_topk fused_decode kv_cache attention
+  t cuda_parity .gpu/tests/cuda_parity moe_serve router_topk fused_decode kv_cache attention \
+    argmax streaming_loop small_m
   t moe_cuda_parity .gpu/tests/moe_cuda_parity
   t model_cuda .gpu/tests/model_cuda
   t generate_cli .gpu/tests/generate_cli

@@ -2,7 +2,7 @@
 # On the GPU machine, after scripts/gpu-test.sh staged .gpu/ here: the grouped-GEMM parity tests,
 # then `moe bench moe-layer` with the given env settings (each "NAME=V[,NAME=V]" or "default"),
 # the torch peer, and the training step. Logs under $OUT (or /tmp/grouped-ab).
-#   bash scripts/grouped-ab.sh default MOE_GG_TMA_WGRAD_ROWS=1 MOE_GG_TMA=0
+#   bash scripts/grouped-ab.sh default MOE_GG_TMA=0 MOE_GG_PINGPONG=0
 set -u
 source .gpu/device-env.sh
 export MOE_REQUIRE_GPU=1 MOE_CACHE_DIR=/tmp/moe-cache
@@ -13,7 +13,7 @@ t() {
   timeout 240 "$@" > "$out/$name.log" 2>&1
   echo "== $name rc=$?"; grep -E "test result|FAILED|panicked" "$out/$name.log" | head -6
 }
-t cuda_parity .gpu/tests/cuda_parity grouped_gemm
+t cuda_parity .gpu/tests/cuda_parity grouped_gemm small_m
 t moe_cuda_parity .gpu/tests/moe_cuda_parity
 t model_cuda .gpu/tests/model_cuda
 for v in "$@"; do

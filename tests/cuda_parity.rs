@@ -6,29 +6,14 @@
 //! order); bf16/f16 1e-2 (both sides round the same f32 result to 8 or 11 mantissa bits; a one-ulp
 //! difference in a few elements stays well under 1e-2). Integer outputs must match exactly.
 
+mod common;
+
+use common::gpu;
+use moe::runtime::cuda::profile;
 use moe::runtime::ops::{self, Activation, AdamW, Matmul, RopeTable, Softmax};
-use moe::runtime::{set_poison_outputs, DType, Device, Tensor};
+use moe::runtime::{DType, Device, KernelSettings, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn gpu() -> Option<Device> {
-    match moe::runtime::cuda::device_count() {
-        Ok(n) if n > 0 => {
-            set_poison_outputs(true);
-            Some(Device::Cuda(0))
-        }
-        Ok(_) | Err(_) if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!(
-                "MOE_REQUIRE_GPU=1 but no usable GPU: {:?}",
-                moe::runtime::cuda::device_count()
-            )
-        }
-        _ => {
-            eprintln!("skipped: no CUDA GPU");
-            None
-        }
-    }
-}
 
 fn rng(test: &str) -> ChaCha8Rng {
     let seed = std::env::var("MOE_SEED")
@@ -153,6 +138,23 @@ fn close_each_within(what: &str, cpu: &Tensor, gpu: &Tensor, t: f64) {
 }
 
 const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// Runs `f` under `settings` (with kernel profiling on, to count launches) and asserts that each
+/// kernel named in `ran` was launched meanwhile: a test of a fallback must fail if the default
+/// path ran instead.
+#[track_caller]
+fn forcing<R>(settings: &KernelSettings, ran: &[String], f: impl FnOnce() -> R) -> R {
+    let before: Vec<u64> = ran.iter().map(|k| profile::calls(k)).collect();
+    let out = KernelSettings {
+        profile: true,
+        ..settings.clone()
+    }
+    .scoped(f);
+    for (k, b) in ran.iter().zip(before) {
+        assert!(profile::calls(k) > b, "{k} did not run under {settings:?}");
+    }
+    out
+}
 
 #[test]
 fn matmul_variants() {
@@ -684,161 +686,225 @@ fn adamw_matches() {
     }
 }
 
+/// (groups, K, N, fewest and most rows per group) of the grouped GEMM tests: the first nine take
+/// the tiled tensor-core kernels (on Hopper the 128×256×64 wgmma ones: the fifth and sixth have K
+/// and N tails, several 128-row tiles per group and, in wgrad, group sizes that are not
+/// multiples of 64; the seventh has more groups than the tile-prefix scan's 256-thread block; the
+/// eighth and ninth take the persistent TMA kernels with several tiles per CTA, the weight
+/// gradient's too (>= 256 rows per group on average), the ninth with K and N tails), the last
+/// three the small-M (decode) kernel, one of them with groups larger than its 8-row chunk and N
+/// not a multiple of 32.
+const GROUPED_SHAPES: [(usize, usize, usize, usize, usize); 12] = [
+    (1, 64, 32, 0, 200),
+    (8, 256, 384, 0, 200),
+    (64, 128, 96, 0, 200),
+    (5, 72, 40, 0, 200),
+    (4, 200, 520, 0, 400),
+    (3, 1024, 776, 0, 700),
+    (300, 64, 32, 0, 40),
+    (8, 512, 1536, 300, 1000),
+    (3, 200, 776, 500, 900),
+    (16, 2048, 1536, 0, 3),
+    (32, 512, 200, 0, 3),
+    (128, 256, 64, 0, 2),
+];
+
 #[test]
 fn grouped_gemm() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("grouped_gemm");
     for dt in FLOATS {
-        // (groups, K, N, fewest and most rows per group): the first nine take the tiled
-        // tensor-core kernels (on Hopper the 128×256×64 wgmma ones: the fifth and sixth have K
-        // and N tails, several 128-row tiles per group and, in wgrad, group sizes that are not
-        // multiples of 64; the seventh has more groups than the tile-prefix scan's 256-thread
-        // block; the eighth and ninth take the persistent TMA kernels with several tiles per
-        // CTA, the weight gradient's too (>= 256 rows per group on average), the ninth with K
-        // and N tails), the last three the small-M (decode) kernel, one of them with groups
-        // larger than its 8-row chunk and N not a multiple of 32.
-        for (e, k, n, least, most) in [
-            (1usize, 64usize, 32usize, 0usize, 200usize),
-            (8, 256, 384, 0, 200),
-            (64, 128, 96, 0, 200),
-            (5, 72, 40, 0, 200),
-            (4, 200, 520, 0, 400),
-            (3, 1024, 776, 0, 700),
-            (300, 64, 32, 0, 40),
-            (8, 512, 1536, 300, 1000),
-            (3, 200, 776, 500, 900),
-            (16, 2048, 1536, 0, 3),
-            (32, 512, 200, 0, 3),
-            (128, 256, 64, 0, 2),
-        ] {
-            let mut sizes: Vec<usize> = (0..e).map(|_| r.random_range(least..most)).collect();
-            sizes[0] = 0; // an empty group
-            if e == 32 {
-                sizes[1] = 20; // more rows than one chunk of the small-M kernel
-            }
-            let (off, oc, og) = offsets_pair(&sizes, dev);
-            let m = *off.last().unwrap() as usize + 3; // trailing rows in no group
-            let (xc, xg) = pair(&mut r, &[m, k], dt, dev);
-            let (wc, wg) = pair(&mut r, &[e, n, k], dt, dev);
-            close_each(
-                &format!("grouped nt {dt} e={e} k={k} n={n}"),
-                &ops::grouped_matmul(&xc, &wc, &oc, true).unwrap(),
-                &ops::grouped_matmul(&xg, &wg, &og, true).unwrap(),
-            );
-            let (w2c, w2g) = pair(&mut r, &[e, k, n], dt, dev);
-            close_each(
-                &format!("grouped nn {dt} e={e} k={k} n={n}"),
-                &ops::grouped_matmul(&xc, &w2c, &oc, false).unwrap(),
-                &ops::grouped_matmul(&xg, &w2g, &og, false).unwrap(),
-            );
-            let (dyc, dyg) = pair(&mut r, &[m, n], dt, dev);
-            close_each(
-                &format!("grouped tn {dt} e={e} k={k} n={n}"),
-                &ops::grouped_matmul_tn(&dyc, &xc, &oc, DType::F32).unwrap(),
-                &ops::grouped_matmul_tn(&dyg, &xg, &og, DType::F32).unwrap(),
-            );
-            // Writing (accumulate false) and accumulating into an existing f32 or same-dtype
-            // gradient, with and without the squares of the values summed onto 0.25 (on Hopper
-            // the gradients leave through TMA stores, or TMA reduce-adds when accumulating
-            // without sums, f32 and 16-bit alike; accumulating with sums reads them back).
-            for (acc_dt, accumulate, sums) in [
-                (DType::F32, true, true),
-                (DType::F32, true, false),
-                (DType::F32, false, true),
-                (dt, true, true),
-                (dt, true, false),
-                (dt, false, true),
-            ] {
-                let (mut gc, mut gg) = pair(&mut r, &[e, n, k], acc_dt, dev);
-                let mut sc = Tensor::from_vec(vec![0.25f32], &[1]).unwrap();
-                let mut sg = sc.to_device(dev).unwrap();
-                let (scm, sgm) = if sums {
-                    (Some(&mut sc), Some(&mut sg))
-                } else {
-                    (None, None)
-                };
-                ops::grouped_matmul_tn_into(&mut gc, &dyc, &xc, &oc, accumulate, scm).unwrap();
-                ops::grouped_matmul_tn_into(&mut gg, &dyg, &xg, &og, accumulate, sgm).unwrap();
-                let what = format!(
-                    "grouped tn {} {dt}->{acc_dt} (sums {sums}) e={e} k={k} n={n}",
-                    if accumulate { "+=" } else { "=" }
-                );
-                close_each(&what, &gc, &gg);
-                if sums {
-                    let (a, g) = (sc.scalar_f32().unwrap(), sg.scalar_f32().unwrap());
-                    assert!(((a - g) / a).abs() < 1e-4, "{what}: sumsq CPU {a} GPU {g}");
-                }
-            }
-            if dt != DType::F32 {
-                close_each(
-                    &format!("grouped tn {dt}->{dt} e={e} k={k} n={n}"),
-                    &ops::grouped_matmul_tn(&dyc, &xc, &oc, dt).unwrap(),
-                    &ops::grouped_matmul_tn(&dyg, &xg, &og, dt).unwrap(),
-                );
-            }
-            // x read through a permutation (the MoE experts): rows of a smaller source with
-            // repeats, and two indices out of range (zero rows). Hopper runs the gathered
-            // wgmma forward kernel; the weight gradient (and other GPUs) gather first.
-            let src = m / 2 + 1;
-            let mut idx: Vec<i32> = (0..m).map(|_| r.random_range(0..src as i32)).collect();
-            idx[m / 3] = -1;
-            idx[m - 1] = src as i32;
-            let (ic, ig) = (
-                Tensor::from_vec(idx.clone(), &[m]).unwrap(),
-                Tensor::from_slice(&idx, &[m], dev).unwrap(),
-            );
-            let (sxc, sxg) = pair(&mut r, &[src, k], dt, dev);
-            close_each(
-                &format!("grouped nt gather {dt} e={e} k={k} n={n}"),
-                &ops::grouped_matmul_gather(&sxc, &ic, &wc, &oc).unwrap(),
-                &ops::grouped_matmul_gather(&sxg, &ig, &wg, &og).unwrap(),
-            );
-            for (acc, acc_dt) in [(false, DType::F32), (true, DType::F32), (true, dt)] {
-                let (mut gc, mut gg) = pair(&mut r, &[e, n, k], acc_dt, dev);
-                let mut sc = Tensor::from_vec(vec![0.5f32], &[1]).unwrap();
-                let mut sg = sc.to_device(dev).unwrap();
-                ops::grouped_matmul_tn_gather_into(
-                    &mut gc,
-                    &dyc,
-                    &sxc,
-                    &ic,
-                    &oc,
-                    acc,
-                    Some(&mut sc),
-                )
-                .unwrap();
-                ops::grouped_matmul_tn_gather_into(
-                    &mut gg,
-                    &dyg,
-                    &sxg,
-                    &ig,
-                    &og,
-                    acc,
-                    Some(&mut sg),
-                )
-                .unwrap();
-                close_each(
-                    &format!("grouped tn gather (acc {acc}) {dt}->{acc_dt} e={e} k={k} n={n}"),
-                    &gc,
-                    &gg,
-                );
-                let (a, g) = (sc.scalar_f32().unwrap(), sg.scalar_f32().unwrap());
-                assert!(
-                    ((a - g) / a).abs() < 1e-4,
-                    "grouped tn gather sumsq {dt}->{acc_dt} e={e} k={k} n={n}: CPU {a} GPU {g}"
-                );
-            }
+        for shape in GROUPED_SHAPES {
+            grouped_case(&mut r, dev, dt, shape);
         }
+    }
+}
+
+/// The grouped GEMMs' other kernels on Hopper, forced through the settings, on the tiled and TMA
+/// shapes of `GROUPED_SHAPES` (2nd, 6th, 8th, 9th): the cp.async wgmma kernels (what unaligned
+/// bases take), the cooperative TMA weight gradient (what accumulating with sums takes) and the
+/// mma.sync kernels other GPUs run. Elsewhere the settings change nothing and the cases run as
+/// in `grouped_gemm`.
+#[test]
+fn grouped_gemm_fallbacks() {
+    let Some(dev) = gpu() else { return };
+    let hopper = moe::runtime::cuda::device(0).unwrap().arch() == "sm_90a";
+    let mut r = rng("grouped_gemm_fallbacks");
+    let base = KernelSettings::default();
+    for dt in [DType::BF16, DType::F16] {
+        let n = dt.name();
+        // Each variant's kernels by name (on Hopper): forward x·Wᵀ and x·W, weight gradient
+        // written f32, accumulated f32 and written in dt.
+        let names = |p: &str| {
+            vec![
+                format!("{p}_tn_{n}_f32"),
+                format!("{p}_tn_{n}_f32_acc"),
+                format!("{p}_tn_{n}_{n}"),
+            ]
+        };
+        let with_products = |p: &str| {
+            let mut v = vec![format!("{p}_nt_{n}"), format!("{p}_nn_{n}")];
+            v.extend(names(p));
+            v
+        };
+        let variants = [
+            (
+                KernelSettings {
+                    gg_tma: false,
+                    ..base.clone()
+                },
+                with_products("wg"),
+            ),
+            (
+                KernelSettings {
+                    gg_pingpong: false,
+                    ..base.clone()
+                },
+                names("tt"),
+            ),
+            (
+                KernelSettings {
+                    gg_mma_on_hopper: true,
+                    ..base.clone()
+                },
+                with_products("gg"),
+            ),
+        ];
+        for (settings, kernels) in variants {
+            let ran = if hopper { kernels } else { Vec::new() };
+            forcing(&settings, &ran, || {
+                for i in [1, 5, 7, 8] {
+                    grouped_case(&mut r, dev, dt, GROUPED_SHAPES[i]);
+                }
+            });
+        }
+    }
+}
+
+/// One grouped GEMM case of `dt` on both devices, every element compared: x·W[e]ᵀ and x·W[e],
+/// the weight gradient written and accumulated (f32 and `dt`, with and without the sums of
+/// squares), and the gathered forward and weight gradient.
+fn grouped_case(
+    r: &mut ChaCha8Rng,
+    dev: Device,
+    dt: DType,
+    (e, k, n, least, most): (usize, usize, usize, usize, usize),
+) {
+    let mut sizes: Vec<usize> = (0..e).map(|_| r.random_range(least..most)).collect();
+    sizes[0] = 0; // an empty group
+    if e == 32 {
+        sizes[1] = 20; // more rows than one chunk of the small-M kernel
+    }
+    let (off, oc, og) = offsets_pair(&sizes, dev);
+    let m = *off.last().unwrap() as usize + 3; // trailing rows in no group
+    let (xc, xg) = pair(r, &[m, k], dt, dev);
+    let (wc, wg) = pair(r, &[e, n, k], dt, dev);
+    close_each(
+        &format!("grouped nt {dt} e={e} k={k} n={n}"),
+        &ops::grouped_matmul(&xc, &wc, &oc, true).unwrap(),
+        &ops::grouped_matmul(&xg, &wg, &og, true).unwrap(),
+    );
+    let (w2c, w2g) = pair(r, &[e, k, n], dt, dev);
+    close_each(
+        &format!("grouped nn {dt} e={e} k={k} n={n}"),
+        &ops::grouped_matmul(&xc, &w2c, &oc, false).unwrap(),
+        &ops::grouped_matmul(&xg, &w2g, &og, false).unwrap(),
+    );
+    let (dyc, dyg) = pair(r, &[m, n], dt, dev);
+    close_each(
+        &format!("grouped tn {dt} e={e} k={k} n={n}"),
+        &ops::grouped_matmul_tn(&dyc, &xc, &oc, DType::F32).unwrap(),
+        &ops::grouped_matmul_tn(&dyg, &xg, &og, DType::F32).unwrap(),
+    );
+    // Writing (accumulate false) and accumulating into an existing f32 or same-dtype
+    // gradient, with and without the squares of the values summed onto 0.25 (on Hopper
+    // the gradients leave through TMA stores, or TMA reduce-adds when accumulating
+    // without sums, f32 and 16-bit alike; accumulating with sums reads them back).
+    for (acc_dt, accumulate, sums) in [
+        (DType::F32, true, true),
+        (DType::F32, true, false),
+        (DType::F32, false, true),
+        (dt, true, true),
+        (dt, true, false),
+        (dt, false, true),
+    ] {
+        let (mut gc, mut gg) = pair(r, &[e, n, k], acc_dt, dev);
+        let mut sc = Tensor::from_vec(vec![0.25f32], &[1]).unwrap();
+        let mut sg = sc.to_device(dev).unwrap();
+        let (scm, sgm) = if sums {
+            (Some(&mut sc), Some(&mut sg))
+        } else {
+            (None, None)
+        };
+        ops::grouped_matmul_tn_into(&mut gc, &dyc, &xc, &oc, accumulate, scm).unwrap();
+        ops::grouped_matmul_tn_into(&mut gg, &dyg, &xg, &og, accumulate, sgm).unwrap();
+        let what = format!(
+            "grouped tn {} {dt}->{acc_dt} (sums {sums}) e={e} k={k} n={n}",
+            if accumulate { "+=" } else { "=" }
+        );
+        close_each(&what, &gc, &gg);
+        if sums {
+            let (a, g) = (sc.scalar_f32().unwrap(), sg.scalar_f32().unwrap());
+            assert!(((a - g) / a).abs() < 1e-4, "{what}: sumsq CPU {a} GPU {g}");
+        }
+    }
+    if dt != DType::F32 {
+        close_each(
+            &format!("grouped tn {dt}->{dt} e={e} k={k} n={n}"),
+            &ops::grouped_matmul_tn(&dyc, &xc, &oc, dt).unwrap(),
+            &ops::grouped_matmul_tn(&dyg, &xg, &og, dt).unwrap(),
+        );
+    }
+    // x read through a permutation (the MoE experts): rows of a smaller source with
+    // repeats, and two indices out of range (zero rows); gathered first, then the plain
+    // kernels.
+    let src = m / 2 + 1;
+    let mut idx: Vec<i32> = (0..m).map(|_| r.random_range(0..src as i32)).collect();
+    idx[m / 3] = -1;
+    idx[m - 1] = src as i32;
+    let (ic, ig) = (
+        Tensor::from_vec(idx.clone(), &[m]).unwrap(),
+        Tensor::from_slice(&idx, &[m], dev).unwrap(),
+    );
+    let (sxc, sxg) = pair(r, &[src, k], dt, dev);
+    close_each(
+        &format!("grouped nt gather {dt} e={e} k={k} n={n}"),
+        &ops::grouped_matmul_gather(&sxc, &ic, &wc, &oc).unwrap(),
+        &ops::grouped_matmul_gather(&sxg, &ig, &wg, &og).unwrap(),
+    );
+    for (acc, acc_dt) in [(false, DType::F32), (true, DType::F32), (true, dt)] {
+        let (mut gc, mut gg) = pair(r, &[e, n, k], acc_dt, dev);
+        let mut sc = Tensor::from_vec(vec![0.5f32], &[1]).unwrap();
+        let mut sg = sc.to_device(dev).unwrap();
+        ops::grouped_matmul_tn_gather_into(&mut gc, &dyc, &sxc, &ic, &oc, acc, Some(&mut sc))
+            .unwrap();
+        ops::grouped_matmul_tn_gather_into(&mut gg, &dyg, &sxg, &ig, &og, acc, Some(&mut sg))
+            .unwrap();
+        close_each(
+            &format!("grouped tn gather (acc {acc}) {dt}->{acc_dt} e={e} k={k} n={n}"),
+            &gc,
+            &gg,
+        );
+        let (a, g) = (sc.scalar_f32().unwrap(), sg.scalar_f32().unwrap());
+        assert!(
+            ((a - g) / a).abs() < 1e-4,
+            "grouped tn gather sumsq {dt}->{acc_dt} e={e} k={k} n={n}: CPU {a} GPU {g}"
+        );
     }
 }
 
 /// Batched decode's experts (a few rows per group, 16-bit types, K % 32 == 0): the tensor-core
 /// small-M kernel with 1, 2 and 4 eight-row tiles per pass, groups larger than one pass, empty
-/// groups, N not a multiple of its 64-column blocks, rows in no group.
+/// groups, N not a multiple of its 64-column blocks, rows in no group; and the same cases
+/// through the CUDA-core kernel (what f32 and single rows take), forced by `small_mma` off.
 #[test]
 fn small_m_tensor_core_grouped_gemm() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("small_m_tensor_core_grouped_gemm");
+    let cuda_cores = KernelSettings {
+        small_mma: false,
+        ..KernelSettings::default()
+    };
     for dt in [DType::BF16, DType::F16] {
         for (sizes, k, n) in [
             (
@@ -857,10 +923,21 @@ fn small_m_tensor_core_grouped_gemm() {
             let m = *off.last().unwrap() as usize + 3; // trailing rows in no group
             let (xc, xg) = pair(&mut r, &[m, k], dt, dev);
             let (wc, wg) = pair(&mut r, &[e, n, k], dt, dev);
+            let want = ops::grouped_matmul(&xc, &wc, &oc, true).unwrap();
             close_each(
                 &format!("small-M tensor-core grouped nt {dt} sizes={sizes:?} k={k} n={n}"),
-                &ops::grouped_matmul(&xc, &wc, &oc, true).unwrap(),
+                &want,
                 &ops::grouped_matmul(&xg, &wg, &og, true).unwrap(),
+            );
+            // The CUDA-core kernel's rows per chunk: the mean rows per group, to a power of 2.
+            let chunk = m.div_ceil(e).clamp(1, 8).next_power_of_two();
+            let kernel = format!("gg_small_nt_r{chunk}_{}", dt.name());
+            close_each(
+                &format!("small-M CUDA-core grouped nt {dt} sizes={sizes:?} k={k} n={n}"),
+                &want,
+                &forcing(&cuda_cores, &[kernel], || {
+                    ops::grouped_matmul(&xg, &wg, &og, true).unwrap()
+                }),
             );
         }
     }
@@ -1099,6 +1176,78 @@ fn o_router_and_served_norm_match() {
     }
 }
 
+/// The one-row streaming-loop kernels' fallbacks, forced through the settings (`qkv_loop` and
+/// `serve_up_loop` off; hidden sizes over 4096 take them by shape), every element against the
+/// CPU: the q/k/v GEMV with the residual add + RMSNorm folded in, and the served gate/up with the
+/// norm and combine weights, one block per column group.
+#[test]
+fn streaming_loop_fallbacks() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("streaming_loop_fallbacks");
+    let off = KernelSettings {
+        qkv_loop: false,
+        serve_up_loop: false,
+        ..KernelSettings::default()
+    };
+    let (d, nq, nk, e, k, f) = (2048usize, 2048usize, 512usize, 64usize, 8usize, 1024usize);
+    for dt in [DType::BF16, DType::F16] {
+        let n = dt.name();
+        let mut scaled = |shape: &[usize], s: f32| scaled_pair(&mut r, shape, s, dt, dev);
+        let (xc, xg) = scaled(&[1, d], 1.0);
+        let (ac, ag) = scaled(&[1, d], 1.0);
+        let (gc, gg) = scaled(&[d], 1.0);
+        let ws = 1.0 / (d as f32).sqrt();
+        let (wqc, wqg) = scaled(&[nq, d], ws);
+        let (wkc, wkg) = scaled(&[nk, d], ws);
+        let (wvc, wvg) = scaled(&[nk, d], ws);
+        let (w1c, w1g) = scaled(&[e, 2 * f, d], ws);
+        let (w2c, w2g) = scaled(&[e, d, f], 1.0 / (f as f32).sqrt());
+        let (zc, zg) = scaled_pair(&mut r, &[1, e], 1.0, DType::F32, dev);
+        let want =
+            ops::add_rmsnorm_linear_qkv(&xc, &ac, &gc, 1e-6, &wqc, None, &wkc, None, &wvc, None)
+                .unwrap()
+                .expect("the CPU always computes add_rmsnorm_linear_qkv");
+        let got = forcing(&off, &[format!("gemv3_addnormf_r1_{n}")], || {
+            ops::add_rmsnorm_linear_qkv(&xg, &ag, &gg, 1e-6, &wqg, None, &wkg, None, &wvg, None)
+                .unwrap()
+                .expect("16-bit rows take the fused kernel")
+        });
+        let what = format!("add_rmsnorm_linear_qkv per-group kernel {dt}");
+        close_each(&format!("{what}: residual"), &want.0, &got.0);
+        close_each(&format!("{what}: q"), &want.1, &got.1);
+        close_each(&format!("{what}: k"), &want.2, &got.2);
+        close_each(&format!("{what}: v"), &want.3, &got.3);
+        // k distinct experts for the one token, in slots [k, 1].
+        let mut ids: Vec<i32> = Vec::new();
+        while ids.len() < k {
+            let id = r.random_range(0..e as i32);
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        let (ic, ig) = (
+            Tensor::from_vec(ids.clone(), &[k, 1]).unwrap(),
+            Tensor::from_slice(&ids, &[k, 1], dev).unwrap(),
+        );
+        let rule = ops::SoftmaxTopK {
+            k,
+            normalize: true,
+            add: 0.0,
+            clamp_min: 0.0,
+            scale: 1.5,
+        };
+        let want = ops::moe_serve_swiglu_norm(&xc, &gc, 1e-6, &zc, &ic, &rule, &w1c, &w2c).unwrap();
+        let got = forcing(&off, &[format!("moe_serve_up_norm_c8_{n}")], || {
+            ops::moe_serve_swiglu_norm(&xg, &gg, 1e-6, &zg, &ig, &rule, &w1g, &w2g).unwrap()
+        });
+        close_each(
+            &format!("moe_serve_swiglu_norm per-group kernel {dt} ids={ids:?}"),
+            &want,
+            &got,
+        );
+    }
+}
+
 /// RoPE tables (CPU, device) for `rot` rotary dims over `max_pos` positions, base 10000.
 fn rope_tables(rot: usize, max_pos: usize, dev: Device) -> (RopeTable, RopeTable) {
     let inv: Vec<f32> = (0..rot / 2)
@@ -1164,12 +1313,24 @@ fn qk_norm_case<'a>(
 /// (attention_decode_step, head_dim 128, 16-bit) against the CPU's qk_rope_kv_write +
 /// attention_decode: the context and both caches, for each norm mode with clip, partial
 /// rotary, GQA, new positions at and around the 128-key split boundaries and at the cache end,
-/// windows, and a position past lens (written, not read).
+/// windows, and a position past lens (written, not read); the splits merged by each head's
+/// last block and by the separate combine kernel (`attn_combine_kernel`), every element; and
+/// with `attn_fused_rope` off, the step declines.
 #[test]
 fn fused_decode_attention_step() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("fused_decode_attention_step");
+    let combine = KernelSettings {
+        attn_combine_kernel: true,
+        ..KernelSettings::default()
+    };
+    let unfused = KernelSettings {
+        attn_fused_rope: false,
+        ..KernelSettings::default()
+    };
     for dt in [DType::BF16, DType::F16] {
+        let rope_kernel = format!("attention_decode_rope_h128_{}", dt.name());
+        let combine_kernel = format!("attention_decode_combine_{}", dt.name());
         for (h, hkv, rot, l, max_pos, pos) in [
             (16usize, 16usize, 128usize, 300usize, 300usize, vec![127i32]),
             (32, 4, 128, 260, 260, vec![128, 0, 259, 200]),
@@ -1203,8 +1364,8 @@ fn fused_decode_attention_step() {
             );
             let (pg, lg) = (t(&pos, dev), t(&lens, dev));
             for (mode, window) in [(0, None), (1, Some(100)), (2, None)] {
-                let (mut ckc, mut ckg) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
-                let (mut cvc, mut cvg) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
+                let (mut ckc, ckg) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
+                let (mut cvc, cvg) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
                 let (nc, clip) = qk_norm_case(mode, (&qw_h, &kw_h), (&qw_f, &kw_f));
                 let (ng, _) = qk_norm_case(mode, (&qw_hg, &kw_hg), (&qw_fg, &kw_fg));
                 let scale = 1.0 / (hd as f32).sqrt();
@@ -1230,77 +1391,129 @@ fn fused_decode_attention_step() {
                 )
                 .unwrap()
                 .is_none());
-                let og = ops::attention_decode_step(
-                    &qg, &kg, &vg, ng, clip, &tg, &pg, &mut ckg, &mut cvg, &lg, h, scale, window,
-                )
-                .unwrap()
-                .expect("attention_decode_step fuses for head_dim 128 in 16-bit types");
-                let what = format!(
-                    "attention_decode_step {dt} b={b} h={h}/{hkv} rot={rot} pos={pos:?} mode={mode} window={window:?}"
-                );
-                close(&format!("{what}: context"), &oc, &og);
-                close(&format!("{what}: k cache"), &ckc, &ckg);
-                close(&format!("{what}: v cache"), &cvc, &cvg);
+                // The heads' splits merged by their last block (default) or by the separate
+                // combine kernel.
+                for (settings, kernels) in [
+                    (KernelSettings::default(), vec![rope_kernel.clone()]),
+                    (
+                        combine.clone(),
+                        vec![rope_kernel.clone(), combine_kernel.clone()],
+                    ),
+                ] {
+                    let (mut ckg, mut cvg) = (ckg.try_clone().unwrap(), cvg.try_clone().unwrap());
+                    let og = forcing(&settings, &kernels, || {
+                        ops::attention_decode_step(
+                            &qg, &kg, &vg, ng, clip, &tg, &pg, &mut ckg, &mut cvg, &lg, h, scale,
+                            window,
+                        )
+                        .unwrap()
+                        .expect("attention_decode_step fuses for head_dim 128 in 16-bit types")
+                    });
+                    let what = format!(
+                        "attention_decode_step {dt} b={b} h={h}/{hkv} rot={rot} pos={pos:?} \
+                         mode={mode} window={window:?} combine kernel {}",
+                        settings.attn_combine_kernel
+                    );
+                    close_each(&format!("{what}: context"), &oc, &og);
+                    close_each(&format!("{what}: k cache"), &ckc, &ckg);
+                    close_each(&format!("{what}: v cache"), &cvc, &cvg);
+                }
+                // With the fused step off it declines (the caller runs qk_rope_kv_write and
+                // attention_decode, as for other head dims).
+                let declined = unfused.clone().scoped(|| {
+                    ops::attention_decode_step(
+                        &qg,
+                        &kg,
+                        &vg,
+                        ng,
+                        clip,
+                        &tg,
+                        &pg,
+                        &mut ckg.try_clone().unwrap(),
+                        &mut cvg.try_clone().unwrap(),
+                        &lg,
+                        h,
+                        scale,
+                        window,
+                    )
+                    .unwrap()
+                    .is_none()
+                });
+                assert!(declined, "attention_decode_step with attn_fused_rope off");
             }
         }
     }
 }
 
-/// Greedy decoding's row arg-max on the GPU (two passes over row parts) against the CPU's, with
-/// ties across parts, NaN, -inf rows and +inf, at vocabulary sizes from tiny to Qwen3's.
+/// Greedy decoding's row arg-max on the GPU against the CPU's, with ties across parts, NaN,
+/// -inf rows and +inf, at vocabulary sizes from tiny to Qwen3's: the one-pass kernel (the last
+/// block of a row reduces its parts) and the two-kernel path (taken past the device's arrival
+/// counters or in a graph's first capture), forced by `argmax_two_pass`.
 #[test]
 fn argmax_rows_matches() {
     let Some(dev) = gpu() else { return };
     let mut r = rng("argmax_rows");
-    for dt in FLOATS {
-        // (More than 256 parts of 2048 for the one-pass kernel's last block in the last case.)
-        for (rows, cols) in [
-            (1usize, 151_936usize),
-            (32, 50_304),
-            (3, 7),
-            (5, 4097),
-            (2, 600_008),
-        ] {
-            let mut v: Vec<f32> = (0..rows * cols)
-                .map(|_| r.random_range(-4.0f32..4.0))
-                .collect();
-            // Row 0: the maximum twice, far apart (the first must win across parts).
-            v[cols - 1] = 9.0;
-            v[cols / 3] = 9.0;
-            if rows > 1 {
-                v[cols..2 * cols].fill(f32::NEG_INFINITY);
-                v[cols + cols / 2] = f32::NAN;
-            }
-            if rows > 2 {
-                v[2 * cols] = f32::NAN;
-                v[3 * cols - 1] = f32::INFINITY;
-            }
-            let c = Tensor::from_f32(&v, &[rows, cols], dt, Device::Cpu).unwrap();
-            let g = c.to_device(dev).unwrap();
-            let want = ops::argmax_rows(&c).unwrap().to_vec::<i32>().unwrap();
-            assert_eq!(
-                ops::argmax_rows(&g).unwrap().to_vec::<i32>().unwrap(),
-                want,
-                "argmax_rows {dt} {rows}x{cols}"
-            );
-            // The greedy decode step's advance: ids into a given buffer, positions and lengths
-            // one further, on both devices.
-            let pos: Vec<i32> = (0..rows as i32).map(|i| 7 * i).collect();
-            let lens: Vec<i32> = pos.iter().map(|p| p + 1).collect();
-            for (d, x) in [(Device::Cpu, &c), (dev, &g)] {
-                let mut ids = Tensor::zeros(&[rows], DType::I32, d).unwrap();
-                let mut p = Tensor::from_slice(&pos, &[rows], d).unwrap();
-                let mut l = Tensor::from_slice(&lens, &[rows], d).unwrap();
-                ops::argmax_rows_advance(x, &mut ids, &mut p, &mut l).unwrap();
-                assert_eq!(
-                    ids.to_vec::<i32>().unwrap(),
-                    want,
-                    "argmax_rows_advance {d:?} {dt} {rows}x{cols}"
-                );
-                let plus = |v: &[i32]| v.iter().map(|x| x + 1).collect::<Vec<_>>();
-                assert_eq!(p.to_vec::<i32>().unwrap(), plus(&pos), "positions {d:?}");
-                assert_eq!(l.to_vec::<i32>().unwrap(), plus(&lens), "lengths {d:?}");
-            }
+    let two_pass = KernelSettings {
+        argmax_two_pass: true,
+        ..KernelSettings::default()
+    };
+    for (settings, kernel) in [
+        (KernelSettings::default(), "argmax_onepass"),
+        (two_pass, "argmax_part"),
+    ] {
+        for dt in FLOATS {
+            forcing(&settings, &[format!("{kernel}_{}", dt.name())], || {
+                // (More than 256 parts of 2048 for the one-pass kernel's last block in the last
+                // case.)
+                for (rows, cols) in [
+                    (1usize, 151_936usize),
+                    (32, 50_304),
+                    (3, 7),
+                    (5, 4097),
+                    (2, 600_008),
+                ] {
+                    let mut v: Vec<f32> = (0..rows * cols)
+                        .map(|_| r.random_range(-4.0f32..4.0))
+                        .collect();
+                    // Row 0: the maximum twice, far apart (the first must win across parts).
+                    v[cols - 1] = 9.0;
+                    v[cols / 3] = 9.0;
+                    if rows > 1 {
+                        v[cols..2 * cols].fill(f32::NEG_INFINITY);
+                        v[cols + cols / 2] = f32::NAN;
+                    }
+                    if rows > 2 {
+                        v[2 * cols] = f32::NAN;
+                        v[3 * cols - 1] = f32::INFINITY;
+                    }
+                    let c = Tensor::from_f32(&v, &[rows, cols], dt, Device::Cpu).unwrap();
+                    let g = c.to_device(dev).unwrap();
+                    let want = ops::argmax_rows(&c).unwrap().to_vec::<i32>().unwrap();
+                    assert_eq!(
+                        ops::argmax_rows(&g).unwrap().to_vec::<i32>().unwrap(),
+                        want,
+                        "argmax_rows ({kernel}) {dt} {rows}x{cols}"
+                    );
+                    // The greedy decode step's advance: ids into a given buffer, positions and
+                    // lengths one further, on both devices.
+                    let pos: Vec<i32> = (0..rows as i32).map(|i| 7 * i).collect();
+                    let lens: Vec<i32> = pos.iter().map(|p| p + 1).collect();
+                    for (d, x) in [(Device::Cpu, &c), (dev, &g)] {
+                        let mut ids = Tensor::zeros(&[rows], DType::I32, d).unwrap();
+                        let mut p = Tensor::from_slice(&pos, &[rows], d).unwrap();
+                        let mut l = Tensor::from_slice(&lens, &[rows], d).unwrap();
+                        ops::argmax_rows_advance(x, &mut ids, &mut p, &mut l).unwrap();
+                        assert_eq!(
+                            ids.to_vec::<i32>().unwrap(),
+                            want,
+                            "argmax_rows_advance ({kernel}) {d:?} {dt} {rows}x{cols}"
+                        );
+                        let plus = |v: &[i32]| v.iter().map(|x| x + 1).collect::<Vec<_>>();
+                        assert_eq!(p.to_vec::<i32>().unwrap(), plus(&pos), "positions {d:?}");
+                        assert_eq!(l.to_vec::<i32>().unwrap(), plus(&lens), "lengths {d:?}");
+                    }
+                }
+            });
         }
     }
 }
@@ -1375,6 +1588,75 @@ fn kv_cache_write_and_decode_attention() {
                     &ops::attention_decode(&qc, &kc, &vc, &lc, scale, window).unwrap(),
                     &ops::attention_decode(&qg, &kg, &vg, &lg, scale, window).unwrap(),
                 );
+            }
+        }
+    }
+}
+
+/// Decode attention's other kernels on head dim 128 (16-bit), forced through the settings, every
+/// element against the CPU: the general kernel (what other head dims and f32 run;
+/// `attn_h128` off) and the head-dim-128 kernel with the separate split-KV combine kernel (taken
+/// past the device's arrival counters or in a graph's first capture; `attn_combine_kernel`),
+/// over one, several and partial 128-key splits, GQA and windows.
+#[test]
+fn decode_attention_fallbacks() {
+    let Some(dev) = gpu() else { return };
+    let mut r = rng("decode_attention_fallbacks");
+    let general = KernelSettings {
+        attn_h128: false,
+        ..KernelSettings::default()
+    };
+    let combine = KernelSettings {
+        attn_combine_kernel: true,
+        ..KernelSettings::default()
+    };
+    for dt in [DType::BF16, DType::F16] {
+        let n = dt.name();
+        let variants = [
+            (
+                "general kernel",
+                &general,
+                vec![format!("attention_decode_{n}")],
+            ),
+            (
+                "combine kernel",
+                &combine,
+                vec![
+                    format!("attention_decode_h128_{n}"),
+                    format!("attention_decode_combine_{n}"),
+                ],
+            ),
+        ];
+        for (b, h, hkv, l) in [
+            (2usize, 4usize, 2usize, 600usize),
+            (3, 8, 2, 100),
+            (1, 2, 1, 257),
+        ] {
+            let hd = 128;
+            let (kc, kg) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
+            let (vc, vg) = pair(&mut r, &[b, hkv, l, hd], dt, dev);
+            let (qc, qg) = pair(&mut r, &[b, h, hd], dt, dev);
+            let lens: Vec<i32> = (0..b).map(|_| r.random_range(1..=l as i32)).collect();
+            let (lc, lg) = (
+                Tensor::from_vec(lens.clone(), &[b]).unwrap(),
+                Tensor::from_slice(&lens, &[b], dev).unwrap(),
+            );
+            let scale = 1.0 / (hd as f32).sqrt();
+            for window in [None, Some(100)] {
+                let want = ops::attention_decode(&qc, &kc, &vc, &lc, scale, window).unwrap();
+                for (what, settings, kernels) in &variants {
+                    let got = forcing(settings, kernels, || {
+                        ops::attention_decode(&qg, &kg, &vg, &lg, scale, window).unwrap()
+                    });
+                    close_each(
+                        &format!(
+                            "attention_decode ({what}) {dt} b={b} h={h}/{hkv} l={l} lens={lens:?} \
+                             window={window:?}"
+                        ),
+                        &want,
+                        &got,
+                    );
+                }
             }
         }
     }

@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::{fixture_dir, load_safetensors, rel_err, shifted};
+use common::{fixture_dir, gpu_exclusive as gpu, load_safetensors, rel_err, shifted};
 use moe::model::{Model, TrainOpts};
-use moe::runtime::{set_poison_outputs, DType, Device, ParamSet, Tensor};
+use moe::runtime::{DType, Device, ParamSet, Tensor};
 
 const CASES: &[&str] = &[
     "llama_gqa_llama3rope",
@@ -19,31 +19,6 @@ const CASES: &[&str] = &[
     "olmoe",
     "olmoe_clip",
 ];
-
-/// One test at a time on the GPU: a CUDA-graph capture records everything issued on the
-/// device's compute stream, so work from a concurrent test would join (and break) it.
-static GPU_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn gpu() -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
-    let guard = GPU_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    gpu_device().map(|d| (d, guard))
-}
-
-fn gpu_device() -> Option<Device> {
-    match moe::runtime::cuda::device_count() {
-        Ok(n) if n > 0 => {
-            set_poison_outputs(true);
-            Some(Device::Cuda(0))
-        }
-        r if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("MOE_REQUIRE_GPU=1 but no usable GPU: {r:?}")
-        }
-        _ => {
-            eprintln!("skipped: no CUDA GPU");
-            None
-        }
-    }
-}
 
 fn prompts(case: &str) -> Vec<Vec<u32>> {
     let v: serde_json::Value = serde_json::from_str(

@@ -6,26 +6,10 @@
 
 mod common;
 
-use common::{fixture_dir, load_safetensors, rel_err};
+use common::{fixture_dir, gpu, load_safetensors, rel_err};
 use moe::moe::{moe_backward, moe_forward, moe_forward_named, Mode, MoeConfig, MoeWeights};
 use moe::runtime::ops;
-use moe::runtime::{set_poison_outputs, DType, Device, ParamSet, Tensor};
-
-fn gpu() -> Option<Device> {
-    match moe::runtime::cuda::device_count() {
-        Ok(n) if n > 0 => {
-            set_poison_outputs(true);
-            Some(Device::Cuda(0))
-        }
-        r if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("MOE_REQUIRE_GPU=1 but no usable GPU: {r:?}")
-        }
-        _ => {
-            eprintln!("skipped: no CUDA GPU");
-            None
-        }
-    }
-}
+use moe::runtime::{DType, Device, ParamSet, Tensor};
 
 const CASES: &[&str] = &[
     "softmax_renorm",

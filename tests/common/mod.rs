@@ -1,10 +1,45 @@
-//! Helpers shared by the integration tests: fixture loading and tolerance checks.
+//! Helpers shared by the integration tests: the GPU a test runs on, fixture loading and
+//! tolerance checks.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
-use moe::runtime::{DType, Tensor};
+use moe::runtime::{set_poison_outputs, DType, Device, Tensor};
+
+/// The first CUDA GPU, with kernel outputs NaN-poisoned before each launch (an element a kernel
+/// forgets to write then fails the comparison). Without one the test says that it skipped and
+/// why, and returns None; with `MOE_REQUIRE_GPU=1` a missing GPU fails the test instead.
+pub fn gpu() -> Option<Device> {
+    match moe::runtime::cuda::device_count() {
+        Ok(n) if n > 0 => {
+            set_poison_outputs(true);
+            Some(Device::Cuda(0))
+        }
+        r => {
+            let why = match r {
+                Ok(_) => "no CUDA GPU".to_string(),
+                Err(e) => e,
+            };
+            if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("MOE_REQUIRE_GPU=1 but {why}");
+            }
+            let test = std::thread::current().name().unwrap_or("test").to_string();
+            eprintln!("{test}: skipped ({why})");
+            None
+        }
+    }
+}
+
+/// `gpu()` for tests that must not overlap on the device (a CUDA-graph capture records
+/// everything issued on the device's compute stream, so a concurrent test's work would join
+/// and break it): the device and a guard held for the test's duration.
+pub fn gpu_exclusive() -> Option<(Device, MutexGuard<'static, ()>)> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    gpu().map(|d| (d, guard))
+}
 
 /// `tests/fixtures/<name>` of this checkout, or of the current directory when the test binary
 /// runs from a copy of the repository elsewhere (the GPU machine).

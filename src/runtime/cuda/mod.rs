@@ -141,17 +141,15 @@ impl CudaDevice {
         self.sm_count
     }
     /// Whether launches may use programmatic dependent launch (`LaunchBuilder::pdl`): sm_90 and
-    /// newer, unless `MOE_NO_PDL=1` (A/B comparisons, debugging).
+    /// newer, unless the `pdl` setting is off.
     pub fn pdl_enabled(&self) -> bool {
-        static OFF: OnceLock<bool> = OnceLock::new();
-        let off = *OFF.get_or_init(|| std::env::var("MOE_NO_PDL").is_ok_and(|v| v == "1"));
         let major: u32 = self
             .arch
             .trim_start_matches("sm_")
             .trim_end_matches('a')
             .parse::<u32>()
             .map_or(0, |v| v / 10);
-        !off && major >= 9
+        major >= 9 && crate::runtime::KernelSettings::read(|s| s.pdl)
     }
     /// The address of `ARRIVAL_COUNTERS` zeroed i32 kept for the device's lifetime, for kernels
     /// whose blocks count their arrivals (the last block of a group does the group's final step

@@ -1,7 +1,8 @@
-//! `MOE_PROFILE=1`: every kernel launch and cuBLAS call is bracketed by stream synchronisations
-//! and timed, and the host time spent issuing it is measured too. `report()` prints a table per
-//! kernel (calls, device+launch time, host issue time). Diagnosis only: the synchronisations
-//! slow everything down; totals say whether a phase is bound by kernels or by the host.
+//! `MOE_PROFILE=1` (the `profile` kernel setting, per thread): every kernel launch and cuBLAS
+//! call is bracketed by stream synchronisations and timed, and the host time spent issuing it is
+//! measured too, into one table for the process. `report()` prints it per kernel (calls,
+//! device+launch time, host issue time). Diagnosis only: the synchronisations slow everything
+//! down; totals say whether a phase is bound by kernels or by the host.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -20,8 +21,7 @@ fn table() -> &'static Mutex<HashMap<String, Entry>> {
 }
 
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MOE_PROFILE").is_ok_and(|v| v == "1"))
+    crate::runtime::KernelSettings::read(|s| s.profile)
 }
 
 /// Runs `issue` (which enqueues work on `stream`) timed as described above.
@@ -46,6 +46,14 @@ pub(crate) fn timed<T>(
         e.issue_s += (t1 - t0).as_secs_f64();
     }
     r
+}
+
+/// Calls of `kernel` recorded so far (launches while profiling was on; tests check with it that
+/// the kernel they force ran).
+pub fn calls(kernel: &str) -> u64 {
+    table()
+        .lock()
+        .map_or(0, |t| t.get(kernel).map_or(0, |e| e.calls))
 }
 
 /// Clears the counters.

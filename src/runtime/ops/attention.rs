@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::RopeTable;
 use super::{cuda_dev, dptr, kname, same_device};
 use crate::runtime::cuda::{grid_1d, kernels};
-use crate::runtime::{cpu_from_f32, DType, Device, Error, Result, Tensor};
+use crate::runtime::{cpu_from_f32, DType, Device, Error, KernelSettings, Result, Tensor};
 
 /// Writes rows of `new` [N, Hkv, hd] into `cache` [B, Hkv, L, hd] at (batch[i], pos[i]).
 pub fn kv_write(cache: &mut Tensor, new: &Tensor, batch: &Tensor, pos: &Tensor) -> Result<()> {
@@ -300,9 +300,10 @@ pub fn attention_decode_step(
     let (bsz, hkv, hd) = check_rope_step(op, q, k, v, &norm, table, pos, cache_k, cache_v, heads)?;
     lens.expect_dtype(op, DType::I32)?;
     pos.expect_dtype(op, DType::I32)?;
+    let settings = KernelSettings::current();
     let applies = q.device().is_cuda()
-        && h128(q.dtype(), hd)
-        && fused_step()
+        && h128(&settings, q.dtype(), hd)
+        && settings.attn_fused_rope
         && cache_k.dim(0) == bsz
         && lens.numel() == bsz
         && heads % hkv == 0;
@@ -330,27 +331,8 @@ pub fn attention_decode_step(
     )?))
 }
 
-/// Whether `attention_decode_step` fuses; `MOE_ATTN_FUSED_ROPE=0` keeps qk_rope_kv_write +
-/// attention_decode (A/B comparisons).
-fn fused_step() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !*OFF.get_or_init(|| std::env::var("MOE_ATTN_FUSED_ROPE").is_ok_and(|v| v == "0"))
-}
-
-/// Keys per block of the CUDA decode kernel (split-KV).
+/// Keys per block of the CUDA decode kernel (split-KV; a multiple of 32).
 const DECODE_CHUNK: usize = 128;
-
-/// Keys per split: DECODE_CHUNK, or `MOE_DECODE_CHUNK` (a multiple of 32) for tuning runs.
-fn decode_chunk() -> usize {
-    static CHUNK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CHUNK.get_or_init(|| {
-        std::env::var("MOE_DECODE_CHUNK")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&c| c >= 32 && c % 32 == 0)
-            .unwrap_or(DECODE_CHUNK)
-    })
-}
 
 /// o [B, H, hd] = softmax(scale · q·Kᵀ) · V over each sequence's cached keys.
 pub fn attention_decode(
@@ -461,24 +443,21 @@ fn decode_cuda(
     }
     // Split the cache into chunks of DECODE_CHUNK keys: enough blocks to fill the GPU at batch
     // 1 (the grid depends only on the cache size, never on lengths held on the device).
-    let chunk = decode_chunk();
-    let splits = l.div_ceil(chunk).max(1);
+    let splits = l.div_ceil(DECODE_CHUNK).max(1);
     let part = Tensor::uninit(&[b * h * splits * (hd + 2)], DType::F32, q.device())?;
     let dev = cuda_dev(q)?;
-    // head_dim 128 in a 16-bit type: the variant with one load round per 32 keys
-    // (`MOE_ATTN_H128=0` keeps the general kernel, A/B comparisons).
-    let name = match (&rope, h128(q.dtype(), hd)) {
+    let settings = KernelSettings::current();
+    // head_dim 128 in a 16-bit type: the variant with one load round per 32 keys.
+    let name = match (&rope, h128(&settings, q.dtype(), hd)) {
         (Some(_), _) => "attention_decode_rope_h128",
         (None, true) => "attention_decode_h128",
         (None, false) => "attention_decode",
     };
     // The last split block of each head merges the head's partials (no combine kernel) when
-    // the device's arrival counters cover b·h heads; `MOE_ATTN_COMBINE_KERNEL=1` keeps the
-    // separate kernel (A/B comparisons).
-    static SEPARATE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let separate =
-        *SEPARATE.get_or_init(|| std::env::var("MOE_ATTN_COMBINE_KERNEL").is_ok_and(|v| v == "1"));
-    let counters = if separate || b * h > crate::runtime::cuda::ARRIVAL_COUNTERS {
+    // the device's arrival counters cover b·h heads; else (or with `attn_combine_kernel`) the
+    // separate kernel does.
+    let counters = if settings.attn_combine_kernel || b * h > crate::runtime::cuda::ARRIVAL_COUNTERS
+    {
         None
     } else {
         dev.arrival_counters()?
@@ -503,7 +482,7 @@ fn decode_cuda(
         .usize_as_i32(hd)?
         .f32(scale)
         .usize_as_i32(win)?
-        .usize_as_i32(chunk)?
+        .usize_as_i32(DECODE_CHUNK)?
         .ptr(dptr(&out))
         .ptr(counters.unwrap_or(0));
     match rope {
@@ -544,12 +523,10 @@ fn decode_cuda(
     Ok(out)
 }
 
-/// Whether decode attention takes the head-dim-128 kernels (16-bit types); `MOE_ATTN_H128=0`
-/// keeps the general kernel (A/B comparisons).
-fn h128(dt: DType, hd: usize) -> bool {
-    static H128_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *H128_OFF.get_or_init(|| std::env::var("MOE_ATTN_H128").is_ok_and(|v| v == "0"));
-    !off && hd == 128 && matches!(dt, DType::BF16 | DType::F16)
+/// Whether decode attention takes the head-dim-128 kernels (16-bit types; `attn_h128` off keeps
+/// the general kernel).
+fn h128(s: &KernelSettings, dt: DType, hd: usize) -> bool {
+    s.attn_h128 && hd == 128 && matches!(dt, DType::BF16 | DType::F16)
 }
 
 /// The q/k norm as kernel arguments: (mode 0 none, 1 per head, 2 full width; q weight; k

@@ -51,12 +51,11 @@ fn grid_fits(op: &str, b: usize, rows: usize) -> Result<()> {
     Ok(())
 }
 
-/// Whether the CUDA kernels take these tensors (and `MOE_NO_FLASH=1` is not set): bf16/f16 on a
+/// Whether the CUDA kernels take these tensors (and the `flash` setting is on): bf16/f16 on a
 /// GPU, head dim 64 or 128, 16-byte aligned.
 pub fn flash_supported(ts: &[&Tensor], head_dim: usize) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("MOE_NO_FLASH").is_ok_and(|v| v == "1"));
-    !off && matches!(head_dim, 64 | 128)
+    crate::runtime::KernelSettings::read(|s| s.flash)
+        && matches!(head_dim, 64 | 128)
         && ts.iter().all(|t| {
             matches!(t.device(), Device::Cuda(_))
                 && matches!(t.dtype(), DType::BF16 | DType::F16)

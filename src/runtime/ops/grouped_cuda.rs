@@ -1,12 +1,13 @@
 //! CUDA launchers for the grouped GEMMs (kernels in `cuda/kernels/grouped_gemm.cu`); the CPU twins
 //! and the contract are in `grouped.rs`. bf16/f16 with every contiguous dimension a multiple of 8
-//! take the tensor-core kernels; f32 and odd shapes take the SIMT fallback.
+//! take the tensor-core kernels; f32 and odd shapes take the SIMT fallback. Variant choices come
+//! from `KernelSettings::current()`, read once per op call.
 
 use std::sync::Arc;
 
 use super::dptr;
 use crate::runtime::cuda::{grid_1d, kernels, tensor_map, tensor_map_2d, CudaDevice};
-use crate::runtime::{DType, Error, Result, Tensor};
+use crate::runtime::{DType, Error, KernelSettings, Result, Tensor};
 
 const BM: usize = 128;
 const BN: usize = 128;
@@ -17,11 +18,11 @@ const SMEM: u32 = 4 * (128 * 32 + 128 * 32) * 2;
 const WG_BN: usize = 256;
 const WG_SMEM: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 1024;
 
-/// The tiled grouped-GEMM family: on Hopper the wgmma kernels ("wg"; `MOE_GG_KERNEL=mma` picks
-/// the mma.sync ones, to compare against), elsewhere the mma.sync kernels ("gg").
+/// The tiled grouped-GEMM family: on Hopper the wgmma kernels ("wg"; `gg_mma_on_hopper` picks
+/// the mma.sync ones), elsewhere the mma.sync kernels ("gg").
 /// (name prefix, N tile, dynamic shared memory)
-fn tiled_family(dev: &CudaDevice) -> (&'static str, usize, u32) {
-    if dev.arch() == "sm_90a" && std::env::var("MOE_GG_KERNEL").as_deref() != Ok("mma") {
+fn tiled_family(dev: &CudaDevice, s: &KernelSettings) -> (&'static str, usize, u32) {
+    if dev.arch() == "sm_90a" && !s.gg_mma_on_hopper {
         ("wg", WG_BN, WG_SMEM)
     } else {
         ("gg", BN, SMEM)
@@ -42,34 +43,22 @@ pub(crate) fn small_rows(rows: usize) -> usize {
 
 /// The tensor-core small-M kernels' K split: 1, 2 or 4 warps per 16-column tile (a block covers
 /// 64 / split columns) — the largest that leaves each warp at least one full round of loads
-/// (8 chunks of 32 k; 4 with four row tiles). `MOE_SMALL_MMA_KS` forces one (A/B comparisons).
-/// Returns (split, columns per block).
+/// (8 chunks of 32 k; 4 with four row tiles). Returns (split, columns per block).
 fn small_mma_split(k: usize, tiles: usize) -> (usize, usize) {
-    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *FORCED.get_or_init(|| {
-        std::env::var("MOE_SMALL_MMA_KS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|k| [1, 2, 4].contains(k))
-    });
     let round = if tiles >= 4 { 4 } else { 8 };
-    let ks = forced.unwrap_or_else(|| {
-        [4, 2]
-            .into_iter()
-            .find(|&ks| k / (32 * ks) >= round)
-            .unwrap_or(1)
-    });
+    let ks = [4, 2]
+        .into_iter()
+        .find(|&ks| k / (32 * ks) >= round)
+        .unwrap_or(1);
     (ks, 64 / ks)
 }
 
 /// The tensor-core small-M kernels (`gg_mma_small_t*`) for about `rows` rows per group: their
 /// 8-row tiles per pass (1, 2 or 4), or `None` where the CUDA-core kernel is used — f32, K not a
 /// multiple of 32, or single rows (the CUDA-core GEMV reads the same bytes with less work per
-/// byte). `MOE_SMALL_MMA=0` turns them off (A/B comparisons).
-fn small_mma_tiles(dt: DType, k: usize, rows: usize) -> Option<usize> {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("MOE_SMALL_MMA").is_ok_and(|v| v == "0"));
-    if off || !matches!(dt, DType::BF16 | DType::F16) || k % 32 != 0 || rows < 2 {
+/// byte). `small_mma` off takes the CUDA-core kernel everywhere.
+fn small_mma_tiles(s: &KernelSettings, dt: DType, k: usize, rows: usize) -> Option<usize> {
+    if !s.small_mma || !matches!(dt, DType::BF16 | DType::F16) || k % 32 != 0 || rows < 2 {
         return None;
     }
     Some(match rows {
@@ -97,11 +86,12 @@ pub(crate) fn grouped_matmul(
     let (m, k) = (x.dim(0), x.dim(1));
     let e = offsets.numel() - 1;
     let dt = x.dtype().name();
+    let s = KernelSettings::current();
     // Few rows per group (decode): the memory-bound small-M kernel reads each active expert's
     // weights once instead of a mostly empty 128-row tile per column block.
     if trans_w && small_m(x.dtype(), m, n, k, e) {
         let mean = m.div_ceil(e.max(1));
-        let mma = small_mma_tiles(x.dtype(), k, mean);
+        let mma = small_mma_tiles(&s, x.dtype(), k, mean);
         let y = Tensor::zeros(&[m, n], x.dtype(), x.device())?;
         // At most min(E, M) groups hold rows: one grid row per possibly non-empty group.
         let groups = e.min(m) as u32;
@@ -142,10 +132,10 @@ pub(crate) fn grouped_matmul(
         return Ok(y);
     }
     if tensor_cores(x.dtype(), &[k, n]) {
-        if !tma_varm(dev, &y, x, w, offsets, trans_w)? {
-            let prefix_name = tiled_family(dev).0;
+        if !tma_varm(dev, &s, &y, x, w, offsets, trans_w)? {
+            let prefix_name = tiled_family(dev, &s).0;
             let name = format!("{prefix_name}_{}_{dt}", if trans_w { "nt" } else { "nn" });
-            launch_tiled_varm(dev, &name, &y, x, None, w, offsets, n)?;
+            launch_tiled_varm(dev, &s, &name, &y, x, w, offsets, n)?;
         }
     } else {
         dev.launch(
@@ -197,11 +187,12 @@ pub(crate) fn grouped_matmul_tn_into(
     let acc = if accumulate { "_acc" } else { "" };
     let name = format!("tn_{dt}_{}{acc}", out_dtype.name());
     if tensor_cores(a.dtype(), &[p, q]) {
+        let s = KernelSettings::current();
         let sums = sumsq.as_deref().map_or(0, dptr);
-        if tma_vark(dev, out, a, b, offsets, &name, sums)? {
+        if tma_vark(dev, &s, out, a, b, offsets, &name, sums)? {
             return Ok(());
         }
-        let (prefix_name, bn, smem) = tiled_family(dev);
+        let (prefix_name, bn, smem) = tiled_family(dev, &s);
         let tiles = p.div_ceil(BM) * q.div_ceil(bn);
         dev.launch(
             &kernels::GROUPED_GEMM,
@@ -271,26 +262,16 @@ const TT_SMEM_K: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 128 + 32 * 264 * 4 + 1024
 /// stagings, 14 barriers, alignment (230 528 bytes).
 const TT_SMEM_PP: u32 = 6 * (128 * 64 + 128 * 64) * 2 + 2 * 32 * 128 * 4 + 128 + 1024;
 
-/// Strip height of the TMA VARM schedule in m-tiles (`MOE_GG_SWIZZLE`, default 8: A/B).
-fn tt_swizzle() -> i32 {
-    static SW: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *SW.get_or_init(|| {
-        std::env::var("MOE_GG_SWIZZLE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&v: &i32| v > 0)
-            .unwrap_or(8)
-    })
-}
+/// Strip height of the TMA VARM schedule in m-tiles: 8, 16 and 32 measured within the run-to-run
+/// spread (BENCHMARKS NOTES, TMA kernels: the DRAM traffic is not the limiter).
+const TT_SWIZZLE: i32 = 8;
 
 /// Whether the TMA warp-specialised kernels (`tt_*`) take 16-bit operands at device addresses
 /// `bases`: Hopper, the wgmma family, and 16-byte aligned bases (tensor maps need them; the
-/// cp.async kernels take anything else). `MOE_GG_TMA=0` keeps the cp.async kernels (A/B
-/// comparisons).
-fn tma_applies(dev: &CudaDevice, dt: DType, bases: &[u64]) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("MOE_GG_TMA").is_ok_and(|v| v == "0"));
-    !off && tiled_family(dev).0 == "wg"
+/// cp.async kernels take anything else). `gg_tma` off keeps the cp.async kernels.
+fn tma_applies(dev: &CudaDevice, s: &KernelSettings, dt: DType, bases: &[u64]) -> bool {
+    s.gg_tma
+        && tiled_family(dev, s).0 == "wg"
         && matches!(dt, DType::BF16 | DType::F16)
         && bases.iter().all(|b| b % 16 == 0)
 }
@@ -305,6 +286,7 @@ fn tma_grid(dev: &CudaDevice, tiles: usize) -> u32 {
 /// rows must not reach into the next expert.
 fn tma_varm(
     dev: &Arc<CudaDevice>,
+    s: &KernelSettings,
     y: &Tensor,
     x: &Tensor,
     w: &Tensor,
@@ -314,7 +296,7 @@ fn tma_varm(
     let (m, n, k) = (y.dim(0), y.dim(1), x.dim(1));
     let e = offsets.numel() - 1;
     let dt = x.dtype();
-    if !tma_applies(dev, dt, &[dptr(x), dptr(w)]) || !(trans_w || k % 64 == 0) {
+    if !tma_applies(dev, s, dt, &[dptr(x), dptr(w)]) || !(trans_w || k % 64 == 0) {
         return Ok(false);
     }
     let ta = tensor_map_2d(dptr(x), dt, k, x.dim(0), 64, 128)?;
@@ -342,7 +324,7 @@ fn tma_varm(
     .usize_as_i32(m)?
     .usize_as_i32(n)?
     .usize_as_i32(k)?
-    .i32(tt_swizzle())
+    .i32(TT_SWIZZLE)
     .run()?;
     Ok(true)
 }
@@ -356,8 +338,10 @@ fn tma_varm(
 /// win writing (16.45 vs 17.15 ms) and with 16-bit gradients (14.7-14.9 vs 15.25-15.4 written).
 /// Decode-sized groups (a row or two) keep the cp.async kernel's grid of every tile at once. A
 /// persistent grid walks the E · tiles (e, p-tile, q-tile).
+#[allow(clippy::too_many_arguments)]
 fn tma_vark(
     dev: &Arc<CudaDevice>,
+    s: &KernelSettings,
     out: &Tensor,
     a: &Tensor,
     b: &Tensor,
@@ -365,29 +349,23 @@ fn tma_vark(
     name: &str,
     sumsq: u64,
 ) -> Result<bool> {
-    // `MOE_GG_TMA_WGRAD_ROWS=n` replaces the rule by one threshold for every case (A/B).
-    static WGRAD_ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *WGRAD_ROWS.get_or_init(|| {
-        std::env::var("MOE_GG_TMA_WGRAD_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
     let (m, p, q) = (a.dim(0), a.dim(1), b.dim(1));
     let e = offsets.numel() - 1;
     let dt = a.dtype();
     let f32_acc = out.dtype() == DType::F32 && name.ends_with("_acc");
-    let rows = forced.unwrap_or(if f32_acc { 256 } else { 32 });
-    if !tma_applies(dev, dt, &[dptr(a), dptr(b), dptr(out)]) || m < rows * e {
+    let rows = if f32_acc { 256 } else { 32 };
+    if !tma_applies(dev, s, dt, &[dptr(a), dptr(b), dptr(out)]) || m < rows * e {
         return Ok(false);
     }
     let ta = tensor_map_2d(dptr(a), dt, p, m, 64, 64)?;
     let tb = tensor_map_2d(dptr(b), dt, q, m, 64, 64)?;
-    // The ping-pong kernel (the default; MOE_GG_PINGPONG=0 takes the cooperative 128 × 256 one,
-    // A/B): 128 × 128 tiles, one per consumer warpgroup, the gradient out through TMA stores or
+    // The ping-pong kernel (the default; `gg_pingpong` off takes the cooperative 128 × 256 one;
+    // BENCHMARKS 2026-12-01: ping-pong 1-2% faster f+b written, within the spread accumulating):
+    // 128 × 128 tiles, one per consumer warpgroup, the gradient out through TMA stores or
     // reduce-adds (f32: boxes of 32 rows × 32 columns; 16-bit, the operands' type: 32 × 64).
     // Accumulating with sums reads the old values: the cooperative kernel. The cooperative one
     // also stores f32 through TMA; 16-bit there is written by the threads and takes no map.
-    let pp = pingpong() && !(name.ends_with("_acc") && sumsq != 0);
+    let pp = s.gg_pingpong && !(name.ends_with("_acc") && sumsq != 0);
     let od = out.dtype();
     let to = if pp || od == DType::F32 {
         let cols = (128 / od.size_in_bytes()) as u32;
@@ -438,35 +416,24 @@ fn tma_vark(
 /// over `m` rows and `e` groups) a tile's main loop is short next to its f32 epilogue and the
 /// reduce-add rate bounds the kernel: every 4th tile takes the other path (BENCHMARKS 2026-12-01:
 /// Qwen3 shape, 512 rows a group, f+b 2.8-4.8% faster in 8 of 8 pairs; OLMoE's 1024 rows 1.8%
-/// slower, Mixtral's 2048 0.3%). `MOE_GG_PP_LDG=n` sets n for every shape (A/B).
+/// slower, Mixtral's 2048 0.3%; n = 1, 2, 3 no better than 4).
 fn pp_ldg_every(m: usize, e: usize) -> i32 {
-    static N: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
-    let forced = *N.get_or_init(|| {
-        std::env::var("MOE_GG_PP_LDG")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &i32| n >= 0)
-    });
-    forced.unwrap_or(if m < 768 * e { 4 } else { 0 })
-}
-
-/// Weight gradients through the ping-pong TMA kernel unless `MOE_GG_PINGPONG=0` (A/B;
-/// BENCHMARKS 2026-12-01: 1-2% faster f+b with written gradients, within the spread accumulating).
-fn pingpong() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("MOE_GG_PINGPONG").is_ok_and(|v| v == "0"))
+    if m < 768 * e {
+        4
+    } else {
+        0
+    }
 }
 
 /// The tiled VARM kernels: tile prefix, then one CTA per 128-row tile and column block plus E
-/// spare ones that zero the rows past offsets[E]. `name` is the kernel; with `rows` (gathered
-/// A: y = x[rows]·W[e]ᵀ) it also takes the permutation and x's row count.
+/// spare ones that zero the rows past offsets[E]. `name` is the kernel.
 #[allow(clippy::too_many_arguments)]
 fn launch_tiled_varm(
     dev: &Arc<CudaDevice>,
+    s: &KernelSettings,
     name: &str,
     y: &Tensor,
     x: &Tensor,
-    rows: Option<&Tensor>,
     w: &Tensor,
     offsets: &Tensor,
     n: usize,
@@ -474,137 +441,46 @@ fn launch_tiled_varm(
     let (m, k) = (y.dim(0), x.dim(1));
     let e = offsets.numel() - 1;
     let prefix = tile_prefix(dev, offsets)?;
-    let (_, bn, smem) = tiled_family(dev);
+    let (_, bn, smem) = tiled_family(dev, s);
     let blocks = (m.div_ceil(BM) + e) * n.div_ceil(bn);
     let grid = u32::try_from(blocks).map_err(|_| {
         Error::Invalid(format!(
             "grouped_matmul: {blocks} tiles exceed the grid limit"
         ))
     })?;
-    let mut launch = dev
-        .launch(
-            &kernels::GROUPED_GEMM,
-            name,
-            (grid, 1, 1),
-            (256, 1, 1),
-            smem,
-        )?
-        .ptr(dptr(y))
-        .ptr(dptr(x))
-        .ptr(dptr(w))
-        .ptr(dptr(offsets))
-        .ptr(dptr(&prefix));
-    if let Some(r) = rows {
-        launch = launch.ptr(dptr(r)).usize_as_i32(x.dim(0))?;
-    }
-    launch
-        .usize_as_i32(e)?
-        .usize_as_i32(m)?
-        .usize_as_i32(n)?
-        .usize_as_i32(k)?
-        .run()
+    dev.launch(
+        &kernels::GROUPED_GEMM,
+        name,
+        (grid, 1, 1),
+        (256, 1, 1),
+        smem,
+    )?
+    .ptr(dptr(y))
+    .ptr(dptr(x))
+    .ptr(dptr(w))
+    .ptr(dptr(offsets))
+    .ptr(dptr(&prefix))
+    .usize_as_i32(e)?
+    .usize_as_i32(m)?
+    .usize_as_i32(n)?
+    .usize_as_i32(k)?
+    .run()
 }
 
-/// `grouped_matmul(gather_rows(x, rows), w, offsets, true)` in one kernel (A rows read through
-/// `rows`), when the Hopper wgmma family applies; None otherwise (the caller gathers).
-pub(crate) fn grouped_matmul_gather(
-    dev: &Arc<CudaDevice>,
-    x: &Tensor,
-    rows: &Tensor,
-    w: &Tensor,
-    offsets: &Tensor,
-    n: usize,
-) -> Result<Option<Tensor>> {
-    let (m, k) = (rows.numel(), x.dim(1));
-    let e = offsets.numel() - 1;
-    // With the TMA kernels, gathering first and running them is the default (the gathered copy
-    // is aligned; w decides); `MOE_GG_GATHERED=1` keeps the cp.async kernel reading through the
-    // permutation (A/B comparisons).
-    static GATHERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let gathered =
-        *GATHERED.get_or_init(|| std::env::var("MOE_GG_GATHERED").is_ok_and(|v| v == "1"));
-    if tiled_family(dev).0 != "wg"
-        || (!gathered && tma_applies(dev, x.dtype(), &[dptr(w)]))
-        || !tensor_cores(x.dtype(), &[k, n])
-        || small_m(x.dtype(), m, n, k, e)
-    {
-        return Ok(None);
-    }
-    let y = Tensor::uninit(&[m, n], x.dtype(), x.device())?;
-    if n > 0 {
-        let name = format!("wg_ntg_{}", x.dtype().name());
-        launch_tiled_varm(dev, &name, &y, x, Some(rows), w, offsets, n)?;
-    }
-    Ok(Some(y))
-}
-
-/// The served-decode kernels' shapes: gate/up columns per block (of the plain kernel, and of the
-/// one that norms its rows); the down kernel's vectors per lane and row in flight, and its output
-/// columns per block. `MOE_SERVE_KERNELS=cCuUdD` picks them (A/B comparisons): C in {2, 4, 8}
-/// (both gate/up kernels), (U, D) in {(1, 8), (2, 8), (2, 4), (4, 4)}, each part optional;
-/// default c4u4d4 with 8 columns for the norming kernel (BENCHMARKS, 2026-11-30 fifth session: per batch-1 step, 4 gate/up
-/// columns 1.5-2.5% faster than 8 and 5% faster than 2; 4 down columns with 4 vectors in flight
-/// 1.3% faster than 8 columns with 2).
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct ServeVariant {
-    up_cols: usize,
-    unroll: usize,
-    down_cols: usize,
-    /// Gate/up columns per block of the kernel that also norms its rows (moe_serve_up_norm):
-    /// C when given, else 8 (BENCHMARKS, 2026-12-01: 22.7 us a layer against 28.0 for 4).
-    norm_cols: usize,
-}
-
-impl ServeVariant {
-    const DEFAULT: ServeVariant = ServeVariant {
-        up_cols: 4,
-        unroll: 4,
-        down_cols: 4,
-        norm_cols: 8,
-    };
-
-    /// Parse `cCuUdD` (any part may be left out: C 4; U 4; D 4 with U = 4, else 8, which keeps
-    /// the meaning of the older `c8u2`-style values). None for anything else.
-    fn parse(v: &str) -> Option<ServeVariant> {
-        let mut parts = [None; 3];
-        let mut rest = v.trim();
-        while let Some(key) = rest.chars().next() {
-            let slot = ['c', 'u', 'd'].iter().position(|&k| k == key)?;
-            let digit = rest[1..].chars().next()?.to_digit(10)? as usize;
-            if parts[slot].replace(digit).is_some() {
-                return None;
-            }
-            rest = &rest[2..];
-        }
-        let up_cols = parts[0].unwrap_or(4);
-        let unroll = parts[1].unwrap_or(4);
-        let down_cols = parts[2].unwrap_or(if unroll == 4 { 4 } else { 8 });
-        let ok =
-            [2, 4, 8].contains(&up_cols) && matches!((unroll, down_cols), (1 | 2, 8) | (2 | 4, 4));
-        ok.then_some(ServeVariant {
-            up_cols,
-            unroll,
-            down_cols,
-            norm_cols: parts[0].unwrap_or(8),
-        })
-    }
-}
-
-/// A streaming-loop kernel's launch shape, (blocks per SM, columns per group): `var=B` blocks
-/// per SM (0: the loop kernel off), `cols_var=C` one of `cols`; defaults `per_sm`, `cols[0]`.
-pub(crate) fn loop_shape(
-    var: &str,
-    cols_var: &str,
-    per_sm: usize,
-    cols: &[usize],
-) -> Option<(usize, usize)> {
-    let read = |v: &str| std::env::var(v).ok().and_then(|v| v.parse::<usize>().ok());
-    let per_sm = read(var).unwrap_or(per_sm);
-    let c = read(cols_var)
-        .filter(|c| cols.contains(c))
-        .unwrap_or(cols[0]);
-    (per_sm > 0).then_some((per_sm, c))
-}
+/// The served-decode kernels' shapes (BENCHMARKS, 2026-11-30 fifth session, per batch-1 step): 4
+/// gate/up columns per block, 1.5-2.5% faster than 8 and 5% faster than 2; the down kernel's 4
+/// output columns per block with 4 vectors per lane in flight, 1.3% faster than 8 columns with 2
+/// (2026-12-01 ninth session, Qwen3: 1.351-1.353 ms against 1.374-1.377).
+const SERVE_UP_COLS: usize = 4;
+const SERVE_DOWN_UNROLL: usize = 4;
+const SERVE_DOWN_COLS: usize = 4;
+/// Gate/up columns per block of the kernel that also norms its rows where the streaming loop
+/// does not apply (BENCHMARKS, 2026-12-01: 22.7 us a layer against 28.0 for 4).
+const SERVE_NORM_COLS: usize = 8;
+/// The norming gate/up kernel as a streaming loop: 4 blocks per SM, 2-column groups
+/// (BENCHMARKS, 2026-12-01 tenth session: OLMoE batch-1 step 1.061 -> 1.013 ms, Qwen3 1.531 ->
+/// 1.471; 2 or 3 blocks per SM 1.022-1.033 / 1.490-1.495; 4-column groups 1.018 / 1.471).
+const SERVE_UP_LOOP: (usize, usize) = (4, 2);
 
 /// A streaming-loop kernel's 16-byte vectors per thread (NV) for rows of `k` values of `dtype`,
 /// and its one wave of blocks at `per_sm` blocks per SM (two vectors per thread hold twice the
@@ -617,29 +493,6 @@ pub(crate) fn loop_wave(
 ) -> Option<(usize, usize)> {
     let nv = (k / (16 / dtype.size_in_bytes())).div_ceil(256).max(1);
     (nv <= 2).then(|| (nv, (per_sm / nv).max(1) * dev.sm_count()))
-}
-
-/// The norming gate/up kernel as a streaming loop: `MOE_SERVE_UP_LOOP=B` blocks per SM (0:
-/// off), `MOE_SERVE_UP_LOOP_COLS=C` in 2 / 4; default (4, 2) (BENCHMARKS, 2026-12-01 tenth
-/// session: OLMoE batch-1 step 1.061 -> 1.013 ms, Qwen3 1.531 -> 1.471; 2 or 3 blocks per SM
-/// 1.022-1.033 / 1.490-1.495).
-fn up_loop() -> Option<(usize, usize)> {
-    static V: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
-    *V.get_or_init(|| loop_shape("MOE_SERVE_UP_LOOP", "MOE_SERVE_UP_LOOP_COLS", 4, &[2, 4]))
-}
-
-fn serve_variant() -> ServeVariant {
-    static V: std::sync::OnceLock<ServeVariant> = std::sync::OnceLock::new();
-    *V.get_or_init(|| match std::env::var("MOE_SERVE_KERNELS") {
-        Err(_) => ServeVariant::DEFAULT,
-        Ok(v) => ServeVariant::parse(&v).unwrap_or_else(|| {
-            tracing::warn!(
-                "MOE_SERVE_KERNELS={v:?} is not cCuUdD with C in 2/4/8 and (U, D) in \
-                 (1, 8) (2, 8) (2, 4) (4, 4); using c4u4d4"
-            );
-            ServeVariant::DEFAULT
-        }),
-    })
 }
 
 /// `ops::moe_serve_swiglu`'s first kernel: a [k·T, F] = silu(g) ⊙ u per slot.
@@ -655,11 +508,10 @@ pub(crate) fn moe_serve_up(
     if f * k * t == 0 {
         return Ok(a);
     }
-    let cols = serve_variant().up_cols;
     dev.launch(
         &kernels::GROUPED_GEMM,
-        &format!("moe_serve_up_c{cols}_{}", x.dtype().name()),
-        (f.div_ceil(cols) as u32, (k * t) as u32, 1),
+        &format!("moe_serve_up_c{SERVE_UP_COLS}_{}", x.dtype().name()),
+        (f.div_ceil(SERVE_UP_COLS) as u32, (k * t) as u32, 1),
         (256, 1, 1),
         0,
     )?
@@ -690,13 +542,13 @@ pub(crate) fn moe_serve_down(
     if t * n == 0 {
         return Ok(y);
     }
-    let ServeVariant {
-        unroll, down_cols, ..
-    } = serve_variant();
     dev.launch(
         &kernels::GROUPED_GEMM,
-        &format!("moe_serve_down_u{unroll}d{down_cols}_{}", a.dtype().name()),
-        (n.div_ceil(down_cols) as u32, t as u32, 1),
+        &format!(
+            "moe_serve_down_u{SERVE_DOWN_UNROLL}d{SERVE_DOWN_COLS}_{}",
+            a.dtype().name()
+        ),
+        (n.div_ceil(SERVE_DOWN_COLS) as u32, t as u32, 1),
         (256, 1, 1),
         0,
     )?
@@ -798,17 +650,9 @@ pub(crate) fn o_router_topk(
     let z = Tensor::uninit(&[t, e], DType::F32, x.device())?;
     let ids = Tensor::uninit(&[k, t], DType::I32, x.device())?;
     // Router blocks of 4 experts (OR_RC) times the slices of K = D + C (one 16-byte vector per
-    // thread of 256 each, partial logits in zp; `MOE_OROUTE_SLICES=S` sets S, for A/B), then the
-    // o projection's blocks of SMALL_COLS columns.
-    static SLICES: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let slices = SLICES
-        .get_or_init(|| {
-            std::env::var("MOE_OROUTE_SLICES")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|&v| v > 0)
-        })
-        .unwrap_or(((d + c) / (16 / x.dtype().size_in_bytes())).div_ceil(256));
+    // thread of 256 each, partial logits in zp; BENCHMARKS 2026-12-01: Qwen3 batch-1 step 1.357
+    // -> 1.328 ms against one slice), then the o projection's blocks of SMALL_COLS columns.
+    let slices = ((d + c) / (16 / x.dtype().size_in_bytes())).div_ceil(256);
     let zp = Tensor::uninit(&[slices, t, e], DType::F32, x.device())?;
     let blocks = e.div_ceil(4) * slices + d.div_ceil(SMALL_COLS);
     dev.launch(
@@ -858,10 +702,12 @@ pub(crate) fn moe_serve_swiglu_norm(
     let wts = Tensor::uninit(&[k, t], DType::F32, s.device())?;
     // The streaming-loop kernel (one wave of blocks, each looping over column groups) where up
     // to two 16-byte vectors per thread cover K; else one block per column group.
-    let wave =
-        up_loop().and_then(|(per_sm, cols)| Some((cols, loop_wave(dev, per_sm, kd, s.dtype())?)));
+    let (per_sm, cols) = SERVE_UP_LOOP;
+    let wave = KernelSettings::read(|set| set.serve_up_loop)
+        .then(|| loop_wave(dev, per_sm, kd, s.dtype()))
+        .flatten();
     let (name, grid_x) = match wave {
-        Some((cols, (nv, wave))) => {
+        Some((nv, wave)) => {
             let groups = f.div_ceil(cols);
             let want = wave.div_ceil(k * t);
             (
@@ -869,13 +715,10 @@ pub(crate) fn moe_serve_swiglu_norm(
                 want.clamp(1, groups),
             )
         }
-        _ => {
-            let cols = serve_variant().norm_cols;
-            (
-                format!("moe_serve_up_norm_c{cols}_{}", s.dtype().name()),
-                f.div_ceil(cols),
-            )
-        }
+        None => (
+            format!("moe_serve_up_norm_c{SERVE_NORM_COLS}_{}", s.dtype().name()),
+            f.div_ceil(SERVE_NORM_COLS),
+        ),
     };
     dev.launch(
         &kernels::GROUPED_GEMM,
@@ -958,34 +801,4 @@ fn router_topk_launch<'d>(
         .f32(rule.scale)
         .ptr(counter);
     Ok(Some((logits, ids, wts, launch)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ServeVariant;
-
-    #[test]
-    fn serve_variants_parse() {
-        let v = |c, u, d| {
-            Some(ServeVariant {
-                up_cols: c,
-                unroll: u,
-                down_cols: d,
-                norm_cols: c,
-            })
-        };
-        assert_eq!(ServeVariant::parse(""), Some(ServeVariant::DEFAULT));
-        assert_eq!(ServeVariant::parse("u4d4"), Some(ServeVariant::DEFAULT));
-        // An explicit C sets both gate/up kernels; without it the norming one takes 8.
-        assert_eq!(ServeVariant::parse("c4u4d4"), v(4, 4, 4));
-        assert_eq!(ServeVariant::parse("c8u2"), v(8, 2, 8));
-        assert_eq!(ServeVariant::parse("c4u1"), v(4, 1, 8));
-        assert_eq!(ServeVariant::parse("c2u2d4"), v(2, 2, 4));
-        let d8u1 = ServeVariant::parse("d8u1").unwrap();
-        assert_eq!((d8u1.up_cols, d8u1.unroll, d8u1.down_cols), (4, 1, 8));
-        assert_eq!(d8u1.norm_cols, 8);
-        for bad in ["c3", "u4d8", "u1d4", "c4c8", "x4", "c", "c4u", "c44"] {
-            assert_eq!(ServeVariant::parse(bad), None, "{bad}");
-        }
-    }
 }

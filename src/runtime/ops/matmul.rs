@@ -5,7 +5,7 @@
 
 use super::{cuda_dev, dptr, same_device};
 use crate::runtime::cuda::{blas_gemm, kernels, GemmArgs, GemmOperand};
-use crate::runtime::{cpu_from_f32, DType, Device, Error, Result, Tensor};
+use crate::runtime::{cpu_from_f32, DType, Device, Error, KernelSettings, Result, Tensor};
 
 /// How to multiply: `out = alpha · op(a) · op(b)`, with `op` transposing the last two dims when
 /// the flag is set. `out_dtype` defaults to `a`'s dtype (bf16 operands may produce f32, e.g. for
@@ -231,26 +231,17 @@ fn qkv_fused(x: &Tensor, wq: &Tensor, wk: &Tensor, wv: &Tensor) -> bool {
             .all(|&d| d == x.dtype())
 }
 
-/// Whether the q/k/v GEMV of up to 4 rows folds the RMSNorm into its products (gemv3_addnormf:
-/// the rows' factor applied after the dot products, no norm pass; 79 registers against 104 at
-/// one row, but more than the norm pass at 8) rather than norming the rows first
-/// (gemv3_addnorm); `MOE_QKV_NORM_FOLD=0` keeps the norm pass (A/B comparisons).
-fn qkv_norm_folded() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MOE_QKV_NORM_FOLD").map_or(true, |v| v != "0"))
-}
+/// Rows up to which the q/k/v GEMV folds the RMSNorm into its products (gemv3_addnormf: the
+/// rows' factor applied after the dot products, no norm pass; 79 registers against 104 at one
+/// row, but more than the norm pass at 8) rather than norming the rows first (gemv3_addnorm;
+/// BENCHMARKS 2026-12-01 ninth session, with the router fold).
+const QKV_FOLD_ROWS: usize = 4;
 
 /// The one-row folded q/k/v GEMV as a streaming loop (gemv3_addnormf_loop: one wave of blocks,
-/// each looping over column groups with the next group's weights in flight): `MOE_QKV_LOOP=B`
-/// blocks per SM (0: off), `MOE_QKV_LOOP_COLS=C` in 4 / 8; default (4, 4) (BENCHMARKS,
-/// 2026-12-01 tenth session: OLMoE batch-1 step 1.005 / 1.008 -> 0.997 / 0.998 ms, Qwen3 1.469
-/// -> 1.452; 8 columns 1.013 / 1.479).
-fn qkv_loop() -> Option<(usize, usize)> {
-    static V: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        super::grouped_cuda::loop_shape("MOE_QKV_LOOP", "MOE_QKV_LOOP_COLS", 4, &[4, 8])
-    })
-}
+/// each looping over column groups with the next group's weights in flight): 4 blocks per SM,
+/// 4-column groups (BENCHMARKS, 2026-12-01 tenth session: OLMoE batch-1 step 1.005 / 1.008 ->
+/// 0.997 / 0.998 ms, Qwen3 1.469 -> 1.452; 5 blocks per SM the same, 8 columns 1.013 / 1.479).
+const QKV_LOOP: (usize, usize) = (4, 4);
 
 /// The gemv3 launch (qkv_fused checked); with `addnorm` = (a, g, eps, new residual) the rows
 /// are x + a normed by g (gemv3_addnorm).
@@ -269,7 +260,7 @@ fn qkv_launch(
     let cols = super::grouped_cuda::SMALL_COLS;
     let mut blocks = nq.div_ceil(cols) + 2 * nk.div_ceil(cols);
     let (name, smem) = match addnorm {
-        Some(_) if m <= 4 && qkv_norm_folded() => ("gemv3_addnormf", 0),
+        Some(_) if m <= QKV_FOLD_ROWS => ("gemv3_addnormf", 0),
         Some(_) => ("gemv3_addnorm", m * k * x.dtype().size_in_bytes()),
         None => ("gemv3_nt", 0),
     };
@@ -280,13 +271,12 @@ fn qkv_launch(
         x.dtype().name()
     );
     // One row and K within two 16-byte vectors per thread: the streaming loop.
-    let wave = match (qkv_loop(), name, m) {
-        (Some((per_sm, c)), "gemv3_addnormf", 1) => {
-            super::grouped_cuda::loop_wave(&dev, per_sm, k, x.dtype()).map(|w| (c, w))
-        }
+    let (per_sm, c) = QKV_LOOP;
+    let wave = match (KernelSettings::read(|s| s.qkv_loop), name, m) {
+        (true, "gemv3_addnormf", 1) => super::grouped_cuda::loop_wave(&dev, per_sm, k, x.dtype()),
         _ => None,
     };
-    if let Some((c, (nv, wave))) = wave {
+    if let Some((nv, wave)) = wave {
         let groups = nq.div_ceil(c) + 2 * nk.div_ceil(c);
         blocks = wave.clamp(1, groups);
         kernel = format!("gemv3_addnormf_loop_c{c}v{nv}_{}", x.dtype().name());

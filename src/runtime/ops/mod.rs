@@ -79,11 +79,11 @@ pub(crate) fn dptr(t: &Tensor) -> u64 {
 
 /// Whether the `_v8` variant of a row kernel applies: rows of `d` elements, a multiple of 8, and
 /// every tensor 16-byte aligned (each thread then moves 8 elements with 16-byte accesses).
-/// `MOE_NO_V8=1` turns them all off (A/B comparisons, debugging).
+/// The `v8` setting off takes the one-element kernels everywhere.
 pub(crate) fn rows_v8(d: usize, ts: &[&Tensor]) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("MOE_NO_V8").is_ok_and(|v| v == "1"));
-    !off && d % 8 == 0 && ts.iter().all(|t| dptr(t) % 16 == 0)
+    crate::runtime::KernelSettings::read(|s| s.v8)
+        && d % 8 == 0
+        && ts.iter().all(|t| dptr(t) % 16 == 0)
 }
 
 /// Kernel name for a floating dtype: `base_f32`, `base_bf16`, `base_f16`.

@@ -289,11 +289,10 @@ fn argmax_into(
             }
             let dev = cuda_dev(x)?;
             let pos_lens = advance.as_ref().map_or((0, 0), |(p, l)| (dptr(p), dptr(l)));
-            // One pass: 2048 values per block, the last block of a row reduces its parts
-            // (`MOE_ARGMAX_TWO_PASS=1`: the two-kernel path, for A/B and its parity test).
-            static TWO_PASS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            let two_pass = *TWO_PASS
-                .get_or_init(|| std::env::var("MOE_ARGMAX_TWO_PASS").is_ok_and(|v| v == "1"));
+            // One pass: 2048 values per block, the last block of a row reduces its parts;
+            // past the arrival counters, inside a first graph capture, or with
+            // `argmax_two_pass`, two kernels.
+            let two_pass = crate::runtime::KernelSettings::read(|s| s.argmax_two_pass);
             if let (Some(counters), true) = (
                 dev.arrival_counters()?,
                 rows < crate::runtime::cuda::ARRIVAL_COUNTERS && !two_pass,
