@@ -5,7 +5,8 @@ random prompt ids, bf16, SDPA attention. The model is loaded once with plain
 implementation its config then reports is printed), and each variant is run per batch size:
   * `default`: as loaded (dynamic KV cache, no compile);
   * `experts=X`: `model.set_experts_implementation(X)` for X in grouped_mm, batched_mm, eager (transformers
-    5.17's ExpertsInterface; deepgemm and sonicmoe need kernels from the hub, not on the GPU machine);
+    5.17's ExpertsInterface; deepgemm and sonicmoe need kernels from the hub, not on the GPU machine); the
+    one plain loading already chose is not run twice;
   * `static+compile experts=X`: `generate(..., cache_implementation="static", compile_config=CompileConfig())`,
     transformers 5.x's documented fast-generation path (a static KV cache; the decode steps' forward
     compiled by generate itself, mode "reduce-overhead" = CUDA graphs; prefill eager). CUDA only; on the CPU
@@ -103,6 +104,9 @@ def main():
             note = ""
             if static and dev.type != "cuda":
                 note = "static cache, not compiled (generate compiles on CUDA only)"
+            if v == f"experts={loaded}":
+                rows.append((v, None, None, None, "= default (what plain from_pretrained chose)"))
+                continue
             if static and dev.type == "cuda" and compile_left <= 0:
                 rows.append((v, None, None, None, "skipped: --compile-budget-s spent"))
                 continue
