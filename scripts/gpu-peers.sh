@@ -61,7 +61,7 @@ gen() {
   step "moe generate $name" generate.log $moe bench generate --model "$ck/$name" --device cuda \
     --batch ${BATCH:-1,32} ${GEN_ARGS:-}
   step "HF generate $name" generate.log python3 $peers/hf_generate.py "$ck/$name" --batch ${BATCH:-1,32} \
-    --compile-budget-s ${HF_COMPILE_S:-150} ${GEN_ARGS:-}
+    --compile-budget-s ${HF_COMPILE_S:-120} ${GEN_ARGS:-}
 }
 
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu-peers.sh layer|train|gen-olmoe|gen-qwen3|all ..."; exit 2; }
