@@ -9,6 +9,8 @@
 # under `timeout` with what is left of DEADLINE_S (default 530 s from the start): a step cut short says so
 # and the call still returns its logs. torch.compile warm-ups are capped by the scripts' --compile-budget-s
 # (LAYER_COMPILE_S, TRAIN_VARIANTS, HF_COMPILE_S below); what a budget skipped is printed in its table.
+# Other knobs: TRAIN_ARGS (extra `moe bench train` flags, e.g. --expert-grad-dtype bf16), BATCH and GEN_ARGS
+# (both generate benches), OLMOE_LAYERS (16), QWEN_LAYERS (8), CKPT_DIR (/tmp/ckpt: kept while the machine is).
 set -uo pipefail
 start=$(date +%s)
 deadline=${DEADLINE_S:-530}
@@ -41,15 +43,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit,clocks.max.s
   | tee -a "$out/gpu.txt"
 step ceilings gpu.txt python3 $peers/ceilings.py
 
+# moe three ways around the peers: its default (f32 expert grads accumulated), then the peer's two columns'
+# semantics: bf16 .grads accumulated ("f+b acc") and bf16 .grads written ("f+b none" = set_to_none).
 layer() {
-  step "moe layer (weight grads accumulated, f32)" layer.log $moe bench moe-layer --device cuda
+  step "moe layer (expert grads f32, accumulated: moe's default)" layer.log $moe bench moe-layer --device cuda
   step "torch layer peers" layer.log python3 $peers/moe_layer_peers.py --compile-budget-s ${LAYER_COMPILE_S:-150}
-  step "moe layer (weight grads written, bf16: the peer's set_to_none)" layer.log \
+  step "moe layer (expert grads bf16, accumulated: the peer's f+b acc)" layer.log \
+    $moe bench moe-layer --device cuda --grad-dtype bf16
+  step "moe layer (expert grads bf16, written: the peer's f+b none)" layer.log \
     $moe bench moe-layer --device cuda --write-grads --grad-dtype bf16
 }
 
 train() {
-  step "moe train" train.log $moe bench train --device cuda --layers 8 --batch 4 --seq 2048
+  step "moe train" train.log $moe bench train --device cuda --layers 8 --batch 4 --seq 2048 ${TRAIN_ARGS:-}
   step "torch train peer" train.log python3 $peers/train_step_torch.py --layers 8 --batch 4 --seq 2048 \
     --variants ${TRAIN_VARIANTS:-eager,compile-layers}
 }
@@ -61,7 +67,7 @@ gen() {
   step "moe generate $name" generate.log $moe bench generate --model "$ck/$name" --device cuda \
     --batch ${BATCH:-1,32} ${GEN_ARGS:-}
   step "HF generate $name" generate.log python3 $peers/hf_generate.py "$ck/$name" --batch ${BATCH:-1,32} \
-    --compile-budget-s ${HF_COMPILE_S:-150} ${GEN_ARGS:-}
+    --compile-budget-s ${HF_COMPILE_S:-120} ${GEN_ARGS:-}
 }
 
 [ $# -gt 0 ] || { echo "usage: bash scripts/gpu-peers.sh layer|train|gen-olmoe|gen-qwen3|all ..."; exit 2; }

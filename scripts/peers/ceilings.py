@@ -32,6 +32,18 @@ def _best_ms(fn, device, warmup=2, reps=5):
     return best
 
 
+def _gemm_ms(device, n, reps):
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return _best_ms(lambda: torch.mm(a, b), device, reps=reps)
+
+
+def _copy_ms(device, nbytes, reps):
+    src = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16).normal_()
+    dst = torch.empty_like(src)
+    return _best_ms(lambda: dst.copy_(src), device, reps=reps)
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -43,16 +55,8 @@ def measure(device, gemm_n=8192, copy_bytes=1 << 30, reps=5):
     device = torch.device(device)
     if device.type == "cpu":  # keep a CPU smoke run short
         gemm_n, copy_bytes = min(gemm_n, 1024), min(copy_bytes, 1 << 26)
-    a = torch.randn(gemm_n, gemm_n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(gemm_n, gemm_n, device=device, dtype=torch.bfloat16)
-    ms = _best_ms(lambda: torch.mm(a, b), device, reps=reps)
-    tflops = 2.0 * gemm_n**3 / (ms * 1e-3) / 1e12
-    del a, b
-    src = torch.empty(copy_bytes // 2, device=device, dtype=torch.bfloat16).normal_()
-    dst = torch.empty_like(src)
-    ms = _best_ms(lambda: dst.copy_(src), device, reps=reps)
-    tbs = 2.0 * copy_bytes / (ms * 1e-3) / 1e12
-    del src, dst
+    tflops = 2.0 * gemm_n**3 / (_gemm_ms(device, gemm_n, reps) * 1e-3) / 1e12
+    tbs = 2.0 * copy_bytes / (_copy_ms(device, copy_bytes, reps) * 1e-3) / 1e12
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return device_name(device), tflops, tbs, gemm_n, copy_bytes

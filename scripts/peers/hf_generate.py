@@ -5,16 +5,18 @@ random prompt ids, bf16, SDPA attention. The model is loaded once with plain
 implementation its config then reports is printed), and each variant is run per batch size:
   * `default`: as loaded (dynamic KV cache, no compile);
   * `experts=X`: `model.set_experts_implementation(X)` for X in grouped_mm, batched_mm, eager (transformers
-    5.17's ExpertsInterface; deepgemm and sonicmoe need kernels from the hub, not on the GPU machine);
+    5.17's ExpertsInterface; deepgemm and sonicmoe need kernels from the hub, not on the GPU machine); the
+    one plain loading already chose is not run twice;
   * `static+compile experts=X`: `generate(..., cache_implementation="static", compile_config=CompileConfig())`,
     transformers 5.x's documented fast-generation path (a static KV cache; the decode steps' forward
     compiled by generate itself, mode "reduce-overhead" = CUDA graphs; prefill eager). CUDA only; on the CPU
     generate does not compile and the row says so.
-Timing per (variant, batch): one untimed warm-up generate of the full length (compilation and CUDA-graph
-capture land there, their wall time printed), then generate of 1 token (= prefill: prefill tok/s) and of
---new-tokens tokens; decode tok/s = batch * (new - 1) / (t_new - t_1). The fastest variant per batch is
-marked. Greedy tokens of every variant are compared with `default`'s for the first --check-tokens tokens
-(bf16 may diverge late: a mismatch is reported, not fatal).
+Timing per (variant, batch): one untimed warm-up generate (static: of the full length, the cache's size,
+where compilation and CUDA-graph capture land, their wall time printed; else of 4 tokens), then generate of
+1 token (= prefill: prefill tok/s) and of --new-tokens tokens; decode tok/s = batch * (new - 1) /
+(t_new - t_1). Rows print as they finish (default first, then the likeliest fastest); "HF best" closes
+each batch size. Greedy tokens of every variant are compared with `default`'s for the first
+--check-tokens tokens (bf16 may diverge late: a mismatch is reported, not fatal).
     python3 scripts/peers/hf_generate.py MODEL_DIR [--prompt-len 512 --new-tokens 128 --batch 1,32]
         [--variants default,experts=grouped_mm,...] [--device cpu] [--compile-budget-s 300]
 Pinned: torch 2.11, transformers 5.17.
@@ -31,8 +33,9 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ceilings  # noqa: E402
 
-VARIANTS = ["default", "experts=grouped_mm", "experts=batched_mm", "experts=eager",
-            "static+compile experts=grouped_mm", "static+compile experts=batched_mm"]
+# Likeliest fastest first after `default` (the token reference), so a run cut at its deadline loses the least.
+VARIANTS = ["default", "static+compile experts=grouped_mm", "experts=grouped_mm", "experts=batched_mm",
+            "static+compile experts=batched_mm", "experts=eager"]
 
 
 def sync(dev):
@@ -97,18 +100,30 @@ def main():
     for b in [int(x) for x in a.batch.split(",")]:
         ids = torch.randint(0, vocab, (b, a.prompt_len), generator=g).to(dev)
         rows, ref = [], None
+
+        def row(v, pre=None, dec=None, ms=None, note=""):
+            rows.append((v, dec))
+            if pre is None:
+                print(f"{b:>6} {a.prompt_len:>7} {v:<34} {'n/a':>14} {'n/a':>13} {'n/a':>9}  {note}", flush=True)
+            else:
+                print(f"{b:>6} {a.prompt_len:>7} {v:<34} {pre:>14.0f} {dec:>13.1f} {ms:>9.2f}  {note}", flush=True)
+
         for v in variants:
             static = v.startswith("static")
             impl = v.split("experts=")[1] if "experts=" in v else loaded
             note = ""
             if static and dev.type != "cuda":
                 note = "static cache, not compiled (generate compiles on CUDA only)"
+            if v == f"experts={loaded}":
+                row(v, note="= default (what plain from_pretrained chose)")
+                continue
             if static and dev.type == "cuda" and compile_left <= 0:
-                rows.append((v, None, None, None, "skipped: --compile-budget-s spent"))
+                row(v, note="skipped: --compile-budget-s spent")
                 continue
             try:
                 model.set_experts_implementation(impl)
-                warm, _ = timed_generate(model, ids, a.new_tokens, dev, static)
+                # Static: the full length (the cache's size, compilation, graph capture); else a short one.
+                warm, _ = timed_generate(model, ids, a.new_tokens if static else 4, dev, static)
                 if static and dev.type == "cuda":
                     compile_left -= warm
                     note = f"warm-up (compile + graph capture) {warm:.0f} s"
@@ -116,7 +131,7 @@ def main():
                 tn, out = timed_generate(model, ids, a.new_tokens, dev, static)
             except Exception as ex:  # report, keep going
                 msg = str(ex).strip().splitlines()[0][:120] if str(ex).strip() else ""
-                rows.append((v, None, None, None, f"failed: {type(ex).__name__}: {msg}"))
+                row(v, note=f"failed: {type(ex).__name__}: {msg}")
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
@@ -127,16 +142,12 @@ def main():
                 note = "; ".join(x for x in (note, first_mismatch(out, ref, n) or f"first {n} tokens = default's") if x)
             steps = a.new_tokens - 1
             decode = max(tn - t1, 1e-9)
-            rows.append((v, b * a.prompt_len / t1, b * steps / decode, 1e3 * decode / steps, note))
+            row(v, b * a.prompt_len / t1, b * steps / decode, 1e3 * decode / steps, note)
         done = [r for r in rows if r[1] is not None]
-        best = max(done, key=lambda r: r[2]) if done else None
-        for r in rows:
-            v, pre, dec, ms, note = r
-            if pre is None:
-                print(f"{b:>6} {a.prompt_len:>7} {v:<34} {'n/a':>14} {'n/a':>13} {'n/a':>9}  {note}")
-            else:
-                star = "best " if r is best else ""
-                print(f"{b:>6} {a.prompt_len:>7} {v:<34} {pre:>14.0f} {dec:>13.1f} {ms:>9.2f}  {star}{note}")
+        if done:
+            v, dec = max(done, key=lambda r: r[1])
+            print(f"{b:>6} {a.prompt_len:>7} {'HF best':<34} {'':>14} {dec:>13.1f} {1e3 * b / dec:>9.2f}  {v}",
+                  flush=True)
         model.set_experts_implementation(loaded)
 
 

@@ -7,7 +7,8 @@ backward) is run and printed; the fastest per shape is "torch best":
   * experts: `fused` gate_up weight [E, d, 2F] (one grouped GEMM) or `separate` gate and up weights;
   * combine: `index_add` (weighted rows added into y) or `sum` (rows put back in slot order, summed over k);
   * `compile[MODE]`: torch.compile(dynamic=False) of the fastest eager variant of the shape, MODE default and
-    max-autotune-no-cudagraphs, within --compile-budget-s (compile time printed; skipped ones say so);
+    max-autotune-no-cudagraphs, within --compile-budget-s (compile time printed; skipped ones say so). Eager
+    rows come first for every shape, then one compile pass per mode, then the "torch best" summary;
   * DeepSpeed-MoE (deepspeed.moe.layer.MoE, k <= 2) when importable; its own random weights, no numerics.
 Columns: fwd; f+b with the weight .grads accumulated into (as moe's default) and set to None before each
 step (moe's --write-grads); dx is always fresh. Numerics: every variant's y and dx against one fp32
@@ -17,6 +18,7 @@ here: moe's layer is checked against its f32 CPU reference by tests/moe_cuda_par
 thus held to the same math. Floor = max(3 FLOPs / GEMM ceiling, 3 x routed expert bytes / copy ceiling),
 ceilings measured in the same run (scripts/peers/ceilings.py) unless --peak-tflops/--peak-tbs are given.
     python3 scripts/peers/moe_layer_peers.py [--shapes d:F:E:k:T,...] [--device cpu] [--compile-budget-s 240]
+(--device cpu: a smoke test of the same code on tiny shapes; compile mode default only, through inductor's C++.)
 """
 import argparse
 import os
@@ -218,7 +220,8 @@ class Runner:
         x.grad = None
         return errs
 
-    def run(self, shape):
+    def setup(self, shape):
+        """Seeded weights (the same on every pass), x, dy, the fp32 reference, FLOPs and floor of a shape."""
         d, f, e, k, T = (int(v) for v in shape.split(":"))
         dev, dt = self.dev, torch.bfloat16
         g = torch.Generator(device=dev).manual_seed(0)
@@ -234,6 +237,11 @@ class Runner:
         flops = 2.0 * T * k * d * 3 * f + 2.0 * T * d * e
         active = min(e, T * k)
         floor = max(3 * flops / (self.peak_tflops * 1e12), 3 * active * 3 * f * d * 2 / (self.peak_tbs * 1e12)) * 1e3
+        return (d, f, e, k, T), weights, x, dy, ref, flops, floor
+
+    def eager(self, shape):
+        """Every eager variant and DeepSpeed-MoE; returns (rows, flops, floor)."""
+        (d, f, e, k, T), weights, x, dy, ref, flops, floor = self.setup(shape)
         rows = []  # (name, fwd, fb accumulate, fb set_to_none, y err, dx err, note)
         for pad, fused, combine in ((True, True, "index_add"), (False, True, "index_add"), (False, False, "index_add"),
                                     (False, True, "sum"), (False, False, "sum")):
@@ -241,70 +249,86 @@ class Runner:
             errs = self.check(m, x, dy, ref) if ref is not None else (None, None)
             rows.append((m.name(), *self.time_module(m, x, dy), *errs, ""))
             del m
-        best_eager = min(rows, key=lambda r: r[2])[0]
-        for mode in self.a.compile_modes:
-            name = f"compile[{mode}] {best_eager}"
-            if dev.type != "cuda":
-                rows.append((name, None, None, None, None, None, "skipped: compile runs on CUDA only here"))
-                continue
-            if self.compile_left <= 0:
-                rows.append((name, None, None, None, None, None, "skipped: --compile-budget-s spent"))
-                continue
-            torch._dynamo.reset()
-            pad, fused, combine = best_eager.split()
-            m = GroupedMoE(weights, k, pad == "padded16", fused == "fused", combine)
-            cm = torch.compile(m, mode=None if mode == "default" else mode, dynamic=False)
-            t0 = time.perf_counter()
-            try:
-                errs = self.check(cm, x, dy, ref) if ref is not None else (None, None)
-                if ref is None:
-                    cm(x).backward(dy)
-                torch.cuda.synchronize()
-                spent = time.perf_counter() - t0
-                self.compile_left -= spent
-                rows.append((name, *self.time_module(cm, x, dy), *errs, f"compiled in {spent:.0f} s"))
-            except Exception as ex:  # report, keep going
-                self.compile_left -= time.perf_counter() - t0
-                msg = str(ex).strip().splitlines()[0][:100] if str(ex).strip() else type(ex).__name__
-                rows.append((name, None, None, None, None, None, f"failed: {type(ex).__name__}: {msg}"))
-            del m, cm
-            torch._dynamo.reset()
-        if dev.type == "cuda" and not self.a.no_deepspeed:
+        if self.dev.type == "cuda" and not self.a.no_deepspeed:
             ds = deepspeed_moe(d, f, e, k)
             if ds is None:
                 rows.append(("deepspeed-moe", None, None, None, None, None, "n/a (k > 2 or not installed)"))
             else:
-                ds = ds.to(dev, dt)
+                ds = ds.to(self.dev, torch.bfloat16)
                 rows.append(("deepspeed-moe", *self.time_module(ds, x, dy), None, None, "own random weights"))
                 del ds
-        self.print_rows(shape, rows, flops, floor)
-        if dev.type == "cuda":
+        self.release()
+        return rows, flops, floor
+
+    def compiled(self, shape, mode, variant):
+        """torch.compile(mode, dynamic=False) of an eager variant: one row."""
+        name = f"compile[{mode}] {variant}"
+        if self.dev.type != "cuda" and mode != "default":
+            return (name, None, None, None, None, None, "skipped: on the CPU only mode default is tried")
+        if self.compile_left <= 0:
+            return (name, None, None, None, None, None, "skipped: --compile-budget-s spent")
+        (d, f, e, k, T), weights, x, dy, ref, _, _ = self.setup(shape)
+        torch._dynamo.reset()
+        pad, fused, combine = variant.split()
+        m = GroupedMoE(weights, k, pad == "padded16", fused == "fused", combine)
+        cm = torch.compile(m, mode=None if mode == "default" else mode, dynamic=False)
+        t0 = time.perf_counter()
+        try:
+            if ref is not None:
+                errs = self.check(cm, x, dy, ref)
+            else:
+                cm(x).backward(dy)
+                errs = (None, None)
+            if self.dev.type == "cuda":
+                torch.cuda.synchronize()
+            spent = time.perf_counter() - t0
+            self.compile_left -= spent
+            row = (name, *self.time_module(cm, x, dy), *errs, f"compiled in {spent:.0f} s")
+        except Exception as ex:  # report, keep going
+            self.compile_left -= time.perf_counter() - t0
+            msg = str(ex).strip().splitlines()[0][:100] if str(ex).strip() else ""
+            row = (name, None, None, None, None, None, f"failed: {type(ex).__name__}: {msg}")
+        del m, cm
+        torch._dynamo.reset()
+        self.release()
+        return row
+
+    def release(self):
+        if self.dev.type == "cuda":
             torch.cuda.empty_cache()
 
-    def print_rows(self, shape, rows, flops, floor):
+    def ok(self, r):
         tol = self.a.tol
+        return r[1] is not None and (r[4] is None or (r[4] < tol and r[5] < tol)) and not r[0].startswith("deep")
 
-        def ok(r):
-            return r[1] is not None and (r[4] is None or (r[4] < tol and r[5] < tol)) and not r[0].startswith("deep")
-
-        fine = [r for r in rows if ok(r)]
+    def print_rows(self, shape, rows, flops, floor, marks):
+        """Rows of one shape; `marks`: the rows to mark fastest against (all of the shape's so far)."""
+        tol = self.a.tol
+        fine = [r for r in marks if self.ok(r)]
         best = {i: min(fine, key=lambda r: r[i]) if fine else None for i in (1, 2, 3)}
         for r in rows:
             name, fw, fb, fbn, ey, ex, note = r
             if fw is None:
                 print(f"{shape:<22} {name:<64} {'n/a':>8} {'n/a':>8} {'n/a':>8} {'':>8} {'':>8} {'':>8} {'':>7} {'':>9}"
-                      f" {'':>9}  {note}")
+                      f" {'':>9}  {note}", flush=True)
                 continue
             err = "" if ey is None else f"{ey:9.2e} {ex:9.2e}"
             mark = "".join(c for i, c in ((1, "F"), (2, "A"), (3, "N")) if best[i] is r)
             if ey is not None and not (ey < tol and ex < tol):
                 note = f"NUMERICS ABOVE {tol:g} {note}".strip()
             print(f"{shape:<22} {name:<64} {fw:8.3f} {fb:8.3f} {fbn:8.3f} {flops / fw / 1e9:8.1f} "
-                  f"{3 * flops / min(fb, fbn) / 1e9:8.1f} {floor:8.3f} {fb / floor:7.2f} {err:>19}  {mark} {note}")
-        if fine:
-            print(f"{shape:<22} {'torch best':<64} {best[1][1]:8.3f} {best[2][2]:8.3f} {best[3][3]:8.3f} "
-                  f"{flops / best[1][1] / 1e9:8.1f} {3 * flops / min(best[2][2], best[3][3]) / 1e9:8.1f} {floor:8.3f} "
-                  f"{best[2][2] / floor:7.2f}  fwd: {best[1][0]}; accumulate: {best[2][0]}; set_to_none: {best[3][0]}")
+                  f"{3 * flops / min(fb, fbn) / 1e9:8.1f} {floor:8.3f} {fb / floor:7.2f} {err:>19}  {mark} {note}",
+                  flush=True)
+
+    def print_best(self, shape, rows, flops, floor, label):
+        fine = [r for r in rows if self.ok(r)]
+        if not fine:
+            print(f"{shape:<22} {label:<64} no variant ran with numerics ok", flush=True)
+            return
+        b = {i: min(fine, key=lambda r: r[i]) for i in (1, 2, 3)}
+        print(f"{shape:<22} {label:<64} {b[1][1]:8.3f} {b[2][2]:8.3f} {b[3][3]:8.3f} {flops / b[1][1] / 1e9:8.1f} "
+              f"{3 * flops / min(b[2][2], b[3][3]) / 1e9:8.1f} {floor:8.3f} {b[2][2] / floor:7.2f}  fwd: {b[1][0]}; "
+              f"acc: {b[2][0]}; none: {b[3][0]}", flush=True)
 
 
 def main():
@@ -334,8 +358,24 @@ def main():
     print(f"{'shape d:F:E:k:T':<22} {'variant':<64} {'fwd ms':>8} {'f+b acc':>8} {'f+b none':>8} {'fwd TF/s':>8} "
           f"{'f+b TF/s':>8} {'floor ms':>8} {'acc/flr':>7} {'y err':>9} {'dx err':>9}")
     r = Runner(a, dev, tflops, tbs)
-    for s in a.shapes.split(","):
-        r.run(s)
+    shapes = a.shapes.split(",")
+    done = {}  # shape -> (rows, flops, floor); eager first for every shape, then the compile passes
+    for s in shapes:
+        done[s] = r.eager(s)
+        r.print_rows(s, *done[s], done[s][0])
+        r.print_best(s, *done[s], "torch best eager")
+    for mode in a.compile_modes:
+        for s in shapes:
+            rows, flops, floor = done[s]
+            eager = [x for x in rows if r.ok(x) and not x[0].startswith(("compile", "deep"))]
+            if not eager:
+                continue
+            row = r.compiled(s, mode, min(eager, key=lambda x: x[2])[0])
+            rows.append(row)
+            r.print_rows(s, [row], flops, floor, rows)
+    print("# torch best per shape over every variant above (numerics ok)")
+    for s in shapes:
+        r.print_best(s, *done[s], "torch best")
 
 
 if __name__ == "__main__":

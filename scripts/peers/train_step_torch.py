@@ -85,9 +85,6 @@ def run(cfg, variant, args, dev, x, y):
         secs = time.perf_counter() - t
         mem = float("nan")
     last = loss.item()
-    del model, opt
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
     return secs / args.steps * 1e3, first, last, mem, warm, params
 
 
@@ -136,8 +133,8 @@ def main():
         except Exception as ex:  # report, keep going
             msg = str(ex).strip().splitlines()[0][:120] if str(ex).strip() else ""
             rows.append((v, None, None, None, None, None, f"failed: {type(ex).__name__}: {msg}"))
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+        if dev.type == "cuda":  # the variant's model and optimizer went with run()'s frame
+            torch.cuda.empty_cache()
     inactive = (cfg.num_experts - cfg.num_experts_per_tok) * 3 * d * cfg.intermediate_size * args.layers
     active = (total or 0) - inactive
     head_dim = d // cfg.num_attention_heads
