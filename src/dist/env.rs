@@ -319,7 +319,7 @@ mod tests {
                 world_size: 8,
                 local_rank: 1,
                 master_addr: "gpu12".into(),
-                master_port: 20000 + 123456 % 20000
+                master_port: 23456
             }
         );
         let e = env(&[

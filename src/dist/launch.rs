@@ -2,7 +2,7 @@
 //! with torchrun's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
 //! `MASTER_ADDR=127.0.0.1`, a free `MASTER_PORT`), prefixes their output with `[rank N]`, and when
 //! a worker fails, gives the others `timeout_s` to finish (they fail on their own once a peer is
-//! gone), terminates the rest and exits non-zero naming the rank that failed first.
+//! gone), terminates the rest and fails naming every rank that failed, with its exit status.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -116,23 +116,22 @@ pub fn launch(program: &Path, args: &LaunchArgs) -> Result<()> {
     for f in forwarders {
         let _ = f.join();
     }
-    let Some(&first) = failed.first() else {
+    if failed.is_empty() {
         return Ok(());
-    };
+    }
+    // The order seen is only a hint (a rank's peers may fail before its own exit is reported);
+    // the workers' own messages above name the rank they lost.
     let status = |r: usize| {
         statuses[r]
             .clone()
             .unwrap_or_else(|| "unknown status".into())
     };
-    let mut msg = format!("rank {first} failed first ({})", status(first));
-    let others: Vec<String> = failed[1..]
+    let list: Vec<String> = failed
         .iter()
         .filter(|r| !terminated.contains(r))
         .map(|&r| format!("rank {r} ({})", status(r)))
         .collect();
-    if !others.is_empty() {
-        msg += &format!("; then {}", others.join(", "));
-    }
+    let mut msg = format!("worker(s) failed, in the order seen: {}", list.join(", "));
     if !terminated.is_empty() {
         let list: Vec<String> = terminated.iter().map(|r| r.to_string()).collect();
         msg += &format!(

@@ -572,17 +572,30 @@ fn check_in(store: &StoreClient, env: &DistEnv, timeout: Duration) -> Result<()>
             ),
         });
     }
-    let keys: Vec<String> = (0..env.world_size).map(|r| format!("join/{r}")).collect();
-    store.get_all(&keys, deadline)?.map_err(|missing| {
-        let list: Vec<String> = missing.iter().map(|r| r.to_string()).collect();
-        rdv(format!(
+    let mut missing = Vec::new();
+    for r in 0..env.world_size {
+        match store.get_until(&format!("join/{r}"), deadline) {
+            Ok(Some(_)) => {}
+            Ok(None) => missing.push(r.to_string()),
+            // Rank 0 started first, so it gives up first; its store goes with it.
+            Err(e) if env.rank != 0 => {
+                return Err(rdv(format!(
+                    "rank {r} never arrived: the store went away while this rank waited for it \
+                     (rank 0 gave up first?): {e}"
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(rdv(format!(
             "rank(s) {} never arrived within {:.1} s (world size {}; did they start, with the same \
              MASTER_ADDR/MASTER_PORT?)",
-            list.join(", "),
+            missing.join(", "),
             timeout.as_secs_f64(),
             env.world_size
-        ))
-    })?;
+        )));
+    }
     Ok(())
 }
 
@@ -699,8 +712,8 @@ mod tests {
         let bytes = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
         let (a, b, c) = (bytes(&a), bytes(&b), bytes(&c));
         let sum = cpu::reduce_in_rank_order(&[&a, &b, &c], DType::F32, ReduceOp::Sum).unwrap();
-        // (1e8 + 1) rounds to 1e8 in f32, so the first column is 0, not 1.
-        assert_eq!(bytemuck::cast_slice::<u8, f32>(&sum), &[0.0, 2.5, 1.0]);
+        // 1e8 + 1 rounds to 1e8 and -1e8 + 1 to -1e8 in f32: columns 0 and 2 sum to 0, not 1.
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(&sum), &[0.0, 2.5, 0.0]);
         let avg = cpu::reduce_in_rank_order(&[&b, &b], DType::F32, ReduceOp::Avg).unwrap();
         assert_eq!(bytemuck::cast_slice::<u8, f32>(&avg), &[1.0, 1.0, 1.0]);
         let h = |v: &[f32]| -> Vec<u8> {
