@@ -4,6 +4,7 @@
 //! CPU and CUDA backends).
 
 pub mod bench;
+pub mod dist;
 pub mod infer;
 pub mod model;
 pub mod moe;
