@@ -61,8 +61,7 @@ pub struct CudaDevice {
     arch: String,
     sm_count: usize,
     blas: Mutex<blas::BlasHandle>,
-    /// Per family: the loaded module and its kernels' parameter sizes.
-    modules: Mutex<HashMap<&'static str, (Arc<CudaModule>, Arc<params::ParamLayouts>)>>,
+    modules: Mutex<HashMap<&'static str, LoadedFamily>>,
     functions: Mutex<HashMap<&'static str, HashMap<String, Kernel>>>,
     counters: OnceLock<CudaSlice<i32>>,
 }
@@ -74,6 +73,9 @@ pub(crate) struct Kernel {
     pub func: CudaFunction,
     pub params: Arc<[u32]>,
 }
+
+/// A family's loaded module and its kernels' parameter sizes.
+type LoadedFamily = (Arc<CudaModule>, Arc<params::ParamLayouts>);
 
 /// How many arrival counters `CudaDevice::arrival_counters` holds.
 pub(crate) const ARRIVAL_COUNTERS: usize = 1 << 16;
@@ -203,7 +205,8 @@ impl CudaDevice {
             .map_err(|e| Error::cuda("synchronize", e))
     }
 
-    /// Kernel `name` from `src`, its family compiled (or loaded from the disk cache) on first use.
+    /// Kernel `name` from `src`, its family compiled (or loaded from the disk cache) on first use,
+    /// with the `kernel_defines` in force then (the family stays loaded with them).
     pub(crate) fn function(&self, src: &KernelSource, name: &str) -> Result<Kernel> {
         if let Some(k) = self
             .functions
