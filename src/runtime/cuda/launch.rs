@@ -1,5 +1,7 @@
 //! A kernel launch with raw arguments: device addresses, ints and floats, pushed in the order of
-//! the kernel's parameter list. Every launch goes on the device's compute stream.
+//! the kernel's parameter list. Every launch goes on the device's compute stream. In debug builds
+//! the arguments' count and sizes are checked against the kernel's parameters (from its PTX entry,
+//! `params.rs`) before the launch.
 
 use std::ffi::c_void;
 
@@ -8,11 +10,23 @@ use cudarc::driver::sys as dsys;
 use super::{CudaDevice, KernelSource};
 use crate::runtime::{DType, Error, Result};
 
-/// A kernel parameter's bytes: a scalar or address in 8 bytes, or a TMA tensor map (128 bytes,
-/// passed by value as a `__grid_constant__` parameter).
+/// A kernel parameter's bytes: a scalar or address (`bytes` of 4 or 8, held in 8 so the driver's
+/// read of the parameter's size stays inside the slot), or a TMA tensor map (128 bytes, passed by
+/// value as a `__grid_constant__` parameter).
 enum Slot {
-    Word(u64),
+    Word { bits: u64, bytes: u32 },
     Map(Box<TensorMap>),
+}
+
+impl Slot {
+    /// The size of the parameter this argument is for.
+    #[cfg(debug_assertions)]
+    fn bytes(&self) -> u32 {
+        match self {
+            Slot::Word { bytes, .. } => *bytes,
+            Slot::Map(_) => std::mem::size_of::<TensorMap>() as u32,
+        }
+    }
 }
 
 /// A TMA tensor map (`CUtensorMap`) encoded on the host.
@@ -22,6 +36,9 @@ pub(crate) struct LaunchBuilder<'a> {
     dev: &'a CudaDevice,
     func: cudarc::driver::CudaFunction,
     kernel: String,
+    /// The kernel's parameter sizes in bytes (its PTX entry).
+    #[cfg(debug_assertions)]
+    params: std::sync::Arc<[u32]>,
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
     smem: u32,
@@ -36,6 +53,19 @@ pub(crate) fn grid_1d(n: usize, block: u32) -> u32 {
 }
 
 impl CudaDevice {
+    /// A launch of `kernel` from family `src` (compiled on first use) on the compute stream; push
+    /// its arguments, then `run`.
+    ///
+    /// # Safety contract
+    /// This is a safe function around an unsafe driver call, so the callers keep the contract the
+    /// type system cannot: the arguments are pushed in the order and with the types of the
+    /// kernel's parameter list (checked, in debug builds, against the count and sizes of its PTX
+    /// entry; a 4-byte `.i32` for an `int`, `.ptr` for a pointer, `.map` for a tensor map), every
+    /// address is a device buffer on this device large enough for what the kernel reads and writes
+    /// with the given sizes, and those buffers stay allocated until the kernel has run (buffers
+    /// freed on the host go back to the stream-ordered pool behind it, so a tensor dropped after
+    /// `run` is safe). `grid`, `block` and `smem` fit the kernel's `__launch_bounds__` and shared
+    /// memory.
     pub(crate) fn launch(
         &self,
         src: &KernelSource,
@@ -44,11 +74,13 @@ impl CudaDevice {
         block: (u32, u32, u32),
         smem: u32,
     ) -> Result<LaunchBuilder<'_>> {
-        let func = self.function(src, kernel)?;
+        let k = self.function(src, kernel)?;
         Ok(LaunchBuilder {
             dev: self,
-            func,
+            func: k.func,
             kernel: kernel.to_string(),
+            #[cfg(debug_assertions)]
+            params: k.params,
             grid,
             block,
             smem,
@@ -67,13 +99,15 @@ impl LaunchBuilder<'_> {
         self.pdl = self.dev.pdl_enabled();
         self
     }
-    pub fn ptr(mut self, p: u64) -> Self {
-        self.slots.push(Slot::Word(p));
+    fn word(mut self, bits: u64, bytes: u32) -> Self {
+        self.slots.push(Slot::Word { bits, bytes });
         self
     }
-    pub fn i32(mut self, v: i32) -> Self {
-        self.slots.push(Slot::Word(v as u32 as u64));
-        self
+    pub fn ptr(self, p: u64) -> Self {
+        self.word(p, 8)
+    }
+    pub fn i32(self, v: i32) -> Self {
+        self.word(v as u32 as u64, 4)
     }
     pub fn usize_as_i32(self, v: usize) -> Result<Self> {
         let v = i32::try_from(v).map_err(|_| {
@@ -84,18 +118,16 @@ impl LaunchBuilder<'_> {
         })?;
         Ok(self.i32(v))
     }
-    pub fn i64(mut self, v: i64) -> Self {
-        self.slots.push(Slot::Word(v as u64));
-        self
+    pub fn i64(self, v: i64) -> Self {
+        self.word(v as u64, 8)
     }
     /// A tensor map by value (a `const __grid_constant__ TmaMap` parameter).
     pub fn map(mut self, m: TensorMap) -> Self {
         self.slots.push(Slot::Map(Box::new(m)));
         self
     }
-    pub fn f32(mut self, v: f32) -> Self {
-        self.slots.push(Slot::Word(v.to_bits() as u64));
-        self
+    pub fn f32(self, v: f32) -> Self {
+        self.word(v.to_bits() as u64, 4)
     }
 
     pub fn run(self) -> Result<()> {
@@ -105,6 +137,11 @@ impl LaunchBuilder<'_> {
     }
 
     fn run_now(mut self) -> Result<()> {
+        #[cfg(debug_assertions)]
+        {
+            let given: Vec<u32> = self.slots.iter().map(Slot::bytes).collect();
+            super::params::check_args(&self.kernel, &self.params, &given)?;
+        }
         let f = self.func.cu_function();
         if self.smem > 48 * 1024 {
             unsafe {
@@ -125,7 +162,7 @@ impl LaunchBuilder<'_> {
             .slots
             .iter_mut()
             .map(|s| match s {
-                Slot::Word(w) => w as *mut u64 as *mut c_void,
+                Slot::Word { bits, .. } => bits as *mut u64 as *mut c_void,
                 Slot::Map(m) => &mut **m as *mut TensorMap as *mut c_void,
             })
             .collect();
@@ -153,10 +190,13 @@ impl LaunchBuilder<'_> {
                 attrs: &mut attr,
                 numAttrs: 1,
             };
+            // SAFETY: `params` holds one pointer per kernel parameter into `self.slots`, alive
+            // across the call (the driver copies the values); the rest is `launch`'s contract.
             unsafe {
                 dsys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()).result()
             }
         } else {
+            // SAFETY: as for cuLaunchKernelEx above.
             unsafe {
                 cudarc::driver::result::launch_kernel(
                     f,

@@ -4,8 +4,8 @@
 //! Allocation goes through `cuMemAllocAsync` on the compute stream with the pool's release
 //! threshold raised to "never", so freed blocks stay cached in the pool and a steady-state step
 //! makes no cudaMalloc calls (and stays capturable in a CUDA graph). Kernels are CUDA C in
-//! `kernels/*.cu`, compiled by NVRTC for the device's arch at first use and cached on disk
-//! (see `compile.rs`). Everything is loaded at run time: a machine without a driver builds and
+//! `kernels/*.cu`, one family per file, each compiled by NVRTC for the device's arch at its first
+//! use and cached on disk with its kernels' parameter layouts (see `compile.rs`, `params.rs`). Everything is loaded at run time: a machine without a driver builds and
 //! runs the same binary on the CPU.
 
 mod blas;
@@ -13,11 +13,12 @@ mod compile;
 pub mod graph;
 pub mod kernels;
 mod launch;
+mod params;
 pub mod profile;
 
 pub(crate) use blas::gemm_bf16_or_f32 as blas_gemm;
 pub(crate) use blas::{GemmArgs, GemmOperand};
-pub use compile::{cache_dir, compile, precompile, KernelSource};
+pub use compile::{cache_dir, compile, precompile, CompiledFamily, KernelHeader, KernelSource};
 pub(crate) use launch::{grid_1d, tensor_map, tensor_map_2d, LaunchBuilder};
 
 use std::collections::HashMap;
@@ -60,10 +61,21 @@ pub struct CudaDevice {
     arch: String,
     sm_count: usize,
     blas: Mutex<blas::BlasHandle>,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<&'static str, HashMap<String, CudaFunction>>>,
+    modules: Mutex<HashMap<&'static str, LoadedFamily>>,
+    functions: Mutex<HashMap<&'static str, HashMap<String, Kernel>>>,
     counters: OnceLock<CudaSlice<i32>>,
 }
+
+/// A loaded kernel and its parameters' sizes in bytes (checked against the launch's arguments in
+/// debug builds).
+#[derive(Clone)]
+pub(crate) struct Kernel {
+    pub func: CudaFunction,
+    pub params: Arc<[u32]>,
+}
+
+/// A family's loaded module and its kernels' parameter sizes.
+type LoadedFamily = (Arc<CudaModule>, Arc<params::ParamLayouts>);
 
 /// How many arrival counters `CudaDevice::arrival_counters` holds.
 pub(crate) const ARRIVAL_COUNTERS: usize = 1 << 16;
@@ -191,46 +203,56 @@ impl CudaDevice {
             .map_err(|e| Error::cuda("synchronize", e))
     }
 
-    /// Kernel `name` from `src`, compiled (or loaded from the disk cache) on first use.
-    pub(crate) fn function(&self, src: &KernelSource, name: &str) -> Result<CudaFunction> {
-        if let Some(f) = self
+    /// Kernel `name` from `src`, its family compiled (or loaded from the disk cache) on first use,
+    /// with the `kernel_defines` in force then (the family stays loaded with them).
+    pub(crate) fn function(&self, src: &KernelSource, name: &str) -> Result<Kernel> {
+        if let Some(k) = self
             .functions
             .lock()
             .map_err(|_| poisoned())?
             .get(src.name)
             .and_then(|m| m.get(name))
         {
-            return Ok(f.clone());
+            return Ok(k.clone());
         }
-        let module = {
+        let (module, layouts) = {
             let mut modules = self.modules.lock().map_err(|_| poisoned())?;
             match modules.get(src.name) {
                 Some(m) => m.clone(),
                 None => {
-                    let image = compile::compiled_module(src, &self.arch)?;
+                    let compiled =
+                        compile::compiled_module(src, &self.arch, &compile::kernel_defines())?;
                     self.ctx
                         .bind_to_thread()
                         .map_err(|e| Error::cuda("bind", e))?;
                     let m = self
                         .ctx
-                        .load_module(cudarc::nvrtc::Ptx::from_binary(image))
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
                         .map_err(|e| Error::cuda("load_module", e))?;
-                    modules.insert(src.name, m.clone());
-                    m
+                    let entry = (m, Arc::new(compiled.params));
+                    modules.insert(src.name, entry.clone());
+                    entry
                 }
             }
         };
-        let f = module.load_function(name).map_err(|e| Error::Cuda {
+        let func = module.load_function(name).map_err(|e| Error::Cuda {
             op: "load_function",
             msg: format!("kernel '{name}' in {}.cu: {e}", src.name),
         })?;
+        let params = layouts.get(name).cloned().ok_or_else(|| {
+            Error::Invalid(format!(
+                "kernel '{name}' in {}.cu: no parameter list in its PTX",
+                src.name
+            ))
+        })?;
+        let k = Kernel { func, params };
         self.functions
             .lock()
             .map_err(|_| poisoned())?
             .entry(src.name)
             .or_default()
-            .insert(name.to_string(), f.clone());
-        Ok(f)
+            .insert(name.to_string(), k.clone());
+        Ok(k)
     }
 
     pub(crate) fn with_blas<R>(&self, f: impl FnOnce(&blas::BlasHandle) -> Result<R>) -> Result<R> {

@@ -99,7 +99,7 @@ pub(crate) fn grouped_matmul(
             Some(tiles) => {
                 let (ks, cols) = small_mma_split(k, tiles);
                 dev.launch(
-                    &kernels::GROUPED_GEMM,
+                    &kernels::GEMV,
                     &format!("gg_mma_small_t{tiles}_k{ks}_{dt}"),
                     (n.div_ceil(cols) as u32, groups, 1),
                     (128, 1, 1),
@@ -108,7 +108,7 @@ pub(crate) fn grouped_matmul(
             }
             // Rows per chunk: about the mean rows per group (groups beyond it loop over chunks).
             None => dev.launch(
-                &kernels::GROUPED_GEMM,
+                &kernels::GEMV,
                 &format!("gg_small_nt_r{}_{dt}", small_rows(mean)),
                 (n.div_ceil(SMALL_COLS) as u32, groups, 1),
                 (256, 1, 1),
@@ -139,7 +139,7 @@ pub(crate) fn grouped_matmul(
         }
     } else {
         dev.launch(
-            &kernels::GROUPED_GEMM,
+            &kernels::GROUPED_SIMT,
             &format!("gg_simt_varm_{dt}"),
             (grid_1d(m * n, 256).min(65535 * 8), 1, 1),
             (256, 1, 1),
@@ -195,7 +195,7 @@ pub(crate) fn grouped_matmul_tn_into(
         let (prefix_name, bn, smem) = tiled_family(dev, &s);
         let tiles = p.div_ceil(BM) * q.div_ceil(bn);
         dev.launch(
-            &kernels::GROUPED_GEMM,
+            kernels::grouped_tiled(prefix_name),
             &format!("{prefix_name}_{name}"),
             (tiles as u32, e as u32, 1),
             (256, 1, 1),
@@ -212,7 +212,7 @@ pub(crate) fn grouped_matmul_tn_into(
     } else {
         let name = format!("gg_simt_vark_{dt}_{}", if same { "same" } else { "f32" });
         dev.launch(
-            &kernels::GROUPED_GEMM,
+            &kernels::GROUPED_SIMT,
             &name,
             (grid_1d(e * p * q, 256).min(65535 * 8), 1, 1),
             (256, 1, 1),
@@ -240,7 +240,7 @@ fn tile_prefix(dev: &Arc<CudaDevice>, offsets: &Tensor) -> Result<Tensor> {
     let e = offsets.numel() - 1;
     let prefix = Tensor::uninit(&[e + 1], DType::I32, offsets.device())?;
     dev.launch(
-        &kernels::GROUPED_GEMM,
+        &kernels::GROUPED_SCHEDULE,
         "gg_tile_prefix",
         (1, 1, 1),
         (256, 1, 1),
@@ -309,7 +309,7 @@ fn tma_varm(
     let tiles = (m.div_ceil(BM) + e) * n.div_ceil(WG_BN);
     let name = format!("tt_{}_{}", if trans_w { "nt" } else { "nn" }, dt.name());
     dev.launch(
-        &kernels::GROUPED_GEMM,
+        &kernels::GROUPED_WGMMA,
         &name,
         (tma_grid(dev, tiles), 1, 1),
         (384, 1, 1),
@@ -382,7 +382,7 @@ fn tma_vark(
     };
     let launch = dev
         .launch(
-            &kernels::GROUPED_GEMM,
+            &kernels::GROUPED_WGMMA,
             &kernel,
             (tma_grid(dev, tiles), 1, 1),
             (384, 1, 1),
@@ -449,7 +449,7 @@ fn launch_tiled_varm(
         ))
     })?;
     dev.launch(
-        &kernels::GROUPED_GEMM,
+        kernels::grouped_tiled(name),
         name,
         (grid, 1, 1),
         (256, 1, 1),
@@ -509,7 +509,7 @@ pub(crate) fn moe_serve_up(
         return Ok(a);
     }
     dev.launch(
-        &kernels::GROUPED_GEMM,
+        &kernels::SERVE_EXPERTS,
         &format!("moe_serve_up_c{SERVE_UP_COLS}_{}", x.dtype().name()),
         (f.div_ceil(SERVE_UP_COLS) as u32, (k * t) as u32, 1),
         (256, 1, 1),
@@ -543,7 +543,7 @@ pub(crate) fn moe_serve_down(
         return Ok(y);
     }
     dev.launch(
-        &kernels::GROUPED_GEMM,
+        &kernels::SERVE_EXPERTS,
         &format!(
             "moe_serve_down_u{SERVE_DOWN_UNROLL}d{SERVE_DOWN_COLS}_{}",
             a.dtype().name()
@@ -656,7 +656,7 @@ pub(crate) fn o_router_topk(
     let zp = Tensor::uninit(&[slices, t, e], DType::F32, x.device())?;
     let blocks = e.div_ceil(4) * slices + d.div_ceil(SMALL_COLS);
     dev.launch(
-        &kernels::GROUPED_GEMM,
+        &kernels::SERVE_ROUTER,
         &format!("o_route_r{}_{}", small_rows(t), x.dtype().name()),
         (blocks as u32, 1, 1),
         (256, 1, 1),
@@ -721,7 +721,7 @@ pub(crate) fn moe_serve_swiglu_norm(
         ),
     };
     dev.launch(
-        &kernels::GROUPED_GEMM,
+        &kernels::SERVE_EXPERTS,
         &name,
         (grid_x as u32, (k * t) as u32, 1),
         (256, 1, 1),
@@ -779,7 +779,7 @@ fn router_topk_launch<'d>(
     };
     let launch = dev
         .launch(
-            &kernels::GROUPED_GEMM,
+            &kernels::SERVE_ROUTER,
             &format!("{name}_r{}_{}", small_rows(t), x.dtype().name()),
             (e.div_ceil(SMALL_COLS) as u32, 1, 1),
             (256, 1, 1),

@@ -283,7 +283,7 @@ fn qkv_launch(
     }
     let launch = dev
         .launch(
-            &kernels::GROUPED_GEMM,
+            &kernels::GEMV,
             &kernel,
             (blocks as u32, 1, 1),
             (256, 1, 1),
@@ -394,7 +394,7 @@ fn run(out: &mut Tensor, a: &Tensor, b: &Tensor, spec: &Matmul, d: &Dims, beta: 
                 let rows = super::grouped_cuda::small_rows(d.m);
                 return cuda_dev(a)?
                     .launch(
-                        &kernels::GROUPED_GEMM,
+                        &kernels::GEMV,
                         &format!("gemv_nt_r{rows}_{}{suffix}", a.dtype().name()),
                         (d.n.div_ceil(super::grouped_cuda::SMALL_COLS) as u32, 1, 1),
                         (256, 1, 1),
