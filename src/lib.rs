@@ -7,5 +7,7 @@ pub mod bench;
 pub mod infer;
 pub mod model;
 pub mod moe;
+pub mod placement;
 pub mod runtime;
+pub mod simulate;
 pub mod train;
