@@ -63,7 +63,7 @@ impl TraceHeader {
         fields
             .into_iter()
             .find(|(_, a, b)| a != b)
-            .map(|(f, a, b)| format!("{f} = {a:?} in the trace, {b:?} expected"))
+            .map(|(f, a, b)| format!("{f} = {a} in the trace, {b} expected"))
     }
 }
 

@@ -82,6 +82,8 @@ pub struct Outcome {
     pub sync_s: f64,
     /// Mean over steps and layers of max / mean rows per GPU (real rows, not padding).
     pub load_imbalance: f64,
+    /// The same per step (mean over layers).
+    pub imbalance_by_step: Vec<f64>,
     /// Share of routed rows dropped (capacity only).
     pub dropped: f64,
     pub memory: Memory,
@@ -218,12 +220,13 @@ pub fn simulate(
     let sizes = costs.sizes();
     let row_bytes = d as u64 * costs.bytes.activation;
     let (mut compute, mut a2a, mut sync) = (0.0, 0.0, 0.0);
-    let (mut imbalance_sum, mut routed, mut dropped) = (0.0, 0u64, 0u64);
+    let (mut imbalance_by_step, mut routed, mut dropped) = (Vec::new(), 0u64, 0u64);
     let (mut max_sent, mut optimizer_moved) = (0.0, 0u64);
     let mut replicas = Vec::with_capacity(trace.steps.len());
     let mut rows = vec![0u64; gpus * gpus];
     for (_, counts) in &trace.steps {
         let mut sent = vec![0u64; gpus];
+        let mut step_imbalance = 0.0;
         for (l, c) in counts.iter().enumerate() {
             let placement = planner.placement(l);
             rows.fill(0);
@@ -258,7 +261,7 @@ pub fn simulate(
                 }
             }
             compute += busy.iter().copied().fold(0.0, f64::max);
-            imbalance_sum += imbalance(&real.iter().map(|&r| r as f64).collect::<Vec<_>>());
+            step_imbalance += imbalance(&real.iter().map(|&r| r as f64).collect::<Vec<_>>());
             let messages = (0..gpus * gpus)
                 .filter(|&i| rows[i] > 0)
                 .map(|i| (i / gpus, i % gpus, rows[i] * row_bytes));
@@ -269,6 +272,7 @@ pub fn simulate(
                 *s += 4 * b;
             }
         }
+        imbalance_by_step.push(step_imbalance / h.layers as f64);
         let ran = planner.advance(counts)?;
         replicas.push(
             ran.iter()
@@ -309,7 +313,8 @@ pub fn simulate(
         compute_s: compute / steps,
         all_to_all_s: a2a / steps,
         sync_s: sync / steps,
-        load_imbalance: imbalance_sum / (steps * h.layers as f64),
+        load_imbalance: imbalance_by_step.iter().sum::<f64>() / steps,
+        imbalance_by_step,
         dropped: if routed > 0 {
             dropped as f64 / routed as f64
         } else {
