@@ -206,8 +206,8 @@ mod tests {
     #[test]
     fn every_slot_layout_is_placeable() {
         // Skewed loads on many shapes: the plan always exists and respects the slots.
-        for ranks in 1..7 {
-            for experts in 1..10 {
+        for ranks in 1usize..7 {
+            for experts in 1usize..10 {
                 for slots in experts.div_ceil(ranks)..experts.div_ceil(ranks) + 3 {
                     let loads: Vec<f64> = (0..experts).map(|e| (1 << (e % 5)) as f64).collect();
                     let p = plan(&loads, ranks, slots).unwrap();
