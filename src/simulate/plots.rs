@@ -126,7 +126,7 @@ pub fn replica_heatmap(
         .configure_mesh()
         .disable_mesh()
         .x_desc("step")
-        .y_desc("layer x expert")
+        .y_desc("layer.expert")
         .x_label_formatter(&|x| format!("{}", cols.get(*x as usize).copied().unwrap_or(steps)))
         .y_label_formatter(&|y| {
             let r = picked.get(*y as usize).copied().unwrap_or(rows);
