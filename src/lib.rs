@@ -8,5 +8,7 @@ pub mod dist;
 pub mod infer;
 pub mod model;
 pub mod moe;
+pub mod placement;
 pub mod runtime;
+pub mod simulate;
 pub mod train;

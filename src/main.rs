@@ -27,6 +27,9 @@ enum Command {
     Bench(moe::bench::BenchArgs),
     /// Prepare training data: `moe data prepare FILES --out DIR` tokenizes text into shards.
     Data(moe::train::DataArgs),
+    /// Predict step time, load balance, drops and memory per GPU of expert placements (static,
+    /// capacity, rebalance, swift) on 8-256 GPUs from a routing trace and a cost file.
+    Simulate(moe::simulate::SimulateArgs),
     /// Compile the CUDA kernels for GPU archs into the kernel cache ($MOE_CACHE_DIR or
     /// ~/.cache/moe): NVRTC only, no GPU needed, so a deployment pays the compile beforehand.
     Kernels {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => moe::infer::run_chat(args),
         Command::Bench(args) => moe::bench::run(args),
         Command::Data(args) => moe::train::run_data(args),
+        Command::Simulate(args) => moe::simulate::run(args),
         Command::Kernels { arch } => precompile(&arch),
     };
     match result {

@@ -12,9 +12,9 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use super::{Error, Result};
 
 const FONT: &[u8] = include_bytes!("fonts/DejaVuSansMono-ascii.ttf");
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The embedded font is a fixed, valid file; if it were rejected plotters would only
@@ -75,7 +75,7 @@ pub fn loss_curve(path: &Path, points: &[(u64, f32)], title: &str) -> Result<()>
 }
 
 /// Viridis, five anchors linearly interpolated; `x` in [0, 1].
-fn viridis(x: f64) -> RGBColor {
+pub(crate) fn viridis(x: f64) -> RGBColor {
     const ANCHORS: [(f64, f64, f64); 5] = [
         (68.0, 1.0, 84.0),
         (59.0, 82.0, 139.0),
