@@ -30,6 +30,9 @@ enum Command {
     /// Predict step time, load balance, drops and memory per GPU of expert placements (static,
     /// capacity, rebalance, swift) on 8-256 GPUs from a routing trace and a cost file.
     Simulate(moe::simulate::SimulateArgs),
+    /// Start N worker processes of this binary on this host with torchrun's environment
+    /// (`moe launch --nproc 4 -- train --config run.toml`); a failing rank stops the others.
+    Launch(moe::dist::launch::LaunchArgs),
     /// Compile the CUDA kernels for GPU archs into the kernel cache ($MOE_CACHE_DIR or
     /// ~/.cache/moe): NVRTC only, no GPU needed, so a deployment pays the compile beforehand.
     Kernels {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => moe::bench::run(args),
         Command::Data(args) => moe::train::run_data(args),
         Command::Simulate(args) => moe::simulate::run(args),
+        Command::Launch(args) => moe::dist::launch::run_launch(&args).map_err(Into::into),
         Command::Kernels { arch } => precompile(&arch),
     };
     match result {
