@@ -324,7 +324,7 @@ pub struct KvCache {
     pub v: Vec<Tensor>,
     pub lens: Vec<usize>,
     pub max_len: usize,
-    /// Decode steps on a GPU through a CUDA graph (default on; `MOE_CUDA_GRAPHS=0` turns it
+    /// Decode steps on a GPU through a CUDA graph (default `KernelSettings::cuda_graphs`: on; `MOE_CUDA_GRAPHS=0` turns it
     /// off). While a step is being recorded no other thread may issue work on the device.
     pub use_graphs: bool,
     /// Most rows one prefill pass runs (default `PREFILL_TOKENS`).
@@ -370,9 +370,9 @@ struct DecodeState {
     chained: bool,
 }
 
-/// Whether a new cache decodes through CUDA graphs: yes unless `MOE_CUDA_GRAPHS=0`.
+/// Whether a new cache decodes through CUDA graphs (`KernelSettings::cuda_graphs`).
 fn graphs_by_default() -> bool {
-    std::env::var("MOE_CUDA_GRAPHS").map_or(true, |v| v != "0")
+    crate::runtime::KernelSettings::current().cuda_graphs
 }
 
 /// A decode step's positions (the tokens already cached) and lengths after it, from the
@@ -1111,11 +1111,8 @@ impl Model {
         folds: &[Option<Tensor>],
     ) -> Result<Tensor> {
         let x = ops::embedding(&inp.ids, &self.params.embed)?;
-        // `MOE_FOLD_NORMS=0` runs the add + RMSNorm kernels instead (A/B comparisons).
-        static UNFOLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let unfold =
-            *UNFOLD.get_or_init(|| std::env::var("MOE_FOLD_NORMS").is_ok_and(|v| v == "0"));
-        let xf = self.blocks_infer(x, !unfold, folds, |i, attn, input, project| {
+        let fold = crate::runtime::KernelSettings::current().fold_norms;
+        let xf = self.blocks_infer(x, fold, folds, |i, attn, input, project| {
             attn.decode(
                 &self.shape(i),
                 input,

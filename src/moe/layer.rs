@@ -9,7 +9,7 @@ use super::experts::{self, ExpertSaved};
 use super::router::{self, Routing};
 use crate::param_set;
 use crate::runtime::ops::{self, Activation, Matmul};
-use crate::runtime::{DType, Device, Error, Result, Tensor};
+use crate::runtime::{DType, Device, Error, KernelSettings, Result, Tensor};
 
 /// One MoE layer's weights (Linear layout [out, in]).
 pub struct MoeWeights {
@@ -334,9 +334,8 @@ pub fn moe_forward_served_addnorm(
 /// (a bias or a sigmoid score does not commute with the norm's positive factor) and no shared or
 /// residual part; `MOE_ROUTER_FOLD=0` says no (A/B comparisons).
 pub fn router_foldable(cfg: &MoeConfig, w: &MoeWeights) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("MOE_ROUTER_FOLD").is_ok_and(|v| v == "0"));
-    !off && matches!(cfg.router, RouterKind::Softmax { .. })
+    KernelSettings::current().router_fold
+        && matches!(cfg.router, RouterKind::Softmax { .. })
         && w.router_bias.is_none()
         && w.shared.is_none()
         && w.residual.is_none()
@@ -623,10 +622,9 @@ fn moe_forward_inner(
 /// reads its expert's weights itself, where the grouped kernels read each active expert once).
 /// `MOE_NO_SERVE_SLOTS=1` keeps the dispatch path (A/B comparisons).
 fn serve_slotwise(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("MOE_NO_SERVE_SLOTS").is_ok_and(|v| v == "1"));
     let vec = 16 / x.dtype().size_in_bytes();
-    !off && matches!(x.device(), Device::Cuda(_))
+    KernelSettings::current().serve_slots
+        && matches!(x.device(), Device::Cuda(_))
         && cfg.expert == ExpertKind::SwiGlu
         && w.b1.is_none()
         && w.b2.is_none()
@@ -638,8 +636,7 @@ fn serve_slotwise(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor) -> bool {
 /// Whether a served softmax router runs as one kernel (`ops::router_topk`);
 /// `MOE_FUSED_ROUTER=0` keeps the router GEMV + route kernel (A/B comparisons).
 fn fused_router() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !*OFF.get_or_init(|| std::env::var("MOE_FUSED_ROUTER").is_ok_and(|v| v == "0"))
+    KernelSettings::current().fused_router
 }
 
 /// z [T] f32 = x·(coef₀ − coef₁)ᵀ + (b₀ − b₁): the 2-way softmax as a sigmoid.
