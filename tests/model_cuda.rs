@@ -401,7 +401,7 @@ fn trainer_learns_on_cuda_in_bf16() {
 #[test]
 fn flash_attention_training_and_fused_norm_on_cuda() {
     use moe::model::{NativeMoe, NativeSpec, QkNorm};
-    use moe::moe::RouterKind;
+    use moe::moe::{MoeConfig, RouterKind};
     let Some((dev, _gpu)) = gpu() else { return };
     let spec = NativeSpec {
         vocab_size: 64,
@@ -421,15 +421,19 @@ fn flash_attention_training_and_fused_norm_on_cuda() {
             every: 1,
             first_dense: 0,
             experts: vec![8],
-            top_k: 2,
-            ffn_dim: 64,
-            expert: Default::default(),
-            expert_bias: false,
-            router: RouterKind::Softmax { renormalize: true },
-            shared: None,
-            residual: None,
-            aux_loss_coeff: 0.01,
-            z_loss_coeff: 0.0,
+            layer: MoeConfig {
+                d_model: 0,
+                n_experts: 0,
+                top_k: 2,
+                ffn_dim: 64,
+                expert: Default::default(),
+                expert_bias: false,
+                router: RouterKind::Softmax { renormalize: true },
+                shared: None,
+                residual: None,
+                aux_loss_coeff: 0.01,
+                z_loss_coeff: 0.0,
+            },
         }),
         init_std: 0.05,
     };
