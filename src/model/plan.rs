@@ -211,3 +211,86 @@ impl fmt::Display for StepPlan {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Device;
+
+    fn fixture(name: &str) -> Model {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+        Model::load_hf(&dir.join(name), Device::Cpu, None).unwrap()
+    }
+
+    /// On the CPU every block runs the twins: the add + norm as its own op, two-op attention,
+    /// router GEMM + route + grouped experts; the table has one row per run of equal blocks.
+    #[test]
+    fn cpu_plans_take_the_twins_and_print_one_row_per_run() {
+        // Three blocks: a dense one (mlp_only_layers = [0]), then two MoE ones.
+        let m = fixture("qwen3_moe_renorm");
+        let s = KernelSettings::default();
+        let p = m.decode_plan(2, &s).unwrap();
+        let qkv: Vec<QkvInput> = p.layers.iter().map(|l| l.qkv).collect();
+        use QkvInput::{AddNormKernel, Normed};
+        assert_eq!(qkv, [Normed, AddNormKernel, AddNormKernel]);
+        let folded: Vec<bool> = p.layers.iter().map(|l| l.out_folded).collect();
+        assert_eq!(folded, [true, true, false]);
+        for l in &p.layers {
+            assert_eq!(l.attention, AttnKind::DecodeRopeThenAttend);
+            assert!(l.attention_projects());
+        }
+        assert!(matches!(p.layers[0].ffn, FfnPlan::Dense));
+        for l in &p.layers[1..] {
+            assert!(matches!(l.ffn, FfnPlan::Moe(MoeServePlan::RouteGrouped)));
+        }
+        let table = p.to_string();
+        assert_eq!(table.lines().count(), 4, "{table}");
+        assert!(table.lines().nth(1).unwrap().starts_with("0 "), "{table}");
+        let unfolded = KernelSettings {
+            fold_norms: false,
+            ..s.clone()
+        };
+        let table = m.decode_plan(2, &unfolded).unwrap().to_string();
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(table.lines().nth(2).unwrap().starts_with("1-2 "), "{table}");
+        let p = m.prefill_plan(40, &s).unwrap();
+        assert!(p
+            .layers
+            .iter()
+            .all(|l| l.qkv == Normed && l.attention == AttnKind::Prefill && !l.out_folded));
+    }
+
+    /// Folding the norms changes where the CPU's add + norm runs, not what it computes: decode
+    /// logits are bit-identical with and without, and the cache keeps the plan it decoded by.
+    #[test]
+    fn cpu_decode_is_the_same_with_and_without_folded_norms() {
+        let m = fixture("qwen2_moe_shared");
+        let prompts = vec![vec![1u32, 5, 9], vec![3, 4]];
+        let run = |s: KernelSettings| {
+            s.scoped(|| {
+                let mut cache = m.new_kv_cache(2, 16).unwrap();
+                m.forward_infer(&prompts, &mut cache, false).unwrap();
+                let mut out = Vec::new();
+                for step in 0..3u32 {
+                    let feed = vec![vec![7 + step], vec![11 + step]];
+                    out.push(
+                        m.forward_infer(&feed, &mut cache, false)
+                            .unwrap()
+                            .to_f32_vec()
+                            .unwrap(),
+                    );
+                }
+                let folded = cache.decode_plan().unwrap().layers[0].out_folded;
+                (out, folded)
+            })
+        };
+        let s = KernelSettings::default();
+        let (a, fa) = run(s.clone());
+        let (b, fb) = run(KernelSettings {
+            fold_norms: false,
+            ..s
+        });
+        assert_eq!((fa, fb), (true, false));
+        assert_eq!(a, b);
+    }
+}
