@@ -6,7 +6,7 @@ mod common;
 
 use common::{fixture_dir, load_safetensors, rel_err, shifted};
 use moe::model::{Model, NativeMoe, NativeSpec, QkNorm, TrainOpts};
-use moe::moe::RouterKind;
+use moe::moe::{MoeConfig, RouterKind};
 use moe::runtime::{DType, Device, ParamSet, Tensor};
 
 #[test]
@@ -165,15 +165,19 @@ fn small_moe(expert_bias: bool) -> NativeMoe {
         every: 1,
         first_dense: 1,
         experts: vec![4],
-        top_k: 2,
-        ffn_dim: 12,
-        expert: Default::default(),
-        expert_bias,
-        router: RouterKind::Softmax { renormalize: true },
-        shared: None,
-        residual: None,
-        aux_loss_coeff: 0.01,
-        z_loss_coeff: 0.001,
+        layer: MoeConfig {
+            d_model: 0,
+            n_experts: 0,
+            top_k: 2,
+            ffn_dim: 12,
+            expert: Default::default(),
+            expert_bias,
+            router: RouterKind::Softmax { renormalize: true },
+            shared: None,
+            residual: None,
+            aux_loss_coeff: 0.01,
+            z_loss_coeff: 0.001,
+        },
     }
 }
 

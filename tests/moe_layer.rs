@@ -248,58 +248,71 @@ fn loss(cfg: &MoeConfig, w: &MoeWeights, x: &Tensor, dy: &Tensor) -> (f64, Vec<i
 fn gradients_match_finite_differences() {
     for &name in CASES {
         let (cfg, mut w, t) = load_case(name);
-        let (x, dy) = (t["x"].try_clone().unwrap(), &t["dy"]);
-        let (_, saved, _) = moe_forward(&cfg, &w, &x, Mode::Train { seed: 0 }).unwrap();
-        let mut g = w.zeros_like().unwrap();
-        let dx = moe_backward(&cfg, &w, &x, saved.as_ref().unwrap(), dy, 1.0, &mut g).unwrap();
-        let mut analytic: Vec<(String, Vec<f32>)> = vec![("x".into(), dx.to_vec().unwrap())];
-        g.visit("", &mut |n, gt| {
-            analytic.push((n.to_string(), gt.to_vec().unwrap()))
-        });
-        let eps = 1e-2f32;
-        let mut checked = 0;
-        for (pname, grad) in &analytic {
-            let n = grad.len();
-            let (mut num, mut ana) = (vec![], vec![]);
-            for s in 0..12usize {
-                let i = (s * 7919 + 13) % n;
-                let perturb = |w: &mut MoeWeights, x: &mut Tensor, delta: f32| {
-                    let apply = |p: &mut Tensor| p.as_mut_slice::<f32>().unwrap()[i] += delta;
-                    if pname == "x" {
-                        apply(x);
-                    } else {
-                        w.visit_mut("", &mut |nm, p| {
-                            if nm == pname {
-                                apply(p);
-                            }
-                        });
-                    }
-                };
-                let mut xx = x.try_clone().unwrap();
-                perturb(&mut w, &mut xx, eps);
-                let (lp, rp) = loss(&cfg, &w, &xx, dy);
-                perturb(&mut w, &mut xx, -2.0 * eps);
-                let (lm, rm) = loss(&cfg, &w, &xx, dy);
-                perturb(&mut w, &mut xx, eps);
-                if rp != rm {
-                    continue;
+        let x = t["x"].try_clone().unwrap();
+        check_finite_differences(name, &cfg, &mut w, &x, &t["dy"]);
+    }
+}
+
+/// `moe_backward` against central differences of `loss` (see `gradients_match_finite_differences`);
+/// returns the analytic gradients by name ("x" first).
+fn check_finite_differences(
+    name: &str,
+    cfg: &MoeConfig,
+    w: &mut MoeWeights,
+    x: &Tensor,
+    dy: &Tensor,
+) -> Vec<(String, Vec<f32>)> {
+    let (_, saved, _) = moe_forward(cfg, w, x, Mode::Train { seed: 0 }).unwrap();
+    let mut g = w.zeros_like().unwrap();
+    let dx = moe_backward(cfg, w, x, saved.as_ref().unwrap(), dy, 1.0, &mut g).unwrap();
+    let mut analytic: Vec<(String, Vec<f32>)> = vec![("x".into(), dx.to_vec().unwrap())];
+    g.visit("", &mut |n, gt| {
+        analytic.push((n.to_string(), gt.to_vec().unwrap()))
+    });
+    let eps = 1e-2f32;
+    let mut checked = 0;
+    for (pname, grad) in &analytic {
+        let n = grad.len();
+        let (mut num, mut ana) = (vec![], vec![]);
+        for s in 0..12usize {
+            let i = (s * 7919 + 13) % n;
+            let perturb = |w: &mut MoeWeights, x: &mut Tensor, delta: f32| {
+                let apply = |p: &mut Tensor| p.as_mut_slice::<f32>().unwrap()[i] += delta;
+                if pname == "x" {
+                    apply(x);
+                } else {
+                    w.visit_mut("", &mut |nm, p| {
+                        if nm == pname {
+                            apply(p);
+                        }
+                    });
                 }
-                num.push(((lp - lm) / (2.0 * eps as f64)) as f32);
-                ana.push(grad[i]);
-            }
-            if num.len() < 4 {
+            };
+            let mut xx = x.try_clone().unwrap();
+            perturb(w, &mut xx, eps);
+            let (lp, rp) = loss(cfg, w, &xx, dy);
+            perturb(w, &mut xx, -2.0 * eps);
+            let (lm, rm) = loss(cfg, w, &xx, dy);
+            perturb(w, &mut xx, eps);
+            if rp != rm {
                 continue;
             }
-            let e = common::rel_err(&ana, &num);
-            assert!(e < 1e-2, "{name}: d/d{pname} analytic vs finite differences: relative error {e:.3e}\n{ana:?}\n{num:?}");
-            checked += 1;
+            num.push(((lp - lm) / (2.0 * eps as f64)) as f32);
+            ana.push(grad[i]);
         }
-        assert!(
-            checked * 4 >= analytic.len() * 3,
-            "{name}: only {checked} of {} tensors had routing-stable samples",
-            analytic.len()
-        );
+        if num.len() < 4 {
+            continue;
+        }
+        let e = common::rel_err(&ana, &num);
+        assert!(e < 1e-2, "{name}: d/d{pname} analytic vs finite differences: relative error {e:.3e}\n{ana:?}\n{num:?}");
+        checked += 1;
     }
+    assert!(
+        checked * 4 >= analytic.len() * 3,
+        "{name}: only {checked} of {} tensors had routing-stable samples",
+        analytic.len()
+    );
+    analytic
 }
 
 #[test]
@@ -395,8 +408,22 @@ fn all_tokens_to_one_expert() {
         x.dim(0) as i32
     );
     assert!(y.to_f32_vec().unwrap().iter().all(|v| v.is_finite()));
-    let mut g = w.zeros_like().unwrap();
-    moe_backward(&cfg, &w, &x, saved.as_ref().unwrap(), &t["dy"], 1.0, &mut g).unwrap();
+    drop(saved);
+    // The backward of the degenerate routing against finite differences; the experts no slot
+    // reaches (every token's top 2 are experts 0 and 1: the others' logits tie at 0) get
+    // exactly zero weight gradients.
+    let grads = check_finite_differences("one expert", &cfg, &mut w, &x, &t["dy"]);
+    let slot_experts = cfg.top_k;
+    for (n, g) in &grads {
+        if n == "w1" || n == "w2" {
+            let per = g.len() / cfg.n_experts;
+            assert!(g[..slot_experts * per].iter().any(|&v| v != 0.0), "{n}");
+            assert!(
+                g[slot_experts * per..].iter().all(|&v| v == 0.0),
+                "{n}: an expert no token reaches has a gradient"
+            );
+        }
+    }
 }
 
 #[test]

@@ -266,7 +266,8 @@ fn hf_export_loads_with_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = small(2);
     // Qwen3-MoE's layout: softmax router, every layer MoE.
-    cfg.model.moe.as_mut().unwrap().router = moe::moe::RouterKind::Softmax { renormalize: true };
+    cfg.model.moe.as_mut().unwrap().layer.router =
+        moe::moe::RouterKind::Softmax { renormalize: true };
     cfg.model.moe.as_mut().unwrap().first_dense = 0;
     let mut t = Trainer::new(cfg, dir.path()).unwrap();
     t.verbose = false;

@@ -8,10 +8,12 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 
 use super::median_ms;
-use crate::moe::{moe_forward, moe_forward_named, Mode, MoeConfig, MoeWeights, RouterKind};
+use crate::moe::{
+    moe_forward, moe_serve, Mode, MoeConfig, MoeServePlan, MoeWeights, RouterKind, ServeInput,
+};
 use crate::runtime::ops::grouped_cuda::{moe_serve_down, moe_serve_up};
 use crate::runtime::ops::{self, RopeTable};
-use crate::runtime::{DType, Device, Tensor};
+use crate::runtime::{DType, Device, KernelSettings, Tensor};
 
 #[derive(Args)]
 pub struct DecodeOpsArgs {
@@ -217,10 +219,17 @@ pub fn run(a: DecodeOpsArgs) -> anyhow::Result<()> {
         expert_bytes + (a.experts * d * 2) as f64,
         &mut || moe_forward(&cfg, &w, &x, Mode::Infer).map(drop),
     )?;
+    let served = MoeServePlan::new(
+        &cfg,
+        &w,
+        x.dim(0),
+        ServeInput::Normed,
+        &KernelSettings::current(),
+    )?;
     time(
         "whole MoE block, served (route + slots)",
         expert_bytes + (a.experts * d * 2) as f64,
-        &mut || moe_forward_named(&cfg, &w, &x, Mode::Serve, "moe", false).map(drop),
+        &mut || moe_serve(&cfg, &w, &served, &x).map(drop),
     )?;
     // A decode batch of `tokens`: dense x·Wᵀ and router rows, and the experts with the batch's
     // k·T rows spread evenly over the experts (as uniform routing would).

@@ -17,7 +17,7 @@ use super::Timer;
 use crate::infer::{generate, GenOptions, SamplingParams};
 use crate::model::{Ffn, Model, ModelConfig};
 use crate::runtime::ops::write_rows;
-use crate::runtime::{DType, Device, Tensor};
+use crate::runtime::{DType, Device, KernelSettings, Tensor};
 
 #[derive(Args)]
 pub struct GenerateBenchArgs {
@@ -202,18 +202,23 @@ pub fn run(a: GenerateBenchArgs) -> anyhow::Result<()> {
         .iter()
         .flat_map(|b| modes.iter().map(move |g| (b, g)))
     {
-        // Read by new_kv_cache (single-threaded here).
-        std::env::set_var("MOE_CUDA_GRAPHS", if graphs { "1" } else { "0" });
         if a.compare_graphs {
             print!("{:>8} ", if graphs { "graphs" } else { "eager" });
         }
-        let (_, t) = generate(
-            &model,
-            None,
-            &prompts(b, a.prompt_len),
-            &opts(a.new_tokens),
-            &mut |_, _| {},
-        )?;
+        // The caches this run takes decode with or without graphs (`KvCache::use_graphs`).
+        let settings = KernelSettings {
+            cuda_graphs: graphs,
+            ..KernelSettings::current()
+        };
+        let (_, t) = settings.scoped(|| {
+            generate(
+                &model,
+                None,
+                &prompts(b, a.prompt_len),
+                &opts(a.new_tokens),
+                &mut |_, _| {},
+            )
+        })?;
         let step_ms = 1e3 * t.decode_s / t.decode_steps.max(1) as f64;
         // Batch b reads the weights once per step (experts: the distinct ones its tokens reach).
         let roof_ms = roofline_ms(active_weight_bytes(&model.config, model.dtype, b), gbs);

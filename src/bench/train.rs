@@ -9,7 +9,7 @@ use std::time::Instant;
 use clap::Args;
 
 use crate::model::{Model, NativeMoe, NativeSpec, QkNorm, TrainOpts};
-use crate::moe::{ExpertKind, RouterKind};
+use crate::moe::{ExpertKind, MoeConfig, RouterKind};
 use crate::runtime::{DType, Device, ParamSet, Tensor};
 use crate::train::metrics::{flops_per_token, peak_flops};
 use crate::train::optimizer::{clip_factor, grad_norm_sq_with, AdamWOptimizer, OptimizerConfig};
@@ -58,15 +58,19 @@ pub fn olmoe_spec(layers: usize, d: usize, seq: usize) -> NativeSpec {
             every: 1,
             first_dense: 0,
             experts: vec![64],
-            top_k: 8,
-            ffn_dim: d / 2,
-            expert: ExpertKind::SwiGlu,
-            expert_bias: false,
-            router: RouterKind::Softmax { renormalize: false },
-            shared: None,
-            residual: None,
-            aux_loss_coeff: 0.01,
-            z_loss_coeff: 0.0,
+            layer: MoeConfig {
+                d_model: 0,
+                n_experts: 0,
+                top_k: 8,
+                ffn_dim: d / 2,
+                expert: ExpertKind::SwiGlu,
+                expert_bias: false,
+                router: RouterKind::Softmax { renormalize: false },
+                shared: None,
+                residual: None,
+                aux_loss_coeff: 0.01,
+                z_loss_coeff: 0.0,
+            },
         }),
         init_std: 0.02,
     }

@@ -271,10 +271,9 @@ pub fn generate(
     Ok((out, timing))
 }
 
-/// Chained greedy steps unless `MOE_GREEDY_CHAIN=0` (A/B comparisons).
+/// Chained greedy steps unless `KernelSettings::greedy_chain` is off (A/B comparisons).
 fn chain_enabled() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !*OFF.get_or_init(|| std::env::var("MOE_GREEDY_CHAIN").is_ok_and(|v| v == "0"))
+    crate::runtime::KernelSettings::current().greedy_chain
 }
 
 /// One step through `Model::forward_infer` (prefill, or a decode step fed from the host): each

@@ -6,6 +6,7 @@
 //! context (and the pre-norm q/k with their rstd when q/k norm is on).
 
 use super::config::QkNorm;
+use super::plan::{AttnKind, LayerPlan, QkvInput};
 use crate::param_set;
 use crate::runtime::ops::{self, FlashSpec, KvLayout, Matmul, RopeTable, Softmax};
 use crate::runtime::{DType, Device, Error, Result, Tensor};
@@ -498,23 +499,28 @@ impl Attention {
     }
 
     /// One new token per sequence (row b of the input is sequence b's) at positions `pos` [B]
-    /// (the tokens already cached): appends K/V and attends over `lens`. Returns [B, d], or with
-    /// `project` false the context before the o projection, [B, H·hd] (its caller projects).
+    /// (the tokens already cached), by the block's decode plan `lp`: appends K/V and attends over
+    /// `lens`. Returns [B, d], or the context before the o projection, [B, H·hd], where the plan's
+    /// MoE takes it.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn decode(
         &self,
         sh: &AttnShape,
         inp: AttnIn<'_>,
+        lp: &LayerPlan,
         rope: &RopeTable,
         cache_k: &mut Tensor,
         cache_v: &mut Tensor,
         pos: &Tensor,
         lens: &Tensor,
         seqs: &Tensor,
-        project: bool,
     ) -> Result<Tensor> {
         let (h, hd) = (sh.heads, sh.head_dim);
-        // q/k/v in one GEMV launch, then q/k norm + RoPE + both cache writes in one kernel.
+        let declined = |op: &str| {
+            Error::Invalid(format!(
+                "attention: the decode plan chose {op} but it does not apply (plan and op disagree)"
+            ))
+        };
         let norm = match (&self.q_norm, &self.k_norm) {
             (Some(q), Some(k)) => Some(ops::QkNormSpec {
                 q,
@@ -535,41 +541,36 @@ impl Attention {
             self.v_bias.as_ref(),
         );
         let (q, k, v) = match inp {
-            AttnIn::AddNorm { x, a, g, eps } => {
-                match ops::add_rmsnorm_linear_qkv(
+            AttnIn::AddNorm { x, a, g, eps } if lp.qkv == QkvInput::AddNormFused => {
+                let (xn, q, k, v) = ops::add_rmsnorm_linear_qkv(
                     x, &a, g, eps, &self.q, bq, &self.k, bk, &self.v, bv,
-                )? {
-                    Some((xn, q, k, v)) => {
-                        *x = xn;
-                        (q, k, v)
-                    }
-                    None => {
-                        let h = ops::add_rmsnorm(x, &a, g, eps)?;
-                        ops::linear_qkv(&h, &self.q, bq, &self.k, bk, &self.v, bv)?
-                    }
-                }
+                )?
+                .ok_or_else(|| declined("add_rmsnorm_linear_qkv"))?;
+                *x = xn;
+                (q, k, v)
             }
-            AttnIn::Normed(h) => ops::linear_qkv(&h, &self.q, bq, &self.k, bk, &self.v, bv)?,
+            inp => ops::linear_qkv(&inp.resolve()?, &self.q, bq, &self.k, bk, &self.v, bv)?,
         };
         let bsz = q.dim(0);
         // Row b is sequence b's new token (seqs is 0..B in a decode step).
-        let ctx = match ops::attention_decode_step(
-            &q,
-            &k,
-            &v,
-            norm,
-            sh.clip,
-            rope,
-            pos,
-            cache_k,
-            cache_v,
-            lens,
-            h,
-            sh.scale(),
-            sh.window,
-        )? {
-            Some(ctx) => ctx,
-            None => {
+        let ctx = match lp.attention {
+            AttnKind::DecodeFused => ops::attention_decode_step(
+                &q,
+                &k,
+                &v,
+                norm,
+                sh.clip,
+                rope,
+                pos,
+                cache_k,
+                cache_v,
+                lens,
+                h,
+                sh.scale(),
+                sh.window,
+            )?
+            .ok_or_else(|| declined("attention_decode_step"))?,
+            AttnKind::DecodeRopeThenAttend | AttnKind::Prefill => {
                 let q = ops::qk_rope_kv_write(
                     &q, &k, &v, norm, sh.clip, rope, pos, seqs, cache_k, cache_v, h,
                 )?;
@@ -577,7 +578,7 @@ impl Attention {
             }
         };
         let ctx = ctx.reshape(&[bsz, h * hd])?;
-        if !project {
+        if !lp.attention_projects() {
             return Ok(ctx);
         }
         ops::linear(&ctx, &self.o, None)

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::moe::{ExpertKind, MoeConfig, ResidualMoe, RouterKind, SharedExperts};
+use crate::moe::{ExpertKind, MoeConfig, RouterKind, SharedExperts};
 use crate::runtime::ops::Activation;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,11 +46,13 @@ pub enum QkNorm {
     Full,
 }
 
-/// RoPE frequency scaling, as transformers' rope init functions define it.
+/// RoPE frequency scaling, as transformers' rope init functions define it; serialized as HF's
+/// `rope_parameters` (less `rope_theta`), which is how `save_hf` exports it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "rope_type", rename_all = "snake_case")]
 pub enum RopeScaling {
     #[default]
+    #[serde(rename = "default")]
     None,
     Linear {
         factor: f64,
@@ -770,30 +772,71 @@ pub struct NativeSpec {
     pub init_std: f32,
 }
 
+/// The MoE layers of a native model: which layers (`every`, from `first_dense` on), how many
+/// experts each (`experts`: one count, or one per MoE layer), and the layer's options — the
+/// fields of `MoeConfig` (declared there once) but `d_model` and `n_experts`, which
+/// `NativeSpec::resolve` fills in. In TOML all of them are keys of `[model.moe]`; unknown keys
+/// are errors, as elsewhere.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "MoeTable", into = "MoeTable")]
 pub struct NativeMoe {
-    #[serde(default = "one_usize")]
     pub every: usize,
-    #[serde(default)]
     pub first_dense: usize,
     pub experts: Vec<usize>,
-    pub top_k: usize,
-    pub ffn_dim: usize,
-    #[serde(default)]
-    pub expert: ExpertKind,
-    #[serde(default)]
-    pub expert_bias: bool,
-    #[serde(default)]
-    pub router: RouterKind,
-    #[serde(default)]
-    pub shared: Option<SharedExperts>,
-    #[serde(default)]
-    pub residual: Option<ResidualMoe>,
-    #[serde(default)]
-    pub aux_loss_coeff: f32,
-    #[serde(default)]
-    pub z_loss_coeff: f32,
+    pub layer: MoeConfig,
+}
+
+/// `[model.moe]` as keys and values: how `NativeMoe` is read and written.
+type MoeTable = serde_json::Map<String, Value>;
+
+impl TryFrom<MoeTable> for NativeMoe {
+    type Error = String;
+
+    fn try_from(mut t: MoeTable) -> Result<NativeMoe, String> {
+        for k in ["d_model", "n_experts"] {
+            if t.contains_key(k) {
+                return Err(format!(
+                    "moe.{k}: set by the model (model.d_model, model.moe.experts), not here"
+                ));
+            }
+        }
+        let mut take = |k: &str, default: Option<Value>| -> Result<Value, String> {
+            t.remove(k)
+                .or(default)
+                .ok_or_else(|| format!("missing field `{k}`"))
+        };
+        let num = |k: &str, v: Value| {
+            serde_json::from_value::<usize>(v).map_err(|e| format!("moe.{k}: {e}"))
+        };
+        let every = num("every", take("every", Some(1.into()))?)?;
+        let first_dense = num("first_dense", take("first_dense", Some(0.into()))?)?;
+        let experts = serde_json::from_value(take("experts", None)?)
+            .map_err(|e| format!("moe.experts: {e}"))?;
+        t.insert("d_model".into(), 0.into());
+        t.insert("n_experts".into(), 0.into());
+        let layer = serde_json::from_value(Value::Object(t)).map_err(|e| e.to_string())?;
+        Ok(NativeMoe {
+            every,
+            first_dense,
+            experts,
+            layer,
+        })
+    }
+}
+
+impl From<NativeMoe> for MoeTable {
+    fn from(m: NativeMoe) -> MoeTable {
+        let mut t = match serde_json::to_value(&m.layer) {
+            Ok(Value::Object(t)) => t,
+            _ => unreachable!("MoeConfig serializes as a map"),
+        };
+        // Options left out (None) are left out of the table too (TOML has no null).
+        t.retain(|k, v| !v.is_null() && k != "d_model" && k != "n_experts");
+        t.insert("every".into(), m.every.into());
+        t.insert("first_dense".into(), m.first_dense.into());
+        t.insert("experts".into(), m.experts.into());
+        t
+    }
 }
 
 fn theta() -> f64 {
@@ -804,9 +847,6 @@ fn eps() -> f64 {
 }
 fn yes() -> bool {
     true
-}
-fn one_usize() -> usize {
-    1
 }
 
 impl NativeSpec {
@@ -848,15 +888,7 @@ impl NativeSpec {
                     } else {
                         m.experts[j]
                     },
-                    top_k: m.top_k,
-                    ffn_dim: m.ffn_dim,
-                    expert: m.expert,
-                    expert_bias: m.expert_bias,
-                    router: m.router.clone(),
-                    shared: m.shared.clone(),
-                    residual: m.residual.clone(),
-                    aux_loss_coeff: m.aux_loss_coeff,
-                    z_loss_coeff: m.z_loss_coeff,
+                    ..m.layer.clone()
                 }),
                 _ => Ffn::Dense {
                     ffn_dim: self.ffn_dim,
@@ -892,5 +924,73 @@ impl NativeSpec {
         };
         cfg.validate().map_err(|e| format!("model.{e}"))?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every scaling's serde form (what `save_hf` writes as `rope_parameters`) reads back through
+    /// the HF parser as itself.
+    #[test]
+    fn rope_scaling_round_trips_through_hf_rope_parameters() {
+        let all = [
+            RopeScaling::None,
+            RopeScaling::Linear { factor: 2.0 },
+            RopeScaling::Dynamic { factor: 3.0 },
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 1024,
+                beta_fast: 16.0,
+                beta_slow: 2.0,
+                mscale: Some(0.5),
+                mscale_all_dim: None,
+                attention_factor: Some(1.5),
+                truncate: false,
+            },
+        ];
+        for s in all {
+            let mut p = serde_json::to_value(&s).unwrap();
+            p["rope_theta"] = 5e5.into();
+            let v = serde_json::json!({"max_position_embeddings": 4096, "rope_parameters": p});
+            let (theta, got, _) = Hf {
+                v: &v,
+                file: "config.json",
+            }
+            .rope()
+            .unwrap();
+            assert_eq!((theta, &got), (5e5, &s), "{p}");
+        }
+    }
+
+    #[test]
+    fn native_moe_reads_the_layer_options_and_refuses_unknown_keys() {
+        let text = "experts = [4]\ntop_k = 2\nffn_dim = 8\n[router]\nkind = \"softmax\"\n";
+        let m: NativeMoe = toml::from_str(text).unwrap();
+        assert_eq!((m.every, m.first_dense, &m.experts), (1, 0, &vec![4]));
+        assert_eq!((m.layer.top_k, m.layer.ffn_dim), (2, 8));
+        let back: NativeMoe = toml::from_str(&toml::to_string(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        for (bad, want) in [
+            ("topk = 3", "unknown field `topk`"),
+            ("d_model = 3", "moe.d_model: set by the model"),
+            ("every = -1", "moe.every"),
+        ] {
+            let err = toml::from_str::<NativeMoe>(&format!("{bad}\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+        let err = toml::from_str::<NativeMoe>("top_k = 2\nffn_dim = 8")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `experts`"), "{err}");
     }
 }

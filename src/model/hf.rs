@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::config::{Arch, Ffn, ModelConfig, QkNorm, RopeScaling};
+use super::config::{Arch, Ffn, ModelConfig, QkNorm};
 use super::weights::{self, Checkpoint};
 use super::{Attention, Block, FfnWeights, Model, ModelError, Params, Result};
 use crate::moe::{DenseMlp, MoeWeights, RouterKind, SharedWeights};
@@ -389,35 +389,10 @@ pub(super) fn save(m: &Model, dir: &Path) -> Result<PathBuf> {
         Arch::Olmoe => ("OlmoeForCausalLM", "olmoe"),
         Arch::Native => unreachable!("resolved by export_arch"),
     };
-    let rope = match &c.rope_scaling {
-        RopeScaling::None => json!({"rope_type": "default", "rope_theta": c.rope_theta}),
-        RopeScaling::Linear { factor } => {
-            json!({"rope_type": "linear", "rope_theta": c.rope_theta, "factor": factor})
-        }
-        RopeScaling::Dynamic { factor } => {
-            json!({"rope_type": "dynamic", "rope_theta": c.rope_theta, "factor": factor})
-        }
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => {
-            json!({"rope_type": "llama3", "rope_theta": c.rope_theta, "factor": factor, "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings})
-        }
-        RopeScaling::Yarn {
-            factor,
-            original_max_position_embeddings,
-            beta_fast,
-            beta_slow,
-            mscale,
-            mscale_all_dim,
-            attention_factor,
-            truncate,
-        } => {
-            json!({"rope_type": "yarn", "rope_theta": c.rope_theta, "factor": factor, "original_max_position_embeddings": original_max_position_embeddings, "beta_fast": beta_fast, "beta_slow": beta_slow, "mscale": mscale, "mscale_all_dim": mscale_all_dim, "attention_factor": attention_factor, "truncate": truncate})
-        }
-    };
+    // transformers 5's rope_parameters: the scaling as serde writes it, plus the base.
+    let mut rope = serde_json::to_value(&c.rope_scaling)
+        .map_err(|e| ModelError::Invalid(format!("rope scaling: {e}")))?;
+    rope["rope_theta"] = json!(c.rope_theta);
     let mut cfg = json!({
         "architectures": [arch_name],
         "model_type": model_type,

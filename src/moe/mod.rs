@@ -7,23 +7,26 @@
 //! permutation. No host synchronisation on the CUDA path: counts, offsets and statistics stay on
 //! the device. `config` names options as DeepSpeed / Megatron / HF do.
 //!
-//! API: `MoeConfig`, `MoeWeights` (+ `MoeGrads`, same names, f32), `moe_forward` →
-//! (y, `MoeSaved`, `MoeStats`), `moe_backward`, `update_router_bias`; `DenseMlp` is the dense
-//! FFN shared with the model.
+//! API: `MoeConfig`, `MoeWeights` (+ `MoeGrads`, same names, f32); training (`train.rs`):
+//! `moe_forward` → (y, `MoeSaved`, `MoeStats`), `moe_backward`, `update_router_bias`; serving
+//! (`serve.rs`): `MoeServePlan` decided once per step shape, `moe_serve` / `moe_serve_block`;
+//! `DenseMlp` is the dense FFN shared with the model.
 
 mod config;
 mod dense;
 mod dispatch;
 mod experts;
-mod layer;
 mod router;
+mod serve;
+mod train;
+mod weights;
 
 pub use config::{ExpertKind, MoeConfig, NoisyGate, ResidualMoe, RouterKind, SharedExperts};
 pub use dense::{DenseMlp, DenseMlpGrads, DenseSaved};
 pub use dispatch::{combine, combine_backward, dispatch, Dispatch};
-pub use layer::{
-    moe_backward, moe_backward_into, moe_forward, moe_forward_named, moe_forward_served_addnorm,
-    moe_forward_served_oroute, router_foldable, served_oroute_rule, Mode, MoeGrads, MoeSaved,
-    MoeStats, MoeWeights, ResidualWeights, SharedWeights,
-};
 pub use router::{check_finite, route, update_router_bias, Routing};
+pub use serve::{moe_serve, moe_serve_block, MoeServePlan, ServeInput};
+pub use train::{
+    moe_backward, moe_backward_into, moe_forward, moe_forward_named, Mode, MoeSaved, MoeStats,
+};
+pub use weights::{MoeGrads, MoeWeights, ResidualWeights, SharedWeights};

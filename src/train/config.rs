@@ -17,7 +17,7 @@ use super::data::DataConfig;
 use super::optimizer::OptimizerConfig;
 use super::{Error, Result};
 use crate::model::{ModelConfig, NativeMoe, NativeSpec, QkNorm};
-use crate::moe::{ExpertKind, RouterKind};
+use crate::moe::{ExpertKind, MoeConfig, RouterKind};
 use crate::runtime::{DType, Device};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -164,15 +164,19 @@ pub fn default_model() -> NativeSpec {
             every: 1,
             first_dense: 0,
             experts: vec![8],
-            top_k: 2,
-            ffn_dim: 256,
-            expert: ExpertKind::SwiGlu,
-            expert_bias: false,
-            router: RouterKind::Softmax { renormalize: true },
-            shared: None,
-            residual: None,
-            aux_loss_coeff: 0.01,
-            z_loss_coeff: 0.001,
+            layer: MoeConfig {
+                d_model: 0,
+                n_experts: 0,
+                top_k: 2,
+                ffn_dim: 256,
+                expert: ExpertKind::SwiGlu,
+                expert_bias: false,
+                router: RouterKind::Softmax { renormalize: true },
+                shared: None,
+                residual: None,
+                aux_loss_coeff: 0.01,
+                z_loss_coeff: 0.001,
+            },
         }),
         init_std: 0.02,
     }
@@ -324,7 +328,7 @@ mod tests {
         let s = e("[train]\nbatch = 3");
         assert!(s.contains("unknown field `batch`"), "{s}");
         let mut c = TrainConfig::default();
-        c.model.moe.as_mut().unwrap().top_k = 9;
+        c.model.moe.as_mut().unwrap().layer.top_k = 9;
         let s = c.validate().unwrap_err().to_string();
         assert!(s.contains("top_k = 9"), "{s}");
         let s = e("[data]\nsource = \"synthetic\"\nmax_len = 40");
