@@ -8,4 +8,5 @@ pub mod infer;
 pub mod model;
 pub mod moe;
 pub mod runtime;
+pub mod serve;
 pub mod train;
