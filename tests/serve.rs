@@ -220,7 +220,7 @@ fn generate_json(hf: &str, extra: &[&str]) -> serde_json::Value {
 #[test]
 fn openai_client_against_moe_serve() {
     let py = Command::new("python3")
-        .args(["-c", "import openai, httpx"])
+        .args(["-c", "import openai"])
         .output();
     match py {
         Ok(o) if o.status.success() => {}

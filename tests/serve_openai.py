@@ -8,12 +8,15 @@ the first failure.
 """
 
 import concurrent.futures
+import http.client
 import json
 import sys
 import time
 
+import urllib.error
+import urllib.request
+
 try:
-    import httpx
     import openai
 except ImportError as e:  # tests/serve.rs checks this first; keep the message plain here too
     sys.exit(f"missing Python package: {e.name} (python3 -m pip install openai)")
@@ -27,6 +30,21 @@ GREEDY = {"temperature": 0, "max_tokens": MAX, "extra_body": {"ignore_eos": True
 
 client = openai.OpenAI(base_url=f"{BASE}/v1", api_key=KEY, timeout=60, max_retries=0)
 checks = 0
+
+
+def post(path, body, headers):
+    """(status, parsed JSON body) of a raw POST (stdlib: the cases a client library refuses to send)."""
+    req = urllib.request.Request(f"{BASE}{path}", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(path):
+    with urllib.request.urlopen(f"{BASE}{path}", timeout=30) as r:
+        return r.status, r.read().decode()
 
 
 def check(cond, what):
@@ -149,14 +167,13 @@ def bad_inputs():
     ]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         busy = pool.submit(one_stream, 0)
-        with httpx.Client(timeout=30) as http:
-            for name, body, headers, status in cases:
-                r = http.post(url, content=body, headers=headers)
-                check(r.status_code == status, f"{name}: {r.status_code} {r.text[:200]}")
-                err = r.json().get("error", {})
-                check(isinstance(err.get("message"), str) and err.get("type"), f"{name}: {r.text[:200]}")
-            r = http.post(f"{BASE}/v1/chat/completions", content=b"[]", headers=h)
-            check(r.status_code == 400 and "error" in r.json(), f"chat list body: {r.status_code}")
+        for name, body, headers, status in cases:
+            code, js = post("/v1/completions", body, headers)
+            err = js.get("error", {})
+            check(code == status, f"{name}: {code} {js}")
+            check(isinstance(err.get("message"), str) and err.get("type"), f"{name}: {js}")
+        code, js = post("/v1/chat/completions", b"[]", h)
+        check(code == 400 and "error" in js, f"chat list body: {code} {js}")
         p0, text, finish = busy.result(timeout=60)
         check(text == COMPLETIONS[p0], "a request served beside bad ones changed")
     try:
@@ -168,28 +185,32 @@ def bad_inputs():
 
 def disconnect_and_health():
     """A client that leaves mid-stream frees its row; /health and /metrics answer after the load."""
-    with httpx.Client(timeout=30) as http:
-        body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 30, "stream": True, "temperature": 0,
-                "ignore_eos": True}
-        with http.stream("POST", f"{BASE}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
-            for i, _ in enumerate(r.iter_lines()):
-                if i >= 2:
-                    break
-        deadline = time.time() + 20
-        metrics = ""
-        while time.time() < deadline:
-            metrics = http.get(f"{BASE}/metrics").text
-            if "moe_sequences_aborted_total 0" not in metrics and "moe_num_requests_running 0" in metrics:
-                break
-            time.sleep(0.2)
-        check("moe_num_requests_running 0" in metrics, "rows still in use after every client left")
-        check("moe_sequences_aborted_total 0" not in metrics, "the disconnected stream was not aborted")
-        check(http.get(f"{BASE}/health").status_code == 200, "health")
-        for name in ["moe_requests_total{route=\"/v1/completions\",status=\"200\"}",
-                     "moe_requests_total{route=\"/v1/completions\",status=\"400\"}",
-                     "moe_time_to_first_token_seconds_count", "moe_inter_token_latency_seconds_bucket",
-                     "moe_generation_tokens_total", "moe_kv_cache_rows_total"]:
-            check(name in metrics, f"/metrics lacks {name}")
+    host, port = BASE.removeprefix("http://").split(":")
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 400, "stream": True, "temperature": 0,
+            "ignore_eos": True}
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps(body),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = conn.getresponse()
+    check(r.status == 200, f"stream status {r.status}")
+    r.readline()
+    conn.sock.close()  # leave mid-stream
+    conn.close()
+    deadline = time.time() + 20
+    metrics = ""
+    while time.time() < deadline:
+        metrics = get("/metrics")[1]
+        if "moe_sequences_aborted_total 0" not in metrics and "moe_num_requests_running 0" in metrics:
+            break
+        time.sleep(0.2)
+    check("moe_num_requests_running 0" in metrics, "rows still in use after every client left")
+    check("moe_sequences_aborted_total 0" not in metrics, "the disconnected stream was not aborted")
+    check(get("/health")[0] == 200, "health")
+    for name in ["moe_requests_total{route=\"/v1/completions\",status=\"200\"}",
+                 "moe_requests_total{route=\"/v1/completions\",status=\"400\"}",
+                 "moe_time_to_first_token_seconds_count", "moe_inter_token_latency_seconds_bucket",
+                 "moe_generation_tokens_total", "moe_kv_cache_rows_total"]:
+        check(name in metrics, f"/metrics lacks {name}")
 
 
 basics()
