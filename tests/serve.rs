@@ -80,11 +80,11 @@ fn request(prompt: &[u32], n: usize, max_tokens: usize) -> (Request, Events) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let r = Request {
         prompts: vec![prompt.to_vec()],
+        max_tokens: vec![max_tokens],
         n,
         sampling: SamplingParams::default(),
         frequency_penalty: 0.0,
         presence_penalty: 0.0,
-        max_tokens,
         stop: Vec::new(),
         ignore_eos: true,
         logprobs: None,
@@ -120,9 +120,34 @@ fn drain(rx: &mut Events, choices: usize) -> Vec<Vec<u32>> {
 fn engine_batches_continuously_like_single_greedy() {
     let tmp = tempfile::tempdir().unwrap();
     tiny_model(tmp.path(), 64);
+    engine_case(&tmp.path().join("hf"), Device::Cpu, None);
+}
+
+/// The same on the GPU (skipped without one; MOE_REQUIRE_GPU=1 makes that a failure), in the
+/// checkpoint's dtype and in bf16: decode-only steps take the CUDA-graph decode path, mixed
+/// steps the prefill path.
+#[test]
+fn engine_batches_continuously_on_the_gpu() {
+    let gpu = match moe::runtime::cuda::device_count() {
+        Ok(n) if n > 0 => Device::Cuda(0),
+        r if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("MOE_REQUIRE_GPU=1 but no usable GPU: {r:?}")
+        }
+        _ => {
+            eprintln!("skipped: no CUDA GPU");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_model(tmp.path(), 64);
     let hf = tmp.path().join("hf");
-    let model = Model::load_hf(&hf, Device::Cpu, None).unwrap();
-    let tok = Arc::new(Tokenizer::load(&hf).unwrap());
+    engine_case(&hf, gpu, None);
+    engine_case(&hf, gpu, Some(moe::runtime::DType::BF16));
+}
+
+fn engine_case(hf: &Path, device: Device, dtype: Option<moe::runtime::DType>) {
+    let model = Model::load_hf(hf, device, dtype).unwrap();
+    let tok = Arc::new(Tokenizer::load(hf).unwrap());
     let prompts: Vec<Vec<u32>> = ["rev:abcdefghij=", "cp:xy=", "sum:1234567="]
         .iter()
         .map(|p| p.bytes().map(u32::from).collect())

@@ -95,6 +95,11 @@ def basics():
     check([c.index for c in r.choices] == [0, 1, 2], r.choices)
     check(all(c.text == full for c in r.choices), [c.text for c in r.choices])
     check(r.usage.completion_tokens == 3 * MAX, r.usage)
+    # A list of prompts: choice index = prompt index x n + completion index.
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[:2], n=2, **GREEDY)
+    want = [COMPLETIONS[PROMPTS[0]]] * 2 + [COMPLETIONS[PROMPTS[1]]] * 2
+    check([c.text for c in sorted(r.choices, key=lambda c: c.index)] == want, r.choices)
+    check(r.usage.prompt_tokens == len(PROMPTS[0]) + len(PROMPTS[1]), r.usage)
     sampled = dict(temperature=1.0, top_p=0.9, seed=7, n=2, max_tokens=MAX, extra_body={"ignore_eos": True, "top_k": 20})
     a = client.completions.create(model=MODEL, prompt=p, **sampled)
     b = client.completions.create(model=MODEL, prompt=p, **sampled)

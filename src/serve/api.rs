@@ -169,6 +169,7 @@ pub struct Limits {
 }
 
 /// A validated request, before its prompts are in the engine.
+#[derive(Debug)]
 pub struct Validated {
     pub sampling: SamplingParams,
     pub frequency_penalty: f32,
@@ -239,13 +240,15 @@ pub fn validate(c: &Common, lim: &Limits, prompts: usize) -> Result<Validated, A
     };
     let frequency_penalty = in_range("frequency_penalty", c.frequency_penalty, -2.0, 2.0, 0.0)?;
     let presence_penalty = in_range("presence_penalty", c.presence_penalty, -2.0, 2.0, 0.0)?;
-    let repetition_penalty = in_range(
-        "repetition_penalty",
-        c.repetition_penalty.or(d.repetition_penalty),
-        f32::MIN_POSITIVE,
-        f32::MAX,
-        1.0,
-    )?;
+    let repetition_penalty = c.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0);
+    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+        return Err(ApiError::invalid(
+            Some("repetition_penalty"),
+            format!(
+                "repetition_penalty = {repetition_penalty}: must be a finite value > 0 (1 = off)"
+            ),
+        ));
+    }
     let n = c.n.unwrap_or(1);
     if n == 0 || n * prompts > MAX_CHOICES {
         return Err(ApiError::invalid(

@@ -18,16 +18,16 @@ use crate::infer::{Finish, Progress, Sampler, SamplingParams, Tokenizer};
 use crate::model::{KvCache, Model};
 use crate::runtime::{ops, Device};
 
-/// One API request: `n` completions of each prompt.
+/// One API request: `n` completions of each prompt, prompt i's of at most `max_tokens[i]` tokens.
 pub struct Request {
     pub prompts: Vec<Vec<u32>>,
+    pub max_tokens: Vec<usize>,
     pub n: usize,
     pub sampling: SamplingParams,
     /// OpenAI's penalties on tokens already generated: `frequency` × their count, `presence`
     /// once each, subtracted from the logits before sampling.
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
-    pub max_tokens: usize,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     /// Log-probabilities of each chosen token and of this many most likely alternatives.
@@ -168,8 +168,25 @@ impl Engine {
         }
     }
 
-    /// Queues a request's sequences.
+    /// Queues a request's sequences. A prompt that leaves no room in a cache row, or a
+    /// request whose lists disagree, fails at once (the HTTP side checks these first).
     pub fn submit(&mut self, r: Request) {
+        let ctx = self.cfg.max_model_len;
+        if let Some(p) = r.prompts.iter().find(|p| p.is_empty() || p.len() >= ctx) {
+            let _ = r.events.send(Event::Failed(format!(
+                "a prompt of {} tokens does not fit a context of {ctx}",
+                p.len()
+            )));
+            return;
+        }
+        if r.max_tokens.len() != r.prompts.len() {
+            let _ = r.events.send(Event::Failed(format!(
+                "{} max_tokens for {} prompts",
+                r.max_tokens.len(),
+                r.prompts.len()
+            )));
+            return;
+        }
         let shared = Arc::new(Shared {
             stop: r.stop,
             ignore_eos: r.ignore_eos,
@@ -179,7 +196,8 @@ impl Engine {
             arrived: r.arrived,
             events: r.events,
         });
-        for (p, prompt) in r.prompts.into_iter().enumerate() {
+        for (p, (prompt, max)) in r.prompts.into_iter().zip(r.max_tokens).enumerate() {
+            let budget = max.min(ctx - prompt.len());
             for k in 0..r.n {
                 let choice = p * r.n + k;
                 let id = self.next_id;
@@ -191,7 +209,7 @@ impl Engine {
                         choice,
                         prompt_len: prompt.len(),
                         ids: prompt.clone(),
-                        progress: Progress::new(r.max_tokens),
+                        progress: Progress::new(budget),
                         sampler: Sampler::new(r.sampling.clone(), choice as u64),
                         last_token: None,
                     },

@@ -155,7 +155,8 @@ struct Job {
     kind: Kind,
     model: String,
     prompts: Vec<Vec<u32>>,
-    max_tokens: usize,
+    /// Per prompt.
+    max_tokens: Vec<usize>,
     logprobs: Option<usize>,
     v: api::Validated,
 }
@@ -186,17 +187,11 @@ async fn completions(
         return Err(ApiError::invalid(Some("prompt"), "prompt: an empty list"));
     }
     let v = api::validate(&r.common, &st.limits, prompts.len())?;
-    let mut max_tokens = 0;
-    for p in &prompts {
-        // OpenAI's default for completions: 16 tokens.
-        max_tokens = max_tokens.max(api::budget(
-            "prompt",
-            p,
-            r.common.max_tokens,
-            Some(16),
-            &st.limits,
-        )?);
-    }
+    // OpenAI's default for completions: 16 tokens.
+    let max_tokens = prompts
+        .iter()
+        .map(|p| api::budget("prompt", p, r.common.max_tokens, Some(16), &st.limits))
+        .collect::<Result<Vec<_>, _>>()?;
     if r.logprobs.is_some_and(|k| k > api::MAX_LOGPROBS) {
         return Err(ApiError::invalid(
             Some("logprobs"),
@@ -246,7 +241,7 @@ async fn chat(
         .map_err(|e| ApiError::invalid(Some("messages"), format!("{e:#}")))?;
     let v = api::validate(&r.common, &st.limits, 1)?;
     let max = r.max_completion_tokens.or(r.common.max_tokens);
-    let max_tokens = api::budget("messages", &prompt, max, None, &st.limits)?;
+    let max_tokens = vec![api::budget("messages", &prompt, max, None, &st.limits)?];
     let logprobs = match (r.logprobs.unwrap_or(false), r.top_logprobs) {
         (_, Some(k)) if k > api::MAX_LOGPROBS => {
             return Err(ApiError::invalid(
@@ -283,7 +278,7 @@ async fn run(st: &Arc<AppState>, job: Job) -> Result<Response, ApiError> {
         sampling: job.v.sampling.clone(),
         frequency_penalty: job.v.frequency_penalty,
         presence_penalty: job.v.presence_penalty,
-        max_tokens: job.max_tokens,
+        max_tokens: job.max_tokens.clone(),
         stop: job.v.stop.clone(),
         ignore_eos: job.v.ignore_eos,
         logprobs: job.logprobs,
