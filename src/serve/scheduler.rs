@@ -99,10 +99,6 @@ impl Scheduler {
         feed
     }
 
-    pub fn slot_of(&self, id: SeqId) -> Option<usize> {
-        self.slots.iter().position(|&s| s == Some(id))
-    }
-
     pub fn slots(&self) -> &[Option<SeqId>] {
         &self.slots
     }
@@ -136,7 +132,6 @@ mod tests {
         s.enqueue(13);
         assert_eq!(s.release(13), None);
         assert_eq!(s.waiting(), 0);
-        assert_eq!(s.slot_of(11), Some(1));
     }
 
     #[test]
