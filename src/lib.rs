@@ -10,5 +10,6 @@ pub mod model;
 pub mod moe;
 pub mod placement;
 pub mod runtime;
+pub mod serve;
 pub mod simulate;
 pub mod train;

@@ -23,6 +23,8 @@ enum Command {
     Generate(moe::infer::GenerateArgs),
     /// Chat with a model interactively (its chat template applied).
     Chat(moe::infer::ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+    Serve(moe::serve::ServeArgs),
     /// Measure kernels and layers on a device (prints a table; see BENCHMARKS.md).
     Bench(moe::bench::BenchArgs),
     /// Prepare training data: `moe data prepare FILES --out DIR` tokenizes text into shards.
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Train(args) => moe::train::run_train(args),
         Command::Generate(args) => moe::infer::run_generate(args),
         Command::Chat(args) => moe::infer::run_chat(args),
+        Command::Serve(args) => moe::serve::run(args),
         Command::Bench(args) => moe::bench::run(args),
         Command::Data(args) => moe::train::run_data(args),
         Command::Simulate(args) => moe::simulate::run(args),

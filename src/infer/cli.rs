@@ -92,16 +92,21 @@ struct Loaded {
     opts: GenOptions,
 }
 
-fn load(a: &CommonArgs) -> anyhow::Result<Loaded> {
-    let device = Device::parse(&a.device).with_context(|| format!("--device {}", a.device))?;
-    let dtype = match a.dtype.as_str() {
+/// Loads a model directory on `device` (auto | cpu | cuda | cuda:N) as `dtype` (auto | f32 |
+/// bf16 | f16) with its tokenizer and generation_config.json defaults.
+pub(crate) fn open_model(
+    dir: &Path,
+    device: &str,
+    dtype: &str,
+) -> anyhow::Result<(Model, Tokenizer, GenerationDefaults)> {
+    let device = Device::parse(device).with_context(|| format!("--device {device}"))?;
+    let dtype = match dtype {
         "auto" => None,
         d => Some(
             d.parse::<DType>()
                 .map_err(|e| anyhow::anyhow!("--dtype {d}: {e} (auto | f32 | bf16 | f16)"))?,
         ),
     };
-    let dir: &Path = &a.model;
     let tok = Tokenizer::load(dir)?;
     let gen = GenerationDefaults::load(dir)?;
     let t0 = Instant::now();
@@ -114,6 +119,26 @@ fn load(a: &CommonArgs) -> anyhow::Result<Loaded> {
         model.dtype,
         t0.elapsed().as_secs_f64()
     );
+    Ok((model, tok, gen))
+}
+
+/// End-of-sequence ids: generation_config.json's, else the model config's, else the
+/// tokenizer's eos_token.
+pub(crate) fn eos_ids(gen: &GenerationDefaults, model: &Model, tok: &Tokenizer) -> Vec<u32> {
+    let mut eos = gen.eos_token_ids.clone();
+    if eos.is_empty() {
+        eos = model.config.eos_token_ids.clone();
+    }
+    if eos.is_empty() {
+        if let Some(id) = tok.eos_token.as_deref().and_then(|t| tok.token_id(t)) {
+            eos.push(id);
+        }
+    }
+    eos
+}
+
+fn load(a: &CommonArgs) -> anyhow::Result<Loaded> {
+    let (model, tok, gen) = open_model(&a.model, &a.device, &a.dtype)?;
     let sample = match a.temperature {
         Some(t) => t > 0.0,
         None => gen.do_sample,
@@ -134,15 +159,7 @@ fn load(a: &CommonArgs) -> anyhow::Result<Loaded> {
         seed: a.seed,
     };
     sampling.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
-    let mut eos = gen.eos_token_ids.clone();
-    if eos.is_empty() {
-        eos = model.config.eos_token_ids.clone();
-    }
-    if eos.is_empty() {
-        if let Some(id) = tok.eos_token.as_deref().and_then(|t| tok.token_id(t)) {
-            eos.push(id);
-        }
-    }
+    let eos = eos_ids(&gen, &model, &tok);
     let opts = GenOptions {
         max_new_tokens: a.max_new_tokens.or(gen.max_new_tokens).unwrap_or(256),
         sampling,
@@ -153,7 +170,7 @@ fn load(a: &CommonArgs) -> anyhow::Result<Loaded> {
     Ok(Loaded { model, tok, opts })
 }
 
-fn chat_prompt(
+pub(crate) fn chat_prompt(
     tok: &Tokenizer,
     system: Option<&str>,
     history: &[Message],

@@ -56,14 +56,79 @@ pub struct GenTiming {
 /// Per-sequence progress.
 struct Seq {
     ids: Vec<u32>,
-    out: Vec<u32>,
-    text: String,
+    sampler: Sampler,
+    p: Progress,
+}
+
+/// One sequence's completion so far: its ids, text, stop rules and what of the text was shown
+/// (shared by `generate` and the server's engine).
+pub struct Progress {
+    /// Generated ids, an ending EOS included.
+    pub out: Vec<u32>,
+    /// The completion's text (cut at a stop string once one appears).
+    pub text: String,
     /// Bytes of `text` already handed to the caller.
     emitted: usize,
     stream: StreamDecoder,
-    sampler: Sampler,
-    budget: usize,
-    finish: Option<Finish>,
+    /// Most ids to generate.
+    pub budget: usize,
+    pub finish: Option<Finish>,
+}
+
+impl Progress {
+    pub fn new(budget: usize) -> Progress {
+        Progress {
+            out: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            stream: StreamDecoder::new(),
+            budget,
+            finish: (budget == 0).then_some(Finish::Length),
+        }
+    }
+
+    /// Takes the next generated id: extends the text, applies EOS, stop strings and the token
+    /// budget, and returns the text newly safe to show (valid UTF-8, never part of a stop
+    /// string; all that is left once the sequence has finished).
+    pub fn push(
+        &mut self,
+        id: u32,
+        tok: Option<&Tokenizer>,
+        stop: &[String],
+        eos: &[u32],
+        ignore_eos: bool,
+    ) -> Result<&str> {
+        self.out.push(id);
+        let is_eos = !ignore_eos && eos.contains(&id);
+        if let (false, Some(tok)) = (is_eos, tok) {
+            self.text += &self.stream.push(tok, id)?;
+        }
+        if let Some(pos) = stop
+            .iter()
+            .filter_map(|st| self.text.find(st.as_str()))
+            .min()
+        {
+            self.text.truncate(pos);
+            self.finish = Some(Finish::Stop);
+        } else if is_eos {
+            self.finish = Some(Finish::Eos);
+        } else if self.out.len() >= self.budget {
+            self.finish = Some(Finish::Length);
+        }
+        if let (Some(f), Some(tok)) = (self.finish, tok) {
+            if f != Finish::Stop {
+                self.text += &self.stream.finish(tok)?;
+            }
+        }
+        let show = if self.finish.is_some() {
+            self.text.len()
+        } else {
+            safe_len(&self.text, stop)
+        };
+        let from = self.emitted.min(show);
+        self.emitted = self.emitted.max(show);
+        Ok(&self.text[from..show])
+    }
 }
 
 /// Longest prefix of `text` that cannot be the start of a stop string (what is safe to show).
@@ -131,13 +196,8 @@ pub fn generate(
             }
             Seq {
                 ids: p.clone(),
-                out: Vec::new(),
-                text: String::new(),
-                emitted: 0,
-                stream: StreamDecoder::new(),
                 sampler: Sampler::new(opts.sampling.clone(), i as u64),
-                budget,
-                finish: (budget == 0).then_some(Finish::Length),
+                p: Progress::new(budget),
             }
         })
         .collect();
@@ -162,14 +222,14 @@ pub fn generate(
         let picks: Vec<Option<u32>> = if cache.decode_in_flight() > 0 {
             let ahead = seqs
                 .iter()
-                .any(|s| s.finish.is_none() && s.out.len() + 1 < s.budget);
+                .any(|s| s.p.finish.is_none() && s.p.out.len() + 1 < s.p.budget);
             if ahead && cache.lens.iter().all(|&l| l < cache.max_len) {
                 model.decode_greedy_launch(&mut cache, None)?;
             }
             let ids = model.decode_greedy_wait(&mut cache)?;
             seqs.iter()
                 .zip(ids)
-                .map(|(s, id)| s.finish.is_none().then_some(id))
+                .map(|(s, id)| s.p.finish.is_none().then_some(id))
                 .collect()
         } else {
             step_picks(
@@ -193,50 +253,22 @@ pub fn generate(
                 continue;
             };
             s.ids.push(id);
-            s.out.push(id);
-            let is_eos = !opts.ignore_eos && opts.eos.contains(&id);
-            if let (false, Some(tok)) = (is_eos, tok) {
-                s.text += &s.stream.push(tok, id)?;
+            let piece = s.p.push(id, tok, &opts.stop, &opts.eos, opts.ignore_eos)?;
+            if !piece.is_empty() {
+                on_text(i, piece);
             }
-            if let Some(pos) = opts
-                .stop
-                .iter()
-                .filter_map(|st| s.text.find(st.as_str()))
-                .min()
-            {
-                s.text.truncate(pos);
-                s.finish = Some(Finish::Stop);
-            } else if is_eos {
-                s.finish = Some(Finish::Eos);
-            } else if s.out.len() >= s.budget {
-                s.finish = Some(Finish::Length);
-            }
-            if let (Some(f), Some(tok)) = (s.finish, tok) {
-                if f != Finish::Stop {
-                    s.text += &s.stream.finish(tok)?;
-                }
-            }
-            let show = if s.finish.is_some() {
-                s.text.len()
-            } else {
-                safe_len(&s.text, &opts.stop)
-            };
-            if show > s.emitted {
-                on_text(i, &s.text[s.emitted..show]);
-                s.emitted = show;
-            }
-            if s.finish.is_none() {
+            if s.p.finish.is_none() {
                 feed[i].push(id);
             }
         }
         // Finished sequences get a filler token (its output is ignored) while there is room, so
         // the step stays a batched decode (and its CUDA graph) instead of per-sequence passes.
         for (i, s) in seqs.iter().enumerate() {
-            if s.finish.is_some() && cache.lens[i] + 1 < cache.max_len {
+            if s.p.finish.is_some() && cache.lens[i] + 1 < cache.max_len {
                 feed[i].push(*s.ids.last().unwrap_or(&0));
             }
         }
-        if seqs.iter().all(|s| s.finish.is_some()) {
+        if seqs.iter().all(|s| s.p.finish.is_some()) {
             break;
         }
         // Start the chain once every sequence is fed one token (its first step takes them
@@ -257,15 +289,15 @@ pub fn generate(
     model.decode_greedy_discard(&mut cache)?;
     timing.decode_s = t0.elapsed().as_secs_f64() - timing.prefill_s;
     model.recycle_kv_cache(cache)?;
-    timing.decode_tokens = seqs.iter().map(|s| s.out.len().saturating_sub(1)).sum();
+    timing.decode_tokens = seqs.iter().map(|s| s.p.out.len().saturating_sub(1)).sum();
     let out = seqs
         .into_iter()
         .zip(prompts)
         .map(|(s, p)| Generation {
             prompt_ids: p.clone(),
-            completion_ids: s.out,
-            text: s.text,
-            finish: s.finish.unwrap_or(Finish::Length),
+            completion_ids: s.p.out,
+            text: s.p.text,
+            finish: s.p.finish.unwrap_or(Finish::Length),
         })
         .collect();
     Ok((out, timing))
@@ -300,7 +332,7 @@ fn step_picks(
         return Ok(seqs
             .iter()
             .zip(ids)
-            .map(|(s, id)| s.finish.is_none().then_some(id as u32))
+            .map(|(s, id)| s.p.finish.is_none().then_some(id as u32))
             .collect());
     }
     logits.read_f32_into(host)?;
@@ -308,7 +340,7 @@ fn step_picks(
     Ok(seqs
         .par_iter_mut()
         .zip(host.par_chunks(v.max(1)))
-        .map(|(s, row)| match s.finish {
+        .map(|(s, row)| match s.p.finish {
             None => Some(s.sampler.sample(row, &s.ids)),
             Some(_) => None,
         })

@@ -9,8 +9,9 @@ pub mod text;
 
 use std::path::PathBuf;
 
+pub(crate) use cli::{chat_prompt, eos_ids, open_model};
 pub use cli::{run_chat, run_generate, ChatArgs, GenerateArgs};
-pub use generate::{generate, Finish, GenOptions, GenTiming, Generation};
+pub use generate::{generate, Finish, GenOptions, GenTiming, Generation, Progress};
 pub use sampler::{Sampler, SamplingParams};
 pub use text::{utc_now, GenerationDefaults, Message, StreamDecoder, Tokenizer};
 
