@@ -137,8 +137,7 @@ mod tests {
 	.param .u32 tt_nt_bf16_param_5,
 	.param .u32 tt_nt_bf16_param_6,
 	.param .u32 tt_nt_bf16_param_7,
-	.param .u32 tt_nt_bf16_param_8,
-	.param .u32 tt_nt_bf16_param_9
+	.param .u32 tt_nt_bf16_param_8
 )
 .maxntid 384, 1, 1
 .minnctapersm 1
@@ -175,7 +174,7 @@ mod tests {
     fn ptx_entries_give_parameter_sizes() {
         let l = from_ptx(PTX).unwrap();
         assert_eq!(l.len(), 4);
-        assert_eq!(&*l["tt_nt_bf16"], &[8, 128, 128, 8, 8, 4, 4, 4, 4, 4]);
+        assert_eq!(&*l["tt_nt_bf16"], &[8, 128, 128, 8, 8, 4, 4, 4, 4]);
         assert_eq!(&*l["gg_tile_prefix"], &[8, 8, 4]);
         assert_eq!(&*l["k"], &[8, 4, 2]);
         assert!(l["none"].is_empty());
