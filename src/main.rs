@@ -86,7 +86,7 @@ fn precompile(archs: &[String]) -> anyhow::Result<()> {
         let t = std::time::Instant::now();
         for (name, cached, s) in cuda::precompile(arch)? {
             let how = if cached { "cached" } else { "compiled" };
-            println!("{arch} {name:<14} {how:<8} {s:6.1} s");
+            println!("{arch} {name:<16} {how:<8} {s:6.1} s");
         }
         println!(
             "{arch}: all kernel families in {} ({:.1} s)",

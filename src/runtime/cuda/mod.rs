@@ -66,8 +66,7 @@ pub struct CudaDevice {
     counters: OnceLock<CudaSlice<i32>>,
 }
 
-/// A loaded kernel and its parameters' sizes in bytes (checked against the launch's arguments in
-/// debug builds).
+/// A loaded kernel and its parameters' sizes in bytes (checked against every launch's arguments).
 #[derive(Clone)]
 pub(crate) struct Kernel {
     pub func: CudaFunction,

@@ -1,7 +1,7 @@
 //! Kernel parameter layouts: each kernel's parameter sizes in bytes, in order, read from the
 //! `.entry` declarations of the PTX NVRTC emits (`.param .u64 p`, `.param .u32 n`, `.param .f32 x`,
 //! `.param .align 64 .b8 map[128]` for a struct by value). Cached beside the CUBIN as text
-//! (`compile.rs`); a launch's argument words are checked against them in debug builds (`launch.rs`).
+//! (`compile.rs`); every launch's argument words are checked against them (`launch.rs`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -94,8 +94,12 @@ pub(crate) fn from_text(text: &str) -> Option<ParamLayouts> {
 }
 
 /// Checks a launch of `kernel` whose argument sizes are `given` against its parameter sizes
-/// `expected`: the count, then each argument's size.
-pub(crate) fn check_args(kernel: &str, expected: &[u32], given: &[u32]) -> Result<()> {
+/// `expected`: the count, then each argument's size (no allocation unless it fails).
+pub(crate) fn check_args(
+    kernel: &str,
+    expected: &[u32],
+    given: impl ExactSizeIterator<Item = u32>,
+) -> Result<()> {
     if given.len() != expected.len() {
         return Err(Error::Invalid(format!(
             "launch of {kernel}: {} arguments given, the kernel has {} parameters ({expected:?} \
@@ -104,10 +108,14 @@ pub(crate) fn check_args(kernel: &str, expected: &[u32], given: &[u32]) -> Resul
             expected.len()
         )));
     }
-    match expected.iter().zip(given).position(|(e, g)| e != g) {
-        Some(i) => Err(Error::Invalid(format!(
-            "launch of {kernel}: parameter {i} is {} bytes, the argument given is {} bytes",
-            expected[i], given[i]
+    match expected
+        .iter()
+        .zip(given)
+        .enumerate()
+        .find(|(_, (e, g))| **e != *g)
+    {
+        Some((i, (e, g))) => Err(Error::Invalid(format!(
+            "launch of {kernel}: parameter {i} is {e} bytes, the argument given is {g} bytes"
         ))),
         None => Ok(()),
     }
@@ -137,8 +145,7 @@ mod tests {
 	.param .u32 tt_nt_bf16_param_5,
 	.param .u32 tt_nt_bf16_param_6,
 	.param .u32 tt_nt_bf16_param_7,
-	.param .u32 tt_nt_bf16_param_8,
-	.param .u32 tt_nt_bf16_param_9
+	.param .u32 tt_nt_bf16_param_8
 )
 .maxntid 384, 1, 1
 .minnctapersm 1
@@ -175,7 +182,7 @@ mod tests {
     fn ptx_entries_give_parameter_sizes() {
         let l = from_ptx(PTX).unwrap();
         assert_eq!(l.len(), 4);
-        assert_eq!(&*l["tt_nt_bf16"], &[8, 128, 128, 8, 8, 4, 4, 4, 4, 4]);
+        assert_eq!(&*l["tt_nt_bf16"], &[8, 128, 128, 8, 8, 4, 4, 4, 4]);
         assert_eq!(&*l["gg_tile_prefix"], &[8, 8, 4]);
         assert_eq!(&*l["k"], &[8, 4, 2]);
         assert!(l["none"].is_empty());
@@ -193,14 +200,14 @@ mod tests {
 
     #[test]
     fn arguments_are_checked_by_count_and_size() {
-        assert!(check_args("k", &[8, 128, 4], &[8, 128, 4]).is_ok());
-        let e = check_args("gg_tile_prefix", &[8, 8, 4], &[8, 8]).unwrap_err();
+        assert!(check_args("k", &[8, 128, 4], [8, 128, 4].into_iter()).is_ok());
+        let e = check_args("gg_tile_prefix", &[8, 8, 4], [8, 8].into_iter()).unwrap_err();
         assert!(
             e.to_string()
                 .contains("gg_tile_prefix: 2 arguments given, the kernel has 3 parameters"),
             "{e}"
         );
-        let e = check_args("k", &[8, 4, 4], &[8, 8, 4]).unwrap_err();
+        let e = check_args("k", &[8, 4, 4], [8, 8, 4].into_iter()).unwrap_err();
         assert!(
             e.to_string()
                 .contains("k: parameter 1 is 4 bytes, the argument given is 8 bytes"),

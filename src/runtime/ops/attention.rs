@@ -331,7 +331,8 @@ pub fn attention_decode_step(
     )?))
 }
 
-/// Keys per block of the CUDA decode kernel (split-KV; a multiple of 32).
+/// Keys per block of the CUDA decode kernel (split-KV; a multiple of 32): the grid's splits.
+/// The kernels hold the same value (attention.cu's DECODE_CHUNK).
 const DECODE_CHUNK: usize = 128;
 
 /// o [B, H, hd] = softmax(scale · q·Kᵀ) · V over each sequence's cached keys.
@@ -482,7 +483,6 @@ fn decode_cuda(
         .usize_as_i32(hd)?
         .f32(scale)
         .usize_as_i32(win)?
-        .usize_as_i32(DECODE_CHUNK)?
         .ptr(dptr(&out))
         .ptr(counters.unwrap_or(0));
     match rope {

@@ -1,7 +1,8 @@
-//! CUDA launchers for the grouped GEMMs (kernels in `cuda/kernels/grouped_gemm.cu`); the CPU twins
-//! and the contract are in `grouped.rs`. bf16/f16 with every contiguous dimension a multiple of 8
-//! take the tensor-core kernels; f32 and odd shapes take the SIMT fallback. Variant choices come
-//! from `KernelSettings::current()`, read once per op call.
+//! CUDA launchers for the grouped GEMMs (kernels in `cuda/kernels/grouped_*.cu`, the small-M ones
+//! in `gemv.cu`) and the served decode path's routers and experts (`serve_router.cu`,
+//! `serve_experts.cu`); the CPU twins and the contract are in `grouped.rs`. bf16/f16 with every
+//! contiguous dimension a multiple of 8 take the tensor-core kernels; f32 and odd shapes take the
+//! SIMT fallback. Variant choices come from `KernelSettings::current()`, read once per op call.
 
 use std::sync::Arc;
 
@@ -262,10 +263,6 @@ const TT_SMEM_K: u32 = 4 * (128 * 64 + 256 * 64) * 2 + 128 + 32 * 264 * 4 + 1024
 /// stagings, 14 barriers, alignment (230 528 bytes).
 const TT_SMEM_PP: u32 = 6 * (128 * 64 + 128 * 64) * 2 + 2 * 32 * 128 * 4 + 128 + 1024;
 
-/// Strip height of the TMA VARM schedule in m-tiles: 8, 16 and 32 measured within the run-to-run
-/// spread (BENCHMARKS NOTES, TMA kernels: the DRAM traffic is not the limiter).
-const TT_SWIZZLE: i32 = 8;
-
 /// Whether the TMA warp-specialised kernels (`tt_*`) take 16-bit operands at device addresses
 /// `bases`: Hopper, the wgmma family, and 16-byte aligned bases (tensor maps need them; the
 /// cp.async kernels take anything else). `gg_tma` off keeps the cp.async kernels.
@@ -324,7 +321,6 @@ fn tma_varm(
     .usize_as_i32(m)?
     .usize_as_i32(n)?
     .usize_as_i32(k)?
-    .i32(TT_SWIZZLE)
     .run()?;
     Ok(true)
 }

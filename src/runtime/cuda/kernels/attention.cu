@@ -1,5 +1,9 @@
 // Attention over the KV cache; twins in ops/attention.rs.
 
+// Keys per block of the split-KV decode kernels (a multiple of 32): the host's grid has
+// ceil(L / DECODE_CHUNK) splits (ops/attention.rs's DECODE_CHUNK).
+#define DECODE_CHUNK 128
+
 // Merge head bh's split partials (pb = its splits × (hd + 2) floats): out = Σ_sp acc_sp ·
 // e^(m_sp − M) / Σ_sp s_sp · e^(m_sp − M). The partials are read through L2 (__ldcg): in the
 // fused path other blocks wrote them during this kernel.
@@ -52,7 +56,7 @@ __device__ __forceinline__ void decode_finish(T* out, int* counters, const float
         if (b < 0 || b >= B || p < 0 || p >= L) return;                                                 \
         cache[(((int64_t)b * hkv + h) * L + p) * hd + c] = src[i];                                      \
     }                                                                                                   \
-    /* Split-KV decode (flash-decoding). Block (bh, sp) takes keys [sp*chunk, (sp+1)*chunk) of   \
+    /* Split-KV decode (flash-decoding). Block (bh, sp) takes keys [sp*DECODE_CHUNK, (sp+1)*DECODE_CHUNK) of \
        sequence b's visible range; warp w takes the 32-key groups w, w+4, ... of it with one key  \
        per lane for the scores (16-byte loads of the key row when hd allows), then one online-     \
        softmax update per group and the V rows accumulated with each lane owning hd/32 dims; the   \
@@ -61,7 +65,7 @@ __device__ __forceinline__ void decode_finish(T* out, int* counters, const float
        attention_decode_combine merges the splits, or with counters the last block (decode_finish). */ \
     extern "C" __global__ void attention_decode_##SUFFIX(float* part, const T* q, const T* kc, const T* vc, \
                                                          const int* lens, int H, int hkv, int L, int hd, \
-                                                         float scale, int window, int chunk, T* out,     \
+                                                         float scale, int window, T* out,                \
                                                          int* counters) {                                \
         PDL_ENTRY();                                                                                    \
         constexpr int VEC = 16 / sizeof(T);                                                             \
@@ -75,7 +79,7 @@ __device__ __forceinline__ void decode_finish(T* out, int* counters, const float
         __syncthreads();                                                                                \
         const int n = min(lens[b], L);                                                                  \
         const int first = window > 0 ? max(0, n - window) : 0;                                          \
-        const int lo = max(first, sp * chunk), hi = min(n, (sp + 1) * chunk);                           \
+        const int lo = max(first, sp * DECODE_CHUNK), hi = min(n, (sp + 1) * DECODE_CHUNK);             \
         const T* kb = kc + ((int64_t)b * hkv + kvh) * L * hd;                                           \
         const T* vb = vc + ((int64_t)b * hkv + kvh) * L * hd;                                           \
         const bool vec = hd % VEC == 0;                                                                 \
@@ -300,7 +304,7 @@ __device__ __forceinline__ float head_norm_rope(const T* row, int width, int hea
 template <typename T, bool ROPE>
 __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, const T* kc, const T* vc,
                                                       const int* lens, int H, int hkv, int L, float scale,
-                                                      int window, int chunk, T* out, int* counters,
+                                                      int window, T* out, int* counters,
                                                       DecodeRope<T> rope) {
     PDL_ENTRY();
     constexpr int HD = 128;
@@ -317,7 +321,7 @@ __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, c
         qs[threadIdx.x] = head_norm_rope<T>(q + (int64_t)b * H * HD, H * HD, h, rope.qw, rope, p, xs, scratch);
         // The blocks whose key range holds the new position write its K and V rows (the q heads
         // of one KV head write the same values) before reading them below.
-        if (p >= 0 && p < L && p / chunk == sp) {
+        if (p >= 0 && p < L && p / DECODE_CHUNK == sp) {
             const float kx =
                 head_norm_rope<T>(rope.k + (int64_t)b * hkv * HD, hkv * HD, kvh, rope.kw, rope, p, xs, scratch);
             const int64_t o = (((int64_t)b * hkv + kvh) * L + p) * HD + threadIdx.x;
@@ -334,7 +338,7 @@ __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, c
     __syncthreads();
     const int n = min(len_b, L);
     const int first = window > 0 ? max(0, n - window) : 0;
-    const int lo = max(first, sp * chunk), hi = min(n, (sp + 1) * chunk);
+    const int lo = max(first, sp * DECODE_CHUNK), hi = min(n, (sp + 1) * DECODE_CHUNK);
     const T* kb = kc + ((int64_t)b * hkv + kvh) * L * HD;
     const T* vb = vc + ((int64_t)b * hkv + kvh) * L * HD;
     const int par = lane >> 4, c8 = (lane & 15) * 8;
@@ -410,17 +414,17 @@ __device__ __forceinline__ void attention_decode_h128(float* part, const T* q, c
 #define ATTN_H128(SUFFIX, T)                                                                            \
     extern "C" __global__ void __launch_bounds__(128) attention_decode_h128_##SUFFIX(                   \
         float* part, const T* q, const T* kc, const T* vc, const int* lens, int H, int hkv, int L,       \
-        int hd, float scale, int window, int chunk, T* out, int* counters) {                             \
-        attention_decode_h128<T, false>(part, q, kc, vc, lens, H, hkv, L, scale, window, chunk, out,     \
+        int hd, float scale, int window, T* out, int* counters) {                                        \
+        attention_decode_h128<T, false>(part, q, kc, vc, lens, H, hkv, L, scale, window, out,            \
                                         counters, DecodeRope<T>{});                                     \
     }                                                                                                   \
     /* q [B, H·128] raw, k/v raw projections; K/V of the new token written into kc/vc at pos[b]. */    \
     extern "C" __global__ void __launch_bounds__(128) attention_decode_rope_h128_##SUFFIX(              \
         float* part, const T* q, T* kc, T* vc, const int* lens, int H, int hkv, int L, int hd,           \
-        float scale, int window, int chunk, T* out, int* counters, const T* k, const T* v, const T* qw,  \
+        float scale, int window, T* out, int* counters, const T* k, const T* v, const T* qw,             \
         const T* kw, int mode, float eps, float clip, const float* cos_t, const float* sin_t,            \
         const int* pos, int half, int max_pos) {                                                         \
-        attention_decode_h128<T, true>(part, q, kc, vc, lens, H, hkv, L, scale, window, chunk, out,      \
+        attention_decode_h128<T, true>(part, q, kc, vc, lens, H, hkv, L, scale, window, out,             \
                                        counters,                                                        \
                                        DecodeRope<T>{k, v, qw, kw, mode, eps, clip, cos_t, sin_t, pos,   \
                                                      half, max_pos});                                   \

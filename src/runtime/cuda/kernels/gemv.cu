@@ -23,7 +23,13 @@ __device__ __forceinline__ void gemv3(T* yq, T* yk, T* yv, const T* x, const T* 
     extern "C" __global__ void __launch_bounds__(256) gg_small_nt_r##R##_##SUFFIX(T* y, const T* x, const T* w, \
                                                                                  const int* offsets, int E, int N, int K) { \
         gg_small_nt<R, T, T>(y, x, w, offsets, E, 0, N, K, blockIdx.x);                                             \
-    }                                                                                                   \
+    }
+#define GG_SMALL(SUFFIX, T) GG_SMALL_R(SUFFIX, T, 1) GG_SMALL_R(SUFFIX, T, 2) GG_SMALL_R(SUFFIX, T, 4) GG_SMALL_R(SUFFIX, T, 8)
+INSTANTIATE_FLOAT_TYPES(GG_SMALL)
+
+// The dense GEMVs and the q/k/v projections take 16-bit rows only (ops/matmul.rs: matmul's
+// decode path, qkv_fused).
+#define GEMV_R(SUFFIX, T, R)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) gemv_nt_r##R##_##SUFFIX(T* y, const T* x, const T* w, int M, \
                                                                              int N, int K) {            \
         gg_small_nt<R, T, T>(y, x, w, nullptr, 0, M, N, K, blockIdx.x);                                                \
@@ -38,21 +44,29 @@ __device__ __forceinline__ void gemv3(T* yq, T* yk, T* yv, const T* x, const T* 
                                                                               const T* wv, int M, int Nq, \
                                                                               int Nk, int K) {           \
         gemv3<R, T, false, false>(yq, yk, yv, x, wq, wk, wv, M, Nq, Nk, K, AddNorm<T>{});              \
-    }                                                                                                   \
-    /* The same with the norm folded into the products (LNORM; x_out the new residual). */           \
+    }
+// The same with the norm folded into the products (LNORM; x_out the new residual): up to 4 rows
+// (QKV_FOLD_ROWS).
+#define GEMV3_ADDNORMF(SUFFIX, T, R)                                                                    \
     extern "C" __global__ void __launch_bounds__(256) gemv3_addnormf_r##R##_##SUFFIX(                   \
         T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk, const T* wv, int M, int Nq, int Nk,   \
         int K, const T* a, const T* g, float eps, T* x_out) {                                            \
         gemv3<R, T, false, true>(yq, yk, yv, x, wq, wk, wv, M, Nq, Nk, K, AddNorm<T>{a, g, eps, x_out, nullptr}); \
-    }                                                                                                   \
-    /* The same with the residual add + RMSNorm before it (addnorm_rows; x_out the new residual). */ \
+    }
+// The same with the residual add + RMSNorm before it (addnorm_rows; x_out the new residual): 5 to
+// 8 rows.
+#define GEMV3_ADDNORM(SUFFIX, T, R)                                                                     \
     extern "C" __global__ void __launch_bounds__(256) gemv3_addnorm_r##R##_##SUFFIX(                    \
         T* yq, T* yk, T* yv, const T* x, const T* wq, const T* wk, const T* wv, int M, int Nq, int Nk,   \
         int K, const T* a, const T* g, float eps, T* x_out) {                                            \
         gemv3<R, T, true, false>(yq, yk, yv, x, wq, wk, wv, M, Nq, Nk, K, AddNorm<T>{a, g, eps, x_out, nullptr}); \
     }
-#define GG_SMALL(SUFFIX, T) GG_SMALL_R(SUFFIX, T, 1) GG_SMALL_R(SUFFIX, T, 2) GG_SMALL_R(SUFFIX, T, 4) GG_SMALL_R(SUFFIX, T, 8)
-INSTANTIATE_FLOAT_TYPES(GG_SMALL)
+#define GEMV(SUFFIX, T)                                                                                 \
+    GEMV_R(SUFFIX, T, 1) GEMV_R(SUFFIX, T, 2) GEMV_R(SUFFIX, T, 4) GEMV_R(SUFFIX, T, 8)                 \
+    GEMV3_ADDNORMF(SUFFIX, T, 1) GEMV3_ADDNORMF(SUFFIX, T, 2) GEMV3_ADDNORMF(SUFFIX, T, 4)              \
+    GEMV3_ADDNORM(SUFFIX, T, 8)
+GEMV(bf16, bf16_t)
+GEMV(f16, f16_t)
 
 // Small-M on tensor cores (16-bit types; bf16/f16 only): the same contract as gg_small_nt, for a
 // few to a few dozen rows per group (batched decode: ~4 rows per expert at 32 tokens of top-8 over
@@ -260,7 +274,7 @@ __device__ __forceinline__ void gemv3_addnormf_loop(T* yq, T* yk, T* yv, const T
         gemv3_addnormf_loop<C, NV, T>(yq, yk, yv, x, wq, wk, wv, Nq, Nk, K,                             \
                                       AddNorm<T>{a, g, eps, x_out, nullptr});                           \
     }
-#define GEMV3_LOOPS(SUFFIX, T) \
-    GEMV3_LOOP(SUFFIX, T, 4, 1) GEMV3_LOOP(SUFFIX, T, 8, 1) GEMV3_LOOP(SUFFIX, T, 4, 2) GEMV3_LOOP(SUFFIX, T, 8, 2)
+// 4-column groups (QKV_LOOP), one or two vectors per thread.
+#define GEMV3_LOOPS(SUFFIX, T) GEMV3_LOOP(SUFFIX, T, 4, 1) GEMV3_LOOP(SUFFIX, T, 4, 2)
 GEMV3_LOOPS(bf16, bf16_t)
 GEMV3_LOOPS(f16, f16_t)

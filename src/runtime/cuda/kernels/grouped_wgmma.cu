@@ -20,7 +20,9 @@
 #define W_A_BYTES (WBM * WBK * 2)
 #define W_B_BYTES (WBN * WBK * 2)
 #define W_STAGE_BYTES (W_A_BYTES + W_B_BYTES)
-// Tiles of consecutive m-tiles walked column by column (L2 reuse of both operands).
+// Tiles of consecutive m-tiles walked column by column (L2 reuse of both operands): strips of 8
+// (8, 16 and 32 measured within the run-to-run spread for the TMA kernels: BENCHMARKS NOTES, TMA
+// kernels; the DRAM traffic is not the limiter).
 #define W_SWIZZLE 8
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -59,29 +61,17 @@ template <int TA, int TB> __device__ __forceinline__ void wgmma_n128(float* d, u
 
 // One operand's 64-wide k slice into a swizzled stage buffer at shared address `s`.
 //   KMAJ: G(r, k) = G[r·ld + k]   else G(r, k) = G[k·ld + r];  valid r < Rv, k < Kdim
-// GATHER (K-major only): the operand's rows are rows of G given per chunk in `gi`
-// (wg_gather_rows; negative = a zero row): the MoE experts read x through the dispatch
-// permutation instead of a gathered copy.
-template <typename T, bool KMAJ, int R, int NT = WTHREADS> struct WgChunks {
-    static constexpr int N = R * WBK / 8 / NT;
-};
-template <typename T, bool KMAJ, int R, bool GATHER = false, int NT = WTHREADS>
+template <typename T, bool KMAJ, int R, int NT = WTHREADS>
 __device__ __forceinline__ void wg_load(uint32_t s, const T* __restrict__ G, int ld, int r0, int Rv, int k0, int Kdim,
-                                        int tid, const int* gi = nullptr) {
-    static_assert(!GATHER || KMAJ, "rows are gathered only for K-major operands");
+                                        int tid) {
     constexpr int CHUNKS = R * WBK / 8;
 #pragma unroll
     for (int i = 0; i < CHUNKS / NT; ++i) {
         const int c = tid + i * NT;
         if (KMAJ) {
             const int r = c >> 3, kc = c & 7;
-            bool ok = (r0 + r < Rv) && (k0 + kc * 8 < Kdim);
-            int64_t pr = r0 + r;
-            if (GATHER) {
-                pr = gi[i];
-                ok = ok && pr >= 0;
-            }
-            const T* src = ok ? G + pr * ld + k0 + kc * 8 : G;
+            const bool ok = (r0 + r < Rv) && (k0 + kc * 8 < Kdim);
+            const T* src = ok ? G + (int64_t)(r0 + r) * ld + k0 + kc * 8 : G;
             cp_async16(s + r * 128 + ((kc ^ (r & 7)) << 4), src, ok);
         } else {
             const int kr = c / (R / 8), rc = c % (R / 8);
@@ -89,20 +79,6 @@ __device__ __forceinline__ void wg_load(uint32_t s, const T* __restrict__ G, int
             const T* src = ok ? G + (int64_t)(k0 + kr) * ld + r0 + rc * 8 : G;
             cp_async16(s + (rc >> 3) * (WBK * 128) + kr * 128 + (((rc & 7) ^ (kr & 7)) << 4), src, ok);
         }
-    }
-}
-
-// The source rows of this thread's chunks of a gathered K-major operand (see wg_load): chunk
-// row r0 + r mapped through rows[·], −1 past Rv or outside [0, lim); fixed over the k loop, so
-// looked up once per tile.
-template <typename T, int R, int NT = WTHREADS>
-__device__ __forceinline__ void wg_gather_rows(int (&gi)[WgChunks<T, true, R, NT>::N], const int* __restrict__ rows,
-                                               int lim, int r0, int Rv, int tid) {
-#pragma unroll
-    for (int i = 0; i < WgChunks<T, true, R, NT>::N; ++i) {
-        const int j = r0 + ((tid + i * NT) >> 3);
-        const int v = j < Rv ? rows[j] : -1;
-        gi[i] = v < lim ? v : -1;
     }
 }
 
@@ -178,27 +154,21 @@ __device__ __forceinline__ void staged_read_acc(float* v, uint32_t saddr, const 
 }
 
 // One CTA: a WBM×WBN tile of C = op(A)·op(B) over Kdim (operand conventions as tile_gemm).
-// AG: A's rows are gathered through `grows` (glim rows in the source, see wg_load).
-template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ, bool ACC = false, bool AG = false>
+template <typename T, typename TO, bool A_KMAJ, bool B_KMAJ, bool ACC = false>
 __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __restrict__ A, int lda,
                                         const T* __restrict__ B, int ldb, int m0, int n0, int Mv, int Nv, int Kdim,
-                                        uint32_t smem, float* sumsq = nullptr, const int* __restrict__ grows = nullptr,
-                                        int glim = 0) {
+                                        uint32_t smem, float* sumsq = nullptr) {
     const int tid = threadIdx.x, wg = tid >> 7;
     const int nk = (Kdim + WBK - 1) / WBK;
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
-    // Gathered A rows (K-major): fixed for the tile, looked up once.
-    static_assert(!AG || A_KMAJ, "A is gathered by rows only when K-major");
-    int ga[WgChunks<T, A_KMAJ, WBM>::N];
-    if constexpr (AG) wg_gather_rows<T, WBM>(ga, grows, glim, m0, Mv, tid);
 
 #pragma unroll
     for (int s = 0; s < WSTAGES - 1; ++s) {
         if (s < nk) {
             const uint32_t st = smem + s * W_STAGE_BYTES;
-            wg_load<T, A_KMAJ, WBM, AG>(st, A, lda, m0, Mv, s * WBK, Kdim, tid, ga);
+            wg_load<T, A_KMAJ, WBM>(st, A, lda, m0, Mv, s * WBK, Kdim, tid);
             wg_load<T, B_KMAJ, WBN>(st + W_A_BYTES, B, ldb, n0, Nv, s * WBK, Kdim, tid);
         }
         cp_async_commit();
@@ -222,7 +192,7 @@ __device__ __forceinline__ void wg_tile(TO* __restrict__ C, int ldc, const T* __
         const int pf = kt + WSTAGES - 1;
         if (pf < nk) {
             const uint32_t st = smem + (pf % WSTAGES) * W_STAGE_BYTES;
-            wg_load<T, A_KMAJ, WBM, AG>(st, A, lda, m0, Mv, pf * WBK, Kdim, tid, ga);
+            wg_load<T, A_KMAJ, WBM>(st, A, lda, m0, Mv, pf * WBK, Kdim, tid);
             wg_load<T, B_KMAJ, WBN>(st + W_A_BYTES, B, ldb, n0, Nv, pf * WBK, Kdim, tid);
         }
         cp_async_commit();
@@ -279,12 +249,9 @@ __device__ __forceinline__ uint32_t wg_smem_base(const void* smem) { return (sme
 
 // VARM on Hopper: as GG_VARM with 128×256 tiles; tile_prefix counted in WBM-row tiles. Tiles run
 // in column strips W_SWIZZLE m-tiles tall (a strip may span groups; each CTA finds its own).
-// AG: A is x [xrows, K] read through `rows` (the MoE experts' dispatch permutation, [M] i32):
-// y = x[rows]·W[e]ᵀ. (B = x[rows] in the weight gradient was slower than gathering first:
-// BENCHMARKS NOTES.)
-template <typename T, bool B_KMAJ, bool AG>
+template <typename T, bool B_KMAJ>
 __device__ __forceinline__ void wg_varm(T* y, const T* x, const T* w, const int* offsets, const int* tile_prefix,
-                                        const int* rows, int xrows, int E, int M, int N, int K, uint32_t smem) {
+                                        int E, int M, int N, int K, uint32_t smem) {
     const int ntn = (N + WBN - 1) / WBN, total = tile_prefix[E];
     const int bid = blockIdx.x;
     if (bid >= total * ntn) {
@@ -299,24 +266,15 @@ __device__ __forceinline__ void wg_varm(T* y, const T* x, const T* w, const int*
     const int row0 = offsets[e], rws = offsets[e + 1] - row0;
     const int m0 = (mt - tile_prefix[e]) * WBM;
     const T* we = w + (int64_t)e * N * K;
-    wg_tile<T, T, true, B_KMAJ, false, AG>(y + (int64_t)row0 * N, N, AG ? x : x + (int64_t)row0 * K, K, we,
-                                           B_KMAJ ? K : N, m0, nt * WBN, rws, N, K, smem, nullptr,
-                                           AG ? rows + row0 : nullptr, xrows);
+    wg_tile<T, T, true, B_KMAJ>(y + (int64_t)row0 * N, N, x + (int64_t)row0 * K, K, we, B_KMAJ ? K : N, m0,
+                                nt * WBN, rws, N, K, smem);
 }
 #define WG_VARM(NAME, T, B_KMAJ, NTHREADS)                                                              \
     extern "C" __global__ void __launch_bounds__(NTHREADS, 1) NAME(T* y, const T* x, const T* w,       \
                                                                     const int* offsets, const int* tile_prefix, \
                                                                     int E, int M, int N, int K) {       \
         extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
-        wg_varm<T, B_KMAJ, false>(y, x, w, offsets, tile_prefix, nullptr, 0, E, M, N, K, wg_smem_base(wsmem)); \
-    }
-#define WG_VARM_G(NAME, T, NTHREADS)                                                                    \
-    extern "C" __global__ void __launch_bounds__(NTHREADS, 1) NAME(T* y, const T* x, const T* w,       \
-                                                                    const int* offsets, const int* tile_prefix, \
-                                                                    const int* rows, int xrows, int E, int M, \
-                                                                    int N, int K) {                     \
-        extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
-        wg_varm<T, true, true>(y, x, w, offsets, tile_prefix, rows, xrows, E, M, N, K, wg_smem_base(wsmem)); \
+        wg_varm<T, B_KMAJ>(y, x, w, offsets, tile_prefix, E, M, N, K, wg_smem_base(wsmem));          \
     }
 
 // VARK on Hopper: grid (ceil(P/WBM)·ceil(Q/WBN), E). Accumulating into an empty group's
@@ -341,9 +299,6 @@ __device__ __forceinline__ void wg_varm(T* y, const T* x, const T* w, const int*
     extern "C" __global__ void NAME(T*, const T*, const T*, const int*, const int*, int, int, int, int) { __trap(); }
 #define WG_VARK(NAME, T, TO, ACC, TILE, NTHREADS)                                                       \
     extern "C" __global__ void NAME(TO*, const T*, const T*, const int*, int, int, float*) { __trap(); }
-#define WG_VARM_G(NAME, T, NTHREADS)                                                                    \
-    extern "C" __global__ void NAME(T*, const T*, const T*, const int*, const int*, const int*, int, int, int, int, \
-                                    int) { __trap(); }
 #endif
 
 #define WG_FAMILY(P, TILE, NTHREADS)                                                                    \
@@ -358,12 +313,10 @@ __device__ __forceinline__ void wg_varm(T* y, const T* x, const T* w, const int*
     WG_VARK(P##_tn_bf16_f32_acc, bf16_t, float, true, TILE, NTHREADS)                                   \
     WG_VARK(P##_tn_bf16_bf16_acc, bf16_t, bf16_t, true, TILE, NTHREADS)                                 \
     WG_VARK(P##_tn_f16_f32_acc, f16_t, float, true, TILE, NTHREADS)                                     \
-    WG_VARK(P##_tn_f16_f16_acc, f16_t, f16_t, true, TILE, NTHREADS)                                     \
-    WG_VARM_G(P##_ntg_bf16, bf16_t, NTHREADS)                                                           \
-    WG_VARM_G(P##_ntg_f16, f16_t, NTHREADS)
+    WG_VARK(P##_tn_f16_f16_acc, f16_t, f16_t, true, TILE, NTHREADS)
 WG_FAMILY(wg, wg_tile, WTHREADS)
 
-// ---- Hopper TMA + warp-specialised persistent VARM (forward and dgrad, un-gathered A).
+// ---- Hopper TMA + warp-specialised persistent VARM (forward and dgrad).
 // 384 threads: warps 0-7 are two consumer warpgroups (64×256 of the 128×256 tile each, as
 // wg_tile; setmaxnreg gives them 232 registers), warps 8-11 the producer warpgroup (40
 // registers) whose first lane issues the TMA loads (cp.async.bulk.tensor into the
@@ -426,15 +379,15 @@ __device__ __forceinline__ void tt_init_barriers(uint32_t bars) {
     __syncthreads();
 }
 
-// Tile t of the VARM schedule (as wg_varm: column strips `sw` m-tiles tall).
+// Tile t of the VARM schedule (as wg_varm: column strips W_SWIZZLE m-tiles tall).
 struct TtTile {
     int e, row0, rws, m0, n0;
 };
-__device__ __forceinline__ TtTile tt_tile(int t, int total, int ntn, const int* offsets, const int* tile_prefix, int E,
-                                          int sw) {
-    const int strip = t / (sw * ntn), in = t - strip * (sw * ntn);
-    const int h = min(sw, total - strip * sw);
-    const int nt = in / h, mt = strip * sw + (in - nt * h);
+__device__ __forceinline__ TtTile tt_tile(int t, int total, int ntn, const int* offsets, const int* tile_prefix,
+                                          int E) {
+    const int strip = t / (W_SWIZZLE * ntn), in = t - strip * (W_SWIZZLE * ntn);
+    const int h = min(W_SWIZZLE, total - strip * W_SWIZZLE);
+    const int nt = in / h, mt = strip * W_SWIZZLE + (in - nt * h);
     TtTile r;
     r.e = find_group(tile_prefix, E, mt);
     r.row0 = offsets[r.e];
@@ -446,7 +399,7 @@ __device__ __forceinline__ TtTile tt_tile(int t, int total, int ntn, const int* 
 
 template <typename T, bool B_KMAJ>
 __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb, const int* offsets,
-                                        const int* tile_prefix, int E, int M, int N, int K, int sw, uint32_t smem) {
+                                        const int* tile_prefix, int E, int M, int N, int K, uint32_t smem) {
     const int ntn = (N + WBN - 1) / WBN, total = tile_prefix[E], ntiles = total * ntn;
     const int nk = (K + WBK - 1) / WBK;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -457,7 +410,7 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
         if (warp == TT_CONSUMERS / 32 && lane == 0) {
             int it = 0;
             for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
-                const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E, sw);
+                const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E);
                 for (int kt = 0; kt < nk; ++kt, ++it) {
                     const int s = it % WSTAGES;
                     const uint32_t full = bars + 8 * s, st = smem + s * W_STAGE_BYTES;
@@ -480,7 +433,7 @@ __device__ __forceinline__ void tt_varm(T* y, const TmaMap* ta, const TmaMap* tb
         const int wg = warp >> 2;
         int it = 0;
         for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
-            const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E, sw);
+            const TtTile tl = tt_tile(t, total, ntn, offsets, tile_prefix, E);
             float acc[128];
 #pragma unroll
             for (int i = 0; i < 128; ++i) acc[i] = 0.f;
@@ -915,14 +868,14 @@ __device__ __forceinline__ void tt_vark_pp(TO* out, const TmaMap* ta, const TmaM
 #define TT_VARM(NAME, T, B_KMAJ)                                                                        \
     extern "C" __global__ void __launch_bounds__(TT_THREADS, 1)                                         \
         NAME(T* y, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb, const int* offsets, \
-             const int* tile_prefix, int E, int M, int N, int K, int sw) {                              \
+             const int* tile_prefix, int E, int M, int N, int K) {                                      \
         extern __shared__ __align__(1024) unsigned char wsmem[];                                        \
-        tt_varm<T, B_KMAJ>(y, &ta, &tb, offsets, tile_prefix, E, M, N, K, sw, wg_smem_base(wsmem));     \
+        tt_varm<T, B_KMAJ>(y, &ta, &tb, offsets, tile_prefix, E, M, N, K, wg_smem_base(wsmem));         \
     }
 #else
 #define TT_VARM(NAME, T, B_KMAJ)                                                                        \
     extern "C" __global__ void NAME(T*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
-                                    const int*, const int*, int, int, int, int, int) { __trap(); }
+                                    const int*, const int*, int, int, int, int) { __trap(); }
 #define TT_VARK_PP(NAME, T, TO, ACC)                                                                    \
     extern "C" __global__ void NAME(TO*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, \
                                     const __grid_constant__ TmaMap, const int*, int, int, int, float*, int) { __trap(); }

@@ -175,10 +175,8 @@ __device__ __forceinline__ void moe_serve_down(T* y, const T* a, const T* w2, co
         T* y, const T* a, const T* w2, const int* ids, const float* wts, int E, int ntok, int k, int N, int F) { \
         moe_serve_down<U, D, T>(y, a, w2, ids, wts, E, ntok, k, N, F);                                  \
     }
-#define MOE_SERVE(SUFFIX, T)                                                                            \
-    MOE_SERVE_UP(SUFFIX, T, 2) MOE_SERVE_UP(SUFFIX, T, 4) MOE_SERVE_UP(SUFFIX, T, 8)                    \
-    MOE_SERVE_DOWN(SUFFIX, T, 1, 8) MOE_SERVE_DOWN(SUFFIX, T, 2, 8) MOE_SERVE_DOWN(SUFFIX, T, 2, 4)     \
-    MOE_SERVE_DOWN(SUFFIX, T, 4, 4)
+// The shapes ops/grouped_cuda.rs launches (SERVE_UP_COLS, SERVE_DOWN_UNROLL / SERVE_DOWN_COLS).
+#define MOE_SERVE(SUFFIX, T) MOE_SERVE_UP(SUFFIX, T, 4) MOE_SERVE_DOWN(SUFFIX, T, 4, 4)
 INSTANTIATE_FLOAT_TYPES(MOE_SERVE)
 
 #define MOE_SERVE_UP_NORM(SUFFIX, T, C)                                                                 \
@@ -188,9 +186,9 @@ INSTANTIATE_FLOAT_TYPES(MOE_SERVE)
         moe_serve_up<C, T, true>(a, s_in, w1, ids, E, ntok, F, K,                                       \
                                  ServeNorm<T>{gn, eps, z, wts, k, wnorm, wadd, wclamp, wscale});         \
     }
-#define MOE_SERVE_NORM(SUFFIX, T) MOE_SERVE_UP_NORM(SUFFIX, T, 2) MOE_SERVE_UP_NORM(SUFFIX, T, 4) MOE_SERVE_UP_NORM(SUFFIX, T, 8)
-MOE_SERVE_NORM(bf16, bf16_t)
-MOE_SERVE_NORM(f16, f16_t)
+// 8 columns (SERVE_NORM_COLS).
+MOE_SERVE_UP_NORM(bf16, bf16_t, 8)
+MOE_SERVE_UP_NORM(f16, f16_t, 8)
 
 // moe_serve_up_norm as a streaming loop (moe_serve_up_norm_loop_cCvNV): block (bx, slot) takes
 // the column groups bx, bx + gridDim.x, ... of its slot (C gate and C up rows each), with the
@@ -271,8 +269,8 @@ __device__ __forceinline__ void moe_serve_up_norm_loop(T* a, const T* x, const T
         moe_serve_up_norm_loop<C, NV, T>(a, s_in, w1, ids, E, ntok, F, K,                               \
                                          ServeNorm<T>{gn, eps, z, wts, k, wnorm, wadd, wclamp, wscale}); \
     }
-#define MOE_SERVE_UP_NORM_LOOPS(SUFFIX, T)                                                              \
-    MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, 2, 1) MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, 4, 1)                     \
-    MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, 2, 2) MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, 4, 2)
+// 2-column groups (SERVE_UP_LOOP), one or two vectors per thread.
+#define MOE_SERVE_UP_NORM_LOOPS(SUFFIX, T) \
+    MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, 2, 1) MOE_SERVE_UP_NORM_LOOP(SUFFIX, T, 2, 2)
 MOE_SERVE_UP_NORM_LOOPS(bf16, bf16_t)
 MOE_SERVE_UP_NORM_LOOPS(f16, f16_t)
