@@ -296,3 +296,72 @@ pub(crate) fn experts_backward(
 fn comm(e: dist::Error) -> Error {
     Error::Invalid(format!("expert-parallel exchange: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{DType, Device};
+
+    #[test]
+    fn local_expert_ranges_and_bad_sizes() {
+        assert_eq!(local_experts(8, 1, 4).unwrap(), 2..4);
+        assert_eq!(local_experts(8, 0, 1).unwrap(), 0..8);
+        let err = local_experts(8, 0, 3).unwrap_err().to_string();
+        assert!(
+            err.contains("8 experts cannot be split over ep_size = 3"),
+            "{err}"
+        );
+        assert!(local_experts(8, 4, 4).is_err());
+        assert!(ParallelGroups::new(Group::single(), 2)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("ep_size = 2 does not divide the world size 1"));
+    }
+
+    /// EP size 1 (world size 1): the exchange is a copy, each expert sees its rows in the
+    /// single-process order, so y, dx and every gradient are bit-identical to `moe_forward`.
+    #[test]
+    fn ep_size_one_is_the_single_process_layer() {
+        let cfg = MoeConfig {
+            d_model: 8,
+            n_experts: 4,
+            top_k: 2,
+            ffn_dim: 6,
+            expert: Default::default(),
+            expert_bias: false,
+            router: Default::default(),
+            shared: None,
+            residual: None,
+            aux_loss_coeff: 0.01,
+            z_loss_coeff: 0.001,
+        };
+        let w = MoeWeights::init(&cfg, 0.3, 0.2, 3, DType::F32, Device::Cpu).unwrap();
+        let x = Tensor::randn(&[6, 8], 1.0, 4, DType::F32, Device::Cpu).unwrap();
+        let dy = Tensor::randn(&[6, 8], 1.0, 5, DType::F32, Device::Cpu).unwrap();
+        let mode = Mode::Train { seed: 1 };
+        let groups = ParallelGroups::new(Group::single(), 1).unwrap();
+        let (y, s, _) = ep_forward(&cfg, &w, &x, mode, "ep", &groups.ep).unwrap();
+        let mut g = w.zeros_like().unwrap();
+        let dx = ep_backward(&cfg, &w, &x, &s.unwrap(), &dy, 1.0, &mut g, &groups.ep).unwrap();
+        reduce_gradients(&mut g, &groups, ReduceOp::Sum).unwrap();
+        let (ry, rs, _) = train::moe_forward(&cfg, &w, &x, mode).unwrap();
+        let mut rg = w.zeros_like().unwrap();
+        let rdx = train::moe_backward(&cfg, &w, &x, &rs.unwrap(), &dy, 1.0, &mut rg).unwrap();
+        assert_eq!(y.to_f32_vec().unwrap(), ry.to_f32_vec().unwrap());
+        assert_eq!(dx.to_f32_vec().unwrap(), rdx.to_f32_vec().unwrap());
+        let mut want = Vec::new();
+        rg.visit("", &mut |n, t| {
+            want.push((n.to_string(), t.to_f32_vec().unwrap()))
+        });
+        let mut got = Vec::new();
+        g.visit("", &mut |n, t| {
+            got.push((n.to_string(), t.to_f32_vec().unwrap()))
+        });
+        assert_eq!(got, want);
+        // A backward without the group for an EP forward is refused.
+        let (_, s, _) = ep_forward(&cfg, &w, &x, mode, "ep", &groups.ep).unwrap();
+        let err = train::moe_backward(&cfg, &w, &x, &s.unwrap(), &dy, 1.0, &mut g).unwrap_err();
+        assert!(err.to_string().contains("pass the same group"), "{err}");
+    }
+}
