@@ -154,7 +154,7 @@ pub fn reduce_gradients(grads: &mut MoeGrads, groups: &ParallelGroups, op: Reduc
     }
 }
 
-/// What the expert-parallel experts keep for the backward.
+/// What the expert-parallel exchange keeps for the backward (beside the experts' activations).
 pub(crate) struct EpSaved {
     plan: ExchangePlan,
     /// [M, d] rows received, in source order.
@@ -168,18 +168,18 @@ pub(crate) struct EpSaved {
     pad: Tensor,
     /// Rows this rank sent (kept slots).
     sent: usize,
-    experts: ExpertSaved,
 }
 
 /// The routed experts' part of the forward: y_perm [k·T, d] in dispatch order (zero rows past the
-/// kept ones), as `experts::forward` gives without expert parallelism.
+/// kept ones) and the experts' activations, as `experts::forward` gives without expert
+/// parallelism, and the exchange for the backward.
 pub(crate) fn experts_forward(
     ep: &Group,
     cfg: &MoeConfig,
     w: &MoeWeights,
     x: &Tensor,
     disp: &Dispatch,
-) -> Result<(Tensor, EpSaved)> {
+) -> Result<(Tensor, ExpertSaved, EpSaved)> {
     let local = local_experts(cfg.n_experts, ep.rank(), ep.size())?;
     if w.w1.dim(0) != local.len() || w.w2.dim(0) != local.len() {
         return Err(Error::shape(
@@ -242,6 +242,7 @@ pub(crate) fn experts_forward(
     let y_perm = ops::gather_rows(&y_sent, &pad)?;
     Ok((
         y_perm,
+        ex,
         EpSaved {
             plan,
             received,
@@ -250,7 +251,6 @@ pub(crate) fn experts_forward(
             offsets,
             pad,
             sent,
-            experts: ex,
         },
     ))
 }
@@ -263,6 +263,7 @@ pub(crate) fn experts_backward(
     cfg: &MoeConfig,
     w: &MoeWeights,
     saved: &EpSaved,
+    ex: &ExpertSaved,
     dy_perm: &Tensor,
     grads: &mut MoeGrads,
     fresh: bool,
@@ -278,7 +279,7 @@ pub(crate) fn experts_backward(
         w.b1.is_some(),
         &saved.received,
         &saved.order,
-        &saved.experts,
+        ex,
         &saved.offsets,
         &dy_local,
         &mut grads.w1,

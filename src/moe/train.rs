@@ -45,17 +45,12 @@ pub struct MoeSaved {
     routing: Routing,
     dispatch: Dispatch,
     weights: Tensor,
-    experts: RoutedSaved,
+    experts: ExpertSaved,
+    /// The expert-parallel exchange (None: all experts on this process).
+    exchange: Option<EpSaved>,
     y_perm: Tensor,
     shared: Option<SharedSaved>,
     residual: Option<ResidualSaved>,
-}
-
-/// The routed experts' saved activations: all experts here, or this rank's experts over the rows
-/// the expert-parallel exchange brought (`expert_parallel.rs`).
-enum RoutedSaved {
-    Local(ExpertSaved),
-    Parallel(EpSaved),
 }
 
 /// y [T, d] for x [T, d], the statistics, and in training what the backward needs.
@@ -130,7 +125,7 @@ pub(crate) fn moe_forward_placed(
         Some(_) => None,
         None => Some(router::combine_weights(cfg, &routing.gates, &disp.pos)?),
     };
-    let (y_perm, ex) = match ep {
+    let (y_perm, ex, exchange) = match ep {
         None => {
             let (y_perm, ex) = experts::forward(
                 cfg,
@@ -142,11 +137,11 @@ pub(crate) fn moe_forward_placed(
                 &disp.tok,
                 &disp.offsets,
             )?;
-            (y_perm, RoutedSaved::Local(ex))
+            (y_perm, ex, None)
         }
         Some(g) => {
-            let (y_perm, ex) = expert_parallel::experts_forward(g, cfg, w, x, &disp)?;
-            (y_perm, RoutedSaved::Parallel(ex))
+            let (y_perm, ex, exchange) = expert_parallel::experts_forward(g, cfg, w, x, &disp)?;
+            (y_perm, ex, Some(exchange))
         }
     };
     let mut y = dispatch::combine(
@@ -202,6 +197,7 @@ pub(crate) fn moe_forward_placed(
             dispatch: disp,
             weights,
             experts: ex,
+            exchange,
             y_perm,
             shared,
             residual,
@@ -375,15 +371,15 @@ pub(crate) fn moe_backward_placed(
     let d = &saved.dispatch;
     let (dy_perm, dweights) = dispatch::combine_backward(dy_moe, &saved.y_perm, d, &saved.weights)?;
     let (dx_perm, eg) =
-        match (&saved.experts, ep) {
-            (RoutedSaved::Local(ex), None) => experts::backward(
+        match (&saved.exchange, ep) {
+            (None, None) => experts::backward(
                 cfg,
                 &w.w1,
                 &w.w2,
                 w.b1.is_some(),
                 x,
                 &d.tok,
-                ex,
+                &saved.experts,
                 &d.offsets,
                 &dy_perm,
                 &mut grads.w1,
@@ -391,11 +387,12 @@ pub(crate) fn moe_backward_placed(
                 experts_fresh,
                 expert_sumsq,
             )?,
-            (RoutedSaved::Parallel(ex), Some(g)) => expert_parallel::experts_backward(
+            (Some(exchange), Some(g)) => expert_parallel::experts_backward(
                 g,
                 cfg,
                 w,
-                ex,
+                exchange,
+                &saved.experts,
                 &dy_perm,
                 grads,
                 experts_fresh,
