@@ -10,11 +10,13 @@
 //! API: `MoeConfig`, `MoeWeights` (+ `MoeGrads`, same names, f32); training (`train.rs`):
 //! `moe_forward` → (y, `MoeSaved`, `MoeStats`), `moe_backward`, `update_router_bias`; serving
 //! (`serve.rs`): `MoeServePlan` decided once per step shape, `moe_serve` / `moe_serve_block`;
-//! `DenseMlp` is the dense FFN shared with the model.
+//! `DenseMlp` is the dense FFN shared with the model; expert parallelism (`expert_parallel.rs`):
+//! `ParallelGroups`, `keep_local_experts`, `ep_forward` / `ep_backward`, `reduce_gradients`.
 
 mod config;
 mod dense;
 mod dispatch;
+mod expert_parallel;
 mod experts;
 mod router;
 mod serve;
@@ -24,6 +26,9 @@ mod weights;
 pub use config::{ExpertKind, MoeConfig, NoisyGate, ResidualMoe, RouterKind, SharedExperts};
 pub use dense::{DenseMlp, DenseMlpGrads, DenseSaved};
 pub use dispatch::{combine, combine_backward, dispatch, Dispatch};
+pub use expert_parallel::{
+    ep_backward, ep_forward, keep_local_experts, local_experts, reduce_gradients, ParallelGroups,
+};
 pub use router::{check_finite, route, update_router_bias, Routing};
 pub use serve::{moe_serve, moe_serve_block, MoeServePlan, ServeInput};
 pub use train::{

@@ -6,10 +6,12 @@
 
 use super::config::{MoeConfig, NoisyGate, RouterKind};
 use super::dispatch::{self, Dispatch};
+use super::expert_parallel::{self, EpSaved};
 use super::experts::{self, ExpertSaved};
 use super::router::{self, Routing};
 use super::weights::{MoeGrads, MoeWeights, ResidualSaved, SharedSaved};
 use super::ExpertKind;
+use crate::dist::Group;
 use crate::runtime::ops::{self, Activation, Matmul};
 use crate::runtime::{DType, Error, Result, Tensor};
 
@@ -44,6 +46,8 @@ pub struct MoeSaved {
     dispatch: Dispatch,
     weights: Tensor,
     experts: ExpertSaved,
+    /// The expert-parallel exchange (None: all experts on this process).
+    exchange: Option<EpSaved>,
     y_perm: Tensor,
     shared: Option<SharedSaved>,
     residual: Option<ResidualSaved>,
@@ -68,6 +72,20 @@ pub fn moe_forward_named(
     mode: Mode,
     layer: &str,
     check_finite: bool,
+) -> Result<(Tensor, Option<MoeSaved>, MoeStats)> {
+    moe_forward_placed(cfg, w, x, mode, layer, check_finite, None)
+}
+
+/// The training forward with the routed experts on this process (`ep` None) or spread over the
+/// expert-parallel group `ep` (w holds this rank's experts; `expert_parallel::ep_forward`).
+pub(crate) fn moe_forward_placed(
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    x: &Tensor,
+    mode: Mode,
+    layer: &str,
+    check_finite: bool,
+    ep: Option<&Group>,
 ) -> Result<(Tensor, Option<MoeSaved>, MoeStats)> {
     check_input(cfg, x, layer)?;
     let dev = x.device();
@@ -107,16 +125,25 @@ pub fn moe_forward_named(
         Some(_) => None,
         None => Some(router::combine_weights(cfg, &routing.gates, &disp.pos)?),
     };
-    let (y_perm, ex) = experts::forward(
-        cfg,
-        &w.w1,
-        w.b1.as_ref(),
-        &w.w2,
-        w.b2.as_ref(),
-        x,
-        &disp.tok,
-        &disp.offsets,
-    )?;
+    let (y_perm, ex, exchange) = match ep {
+        None => {
+            let (y_perm, ex) = experts::forward(
+                cfg,
+                &w.w1,
+                w.b1.as_ref(),
+                &w.w2,
+                w.b2.as_ref(),
+                x,
+                &disp.tok,
+                &disp.offsets,
+            )?;
+            (y_perm, ex, None)
+        }
+        Some(g) => {
+            let (y_perm, ex, exchange) = expert_parallel::experts_forward(g, cfg, w, x, &disp)?;
+            (y_perm, ex, Some(exchange))
+        }
+    };
     let mut y = dispatch::combine(
         &y_perm,
         &disp.pos,
@@ -170,6 +197,7 @@ pub fn moe_forward_named(
             dispatch: disp,
             weights,
             experts: ex,
+            exchange,
             y_perm,
             shared,
             residual,
@@ -238,6 +266,34 @@ pub fn moe_backward_into(
     grads: &mut MoeGrads,
     experts_fresh: bool,
     expert_sumsq: Option<&mut Tensor>,
+) -> Result<Tensor> {
+    moe_backward_placed(
+        cfg,
+        w,
+        x,
+        saved,
+        dy,
+        loss_scale,
+        grads,
+        experts_fresh,
+        expert_sumsq,
+        None,
+    )
+}
+
+/// `moe_backward_into` for a forward made by `moe_forward_placed` with the same `ep`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn moe_backward_placed(
+    cfg: &MoeConfig,
+    w: &MoeWeights,
+    x: &Tensor,
+    saved: &MoeSaved,
+    dy: &Tensor,
+    loss_scale: f32,
+    grads: &mut MoeGrads,
+    experts_fresh: bool,
+    expert_sumsq: Option<&mut Tensor>,
+    ep: Option<&Group>,
 ) -> Result<Tensor> {
     let acc = Matmul {
         trans_a: true,
@@ -314,21 +370,40 @@ pub fn moe_backward_into(
     // Routed experts.
     let d = &saved.dispatch;
     let (dy_perm, dweights) = dispatch::combine_backward(dy_moe, &saved.y_perm, d, &saved.weights)?;
-    let (dx_perm, eg) = experts::backward(
-        cfg,
-        &w.w1,
-        &w.w2,
-        w.b1.is_some(),
-        x,
-        &d.tok,
-        &saved.experts,
-        &d.offsets,
-        &dy_perm,
-        &mut grads.w1,
-        &mut grads.w2,
-        experts_fresh,
-        expert_sumsq,
-    )?;
+    let (dx_perm, eg) =
+        match (&saved.exchange, ep) {
+            (None, None) => experts::backward(
+                cfg,
+                &w.w1,
+                &w.w2,
+                w.b1.is_some(),
+                x,
+                &d.tok,
+                &saved.experts,
+                &d.offsets,
+                &dy_perm,
+                &mut grads.w1,
+                &mut grads.w2,
+                experts_fresh,
+                expert_sumsq,
+            )?,
+            (Some(exchange), Some(g)) => expert_parallel::experts_backward(
+                g,
+                cfg,
+                w,
+                exchange,
+                &saved.experts,
+                &dy_perm,
+                grads,
+                experts_fresh,
+                expert_sumsq,
+            )?,
+            _ => return Err(Error::Invalid(
+                "moe backward: the forward ran with expert parallelism and the backward without \
+                 (or the other way round); pass the same group to both"
+                    .into(),
+            )),
+        };
     if let (Some(g), Some(b)) = (grads.b1.as_mut(), eg.b1.as_ref()) {
         ops::add_assign(g, b)?;
     }
