@@ -427,3 +427,35 @@ fn bf16_expert_gradients_track_f32_ones() {
         "{e}"
     );
 }
+
+/// `train.trace_routing` writes each step's tokens per expert of every MoE layer, with a header
+/// naming the model: every routed slot is counted once (dropless router: tokens × top-k).
+#[test]
+fn routing_trace_counts_every_routed_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = small(3);
+    cfg.train.trace_routing = true;
+    let mut t = Trainer::new(cfg, dir.path()).unwrap();
+    t.verbose = false;
+    t.run().unwrap();
+    let trace = moe::placement::Trace::read(&dir.path().join("routing.jsonl"), None).unwrap();
+    let h = &trace.header;
+    assert_eq!((h.layers, h.experts, h.top_k), (1, 4, 2));
+    assert_eq!(h.tokens_per_step, 4 * 32 * 2);
+    let steps: Vec<u64> = trace.steps.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, vec![1, 2, 3]);
+    for (step, layers) in &trace.steps {
+        assert_eq!(layers.len(), 1, "step {step}");
+        let routed: u64 = layers[0].iter().sum();
+        assert_eq!(routed, (h.tokens_per_step * h.top_k) as u64, "step {step}");
+    }
+    // Another model's trace is refused by name.
+    let other = moe::placement::TraceHeader {
+        experts: 8,
+        ..h.clone()
+    };
+    let e = moe::placement::Trace::read(&dir.path().join("routing.jsonl"), Some(&other))
+        .err()
+        .expect("a trace of another model");
+    assert!(e.to_string().contains("experts"), "{e}");
+}

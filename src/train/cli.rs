@@ -101,6 +101,10 @@ pub struct TrainArgs {
     /// Overrides train.on_nan.
     #[arg(long, value_enum)]
     on_nan: Option<NanPolicy>,
+    /// Sets train.trace_routing: every step's tokens per expert of each MoE layer go to
+    /// RUN/routing.jsonl (`moe simulate --trace` reads it).
+    #[arg(long)]
+    trace_routing: bool,
     /// Print the effective config as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -160,6 +164,9 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = a.on_nan {
         cfg.train.on_nan = p;
+    }
+    if a.trace_routing {
+        cfg.train.trace_routing = true;
     }
     if a.print_config {
         cfg.validate()?;

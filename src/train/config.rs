@@ -85,6 +85,10 @@ pub struct TrainSection {
     /// rounded to it, as PyTorch's `.grad` of bf16 parameters is). Every other gradient stays f32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_grad_dtype: Option<DType>,
+    /// Write every step's tokens per expert of each MoE layer to `routing.jsonl` in the run
+    /// directory (`routing-from-step-N.jsonl` when resuming): the trace `moe simulate` reads.
+    #[serde(default)]
+    pub trace_routing: bool,
 }
 
 fn d_steps() -> u64 {
@@ -139,6 +143,7 @@ impl Default for TrainSection {
             recompute: false,
             eval_per_task: d_eval(),
             expert_grad_dtype: None,
+            trace_routing: false,
         }
     }
 }
@@ -197,6 +202,7 @@ impl Default for TrainConfig {
 /// Fields that may change when a run is resumed (everything else must match the checkpoint).
 pub const RESUMABLE_CHANGES: &[&str] = &[
     "train.steps",
+    "train.trace_routing",
     "train.device",
     "train.log_every",
     "train.on_nan",

@@ -24,6 +24,7 @@ use super::synthetic::{score, Example, SyntheticCorpus, TaskScore};
 use super::{plots, Error, Result};
 use crate::model::{Ffn, Model, ModelConfig, TrainOpts};
 use crate::moe::MoeConfig;
+use crate::placement::{TraceHeader, TraceWriter};
 use crate::runtime::{DType, Device, ParamSet, Tensor};
 
 /// Where a run writes: `run_dir/checkpoints/step-N`, `metrics.jsonl`, `loss.png`,
@@ -44,6 +45,8 @@ pub struct Trainer {
     expert_grads: DType,
     /// Print progress and log lines.
     pub verbose: bool,
+    /// The routing trace being written (`train.trace_routing`), opened by `run`.
+    trace: Option<TraceWriter>,
 }
 
 /// What `run` reports.
@@ -137,6 +140,7 @@ impl Trainer {
             flops_per_token,
             peak_flops,
             verbose: true,
+            trace: None,
         })
     }
 
@@ -265,6 +269,12 @@ impl Trainer {
                 .backward_with(saved, &mut grads, first, Some(&mut sq))?;
             first = false;
             expert_sq = Some(sq);
+        }
+        if let Some(trace) = &mut self.trace {
+            for (layer, c) in counts.iter().enumerate() {
+                let c: Vec<u64> = c.iter().map(|&x| x.max(0) as u64).collect();
+                trace.record(step, layer, &c).map_err(trace_error)?;
+            }
         }
         if first {
             // No micro-batch had a supervised token: nothing wrote the expert gradients.
@@ -395,12 +405,54 @@ impl Trainer {
     }
 
     /// Trains to `train.steps`, then evaluates, plots and exports. Returns what happened.
+    /// The routing trace of this run: `routing.jsonl`, or `routing-from-step-N.jsonl` when
+    /// continuing after step N. Its header names the model by a hash of the resolved config's
+    /// `model` table, so `moe simulate` can refuse a trace of another model.
+    fn open_trace(&self) -> Result<TraceWriter> {
+        let first = self.moe_layers.first().map(|(_, m)| m).ok_or_else(|| {
+            Error::Config("train.trace_routing: the model has no MoE layer to trace".into())
+        })?;
+        if let Some((i, m)) = self.moe_layers.iter().find(|(_, m)| {
+            (m.n_experts, m.top_k, m.ffn_dim) != (first.n_experts, first.top_k, first.ffn_dim)
+        }) {
+            return Err(Error::Config(format!(
+                "train.trace_routing: MoE layer {i} has {} experts top-{} of width {}, layer 0 {} \
+                 top-{} of {}; a routing trace needs the same experts in every MoE layer",
+                m.n_experts, m.top_k, m.ffn_dim, first.n_experts, first.top_k, first.ffn_dim
+            )));
+        }
+        use sha2::{Digest, Sha256};
+        let model_json = self.cfg.resolved_json(self.model.dtype)["model"].to_string();
+        let hash = Sha256::digest(model_json.as_bytes());
+        let header = TraceHeader {
+            moe_trace: crate::placement::trace::TRACE_VERSION,
+            model: "moe-native".into(),
+            config_hash: hash[..8].iter().map(|b| format!("{b:02x}")).collect(),
+            layers: self.moe_layers.len(),
+            experts: first.n_experts,
+            top_k: first.top_k,
+            d_model: first.d_model,
+            d_ff: first.ffn_dim,
+            tokens_per_step: self.cfg.train.batch_size
+                * self.cfg.train.seq_len
+                * self.cfg.train.grad_accum,
+        };
+        let name = match self.state.step {
+            0 => "routing.jsonl".to_string(),
+            n => format!("routing-from-step-{n}.jsonl"),
+        };
+        TraceWriter::create(&self.run_dir.join(name), header).map_err(trace_error)
+    }
+
     pub fn run(&mut self) -> Result<RunSummary> {
         std::fs::create_dir_all(&self.run_dir).map_err(|source| Error::Io {
             path: self.run_dir.clone(),
             source,
         })?;
         let total = self.cfg.train.steps;
+        if self.cfg.train.trace_routing && self.trace.is_none() {
+            self.trace = Some(self.open_trace()?);
+        }
         let metrics_path = self.run_dir.join("metrics.jsonl");
         let mut log = MetricsLog::open(&metrics_path, self.state.step)?;
         let progress = self
@@ -439,6 +491,9 @@ impl Trainer {
         }
         if let Some(p) = &progress {
             p.finish();
+        }
+        if let Some(trace) = self.trace.take() {
+            trace.finish().map_err(trace_error)?;
         }
         let ckpt = self.save()?;
         self.say(None, &format!("checkpoint: {}", ckpt.display()));
@@ -622,4 +677,8 @@ pub fn complete(model: &Model, examples: &[Example], max_new: usize) -> Result<V
         .into_iter()
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .collect())
+}
+
+fn trace_error(e: crate::placement::Error) -> Error {
+    Error::Config(format!("routing trace: {e}"))
 }
