@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+use common::greedy;
 use moe::model::Model;
 use moe::runtime::Device;
 use moe::train::config::TrainConfig;
@@ -54,23 +56,6 @@ fn moe(args: &[&str]) -> (bool, String, String) {
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = model.new_kv_cache(1, prompt.len() + n).unwrap();
-    let mut feed = prompt.to_vec();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let l = model
-            .forward_infer(&[feed.clone()], &mut cache, false)
-            .unwrap()
-            .to_f32_vec()
-            .unwrap();
-        let id = moe::infer::sampler::argmax(&l);
-        out.push(id);
-        feed = vec![id];
-    }
-    out
 }
 
 #[test]

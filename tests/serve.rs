@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::greedy;
 use moe::infer::{Finish, SamplingParams, Tokenizer};
 use moe::model::Model;
 use moe::runtime::Device;
@@ -54,24 +56,6 @@ device = "cpu"
 fn bin() -> String {
     // MOE_BIN: the binary staged beside the test binaries on the GPU machine.
     std::env::var("MOE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_moe").to_string())
-}
-
-/// Greedy ids for one prompt alone, one `forward_infer` per token.
-fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = model.new_kv_cache(1, prompt.len() + n).unwrap();
-    let mut feed = prompt.to_vec();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let l = model
-            .forward_infer(&[feed.clone()], &mut cache, false)
-            .unwrap()
-            .to_f32_vec()
-            .unwrap();
-        let id = moe::infer::sampler::argmax(&l);
-        out.push(id);
-        feed = vec![id];
-    }
-    out
 }
 
 type Events = tokio::sync::mpsc::UnboundedReceiver<Event>;

@@ -108,3 +108,22 @@ pub fn shifted(tokens: &[i32], b: usize, s: usize) -> (Vec<i32>, usize) {
     }
     (t, b * (s - 1))
 }
+
+/// Greedy ids for one prompt alone, one `forward_infer` per token (the reference that batched
+/// generation and the server must reproduce).
+pub fn greedy(model: &moe::model::Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = model.new_kv_cache(1, prompt.len() + n).unwrap();
+    let mut feed = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let l = model
+            .forward_infer(&[feed.clone()], &mut cache, false)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        let id = moe::infer::sampler::argmax(&l);
+        out.push(id);
+        feed = vec![id];
+    }
+    out
+}
