@@ -59,6 +59,46 @@ fn prepare_with_tokenizer_json_matches_python_ids() {
     let (tokens, targets) = d.sequence(0);
     assert_eq!(tokens, want[..want.len() - 1]);
     assert_eq!(targets, want[1..]);
+
+    // The tokenizer is kept with the shards, and a run trained on them exports it with the model.
+    let kept = std::fs::read(out.join("tokenizer.json")).unwrap();
+    assert_eq!(kept, std::fs::read(fixture("tokenizer.json")).unwrap());
+    let mut cfg = moe::train::config::TrainConfig::parse(&format!(
+        r#"
+[model]
+vocab_size = 300
+d_model = 32
+n_layers = 1
+n_heads = 4
+n_kv_heads = 2
+max_seq_len = 64
+ffn_dim = 64
+[model.moe]
+experts = [4]
+top_k = 2
+ffn_dim = 32
+[train]
+steps = 1
+batch_size = 1
+seq_len = {}
+device = "cpu"
+eval_per_task = 0
+[data]
+source = "shards"
+dir = {:?}
+[checkpoint]
+export_hf = true
+"#,
+        want.len() - 1,
+        out.display().to_string()
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    cfg.train.seed = 1;
+    let run = dir.path().join("run");
+    let mut t = moe::train::trainer::Trainer::new(cfg, &run).unwrap();
+    t.verbose = false;
+    t.run().unwrap();
+    assert_eq!(std::fs::read(run.join("hf/tokenizer.json")).unwrap(), kept);
 }
 
 #[test]

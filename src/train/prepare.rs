@@ -15,8 +15,18 @@ pub enum TextTokenizer {
     Hf {
         tokenizer: Box<tokenizers::Tokenizer>,
         eos_id: Option<u32>,
+        /// The tokenizer.json it was read from (kept with the shards, with the files beside it
+        /// that carry its special tokens and chat template).
+        source: PathBuf,
     },
 }
+
+/// Files of a HF tokenizer kept with the shards and copied into a run's `hf/` export.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 /// End-of-document names tried, in order, when `--eos-token` is not given.
 const EOS_NAMES: &[&str] = &[
@@ -54,6 +64,7 @@ impl TextTokenizer {
         Ok(TextTokenizer::Hf {
             tokenizer: Box::new(tokenizer),
             eos_id,
+            source: path.to_path_buf(),
         })
     }
 
@@ -211,7 +222,42 @@ pub fn prepare(
         }
     }
     flush(&mut pending, &mut report, true)?;
+    keep_tokenizer(tokenizer, out)?;
     Ok(report)
+}
+
+/// Keeps the tokenizer with the shards (`TOKENIZER_FILES` found beside a tokenizer.json, or the
+/// byte-level tokenizer.json), so a run trained on them exports a model `moe generate` and
+/// transformers can load without a tokenizer copied by hand.
+fn keep_tokenizer(tokenizer: &TextTokenizer, out: &Path) -> Result<()> {
+    let TextTokenizer::Hf { source, .. } = tokenizer else {
+        return write_byte_tokenizer(&out.join("tokenizer.json"));
+    };
+    let from_dir = source.parent().unwrap_or(Path::new("."));
+    for (name, from) in TOKENIZER_FILES.iter().map(|n| {
+        let from = if *n == "tokenizer.json" {
+            source.clone()
+        } else {
+            from_dir.join(n)
+        };
+        (n, from)
+    }) {
+        if from.is_file() {
+            copy_atomic(&from, &out.join(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to` through a temporary file renamed into place.
+pub(crate) fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
+    let tmp = to.with_extension("tmp");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::copy(from, &tmp).map_err(io(from))?;
+    std::fs::rename(&tmp, to).map_err(io(to))
 }
 
 #[cfg(test)]

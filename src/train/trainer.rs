@@ -533,8 +533,19 @@ impl Trainer {
     /// byte-level synthetic vocabulary a tokenizer.json so `moe generate` runs on it.
     pub fn export_hf(&self, dir: &Path) -> Result<()> {
         self.model.save_hf(dir)?;
-        if matches!(self.cfg.data, DataConfig::Synthetic(_)) {
-            super::prepare::write_byte_tokenizer(&dir.join("tokenizer.json"))?;
+        match &self.cfg.data {
+            DataConfig::Synthetic(_) => {
+                super::prepare::write_byte_tokenizer(&dir.join("tokenizer.json"))?
+            }
+            // The tokenizer `moe data prepare` kept with the shards.
+            DataConfig::Shards(s) => {
+                for name in super::prepare::TOKENIZER_FILES {
+                    let from = s.dir.join(name);
+                    if from.is_file() {
+                        super::prepare::copy_atomic(&from, &dir.join(name))?;
+                    }
+                }
+            }
         }
         Ok(())
     }
