@@ -4,20 +4,14 @@
 //! rank, a rank that never arrives, bad environment). Workers are `moe-dist-worker` processes;
 //! timeouts are a few seconds so the file stays well under a minute.
 
+mod common;
+use common::free_port;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use moe::dist::{BackendKind, DistEnv, Group};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_moe-dist-worker");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Starts `ranks` of a world of `world` workers running `scenario` with `timeout_s`;
 /// `env(rank)` adds or overrides variables.

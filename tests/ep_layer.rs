@@ -12,17 +12,11 @@
 //! same row-wise products. A reordered sum of n terms differs by at most ~2n·ε·Σ|terms|; with
 //! n <= 64 slots and ε = 6e-8 that is < 1e-5 of the terms' magnitude, well inside the bound.
 
+mod common;
+use common::free_port;
 use std::process::{Command, Stdio};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_moe-ep-worker");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Runs `world` workers for `router` with expert-parallel size `ep`; every rank must report ok.
 fn run_world(world: usize, ep: usize, router: &str) {

@@ -2,45 +2,12 @@
 //! JSON ids equal an in-process greedy decode, streamed text equals the JSON text, stop strings,
 //! chat templates, and bad input named.
 
-use std::path::Path;
 use std::process::Command;
 
 mod common;
-use common::greedy;
+use common::{greedy, tiny_hf_model};
 use moe::model::Model;
 use moe::runtime::Device;
-use moe::train::config::TrainConfig;
-use moe::train::trainer::Trainer;
-
-fn tiny_model(dir: &Path) {
-    let mut c = TrainConfig::parse(
-        r#"
-[model]
-vocab_size = 256
-d_model = 32
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-max_seq_len = 48
-ffn_dim = 64
-[model.moe]
-experts = [4]
-top_k = 2
-ffn_dim = 32
-[train]
-steps = 1
-batch_size = 2
-seq_len = 32
-device = "cpu"
-"#,
-    )
-    .unwrap();
-    c.train.seed = 5;
-    let mut t = Trainer::new(c, &dir.join("run")).unwrap();
-    t.verbose = false;
-    t.step().unwrap();
-    t.export_hf(&dir.join("hf")).unwrap();
-}
 
 fn moe(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(
@@ -61,7 +28,7 @@ fn moe(args: &[&str]) -> (bool, String, String) {
 #[test]
 fn generate_json_stream_stop_and_chat() {
     let tmp = tempfile::tempdir().unwrap();
-    tiny_model(tmp.path());
+    tiny_hf_model(tmp.path(), 48);
     let hf = tmp.path().join("hf");
     let hf_s = hf.to_str().unwrap();
     let base = [
@@ -185,7 +152,7 @@ fn v_text(t: &str) -> serde_json::Value {
 #[test]
 fn generate_bad_input_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    tiny_model(tmp.path());
+    tiny_hf_model(tmp.path(), 48);
     let hf = tmp.path().join("hf");
     let hf_s = hf.to_str().unwrap();
     let long = "x".repeat(60);
@@ -229,7 +196,7 @@ fn kernels_bad_arch_is_named() {
 fn chat_reads_turns_until_exit() {
     use std::io::Write;
     let tmp = tempfile::tempdir().unwrap();
-    tiny_model(tmp.path());
+    tiny_hf_model(tmp.path(), 48);
     let hf = tmp.path().join("hf");
     let cfg = serde_json::json!({
         "chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"

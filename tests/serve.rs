@@ -10,45 +10,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::greedy;
+use common::{greedy, tiny_hf_model};
 use moe::infer::{Finish, SamplingParams, Tokenizer};
 use moe::model::Model;
 use moe::runtime::Device;
 use moe::serve::engine::{Engine, EngineConfig, Event, Request};
 use moe::serve::metrics::Metrics;
-use moe::train::config::TrainConfig;
-use moe::train::trainer::Trainer;
 
 const TEMPLATE: &str = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
 
 fn tiny_model(dir: &Path, context: usize) {
-    let mut c = TrainConfig::parse(&format!(
-        r#"
-[model]
-vocab_size = 256
-d_model = 32
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-max_seq_len = {context}
-ffn_dim = 64
-[model.moe]
-experts = [4]
-top_k = 2
-ffn_dim = 32
-[train]
-steps = 1
-batch_size = 2
-seq_len = 32
-device = "cpu"
-"#
-    ))
-    .unwrap();
-    c.train.seed = 5;
-    let mut t = Trainer::new(c, &dir.join("run")).unwrap();
-    t.verbose = false;
-    t.step().unwrap();
-    t.export_hf(&dir.join("hf")).unwrap();
+    tiny_hf_model(dir, context);
     let cfg = serde_json::json!({ "chat_template": TEMPLATE });
     std::fs::write(dir.join("hf/tokenizer_config.json"), cfg.to_string()).unwrap();
 }

@@ -226,16 +226,7 @@ pub(crate) fn experts_forward(
     let offsets = Tensor::from_slice(&offsets, &[per_expert.len() + 1], dev)?;
     let pad: Vec<i32> = (0..slots as i32).collect();
     let pad = Tensor::from_slice(&pad, &[slots], dev)?;
-    let (y_local, ex) = experts::forward(
-        cfg,
-        &w.w1,
-        w.b1.as_ref(),
-        &w.w2,
-        w.b2.as_ref(),
-        &received,
-        &order,
-        &offsets,
-    )?;
+    let (y_local, ex) = experts::forward(cfg, w, &received, &order, &offsets)?;
     let y_sent = plan
         .reverse(ep, &ops::gather_rows(&y_local, &inverse)?)
         .map_err(comm)?;
@@ -274,9 +265,7 @@ pub(crate) fn experts_backward(
     let dy_local = ops::gather_rows(&dy_received, &saved.order)?;
     let (dx_local, eg) = experts::backward(
         cfg,
-        &w.w1,
-        &w.w2,
-        w.b1.is_some(),
+        w,
         &saved.received,
         &saved.order,
         ex,

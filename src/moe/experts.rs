@@ -8,6 +8,7 @@
 
 use super::config::{ExpertKind, MoeConfig};
 use super::dispatch::{add_group_bias, group_bias_grad};
+use super::weights::MoeWeights;
 use crate::runtime::ops;
 use crate::runtime::{Result, Tensor};
 
@@ -23,26 +24,24 @@ pub(crate) struct ExpertBiasGrads {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The experts of `w` (w1, b1, w2, b2; the router and shared parts are not read).
 pub(crate) fn forward(
     cfg: &MoeConfig,
-    w1: &Tensor,
-    b1: Option<&Tensor>,
-    w2: &Tensor,
-    b2: Option<&Tensor>,
+    w: &MoeWeights,
     x: &Tensor,
     rows: &Tensor,
     offsets: &Tensor,
 ) -> Result<(Tensor, ExpertSaved)> {
-    let mut h = ops::grouped_matmul_gather(x, rows, w1, offsets)?;
-    if let Some(b) = b1 {
+    let mut h = ops::grouped_matmul_gather(x, rows, &w.w1, offsets)?;
+    if let Some(b) = &w.b1 {
         h = add_group_bias(&h, b, offsets)?;
     }
     let a = match cfg.expert {
         ExpertKind::SwiGlu => ops::swiglu(&h)?,
         ExpertKind::Mlp(act) => ops::activation(&h, act)?,
     };
-    let mut y = ops::grouped_matmul(&a, w2, offsets, true)?;
-    if let Some(b) = b2 {
+    let mut y = ops::grouped_matmul(&a, &w.w2, offsets, true)?;
+    if let Some(b) = &w.b2 {
         y = add_group_bias(&y, b, offsets)?;
     }
     Ok((y, ExpertSaved { h, a }))
@@ -55,9 +54,7 @@ pub(crate) fn forward(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     cfg: &MoeConfig,
-    w1: &Tensor,
-    w2: &Tensor,
-    has_bias: bool,
+    w: &MoeWeights,
     x: &Tensor,
     rows: &Tensor,
     saved: &ExpertSaved,
@@ -72,12 +69,13 @@ pub(crate) fn backward(
         ops::grouped_matmul_tn_into(g, a, b, offsets, !fresh, sumsq.as_deref_mut())
     };
     wgrad(gw2, dy_perm, &saved.a)?; // [E, d, F]
+    let has_bias = w.b1.is_some();
     let db2 = if has_bias {
         Some(group_bias_grad(dy_perm, offsets)?)
     } else {
         None
     };
-    let da = ops::grouped_matmul(dy_perm, w2, offsets, false)?; // dy · W2[e]: [N, F]
+    let da = ops::grouped_matmul(dy_perm, &w.w2, offsets, false)?; // dy · W2[e]: [N, F]
     let dh = match cfg.expert {
         ExpertKind::SwiGlu => ops::swiglu_backward(&saved.h, &da)?,
         ExpertKind::Mlp(act) => ops::activation_backward(&saved.h, &da, act)?,
@@ -89,6 +87,6 @@ pub(crate) fn backward(
     } else {
         None
     };
-    let dx = ops::grouped_matmul(&dh, w1, offsets, false)?; // dh · W1[e]: [N, d]
+    let dx = ops::grouped_matmul(&dh, &w.w1, offsets, false)?; // dh · W1[e]: [N, d]
     Ok((dx, ExpertBiasGrads { b1: db1, b2: db2 }))
 }

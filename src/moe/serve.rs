@@ -188,16 +188,7 @@ pub fn moe_serve(
                         Some(_) => None,
                         None => Some(router::combine_weights(cfg, &routing.gates, &disp.pos)?),
                     };
-                    let (y_perm, _) = experts::forward(
-                        cfg,
-                        &w.w1,
-                        w.b1.as_ref(),
-                        &w.w2,
-                        w.b2.as_ref(),
-                        x,
-                        &disp.tok,
-                        &disp.offsets,
-                    )?;
+                    let (y_perm, _) = experts::forward(cfg, w, x, &disp.tok, &disp.offsets)?;
                     dispatch::combine(
                         &y_perm,
                         &disp.pos,

@@ -127,16 +127,7 @@ pub(crate) fn moe_forward_placed(
     };
     let (y_perm, ex, exchange) = match ep {
         None => {
-            let (y_perm, ex) = experts::forward(
-                cfg,
-                &w.w1,
-                w.b1.as_ref(),
-                &w.w2,
-                w.b2.as_ref(),
-                x,
-                &disp.tok,
-                &disp.offsets,
-            )?;
+            let (y_perm, ex) = experts::forward(cfg, w, x, &disp.tok, &disp.offsets)?;
             (y_perm, ex, None)
         }
         Some(g) => {
@@ -374,9 +365,7 @@ pub(crate) fn moe_backward_placed(
         match (&saved.exchange, ep) {
             (None, None) => experts::backward(
                 cfg,
-                &w.w1,
-                &w.w2,
-                w.b1.is_some(),
+                w,
                 x,
                 &d.tok,
                 &saved.experts,

@@ -127,3 +127,46 @@ pub fn greedy(model: &moe::model::Model, prompt: &[u32], n: usize) -> Vec<u32> {
     }
     out
 }
+
+/// A tiny MoE (2 layers, 4 experts top-2, byte-level vocabulary) trained one step on the CPU and
+/// exported in HF layout to `dir/hf` (its run in `dir/run`), with a context of `context`
+/// positions: the model the CLI and server tests generate from.
+pub fn tiny_hf_model(dir: &Path, context: usize) {
+    let mut c = moe::train::config::TrainConfig::parse(&format!(
+        r#"
+[model]
+vocab_size = 256
+d_model = 32
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+max_seq_len = {context}
+ffn_dim = 64
+[model.moe]
+experts = [4]
+top_k = 2
+ffn_dim = 32
+[train]
+steps = 1
+batch_size = 2
+seq_len = 32
+device = "cpu"
+"#
+    ))
+    .unwrap();
+    c.train.seed = 5;
+    let mut t = moe::train::trainer::Trainer::new(c, &dir.join("run")).unwrap();
+    t.verbose = false;
+    t.step().unwrap();
+    t.export_hf(&dir.join("hf")).unwrap();
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (a rendezvous master's port in
+/// multi-process tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
